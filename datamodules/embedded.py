@@ -1,0 +1,156 @@
+"""The embedded default data: cluttered Fashion-MNIST scenes (see ``scenes.py``) as a Dataset and a
+LightningDataModule.
+
+Splits: ``train`` and ``val`` draw their items from Fashion-MNIST's 60k training images (a fixed
+permutation: the first ``val_items`` go to val, the rest to train), ``test`` from its 10k test images;
+distractor fragments come from the same split's items, so no test pixel is seen in training. A split may
+hold more scenes than items: scene ``i`` uses item ``i mod len(items)`` with its own layout.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from . import fashion_mnist
+from .common import collate_samples
+from .scenes import SPLIT_CODES, Clutter, render_scene
+
+_SPLIT_PERMUTATION_SEED = 20240601  # fixed: the train/val item split does not move with the scene seed
+
+
+class ClutteredFashionMNIST(Dataset):
+    """Scenes of one split. ``dataset[i]`` is a sample dict (see ``datamodules.common``).
+
+    Args:
+        split: "train", "val" or "test".
+        image_size: canvas side S in pixels.
+        clutter: generator knobs.
+        seed: scene seed; scene i is a pure function of (seed, split, i).
+        num_scenes: number of scenes (default: number of items of the split).
+        data_dir: folder with the Fashion-MNIST IDX files (default: the Debian package's folder).
+        val_items: training items set aside for the val split.
+    """
+
+    classes = fashion_mnist.CLASSES
+    num_classes = len(fashion_mnist.CLASSES)
+
+    def __init__(
+        self,
+        split: str,
+        image_size: int = 64,
+        clutter: Clutter = Clutter(),
+        seed: int = 0,
+        num_scenes: int | None = None,
+        data_dir: str | os.PathLike | None = None,
+        val_items: int = 5000,
+        download: bool = False,
+    ):
+        if split not in SPLIT_CODES:
+            raise ValueError(f"split must be one of {list(SPLIT_CODES)}, got {split!r}")
+        if image_size < 16:
+            raise ValueError(f"image_size must be >= 16, got {image_size}")
+        self.split, self.image_size, self.clutter, self.seed = split, image_size, clutter, seed
+        images, labels = fashion_mnist.load("test" if split == "test" else "train", data_dir, download)
+        if split != "test":
+            order = np.random.default_rng(_SPLIT_PERMUTATION_SEED).permutation(len(images))
+            order = order[:val_items] if split == "val" else order[val_items:]
+            images, labels = images[order], labels[order]
+        self.items, self.labels = images, labels
+        self.num_scenes = len(images) if num_scenes is None else int(num_scenes)
+        if self.num_scenes <= 0:
+            raise ValueError(f"num_scenes must be positive, got {num_scenes}")
+
+    def __len__(self) -> int:
+        return self.num_scenes
+
+    def scene_rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, SPLIT_CODES[self.split], index])
+
+    def _other_class_item(self, rng: np.random.Generator, label: int) -> np.ndarray:
+        while True:  # 10 balanced classes: ~1.1 draws on average
+            j = int(rng.integers(len(self.items)))
+            if self.labels[j] != label:
+                return self.items[j]
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.num_scenes:
+            raise IndexError(f"scene index {index} out of range for {self.num_scenes} {self.split} scenes")
+        rng = self.scene_rng(index)
+        item_idx = index % len(self.items)
+        label = int(self.labels[item_idx])
+        distractors = [self._other_class_item(rng, label) for _ in range(self.clutter.distractors)]
+        image, mask, boxes = render_scene(rng, self.items[item_idx], distractors, self.image_size, self.clutter)
+        return {"image": image, "label": torch.tensor(label), "mask": mask, "boxes": boxes,
+                "index": torch.tensor(index)}
+
+
+class ClutteredFashionMNISTDataModule(pl.LightningDataModule):
+    """Train/val/test loaders of cluttered Fashion-MNIST scenes; batches as in ``datamodules.common``.
+
+    Args:
+        data_dir: folder with the Fashion-MNIST IDX files (default: ``/usr/share/datasets/fashion-mnist``).
+        image_size: canvas side in pixels.
+        clutter: scene generator knobs.
+        seed: scene seed.
+        batch_size: images per batch (per process under DDP).
+        num_workers: DataLoader workers.
+        num_train, num_val, num_test: scenes per split (default: one per item: 55000 / 5000 / 10000).
+        download: let torchvision download Fashion-MNIST into ``data_dir`` when missing (needs internet).
+    """
+
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        image_size: int = 64,
+        clutter: Clutter = Clutter(),
+        seed: int = 0,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        num_train: int | None = None,
+        num_val: int | None = None,
+        num_test: int | None = None,
+        download: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.num_classes = ClutteredFashionMNIST.num_classes
+        self.classes = ClutteredFashionMNIST.classes
+        self.datasets: dict[str, ClutteredFashionMNIST] = {}
+
+    def prepare_data(self) -> None:
+        fashion_mnist.locate(self.hparams.data_dir, self.hparams.download)
+
+    def dataset(self, split: str) -> ClutteredFashionMNIST:
+        if split not in self.datasets:
+            hp = self.hparams
+            num = {"train": hp.num_train, "val": hp.num_val, "test": hp.num_test}[split]
+            self.datasets[split] = ClutteredFashionMNIST(
+                split, hp.image_size, hp.clutter, hp.seed, num, hp.data_dir, download=hp.download)
+        return self.datasets[split]
+
+    def setup(self, stage: str | None = None) -> None:
+        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        for split in splits.get(stage, ("train", "val", "test")):
+            self.dataset(split)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        workers = self.hparams.num_workers
+        return DataLoader(self.dataset(split), batch_size=self.hparams.batch_size, shuffle=shuffle,
+                          num_workers=workers, collate_fn=collate_samples, persistent_workers=workers > 0,
+                          drop_last=False)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

@@ -1,0 +1,243 @@
+"""The only door to a classifier: a frozen model that takes [0,1] images and owns its normalisation.
+
+``BlackBox(model)`` where ``model`` is
+  - ``"timm:NAME"`` — any timm CNN (``timm:resnet50``); features through timm's ``forward_intermediates``;
+  - ``"torchvision:NAME"`` — ``googlenet``, ``vgg19`` (and ``vgg16``, ``resnet50``); features through
+    ``torchvision.models.feature_extraction`` at the nodes listed in ``TORCHVISION_FEATURE_NODES``;
+  - ``"ckpt:PATH"`` (or a path ending in ``.ckpt``/``.pt``) — a checkpoint written by this project (a
+    ``Classifier`` Lightning checkpoint or an exported black box), read with ``weights_only=True``.
+Pretrained weights come from a local file (``weights=``, ``.pth``/``.pt`` state dict or ``.safetensors``);
+nothing is ever downloaded.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+EXPORT_FORMAT = "saliency-lab/blackbox/v1"
+
+# Graph nodes giving stride-2..32 feature maps of torchvision CNNs, and their channels.
+TORCHVISION_FEATURE_NODES = {
+    "vgg19": (["features.4", "features.9", "features.18", "features.27", "features.36"],
+              [64, 128, 256, 512, 512], [2, 4, 8, 16, 32]),
+    "vgg16": (["features.4", "features.9", "features.16", "features.23", "features.30"],
+              [64, 128, 256, 512, 512], [2, 4, 8, 16, 32]),
+    "googlenet": (["maxpool1", "conv3", "inception3b", "inception4e", "inception5b"],
+                  [64, 192, 480, 832, 1024], [4, 4, 8, 16, 32]),
+    "resnet50": (["relu", "layer1", "layer2", "layer3", "layer4"],
+                 [64, 256, 512, 1024, 2048], [2, 4, 8, 16, 32]),
+}
+TORCHVISION_LOGITS_NODE = {"vgg19": "classifier.6", "vgg16": "classifier.6", "googlenet": "fc", "resnet50": "fc"}
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint holds objects that ``torch.load(weights_only=True)`` refuses to unpickle."""
+
+
+def safe_load(path: str | os.PathLike) -> dict:
+    """Load a checkpoint without executing pickled code (``weights_only=True``).
+
+    Raises:
+        FileNotFoundError: no such file.
+        UnsafeCheckpointError: the file needs arbitrary unpickling (e.g. carries a malicious payload).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch wraps the refusal in an UnpicklingError
+        raise UnsafeCheckpointError(
+            f"refusing to load {path}: it is not loadable with weights_only=True ({type(err).__name__}: "
+            f"{str(err).splitlines()[0]}). Only tensors and plain containers are accepted.") from err
+
+
+def _state_dict_from(obj: dict, path) -> dict:
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj.get(key), dict):
+            return obj[key]
+    if all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    raise ValueError(f"{path} holds no state dict (looked for 'state_dict', 'model', or a flat tensor dict)")
+
+
+class BlackBox(nn.Module):
+    """A frozen classifier on [0,1] images with multi-level features.
+
+    Args:
+        model: ``"timm:NAME"``, ``"torchvision:NAME"`` or ``"ckpt:PATH"`` (see module docstring).
+        num_classes: output classes (default: the architecture's default, 1000 for ImageNet models).
+        weights: local file with pretrained weights for a timm/torchvision model.
+        model_kwargs: extra keyword arguments of the model constructor (e.g. timm ``channels``).
+        mean, std: input normalisation (default: the model's pretrained config or ImageNet's).
+        feature_levels: how many of the deepest feature levels ``features()`` returns (≥ 4).
+
+    Shapes: ``logits(x)``: x (B,3,H,W) in [0,1] -> (B,K). ``features(x)`` -> list of (B,C_l,H/s_l,W/s_l),
+    shallow to deep, with ``feature_channels[l] = C_l`` and ``feature_strides[l] = s_l``.
+
+    The black box is frozen (``requires_grad=False``) and always in eval mode: ``train()`` is a no-op, so a
+    LightningModule that owns it cannot switch its batch norms to training statistics.
+    """
+
+    def __init__(
+        self,
+        model: str = "timm:resnet50",
+        num_classes: int | None = None,
+        weights: str | None = None,
+        model_kwargs: dict | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        feature_levels: int = 4,
+    ):
+        super().__init__()
+        if feature_levels < 1:
+            raise ValueError(f"feature_levels must be >= 1, got {feature_levels}")
+        kind, _, name = model.partition(":")
+        if not name and (model.endswith(".ckpt") or model.endswith(".pt")):
+            kind, name = "ckpt", model
+        model_kwargs = dict(model_kwargs or {})
+        if kind == "ckpt":
+            record = self._read_checkpoint(name)
+            kind, _, name = record["model"].partition(":")
+            num_classes = record["num_classes"]
+            model_kwargs = dict(record.get("model_kwargs") or {})
+            mean = mean or record.get("mean")
+            std = std or record.get("std")
+            state_dict = record["state_dict"]
+        elif weights is not None:
+            state_dict = _state_dict_from(safe_load(weights), weights)
+        else:
+            state_dict = None
+
+        if kind == "timm":
+            self._build_timm(name, num_classes, model_kwargs)
+        elif kind == "torchvision":
+            self._build_torchvision(name, num_classes, model_kwargs)
+        else:
+            raise ValueError(f"unknown black box {model!r}: expected 'timm:NAME', 'torchvision:NAME' or "
+                             "'ckpt:PATH'")
+        if state_dict is not None:
+            missing, unexpected = self.net.load_state_dict(state_dict, strict=False)
+            if missing or unexpected:
+                raise ValueError(f"weights for {model} do not fit: missing {missing[:5]}, unexpected "
+                                 f"{unexpected[:5]}")
+        self.spec = f"{kind}:{name}"
+        self.model_kwargs = model_kwargs
+        self.num_classes = num_classes
+        self._select_levels(feature_levels)
+        mean = tuple(mean or self._default_norm[0])
+        std = tuple(std or self._default_norm[1])
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+        super().train(False)
+
+    # -- construction -------------------------------------------------------------------------------
+    @staticmethod
+    def _read_checkpoint(path: str) -> dict:
+        obj = safe_load(path)
+        record = obj.get("blackbox", obj) if isinstance(obj, dict) else None
+        if not isinstance(record, dict) or record.get("format") != EXPORT_FORMAT:
+            raise ValueError(f"{path} is not a black-box checkpoint of this project (no '{EXPORT_FORMAT}' "
+                             "record); for plain weights use model='timm:NAME', weights=PATH")
+        return record
+
+    def _build_timm(self, name: str, num_classes: int | None, kwargs: dict) -> None:
+        import timm
+
+        if num_classes is not None:
+            kwargs = {**kwargs, "num_classes": num_classes}
+        self.net = timm.create_model(name, pretrained=False, **kwargs)
+        self.num_classes = self.net.num_classes
+        info = self.net.feature_info
+        self._all_levels = (list(range(len(info))), [f["num_chs"] for f in info], [f["reduction"] for f in info])
+        cfg = getattr(self.net, "pretrained_cfg", {}) or {}
+        self._default_norm = (cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))
+        self._backend = "timm"
+
+    def _build_torchvision(self, name: str, num_classes: int | None, kwargs: dict) -> None:
+        import torchvision
+        from torchvision.models.feature_extraction import create_feature_extractor
+
+        if name not in TORCHVISION_FEATURE_NODES:
+            raise ValueError(f"torchvision model {name!r} has no feature-node table; known: "
+                             f"{sorted(TORCHVISION_FEATURE_NODES)}")
+        if num_classes is not None:
+            kwargs = {**kwargs, "num_classes": num_classes}
+        if name == "googlenet":  # aux heads are training-only; normalisation is ours, not transform_input
+            kwargs = {"aux_logits": False, "transform_input": False, "init_weights": True, **kwargs}
+        self.net = torchvision.models.get_model(name, weights=None, **kwargs)
+        self.num_classes = kwargs.get("num_classes", 1000)
+        nodes, channels, strides = TORCHVISION_FEATURE_NODES[name]
+        self._extractor = create_feature_extractor(
+            self.net.eval(), return_nodes={**{n: n for n in nodes}, TORCHVISION_LOGITS_NODE[name]: "logits"})
+        self._node_names = nodes
+        self._all_levels = (list(range(len(nodes))), list(channels), list(strides))
+        self._default_norm = (IMAGENET_MEAN, IMAGENET_STD)
+        self._backend = "torchvision"
+
+    def _select_levels(self, count: int) -> None:
+        indices, channels, strides = self._all_levels
+        if count > len(indices):
+            raise ValueError(f"{self.__class__.__name__} has {len(indices)} feature levels, asked for {count}")
+        self.feature_indices = indices[-count:]
+        self.feature_channels = channels[-count:]
+        self.feature_strides = strides[-count:]
+
+    # -- state --------------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> "BlackBox":
+        """Always stays in eval mode (frozen batch norms and dropout)."""
+        return super().train(False)
+
+    def export_record(self) -> dict:
+        """A ``weights_only``-loadable record that ``BlackBox('ckpt:PATH')`` rebuilds this model from."""
+        return {"format": EXPORT_FORMAT, "model": self.spec, "num_classes": self.num_classes,
+                "model_kwargs": self.model_kwargs, "mean": self.mean.flatten().tolist(),
+                "std": self.std.flatten().tolist(),
+                "state_dict": {k: v.detach().cpu() for k, v in self.net.state_dict().items()}}
+
+    # -- computation --------------------------------------------------------------------------------
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"BlackBox expects images of shape (B,3,H,W), got {tuple(x.shape)}")
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B,3,H,W) in [0,1] -> logits (B,K)."""
+        return self.net(self.normalize(x))
+
+    forward = logits
+
+    def probs(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B,3,H,W) in [0,1] -> softmax probabilities (B,K)."""
+        return self.logits(x).softmax(dim=1)
+
+    def features_and_logits(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """One pass giving the selected feature maps (shallow to deep) and the logits."""
+        x = self.normalize(x)
+        if self._backend == "timm":
+            final, feats = self.net.forward_intermediates(x, indices=self.feature_indices)
+            return list(feats), self.net.forward_head(final)
+        out = self._extractor(x)
+        return [out[self._node_names[i]] for i in self.feature_indices], out["logits"]
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x (B,3,H,W) in [0,1] -> list of (B,C_l,H_l,W_l) feature maps, shallow to deep."""
+        x_n = self.normalize(x)
+        if self._backend == "timm":
+            return list(self.net.forward_intermediates(x_n, indices=self.feature_indices, intermediates_only=True))
+        return self.features_and_logits(x)[0]
+
+    def extra_repr(self) -> str:
+        return (f"{self.spec}, num_classes={self.num_classes}, feature_channels={self.feature_channels}, "
+                f"feature_strides={self.feature_strides}")
