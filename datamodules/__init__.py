@@ -3,6 +3,22 @@ boxes [list of (K,4) xyxy px], index (B,)}`` (see ``datamodules.common``)."""
 from .common import boxes_to_mask, collate_samples
 from .embedded import ClutteredFashionMNIST, ClutteredFashionMNISTDataModule
 from .scenes import Clutter
+from .coco import COCODataModule, COCODetection
+from .common import BadImageError, BadImageWarning
+from .imagenet import ImageNetDataModule, ImageNetFolder
 
 __all__ = ["Clutter", "ClutteredFashionMNIST", "ClutteredFashionMNISTDataModule", "boxes_to_mask",
-           "collate_samples"]
+           "collate_samples",
+           "BadImageError", "BadImageWarning", "COCODataModule", "COCODetection", "ImageNetDataModule",
+           "ImageNetFolder", "export_coco", "export_imagenet"]
+
+_LAZY_EXPORTS = {"export_coco", "export_imagenet"}  # imported on first use: importing datamodules.export
+# here would make `python -m datamodules.export` warn that its package had already imported it
+
+
+def __getattr__(name: str):
+    if name in _LAZY_EXPORTS:
+        from . import export
+
+        return getattr(export, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -42,7 +42,7 @@ class ClutteredFashionMNIST(Dataset):
         self,
         split: str,
         image_size: int = 64,
-        clutter: Clutter = Clutter(),
+        clutter: Clutter | dict | None = None,
         seed: int = 0,
         num_scenes: int | None = None,
         data_dir: str | os.PathLike | None = None,
@@ -53,7 +53,7 @@ class ClutteredFashionMNIST(Dataset):
             raise ValueError(f"split must be one of {list(SPLIT_CODES)}, got {split!r}")
         if image_size < 16:
             raise ValueError(f"image_size must be >= 16, got {image_size}")
-        self.split, self.image_size, self.clutter, self.seed = split, image_size, clutter, seed
+        self.split, self.image_size, self.clutter, self.seed = split, image_size, Clutter.coerce(clutter), seed
         images, labels = fashion_mnist.load("test" if split == "test" else "train", data_dir, download)
         if split != "test":
             order = np.random.default_rng(_SPLIT_PERMUTATION_SEED).permutation(len(images))
@@ -70,20 +70,26 @@ class ClutteredFashionMNIST(Dataset):
     def scene_rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, SPLIT_CODES[self.split], index])
 
-    def _other_class_item(self, rng: np.random.Generator, label: int) -> np.ndarray:
+    def _other_class_item(self, rng: np.random.Generator, label: int) -> int:
         while True:  # 10 balanced classes: ~1.1 draws on average
             j = int(rng.integers(len(self.items)))
             if self.labels[j] != label:
-                return self.items[j]
+                return j
 
-    def __getitem__(self, index: int) -> dict:
+    def layout(self, index: int) -> tuple[np.random.Generator, int, list[int]]:
+        """The scene's generator (advanced past the draws made here), its item and its distractor items."""
         if not 0 <= index < self.num_scenes:
             raise IndexError(f"scene index {index} out of range for {self.num_scenes} {self.split} scenes")
         rng = self.scene_rng(index)
         item_idx = index % len(self.items)
         label = int(self.labels[item_idx])
-        distractors = [self._other_class_item(rng, label) for _ in range(self.clutter.distractors)]
-        image, mask, boxes = render_scene(rng, self.items[item_idx], distractors, self.image_size, self.clutter)
+        return rng, item_idx, [self._other_class_item(rng, label) for _ in range(self.clutter.distractors)]
+
+    def __getitem__(self, index: int) -> dict:
+        rng, item_idx, distractor_idx = self.layout(index)
+        label = int(self.labels[item_idx])
+        image, mask, boxes = render_scene(rng, self.items[item_idx], [self.items[j] for j in distractor_idx],
+                                          self.image_size, self.clutter)
         return {"image": image, "label": torch.tensor(label), "mask": mask, "boxes": boxes,
                 "index": torch.tensor(index)}
 
@@ -106,7 +112,7 @@ class ClutteredFashionMNISTDataModule(pl.LightningDataModule):
         self,
         data_dir: str | None = None,
         image_size: int = 64,
-        clutter: Clutter = Clutter(),
+        clutter: Clutter | None = None,
         seed: int = 0,
         batch_size: int = 128,
         num_workers: int = 0,
@@ -116,7 +122,9 @@ class ClutteredFashionMNISTDataModule(pl.LightningDataModule):
         download: bool = False,
     ):
         super().__init__()
-        self.save_hyperparameters()
+        self.clutter = Clutter.coerce(clutter)
+        self.save_hyperparameters(ignore=["clutter"])
+        self.hparams["clutter"] = self.clutter.to_dict()  # plain data: checkpoints stay weights_only-loadable
         self.num_classes = ClutteredFashionMNIST.num_classes
         self.classes = ClutteredFashionMNIST.classes
         self.datasets: dict[str, ClutteredFashionMNIST] = {}
@@ -129,7 +137,7 @@ class ClutteredFashionMNISTDataModule(pl.LightningDataModule):
             hp = self.hparams
             num = {"train": hp.num_train, "val": hp.num_val, "test": hp.num_test}[split]
             self.datasets[split] = ClutteredFashionMNIST(
-                split, hp.image_size, hp.clutter, hp.seed, num, hp.data_dir, download=hp.download)
+                split, hp.image_size, self.clutter, hp.seed, num, hp.data_dir, download=hp.download)
         return self.datasets[split]
 
     def setup(self, stage: str | None = None) -> None:

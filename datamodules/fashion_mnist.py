@@ -5,6 +5,7 @@ The files come from (in this order): an explicit ``data_dir``; the Debian packag
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 from pathlib import Path
@@ -73,7 +74,12 @@ def locate(data_dir: str | os.PathLike | None = None, download: bool = False) ->
 
 
 def load(split: str, data_dir: str | os.PathLike | None = None, download: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Images (N,28,28) uint8 and labels (N,) int64 of the 'train' (60k) or 'test' (10k) file."""
+    """Images (N,28,28) uint8 and labels (N,) int64 of the 'train' (60k) or 'test' (10k) file (read-only)."""
+    return _load_cached(split, None if data_dir is None else str(data_dir), download)
+
+
+@functools.lru_cache(maxsize=4)  # every split and datamodule of a process shares one decoded copy
+def _load_cached(split: str, data_dir: str | None, download: bool) -> tuple[np.ndarray, np.ndarray]:
     if split not in FILES:
         raise ValueError(f"Fashion-MNIST split must be one of {sorted(FILES)}, got {split!r}")
     folder = locate(data_dir, download)
@@ -82,4 +88,6 @@ def load(split: str, data_dir: str | os.PathLike | None = None, download: bool =
     labels = _read_idx(_find(folder, lbl_stem)).astype(np.int64)
     if images.ndim != 3 or labels.shape != (images.shape[0],):
         raise ValueError(f"Fashion-MNIST {split} files in {folder} have inconsistent shapes {images.shape}, {labels.shape}")
+    images.flags.writeable = False
+    labels.flags.writeable = False
     return images, labels

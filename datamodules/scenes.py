@@ -52,6 +52,17 @@ class Clutter:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def coerce(cls, value: "Clutter | dict | None") -> "Clutter":
+        """Accept a Clutter, a dict of its fields (as configs and saved hyper-parameters hold it) or None."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
+        raise TypeError(f"clutter must be a Clutter or a dict of its fields, got {type(value).__name__}")
+
 
 def _resize(gray: np.ndarray, side: int) -> torch.Tensor:
     """(h,w) uint8 -> (side,side) float in [0,1], bilinear with antialiasing."""

@@ -36,6 +36,37 @@ TORCHVISION_FEATURE_NODES = {
 TORCHVISION_LOGITS_NODE = {"vgg19": "classifier.6", "vgg16": "classifier.6", "googlenet": "fc", "resnet50": "fc"}
 
 
+def create_network(model: str, num_classes: int | None = None, model_kwargs: dict | None = None) -> nn.Module:
+    """Build the bare (randomly initialised) network of a ``"timm:NAME"`` or ``"torchvision:NAME"`` spec."""
+    kind, _, name = model.partition(":")
+    kwargs = dict(model_kwargs or {})
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if kind == "timm":
+        import timm
+
+        return timm.create_model(name, pretrained=False, **kwargs)
+    if kind == "torchvision":
+        import torchvision
+
+        if name not in TORCHVISION_FEATURE_NODES:
+            raise ValueError(f"torchvision model {name!r} has no feature-node table; known: "
+                             f"{sorted(TORCHVISION_FEATURE_NODES)}")
+        if name == "googlenet":  # aux heads are training-only; normalisation is ours, not transform_input
+            kwargs = {"aux_logits": False, "transform_input": False, "init_weights": True, **kwargs}
+        return torchvision.models.get_model(name, weights=None, **kwargs)
+    raise ValueError(f"unknown black box {model!r}: expected 'timm:NAME', 'torchvision:NAME' or 'ckpt:PATH'")
+
+
+def blackbox_record(model: str, net: nn.Module, num_classes: int, model_kwargs: dict | None,
+                    mean: Sequence[float], std: Sequence[float]) -> dict:
+    """A ``weights_only``-loadable record from which ``BlackBox('ckpt:PATH')`` rebuilds a classifier."""
+    return {"format": EXPORT_FORMAT, "model": model, "num_classes": int(num_classes),
+            "model_kwargs": dict(model_kwargs or {}), "mean": [float(v) for v in mean],
+            "std": [float(v) for v in std],
+            "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}}
+
+
 class UnsafeCheckpointError(RuntimeError):
     """A checkpoint holds objects that ``torch.load(weights_only=True)`` refuses to unpickle."""
 
@@ -119,13 +150,8 @@ class BlackBox(nn.Module):
         else:
             state_dict = None
 
-        if kind == "timm":
-            self._build_timm(name, num_classes, model_kwargs)
-        elif kind == "torchvision":
-            self._build_torchvision(name, num_classes, model_kwargs)
-        else:
-            raise ValueError(f"unknown black box {model!r}: expected 'timm:NAME', 'torchvision:NAME' or "
-                             "'ckpt:PATH'")
+        self.net = create_network(f"{kind}:{name}", num_classes, model_kwargs)
+        self._describe_levels(kind, name)
         if state_dict is not None:
             missing, unexpected = self.net.load_state_dict(state_dict, strict=False)
             if missing or unexpected:
@@ -133,7 +159,7 @@ class BlackBox(nn.Module):
                                  f"{unexpected[:5]}")
         self.spec = f"{kind}:{name}"
         self.model_kwargs = model_kwargs
-        self.num_classes = num_classes
+        self.num_classes = int(self.net.num_classes if kind == "timm" else num_classes or 1000)
         self._select_levels(feature_levels)
         mean = tuple(mean or self._default_norm[0])
         std = tuple(std or self._default_norm[1])
@@ -152,39 +178,24 @@ class BlackBox(nn.Module):
                              "record); for plain weights use model='timm:NAME', weights=PATH")
         return record
 
-    def _build_timm(self, name: str, num_classes: int | None, kwargs: dict) -> None:
-        import timm
+    def _describe_levels(self, kind: str, name: str) -> None:
+        """Record every feature level (index, channels, stride), the default normalisation and the backend."""
+        if kind == "timm":
+            info = self.net.feature_info
+            self._all_levels = ([i for i in range(len(info))], [f["num_chs"] for f in info],
+                                [f["reduction"] for f in info])
+            cfg = getattr(self.net, "pretrained_cfg", {}) or {}
+            self._default_norm = (cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))
+        else:
+            from torchvision.models.feature_extraction import create_feature_extractor
 
-        if num_classes is not None:
-            kwargs = {**kwargs, "num_classes": num_classes}
-        self.net = timm.create_model(name, pretrained=False, **kwargs)
-        self.num_classes = self.net.num_classes
-        info = self.net.feature_info
-        self._all_levels = (list(range(len(info))), [f["num_chs"] for f in info], [f["reduction"] for f in info])
-        cfg = getattr(self.net, "pretrained_cfg", {}) or {}
-        self._default_norm = (cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))
-        self._backend = "timm"
-
-    def _build_torchvision(self, name: str, num_classes: int | None, kwargs: dict) -> None:
-        import torchvision
-        from torchvision.models.feature_extraction import create_feature_extractor
-
-        if name not in TORCHVISION_FEATURE_NODES:
-            raise ValueError(f"torchvision model {name!r} has no feature-node table; known: "
-                             f"{sorted(TORCHVISION_FEATURE_NODES)}")
-        if num_classes is not None:
-            kwargs = {**kwargs, "num_classes": num_classes}
-        if name == "googlenet":  # aux heads are training-only; normalisation is ours, not transform_input
-            kwargs = {"aux_logits": False, "transform_input": False, "init_weights": True, **kwargs}
-        self.net = torchvision.models.get_model(name, weights=None, **kwargs)
-        self.num_classes = kwargs.get("num_classes", 1000)
-        nodes, channels, strides = TORCHVISION_FEATURE_NODES[name]
-        self._extractor = create_feature_extractor(
-            self.net.eval(), return_nodes={**{n: n for n in nodes}, TORCHVISION_LOGITS_NODE[name]: "logits"})
-        self._node_names = nodes
-        self._all_levels = (list(range(len(nodes))), list(channels), list(strides))
-        self._default_norm = (IMAGENET_MEAN, IMAGENET_STD)
-        self._backend = "torchvision"
+            nodes, channels, strides = TORCHVISION_FEATURE_NODES[name]
+            self._extractor = create_feature_extractor(
+                self.net.eval(), return_nodes={**{n: n for n in nodes}, TORCHVISION_LOGITS_NODE[name]: "logits"})
+            self._node_names = nodes
+            self._all_levels = (list(range(len(nodes))), list(channels), list(strides))
+            self._default_norm = (IMAGENET_MEAN, IMAGENET_STD)
+        self._backend = kind
 
     def _select_levels(self, count: int) -> None:
         indices, channels, strides = self._all_levels
@@ -201,10 +212,8 @@ class BlackBox(nn.Module):
 
     def export_record(self) -> dict:
         """A ``weights_only``-loadable record that ``BlackBox('ckpt:PATH')`` rebuilds this model from."""
-        return {"format": EXPORT_FORMAT, "model": self.spec, "num_classes": self.num_classes,
-                "model_kwargs": self.model_kwargs, "mean": self.mean.flatten().tolist(),
-                "std": self.std.flatten().tolist(),
-                "state_dict": {k: v.detach().cpu() for k, v in self.net.state_dict().items()}}
+        return blackbox_record(self.spec, self.net, self.num_classes, self.model_kwargs,
+                               self.mean.flatten().tolist(), self.std.flatten().tolist())
 
     # -- computation --------------------------------------------------------------------------------
     def normalize(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,42 @@
+# Two commands for a fresh machine: `make demo` (the embedded pipeline) and `make test` (the test suite).
+# Both create .venv, install the project and fetch Fashion-MNIST from Debian when it is missing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+# Never reach for a model hub: every weight file is local.
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup data demo test test-fast clean-demo
+
+setup: $(VENV)/.installed
+
+# torch/torchvision first and pinned, so no other package can pull a different build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PIP) install --quiet -e ".[test]"
+	touch $@
+
+data:
+	@if [ ! -f $(FMNIST) ]; then \
+		echo "Fashion-MNIST not found: installing the Debian package dataset-fashion-mnist"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; \
+	fi
+
+demo: setup data
+	$(PY) demo.py --out outputs/demo
+
+test: setup data
+	$(PY) -m pytest -n 2 --durations=15 -q
+
+test-fast: setup data
+	$(PY) -m pytest -n 2 -q -m "not slow"
+
+clean-demo:
+	rm -rf outputs/demo

@@ -1,0 +1,1 @@
+"""Saliency explainers behind one contract; the registry is filled in by explainers/ owners."""

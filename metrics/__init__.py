@@ -1,0 +1,49 @@
+"""Saliency metrics: pure functions over tensors plus thin torchmetrics wrappers (PROTOCOLS.md)."""
+
+from metrics.accumulators import (
+    CausalMetric,
+    FaithfulnessMetric,
+    IoUF1Metric,
+    PointingGameMetric,
+    PRAUCMetric,
+)
+from metrics.causal import (
+    CausalProtocol,
+    CausalResult,
+    FaithfulnessResult,
+    MinMaxResult,
+    causal_curves,
+    explained_class,
+    faithfulness_mf,
+    minmax_across_methods,
+)
+from metrics.localisation import (
+    default_pointing_tolerance,
+    iou_f1,
+    iou_f1_pixel_level,
+    pointing_game,
+    pr_auc,
+    saliency_region,
+)
+
+__all__ = [
+    "CausalMetric",
+    "CausalProtocol",
+    "CausalResult",
+    "FaithfulnessMetric",
+    "FaithfulnessResult",
+    "IoUF1Metric",
+    "MinMaxResult",
+    "PRAUCMetric",
+    "PointingGameMetric",
+    "causal_curves",
+    "default_pointing_tolerance",
+    "explained_class",
+    "faithfulness_mf",
+    "iou_f1",
+    "iou_f1_pixel_level",
+    "minmax_across_methods",
+    "pointing_game",
+    "pr_auc",
+    "saliency_region",
+]

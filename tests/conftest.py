@@ -1,0 +1,29 @@
+"""Shared test setup: offline, deterministic, small."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ["HF_HUB_OFFLINE"] = "1"       # any attempt to reach a model hub fails loudly
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+torch.set_num_threads(1)                 # xdist runs one worker per core
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return ROOT
+
+
+def subprocess_env() -> dict:
+    """Environment for child processes (train.py, evaluate.py): offline, one thread each, repo importable."""
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", WANDB_MODE="disabled", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
+    return env

@@ -1,0 +1,126 @@
+"""BlackBox: timm and torchvision models, features, normalisation, frozen state, local weights, safe loading."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import timm
+import torch
+
+from lightning_modules.blackbox import BlackBox, UnsafeCheckpointError, blackbox_record, create_network
+from lightning_modules.classifier import Classifier
+
+TINY = dict(model="timm:resnet10t", num_classes=5, model_kwargs={"channels": [8, 16, 24, 32]})
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return BlackBox(**TINY)
+
+
+@pytest.mark.parametrize("spec, size, channels", [
+    ("timm:resnet10t", 64, [8, 16, 24, 32]),
+    ("torchvision:googlenet", 64, [192, 480, 832, 1024]),
+    ("torchvision:vgg19", 32, [128, 256, 512, 512]),
+])
+def test_features_are_multi_level_with_channels_and_strides(spec, size, channels):
+    kwargs = {"model_kwargs": {"channels": [8, 16, 24, 32]}} if spec.startswith("timm") else {}
+    box = BlackBox(spec, num_classes=7, **kwargs)
+    x = torch.rand(2, 3, size, size)
+    feats = box.features(x)
+    assert len(feats) >= 4 and box.feature_channels == channels and box.feature_strides == [4, 8, 16, 32]
+    for f, c, s in zip(feats, box.feature_channels, box.feature_strides):
+        assert f.shape == (2, c, size // s, size // s)
+    feats2, logits = box.features_and_logits(x)
+    assert logits.shape == (2, 7)
+    assert torch.allclose(logits, box.logits(x), atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(feats, feats2))
+    assert torch.allclose(box.probs(x).sum(1), torch.ones(2))
+
+
+def test_owns_normalisation(tiny):
+    x = torch.rand(3, 3, 32, 32)
+    expected = tiny.net((x - torch.tensor(timm.data.IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1))
+                        / torch.tensor(timm.data.IMAGENET_DEFAULT_STD).view(1, 3, 1, 1))
+    assert torch.allclose(tiny(x), expected, atol=1e-5)
+    with pytest.raises(ValueError, match=r"\(B,3,H,W\)"):
+        tiny(torch.rand(3, 32, 32))
+
+
+def test_is_frozen_and_stays_in_eval_mode(tiny):
+    assert not any(p.requires_grad for p in tiny.parameters())
+    tiny.train()
+    assert not tiny.training and not any(m.training for m in tiny.modules())
+    wrapper = torch.nn.Sequential(tiny)
+    wrapper.train()
+    assert not tiny.net.training
+
+
+def test_gradients_flow_to_the_input_only(tiny):
+    x = torch.rand(2, 3, 32, 32, requires_grad=True)
+    tiny(x)[:, 0].sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(p.grad is None for p in tiny.parameters())
+
+
+def test_pretrained_weights_from_a_local_file(tmp_path):
+    net = create_network(TINY["model"], TINY["num_classes"], TINY["model_kwargs"])
+    x = torch.rand(2, 3, 32, 32)
+    torch.save(net.state_dict(), tmp_path / "w.pth")
+    loaded = BlackBox(**TINY, weights=str(tmp_path / "w.pth"))
+    assert torch.allclose(loaded.net(x), net.eval()(x), atol=1e-6)
+    from safetensors.torch import save_file
+
+    save_file(net.state_dict(), str(tmp_path / "w.safetensors"))
+    assert torch.allclose(BlackBox(**TINY, weights=str(tmp_path / "w.safetensors")).net(x), net(x), atol=1e-6)
+    wrong = create_network("timm:resnet10t", 3, TINY["model_kwargs"])
+    torch.save({"state_dict": wrong.state_dict()}, tmp_path / "wrong.pth")
+    with pytest.raises(Exception, match="size mismatch|do not fit"):
+        BlackBox(**TINY, weights=str(tmp_path / "wrong.pth"))
+
+
+def test_rebuilds_from_classifier_checkpoint_and_export(tmp_path):
+    clf = Classifier(model=TINY["model"], num_classes=5, model_kwargs=TINY["model_kwargs"]).eval()
+    x = torch.rand(2, 3, 32, 32)
+    ckpt = {"state_dict": clf.state_dict(), "epoch": 3,
+            "blackbox": blackbox_record(TINY["model"], clf.net, 5, TINY["model_kwargs"], clf.hparams.mean, clf.hparams.std)}
+    torch.save(ckpt, tmp_path / "clf.ckpt")
+    box = BlackBox(f"ckpt:{tmp_path / 'clf.ckpt'}")
+    assert box.num_classes == 5 and torch.allclose(box(x), clf(x), atol=1e-5)
+    torch.save(box.export_record(), tmp_path / "box.pt")
+    assert torch.allclose(BlackBox(str(tmp_path / "box.pt"))(x), clf(x), atol=1e-5)
+    torch.save({"state_dict": clf.state_dict()}, tmp_path / "plain.ckpt")
+    with pytest.raises(ValueError, match="not a black-box checkpoint"):
+        BlackBox(f"ckpt:{tmp_path / 'plain.ckpt'}")
+
+
+class _Payload:
+    """Unpickling this object would run a shell command: a stand-in for a malicious checkpoint."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_checkpoint_is_refused_without_running(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"blackbox": {"format": "saliency-lab/blackbox/v1", "payload": _Payload(marker)}}, tmp_path / "evil.ckpt")
+    with pytest.raises(UnsafeCheckpointError, match="weights_only"):
+        BlackBox(f"ckpt:{tmp_path / 'evil.ckpt'}")
+    assert not marker.exists()
+    torch.save(_Payload(marker), tmp_path / "evil.pth")
+    with pytest.raises(UnsafeCheckpointError):
+        BlackBox(**TINY, weights=str(tmp_path / "evil.pth"))
+    assert not marker.exists()
+
+
+def test_clear_errors_for_bad_specs(tmp_path):
+    with pytest.raises(ValueError, match="timm:NAME"):
+        BlackBox("keras:resnet")
+    with pytest.raises(FileNotFoundError, match="missing.ckpt"):
+        BlackBox(f"ckpt:{tmp_path / 'missing.ckpt'}")
+    with pytest.raises(ValueError, match="feature levels"):
+        BlackBox(**TINY, feature_levels=9)

@@ -1,0 +1,86 @@
+"""train.py end to end in subprocesses: fast_dev_run, resume from last.ckpt, saved config, clear config errors,
+and a 2-process DDP run on CPU."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.conftest import subprocess_env
+
+EXPERIMENT = "configs/experiment/embedded_classifier.yaml"
+SMALL = ["--data.init_args.image_size=32", "--data.init_args.batch_size=8", "--data.init_args.num_workers=0",
+         "--data.init_args.num_train=32", "--data.init_args.num_val=16", "--data.init_args.num_test=16",
+         "--model.init_args.model_kwargs={channels: [8, 16, 24, 32]}"]
+
+
+def run_train(repo_root, *args, timeout=300):
+    proc = subprocess.run([sys.executable, "train.py", *args], cwd=repo_root, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    return proc
+
+
+@pytest.mark.slow
+def test_fast_dev_run_of_the_experiment_config(repo_root, tmp_path):
+    proc = run_train(repo_root, "fit", "--config", EXPERIMENT, "--trainer.fast_dev_run=true",
+                     f"--run_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "max_steps=1" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_last_checkpoint(repo_root, tmp_path):
+    """SIGKILL after the first epoch's checkpoint, then ``--ckpt_path last`` finishes the same schedule."""
+    args = ["fit", "--config", EXPERIMENT, *SMALL, "--data.init_args.num_train=320", f"--run_dir={tmp_path}",
+            "--trainer.max_epochs=3"]
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=repo_root, env=subprocess_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    interrupted = torch.load(last, weights_only=True)  # our checkpoints are plain data
+    assert interrupted["global_step"] < 120, "the run finished before it could be killed"
+    assert "blackbox" in interrupted and (tmp_path / "config.yaml").is_file()
+    assert "inference_mode: false" in (tmp_path / "config.yaml").read_text()
+
+    second = run_train(repo_root, *args, "--ckpt_path=last")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Restoring states from the checkpoint path" in second.stdout + second.stderr
+    resumed = torch.load(last, weights_only=True)
+    assert resumed["global_step"] == 120  # 3 epochs x 40 steps: continued where it stopped
+    assert resumed["lr_schedulers"][0]["last_epoch"] == 120
+    assert all(int(s["step"]) == 120 for s in resumed["optimizer_states"][0]["state"].values())
+
+    test = run_train(repo_root, "test", "--config", EXPERIMENT, *SMALL, f"--run_dir={tmp_path}", "--ckpt_path=last")
+    assert test.returncode == 0, test.stderr[-3000:]
+    assert "test/acc" in (tmp_path / "test_metrics.json").read_text()
+
+
+@pytest.mark.slow
+def test_config_typo_fails_before_any_data_loads(repo_root, tmp_path):
+    bad = tmp_path / "typo.yaml"
+    bad.write_text("trainer:\n  max_epoch: 3\n")
+    # data_dir points nowhere: loading data would fail with a different (FileNotFoundError) message
+    proc = run_train(repo_root, "fit", "--config", EXPERIMENT, "--config", str(bad),
+                     f"--data.init_args.data_dir={tmp_path / 'none'}", f"--run_dir={tmp_path}", timeout=120)
+    assert proc.returncode != 0
+    assert "max_epoch" in proc.stderr and "Fashion-MNIST" not in proc.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu(repo_root, tmp_path):
+    proc = run_train(repo_root, "fit", "--config", EXPERIMENT, *SMALL, f"--run_dir={tmp_path}",
+                     "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.max_epochs=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert "MEMBER: 2/2" in out or "distributed_backend=gloo" in out
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["global_step"] == 2  # 32 scenes / (8 per batch x 2 processes)
