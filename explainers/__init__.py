@@ -1,1 +1,16 @@
-"""Saliency explainers behind one contract; the registry is filled in by explainers/ owners."""
+"""Saliency explainers behind one contract (ARCHITECTURE.md, "The explainer contract").
+
+    explainer = explainers.build("rise", blackbox, n_masks=4000, seed=0, max_forward_batch=256)
+    saliency = explainer(images, targets)        # (B,3,H,W) in [0,1], (B,) -> (B,1,H,W)
+    explainer.cost                               # Cost(forwards, backwards, images) of that call
+
+This package must not import ``metrics`` (metrics imports ``explainers.perturbation``).
+"""
+
+from explainers.base import Cost, Explainer, preserved_state
+from explainers.registry import available, build, register
+
+# Imported for their @register side effect: every module listed here is a registered method.
+from explainers import cam, gradients, rise  # noqa: E402,F401  isort: skip
+
+__all__ = ["Cost", "Explainer", "available", "build", "preserved_state", "register"]

@@ -135,6 +135,30 @@ def _colour_noise(
     return (colour + noise_std * noise).clamp_(0, 1)
 
 
+_MASK64 = 2**64 - 1
+
+
+def _splitmix64(x: int) -> int:
+    """SplitMix64's output function (Steele, Lea & Flood, OOPSLA 2014): a bijective 64-bit mixer."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def seeded_generator(device: torch.device | str, *parts: int) -> torch.Generator:
+    """A generator on ``device`` seeded by the integers ``parts``, e.g. (image seed,) or (image seed, block).
+
+    The parts are hashed with SplitMix64 instead of passed as they are, because torch's CPU generator
+    (mt19937) keeps only the low 32 bits of its seed: ``derive_seeds`` puts the run seed in the high 32
+    bits, so on the CPU ``manual_seed(seed * 2**32 + index)`` would ignore the run seed altogether.
+    """
+    state = 0
+    for part in parts:
+        state = _splitmix64(state ^ (int(part) & _MASK64))
+    return torch.Generator(device=device).manual_seed(state)
+
+
 def random_colour_noise(images: Tensor, seeds: Tensor, noise_std: float = NOISE_STD) -> Tensor:
     """Random-colour substrate (B, C, H, W) with image b drawn from its own generator seeded by seeds[b].
 
@@ -153,7 +177,7 @@ def random_colour_noise(images: Tensor, seeds: Tensor, noise_std: float = NOISE_
     single = (1, *images.shape[1:])
     draws = []
     for seed in seeds.tolist():
-        generator = torch.Generator(device=images.device).manual_seed(int(seed))
+        generator = seeded_generator(images.device, seed)
         draws.append(_colour_noise(single, noise_std, generator, images))
     return torch.cat(draws)
 

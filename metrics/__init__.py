@@ -17,6 +17,7 @@ from metrics.causal import (
     faithfulness_mf,
     minmax_across_methods,
 )
+from metrics.suite import METRIC_NAMES, EvaluationSettings, SaliencyScores, score_saliency
 from metrics.localisation import (
     default_pointing_tolerance,
     iou_f1,
@@ -27,6 +28,10 @@ from metrics.localisation import (
 )
 
 __all__ = [
+    "METRIC_NAMES",
+    "EvaluationSettings",
+    "SaliencyScores",
+    "score_saliency",
     "CausalMetric",
     "CausalProtocol",
     "CausalResult",

@@ -235,20 +235,35 @@ def _probability_curves(
     the model ``max_forward_batch`` at a time, so memory is bounded by that knob whatever B and n are.
     """
     num_curves, batch, num_points = len(curves), images.shape[0], counts.numel()
-    # int32 halves the (chunk, U) rank gather, the largest temporary besides the images (U < 2**31).
-    rank, counts = rank.to(torch.int32), counts.to(torch.int32)
-    substrates = torch.stack([substrate for substrate, _ in curves])
-    is_deletion = torch.tensor([deletion for _, deletion in curves], device=images.device)
-    out = torch.empty(num_curves * batch * num_points, device=images.device)
+    total = num_curves * batch * num_points
+    # Unit u is changed at step k iff rank[u] < counts[k], i.e. iff k >= first_step[u]: one small integer
+    # per unit, compared against a range of k, instead of gathering a rank row per perturbed image.
+    first_step = torch.searchsorted(counts, rank, right=True).to(torch.int16).view(batch, 1, *unit_shape)
+    steps = torch.arange(num_points, device=images.device, dtype=torch.int16).view(-1, 1, 1, 1)
+    out = torch.empty(total, device=images.device)
+    buffer = images.new_empty((min(max_forward_batch, total), *images.shape[1:]))
     with torch.no_grad():
-        for start in range(0, out.numel(), max_forward_batch):
-            pair = torch.arange(start, min(start + max_forward_batch, out.numel()), device=images.device)
-            curve, b, k = pair // (batch * num_points), pair // num_points % batch, pair % num_points
-            changed = rank[b] < counts[k].unsqueeze(1)
-            keep = (changed != is_deletion[curve].unsqueeze(1)).to(images.dtype)
-            x = perturb(images[b], keep.view(-1, 1, *unit_shape), substrates[curve, b], mode=upsample)
+        for start in range(0, total, max_forward_batch):
+            stop = min(start + max_forward_batch, total)
+            # Triples (curve, image, step) with the step varying fastest: a chunk is a few runs of one
+            # (curve, image) over consecutive steps, each built with broadcast views, without gathers.
+            row = start
+            while row < stop:
+                curve, b, k0 = row // (batch * num_points), row // num_points % batch, row % num_points
+                k1 = min(num_points, k0 + stop - row)
+                changed = first_step[b] <= steps[k0:k1]
+                keep = (changed if not curves[curve][1] else ~changed).to(images.dtype)
+                if keep.shape[-2:] != images.shape[-2:]:
+                    keep = F.interpolate(keep, size=images.shape[-2:], mode=upsample,
+                                         align_corners=False if upsample == "bilinear" else None)
+                # lerp(A, I, M) = A + M (I - A): exact at M in {0, 1} (see explainers.perturbation.perturb)
+                torch.lerp(curves[curve][0][b].expand(k1 - k0, -1, -1, -1), images[b].expand(k1 - k0, -1, -1, -1),
+                           keep, out=buffer[row - start:row - start + k1 - k0])
+                row += k1 - k0
+            x = buffer[:stop - start]
+            idx = torch.arange(start, stop, device=images.device) // num_points % batch
             probs = torch.softmax(model(x).float(), dim=-1)  # float: AMP logits may be half
-            out[start:start + pair.numel()] = probs.gather(1, targets[b].unsqueeze(1)).squeeze(1)
+            out[start:stop] = probs.gather(1, targets[idx].unsqueeze(1)).squeeze(1)
     return out.view(num_curves, batch, num_points)
 
 

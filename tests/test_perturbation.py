@@ -186,3 +186,14 @@ def test_tensor_substrate_is_validated_and_expanded():
 def test_unknown_substrate():
     with pytest.raises(ValueError, match="unknown substrate"):
         make_substrate("grey", _images())
+
+
+def test_random_substrate_depends_on_the_run_seed():
+    """The run seed sits in the high 32 bits of derive_seeds: it must still change the draws on the CPU."""
+    from explainers.perturbation import derive_seeds, random_colour_noise
+
+    images = torch.zeros(2, 3, 8, 8)
+    index = torch.arange(2)
+    a = random_colour_noise(images, derive_seeds(0, index))
+    b = random_colour_noise(images, derive_seeds(1, index))
+    assert not torch.equal(a, b)

@@ -1,0 +1,89 @@
+"""Speed of the causal metrics against the bare forward passes they need, and RISE's peak memory vs N.
+
+    python benchmarks/metrics.py [--repeats 7]
+
+1. deletion + insertion (RISE protocol at 64x64: 64 steps -> 2*65 = 130 forwards per image) for a batch of
+   32 embedded test images, against pushing the same number of images through the black box in the same
+   chunks (the bare forwards). Target: ratio <= 1.15. Timed alternately in one process; medians.
+2. RISE's peak resident memory for N = 500, 2000, 8000 masks, each in a fresh process. Target: flat in N.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import embedded_batch, embedded_blackbox, median_seconds  # noqa: E402
+from metrics import CausalProtocol, causal_curves  # noqa: E402
+
+
+def causal_vs_bare(repeats: int, batch: int = 32, chunk: int = 256) -> dict:
+    model = embedded_blackbox()
+    data = embedded_batch(batch)
+    images = data["image"]
+    saliency = torch.rand(batch, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        targets = model(images).argmax(1)
+    protocol = CausalProtocol.rise(64, max_forward_batch=chunk)
+    total = 2 * (protocol.steps + 1) * batch
+    stack = images.repeat(chunk // batch, 1, 1, 1)[:chunk]
+
+    def bare():
+        with torch.no_grad():
+            for start in range(0, total, chunk):
+                model(stack[: min(chunk, total - start)])
+
+    def metric():
+        causal_curves(model, images, saliency, targets, protocol)
+
+    bare(), metric()  # warm-up
+    bare_times, metric_times = [], []
+    for _ in range(repeats):  # alternate, so machine noise hits both alike
+        bare_times.append(median_seconds(bare, 1))
+        metric_times.append(median_seconds(metric, 1))
+    bare_t, metric_t = sorted(bare_times)[repeats // 2], sorted(metric_times)[repeats // 2]
+    return {"images": batch, "forwards": total, "bare_seconds": round(bare_t, 3),
+            "metric_seconds": round(metric_t, 3), "ratio": round(metric_t / bare_t, 3)}
+
+
+def rise_peak_memory(n_masks: int) -> dict:
+    import explainers
+
+    model = embedded_blackbox()
+    data = embedded_batch(8)
+    explainer = explainers.build("rise", model, n_masks=n_masks, max_forward_batch=256)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    explainer(data["image"], data["label"], data["index"])
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"n_masks": n_masks, "peak_rss_mb": round(after / 1024, 1), "growth_mb": round((after - before) / 1024, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--rise-child", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    if args.rise_child is not None:
+        print(json.dumps(rise_peak_memory(args.rise_child)))
+        return
+    result = causal_vs_bare(args.repeats)
+    print(f"causal metrics, {result['images']} images x {result['forwards'] // result['images']} forwards: "
+          f"metric {result['metric_seconds']} s vs bare forwards {result['bare_seconds']} s -> ratio "
+          f"{result['ratio']} (target <= 1.15)")
+    for n in (500, 2000, 8000):
+        out = subprocess.run([sys.executable, __file__, "--rise-child", str(n)], capture_output=True, text=True,
+                             check=True).stdout
+        mem = json.loads(out.strip().splitlines()[-1])
+        print(f"RISE N={n:5d}: peak RSS {mem['peak_rss_mb']} MB (grew {mem['growth_mb']} MB during the call)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""Name -> explainer class registry: ``@register("rise")``, ``build("rise", blackbox, n_masks=4000)``.
+
+Config files and the evaluation loop refer to explainers by name only; adding a method is one decorated
+class plus an import in ``explainers/__init__.py`` (which is also what the conformance tests iterate over).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch.nn as nn
+
+from explainers.base import Explainer
+
+_REGISTRY: dict[str, type[Explainer]] = {}
+
+
+def register(name: str) -> Callable[[type[Explainer]], type[Explainer]]:
+    """Class decorator: make an :class:`Explainer` subclass buildable as ``name`` (and set ``cls.name``)."""
+
+    def decorate(cls: type[Explainer]) -> type[Explainer]:
+        if not (isinstance(cls, type) and issubclass(cls, Explainer)):
+            raise TypeError(f"@register({name!r}) expects an Explainer subclass, got {cls!r}")
+        known = _REGISTRY.get(name)
+        # Re-registering the same class (a module imported twice under one name) is harmless; a second
+        # class under a taken name is a mistake that would silently change results.
+        if known is not None and known.__qualname__ != cls.__qualname__:
+            raise ValueError(f"explainer name {name!r} is already taken by {known.__module__}.{known.__qualname__}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def available() -> list[str]:
+    """Sorted names of every registered explainer."""
+    return sorted(_REGISTRY)
+
+
+def build(name: str, blackbox: nn.Module, **hparams) -> Explainer:
+    """Instantiate the explainer registered as ``name`` on ``blackbox`` with keyword ``hparams``.
+
+    Raises:
+        ValueError: unknown name (the message lists the known ones).
+        TypeError: a hyper-parameter the explainer does not take (the message lists those it takes).
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown explainer {name!r}; available: {', '.join(available())}")
+    return _REGISTRY[name](blackbox, **hparams)

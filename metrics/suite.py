@@ -1,0 +1,87 @@
+"""Every metric of one saliency map, per image: what the evaluation callback and ``evaluate.py`` both call.
+
+``score_saliency`` runs the causal metrics (deletion, insertion, M_F) through the model and the
+localisation metrics (M_I, pointing game, IoU/F1 image- and pixel-level) against the ground truth, with
+the knobs of one :class:`EvaluationSettings` — which is what gets written next to the numbers.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from metrics.causal import CausalProtocol, Model, causal_curves, faithfulness_mf
+from metrics.localisation import default_pointing_tolerance, iou_f1, iou_f1_pixel_level, pointing_game, pr_auc
+
+# Per-image values in the order tables show them; percentages are in [0, 100], the rest in [0, 1].
+METRIC_NAMES = ("deletion", "insertion", "mf", "mi", "pointing_game", "iou", "f1", "iou_top", "f1_top",
+                "iou_pixel", "f1_pixel")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationSettings:
+    """The knobs of a full evaluation (PROTOCOLS.md).
+
+    Attributes:
+        protocol: deletion / insertion protocol.
+        mf_steps: n of M_F's preserving curve (Delta = 1/n).
+        mf_eps: images with q_O - q_F <= mf_eps get M_F = NaN and are counted as excluded.
+        pointing_tolerance: pixels; None = 15 px at 224 scaled to the image (PROTOCOLS.md).
+        iou_threshold: binarisation threshold T of the min-max normalised map for IoU/F1.
+        top_fraction: the second binarisation: the top q of pixels (``iou_top``, ``f1_top``).
+    """
+
+    protocol: CausalProtocol
+    mf_steps: int = 32
+    mf_eps: float = 1e-3
+    pointing_tolerance: float | None = None
+    iou_threshold: float = 0.3
+    top_fraction: float = 0.3
+
+    @classmethod
+    def default(cls, image_size: int, **overrides: Any) -> "EvaluationSettings":
+        """RISE's causal protocol at ``image_size`` and the PROTOCOLS.md defaults for the rest."""
+        return cls(protocol=CausalProtocol.rise(image_size), **overrides)
+
+    def tolerance(self, image_size: int) -> float:
+        return default_pointing_tolerance(image_size) if self.pointing_tolerance is None else self.pointing_tolerance
+
+    def to_dict(self, image_size: int) -> dict[str, Any]:
+        record = dataclasses.asdict(self)
+        record["protocol"] = self.protocol.to_dict()
+        record["pointing_tolerance"] = self.tolerance(image_size)
+        return record
+
+
+class SaliencyScores(NamedTuple):
+    """``values``: name -> (B,) float (NaN where undefined); curves (B, n+1) over ``fractions`` (n+1,)."""
+
+    values: dict[str, Tensor]
+    deletion_curve: Tensor
+    insertion_curve: Tensor
+    fractions: Tensor
+
+
+def score_saliency(model: Model, images: Tensor, saliency: Tensor, targets: Tensor, gt_mask: Tensor,
+                   settings: EvaluationSettings) -> SaliencyScores:
+    """All metrics of ``saliency`` (B,1,H,W) for ``images`` (B,3,H,W) in [0,1], explained ``targets`` (B,)
+    and ground truth ``gt_mask`` (B,1,H,W) bool."""
+    protocol = settings.protocol
+    with torch.no_grad():
+        curves = causal_curves(model, images, saliency, targets, protocol)
+        mf = faithfulness_mf(model, images, saliency, targets, steps=settings.mf_steps, eps=settings.mf_eps,
+                             max_forward_batch=protocol.max_forward_batch)
+    saliency = saliency.detach().float()
+    iou, f1 = iou_f1(saliency, gt_mask, settings.iou_threshold)
+    iou_top, f1_top = iou_f1(saliency, gt_mask, top_fraction=settings.top_fraction)
+    iou_px, f1_px = iou_f1_pixel_level(saliency, gt_mask, settings.iou_threshold)
+    hits = pointing_game(saliency, gt_mask, settings.tolerance(images.shape[-1]))
+    values = {
+        "deletion": curves.deletion, "insertion": curves.insertion, "mf": mf.mf, "mi": pr_auc(saliency, gt_mask),
+        "pointing_game": hits.float(), "iou": iou, "f1": f1, "iou_top": iou_top, "f1_top": f1_top,
+        "iou_pixel": iou_px, "f1_pixel": f1_px,
+    }
+    return SaliencyScores({k: v.detach().float() for k, v in values.items()}, curves.deletion_curve,
+                          curves.insertion_curve, curves.fractions)

@@ -1,0 +1,201 @@
+"""Every registered explainer against the contract (ARCHITECTURE.md, "The explainer contract").
+
+One list, ``explainers.available()``: registering a method runs it through all of these checks. Methods
+only differ by the small hyper-parameters in FAST_HPARAMS and, optionally, their exact cost formula.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+import explainers
+from explainers.base import _HOOK_DICTS, seeded_generator
+from explainers.perturbation import derive_seeds
+from lightning_modules.blackbox import BlackBox
+
+NAMES = explainers.available()
+SIZE = 48  # resnet10t's last level is then 2 x 2, so CAM maps are not constant
+BATCH = 4
+# Small settings per method; max_forward_batch = 12 does not divide any of the totals, so chunk
+# boundaries cut through images.
+FAST_HPARAMS = {
+    "rise": {"n_masks": 40},
+    "smoothgrad": {"n_samples": 5},
+    "integrated_gradients": {"n_steps": 7},
+}
+COMMON = {"max_forward_batch": 12, "seed": 3}
+# Exact black-box passes per image at FAST_HPARAMS: (forwards, backwards).
+COST_PER_IMAGE = {
+    "rise": (40, 0),
+    "gradient": (1, 1),
+    "smoothgrad": (5, 5),
+    "integrated_gradients": (7, 7),
+    "gradcam": (1, 1),
+    "gradcam_pp": (1, 1),
+}
+
+
+def make(name, blackbox, **overrides):
+    return explainers.build(name, blackbox, **{**COMMON, **FAST_HPARAMS.get(name, {}), **overrides})
+
+
+@pytest.fixture(scope="module")
+def blackbox():
+    torch.manual_seed(0)
+    return BlackBox("timm:resnet10t", num_classes=5, model_kwargs={"channels": [8, 16, 24, 32]})
+
+
+@pytest.fixture(scope="module")
+def batch():
+    generator = torch.Generator().manual_seed(1)
+    images = torch.rand(BATCH, 3, SIZE, SIZE, generator=generator)
+    return images, torch.tensor([0, 4, 2, 2]), torch.tensor([7, 3, 12, 0])
+
+
+def assert_clean(blackbox, reference_state):
+    for module in blackbox.modules():
+        for name in _HOOK_DICTS:
+            assert not getattr(module, name, {}), f"{type(module).__name__}.{name} left behind"
+        assert not module.training
+    for key, value in blackbox.state_dict().items():
+        assert torch.equal(value, reference_state[key]), f"{key} changed"
+    assert not any(p.requires_grad or p.grad is not None for p in blackbox.parameters())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_output_contract_and_cost(name, blackbox, batch):
+    images, targets, indices = batch
+    explainer = make(name, blackbox)
+    saliency = explainer(images, targets, indices)
+    assert saliency.shape == (BATCH, 1, SIZE, SIZE)
+    assert saliency.dtype == images.dtype and saliency.device == images.device
+    assert torch.isfinite(saliency).all() and not saliency.requires_grad
+    assert saliency.std() > 0, "a constant map explains nothing"
+    cost = explainer.cost
+    assert cost.images == BATCH and cost.forwards > 0
+    if name in COST_PER_IMAGE:
+        forwards, backwards = COST_PER_IMAGE[name]
+        assert (cost.forwards, cost.backwards) == (forwards * BATCH, backwards * BATCH)
+    assert explainer.hparams["max_forward_batch"] == COMMON["max_forward_batch"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_batch_equals_single_calls_and_is_deterministic(name, blackbox, batch):
+    images, targets, indices = batch
+    explainer = make(name, blackbox)
+    together = explainer(images, targets, indices)
+    assert torch.equal(together, explainer(images, targets, indices)), "two identical calls differ"
+    alone = torch.cat([explainer(images[i:i + 1], targets[i:i + 1], indices[i:i + 1]) for i in range(BATCH)])
+    scale = together.abs().max()
+    assert torch.allclose(together, alone, rtol=1e-4, atol=1e-5 * scale)
+    # Another memory knob changes the chunking, not the result.
+    other = make(name, blackbox, max_forward_batch=5)(images, targets, indices)
+    assert torch.allclose(together, other, rtol=1e-4, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_blackbox_state_restored_and_hooks_removed(name, blackbox, batch, monkeypatch):
+    images, targets, indices = batch
+    reference = {k: v.clone() for k, v in blackbox.state_dict().items()}
+    explainer = make(name, blackbox)
+    explainer(images, targets, indices)
+    assert_clean(blackbox, reference)
+
+    def sabotaged_logits(x):  # leaves a hook, unfreezes and switches to train mode, then fails
+        blackbox.net.register_forward_hook(lambda *args: None)
+        blackbox.net.get_submodule(explainer.hparams.get("target_layer") or "layer4").register_full_backward_hook(
+            lambda *args: None)
+        next(blackbox.parameters()).requires_grad_(True)
+        blackbox.net.train()
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(blackbox, "logits", sabotaged_logits)
+    with pytest.raises(RuntimeError, match="boom"):
+        explainer(images, targets, indices)
+    monkeypatch.undo()
+    assert_clean(blackbox, reference)
+
+
+class _ExplainInValidation(pl.LightningModule):
+    """validation_step runs an explainer, as callbacks/evaluation modules will."""
+
+    def __init__(self, blackbox, explainer):
+        super().__init__()
+        self.blackbox = blackbox
+        self.explainer = explainer
+        self.saliency = None
+        self.inference_batch = None
+
+    def validation_step(self, batch, batch_idx):
+        images, targets, indices = batch
+        self.inference_batch = images.is_inference()
+        self.saliency = self.explainer(images, targets, indices)
+
+
+@pytest.mark.parametrize("inference_mode", [True, False])
+@pytest.mark.parametrize("name", NAMES)
+def test_works_inside_a_lightning_validation_loop(name, inference_mode, blackbox, batch):
+    images, targets, indices = batch
+    explainer = make(name, blackbox)
+    module = _ExplainInValidation(blackbox, explainer)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, targets, indices), batch_size=BATCH)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, inference_mode=inference_mode, limit_val_batches=1,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Lightning's hints about workers and loggers
+        trainer.validate(module, dataloaders=loader, verbose=False)
+    expected = explainer(images, targets, indices)
+    assert torch.allclose(module.saliency, expected, rtol=1e-4, atol=1e-6)
+    assert module.inference_batch == inference_mode  # the loop really handed over inference tensors
+    assert not module.saliency.is_inference()
+    assert not any(p.requires_grad for p in blackbox.parameters())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_clear_errors_on_bad_input(name, blackbox, batch):
+    images, targets, _ = batch
+    explainer = make(name, blackbox)
+    nan_images = images.clone()
+    nan_images[1, 0, 3, 3] = float("nan")
+    cases = [
+        ((nan_images, targets), "NaN or Inf"),
+        ((images * 2, targets), r"\[0, 1\]"),
+        ((images - 0.5, targets), r"\[0, 1\]"),
+        ((images[:, :1], targets), r"\(B, 3, H, W\)"),
+        ((images[0], targets), r"\(B, 3, H, W\)"),
+        ((images, torch.tensor([0, 1, 5, 2])), r"targets must lie in \[0, 5\)"),
+        ((images, torch.tensor([0, -1, 2, 2])), r"targets must lie in \[0, 5\)"),
+        ((images, targets[:3]), "one class per image"),
+        ((images, targets.float()), "torch.long"),
+        ((images.to("meta"), targets), "black box is on cpu"),
+        ((images, targets, torch.tensor([0, 1])), "indices"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            explainer(*args)
+
+
+def test_registry_names_classes_and_errors(blackbox):
+    assert NAMES == sorted(NAMES) and {"rise", "gradient", "smoothgrad", "integrated_gradients", "gradcam",
+                                      "gradcam_pp"} <= set(NAMES)
+    for name in NAMES:
+        explainer = make(name, blackbox)
+        assert isinstance(explainer, explainers.Explainer) and explainer.name == name
+    with pytest.raises(ValueError, match="unknown explainer 'nope'.*gradcam.*rise.*smoothgrad"):
+        explainers.build("nope", blackbox)
+    with pytest.raises(TypeError, match=r"unknown hyper-parameters \['n_mask'\].*n_masks"):
+        explainers.build("rise", blackbox, n_mask=10)
+    with pytest.raises(ValueError, match="already taken"):
+        explainers.register("rise")(type("OtherRISE", (explainers.Explainer,), {}))
+
+
+def test_seeded_generator_uses_every_bit_of_the_per_image_seeds():
+    seeds = derive_seeds(0, torch.tensor([0, 1])).tolist() + derive_seeds(1, torch.tensor([0, 1])).tolist()
+    draws = [torch.rand(4, generator=seeded_generator("cpu", seed)) for seed in seeds]
+    draws.append(torch.rand(4, generator=seeded_generator("cpu", seeds[0], 1)))
+    assert len({tuple(d.tolist()) for d in draws}) == len(draws)
+    assert torch.equal(draws[0], torch.rand(4, generator=seeded_generator("cpu", seeds[0])))
