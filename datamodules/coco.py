@@ -27,14 +27,13 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 from pycocotools.coco import COCO
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
-from .common import boxes_to_mask, drop_bad_images, load_rgb, make_loader, rgb_to_tensor
+from .common import SplitDataModule, boxes_to_mask, drop_bad_images, load_rgb, rgb_to_tensor
 
 _MAX_NAMED = 10  # missing files named in the error; the rest are counted
 
@@ -182,7 +181,7 @@ class COCODetection(Dataset):
                 "boxes": boxes, "index": torch.tensor(i)}
 
 
-class COCODataModule(pl.LightningDataModule):
+class COCODataModule(SplitDataModule):
     """COCO loaders; batches as in ``datamodules.common``. val is the main use (evaluation): test and
     predict use it too; train exists only when ``image_dir_train`` and ``annotations_train`` are given
     (same resize, no augmentation, same classes as val).
@@ -199,6 +198,8 @@ class COCODataModule(pl.LightningDataModule):
         categories: category ids or names to keep (default: all of the val JSON).
         merge_crowd, verify, on_error: see ``COCODetection``.
     """
+
+    test_split = "val"  # test/predict read the labelled val split
 
     def __init__(
         self,
@@ -234,16 +235,6 @@ class COCODataModule(pl.LightningDataModule):
                                                  hp.merge_crowd, hp.verify, hp.on_error)
         return self.datasets[split]
 
-    def setup(self, stage: str | None = None) -> None:
-        has_train = self.hparams.annotations_train is not None
-        for split in ("train", "val") if stage in ("fit", None) and has_train else ("val",):
-            self.dataset(split)
-
-    def train_dataloader(self) -> DataLoader:
-        return make_loader(self.dataset("train"), self.hparams.batch_size, self.hparams.num_workers, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return make_loader(self.dataset("val"), self.hparams.batch_size, self.hparams.num_workers, shuffle=False)
-
-    test_dataloader = val_dataloader
-    predict_dataloader = val_dataloader
+    @property
+    def has_train(self) -> bool:
+        return self.hparams.annotations_train is not None

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pytorch_lightning as pl
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
@@ -174,3 +175,43 @@ def make_loader(dataset: Dataset, batch_size: int, num_workers: int, shuffle: bo
     between epochs. Under DDP Lightning swaps in a DistributedSampler itself."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
                       collate_fn=collate_samples, persistent_workers=num_workers > 0, drop_last=False)
+
+
+class SplitDataModule(pl.LightningDataModule):
+    """What every datamodule of this project shares: loaders over ``self.dataset(split)``.
+
+    Subclasses implement ``dataset(split)`` (built once, cached) and set ``test_split`` (the split that
+    test/predict read: "test" for the embedded data, "val" for ImageNet and COCO) and may override
+    ``has_train``. ``self.hparams`` must hold ``batch_size`` and ``num_workers``.
+    """
+
+    test_split = "test"
+
+    @property
+    def has_train(self) -> bool:
+        return True
+
+    def dataset(self, split: str) -> Dataset:
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        splits = {"fit": ("train", "val") if self.has_train else ("val",), "validate": ("val",),
+                  "test": (self.test_split,), "predict": (self.test_split,)}
+        every = ("train", "val", self.test_split) if self.has_train else ("val", self.test_split)
+        for split in dict.fromkeys(splits.get(stage, every)):  # ordered, without repeats
+            self.dataset(split)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return make_loader(self.dataset(split), self.hparams.batch_size, self.hparams.num_workers, shuffle)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_split, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_split, shuffle=False)

@@ -11,12 +11,11 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from . import fashion_mnist
-from .common import collate_samples
+from .common import SplitDataModule
 from .scenes import SPLIT_CODES, Clutter, render_scene
 
 _SPLIT_PERMUTATION_SEED = 20240601  # fixed: the train/val item split does not move with the scene seed
@@ -94,7 +93,7 @@ class ClutteredFashionMNIST(Dataset):
                 "index": torch.tensor(index)}
 
 
-class ClutteredFashionMNISTDataModule(pl.LightningDataModule):
+class ClutteredFashionMNISTDataModule(SplitDataModule):
     """Train/val/test loaders of cluttered Fashion-MNIST scenes; batches as in ``datamodules.common``.
 
     Args:
@@ -139,26 +138,3 @@ class ClutteredFashionMNISTDataModule(pl.LightningDataModule):
             self.datasets[split] = ClutteredFashionMNIST(
                 split, hp.image_size, self.clutter, hp.seed, num, hp.data_dir, download=hp.download)
         return self.datasets[split]
-
-    def setup(self, stage: str | None = None) -> None:
-        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
-        for split in splits.get(stage, ("train", "val", "test")):
-            self.dataset(split)
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        workers = self.hparams.num_workers
-        return DataLoader(self.dataset(split), batch_size=self.hparams.batch_size, shuffle=shuffle,
-                          num_workers=workers, collate_fn=collate_samples, persistent_workers=workers > 0,
-                          drop_last=False)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)

@@ -29,13 +29,12 @@ import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from .common import (IMAGE_EXTENSIONS, boxes_to_mask, drop_bad_images, is_image_file, load_rgb, make_loader,
+from .common import (IMAGE_EXTENSIONS, SplitDataModule, boxes_to_mask, drop_bad_images, is_image_file, load_rgb,
                      rgb_to_tensor)
 
 SPLITS = ("train", "val")
@@ -307,7 +306,7 @@ class ImageNetFolder(Dataset):
 
 # --- the datamodule ----------------------------------------------------------------------------------------
 
-class ImageNetDataModule(pl.LightningDataModule):
+class ImageNetDataModule(SplitDataModule):
     """ImageNet train/val loaders (test and predict = val); batches as in ``datamodules.common``.
 
     ``classes`` (synsets) and ``num_classes`` are known right after construction (from the folders or the
@@ -325,6 +324,8 @@ class ImageNetDataModule(pl.LightningDataModule):
         verify, on_error: the bad-file check, see ``ImageNetFolder``.
         crop_fraction, train_scale: geometry, see ``ImageNetFolder``.
     """
+
+    test_split = "val"  # test/predict read the labelled val split
 
     def __init__(
         self,
@@ -355,15 +356,3 @@ class ImageNetDataModule(pl.LightningDataModule):
                 on_error=hp.on_error)
         return self.datasets[split]
 
-    def setup(self, stage: str | None = None) -> None:
-        for split in ("train", "val") if stage in ("fit", None) else ("val",):
-            self.dataset(split)
-
-    def train_dataloader(self) -> DataLoader:
-        return make_loader(self.dataset("train"), self.hparams.batch_size, self.hparams.num_workers, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return make_loader(self.dataset("val"), self.hparams.batch_size, self.hparams.num_workers, shuffle=False)
-
-    test_dataloader = val_dataloader
-    predict_dataloader = val_dataloader

@@ -48,3 +48,38 @@ def build(name: str, blackbox: nn.Module, **hparams) -> Explainer:
     if name not in _REGISTRY:
         raise ValueError(f"unknown explainer {name!r}; available: {', '.join(available())}")
     return _REGISTRY[name](blackbox, **hparams)
+
+
+# Trained explainers (e.g. the learned mask predictor) live in checkpoints: each checkpoint carries an
+# ``"explainer"`` record {"name": registry name, ...}, and the module that defines the method registers a
+# loader for that name.
+_CHECKPOINT_LOADERS: dict[str, Callable[[dict, str, nn.Module], Explainer]] = {}
+
+
+def register_checkpoint_loader(name: str):
+    """Decorator: ``loader(checkpoint: dict, path: str, blackbox) -> Explainer`` for checkpoints of ``name``."""
+
+    def decorate(loader):
+        _CHECKPOINT_LOADERS[name] = loader
+        return loader
+
+    return decorate
+
+
+def load_checkpoint(path: str, blackbox: nn.Module) -> tuple[str, Explainer]:
+    """(name, explainer) from a trained explainer's checkpoint, read with ``weights_only=True``.
+
+    Raises:
+        ValueError: the file carries no ``"explainer"`` record, or one no registered loader handles.
+    """
+    from lightning_modules.blackbox import safe_load
+
+    checkpoint = safe_load(path)
+    record = checkpoint.get("explainer") if isinstance(checkpoint, dict) else None
+    if not isinstance(record, dict) or "name" not in record:
+        raise ValueError(f"{path} is not a trained-explainer checkpoint (no 'explainer' record with a 'name')")
+    name = record["name"]
+    if name not in _CHECKPOINT_LOADERS:
+        known = ", ".join(sorted(_CHECKPOINT_LOADERS)) or "none registered"
+        raise ValueError(f"{path} holds a {name!r} explainer, which no loader handles (loaders: {known})")
+    return name, _CHECKPOINT_LOADERS[name](checkpoint, path, blackbox)

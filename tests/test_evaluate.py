@@ -132,3 +132,22 @@ def test_two_processes_give_the_numbers_of_one(tiny_blackbox, tmp_path, repo_roo
         for key in ("deletion", "insertion", "mi", "pointing_game", "iou", "f1", "forwards_per_image"):
             assert stats[key] is not None, (method, key)
             assert b["methods"][method][key] == pytest.approx(stats[key], rel=1e-4, abs=1e-6), (method, key)
+
+
+def test_checkpoint_that_is_no_explainer_is_refused(tiny_blackbox, tmp_path):
+    path = tiny_blackbox.removeprefix("ckpt:")
+    with pytest.raises(ValueError, match="not a trained-explainer checkpoint"):
+        evaluate.main(args_for(tiny_blackbox, tmp_path, f"--ckpt=[{path}]"))
+
+
+def test_wandb_tables_and_images_are_logged(tiny_blackbox, tmp_path, monkeypatch):
+    from cli_utils import WandbLogger
+
+    logged = {}
+    monkeypatch.setattr(WandbLogger, "log_table", lambda self, key, columns, data: logged.setdefault(key, (columns, data)))
+    monkeypatch.setattr(WandbLogger, "log_image", lambda self, key, images, **kw: logged.setdefault(key, images))
+    evaluate.main([*args_for(tiny_blackbox, tmp_path), "--wandb=true"])
+    columns, data = logged["evaluation/rows"]
+    assert columns[:2] == ["index", "method"] and len(data) == 12
+    assert [row[0] for row in logged["evaluation/summary"][1]] == ["gradient", "rise"]
+    assert [str(p).rsplit("/", 1)[-1] for p in logged["evaluation/figures"]] == ["curves.png", "overlays.png"]
