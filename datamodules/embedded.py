@@ -32,6 +32,8 @@ class ClutteredFashionMNIST(Dataset):
         num_scenes: number of scenes (default: number of items of the split).
         data_dir: folder with the Fashion-MNIST IDX files (default: the Debian package's folder).
         val_items: training items set aside for the val split.
+        cache: keep every rendered scene (as 8-bit pixels, ~16 KB at 64 px) in the memory of the process
+            that rendered it, so later epochs only copy. Exact: scenes are 8-bit quantised anyway.
     """
 
     classes = fashion_mnist.CLASSES
@@ -47,6 +49,7 @@ class ClutteredFashionMNIST(Dataset):
         data_dir: str | os.PathLike | None = None,
         val_items: int = 5000,
         download: bool = False,
+        cache: bool = False,
     ):
         if split not in SPLIT_CODES:
             raise ValueError(f"split must be one of {list(SPLIT_CODES)}, got {split!r}")
@@ -60,6 +63,7 @@ class ClutteredFashionMNIST(Dataset):
             images, labels = images[order], labels[order]
         self.items, self.labels = images, labels
         self.num_scenes = len(images) if num_scenes is None else int(num_scenes)
+        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = {} if cache else None
         if self.num_scenes <= 0:
             raise ValueError(f"num_scenes must be positive, got {num_scenes}")
 
@@ -84,12 +88,23 @@ class ClutteredFashionMNIST(Dataset):
         label = int(self.labels[item_idx])
         return rng, item_idx, [self._other_class_item(rng, label) for _ in range(self.clutter.distractors)]
 
-    def __getitem__(self, index: int) -> dict:
+    def render(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Scene ``index``: image (3,S,S) float in [0,1], mask (1,S,S) bool, boxes (1,4)."""
         rng, item_idx, distractor_idx = self.layout(index)
-        label = int(self.labels[item_idx])
-        image, mask, boxes = render_scene(rng, self.items[item_idx], [self.items[j] for j in distractor_idx],
-                                          self.image_size, self.clutter)
-        return {"image": image, "label": torch.tensor(label), "mask": mask, "boxes": boxes,
+        return render_scene(rng, self.items[item_idx], [self.items[j] for j in distractor_idx],
+                            self.image_size, self.clutter)
+
+    def __getitem__(self, index: int) -> dict:
+        if self._cache is None:
+            image, mask, boxes = self.render(index)
+        elif index in self._cache:
+            pixels, mask, boxes = self._cache[index]
+            image = pixels.float().div_(255)
+        else:
+            image, mask, boxes = self.render(index)
+            self._cache[index] = (image.mul(255).round_().to(torch.uint8), mask, boxes)
+        label = int(self.labels[index % len(self.items)])
+        return {"image": image, "label": torch.tensor(label), "mask": mask.clone(), "boxes": boxes.clone(),
                 "index": torch.tensor(index)}
 
 
@@ -105,6 +120,7 @@ class ClutteredFashionMNISTDataModule(SplitDataModule):
         num_workers: DataLoader workers.
         num_train, num_val, num_test: scenes per split (default: one per item: 55000 / 5000 / 10000).
         download: let torchvision download Fashion-MNIST into ``data_dir`` when missing (needs internet).
+        cache: keep rendered scenes in memory across epochs (see ``ClutteredFashionMNIST``).
     """
 
     def __init__(
@@ -119,6 +135,7 @@ class ClutteredFashionMNISTDataModule(SplitDataModule):
         num_val: int | None = None,
         num_test: int | None = None,
         download: bool = False,
+        cache: bool = False,
     ):
         super().__init__()
         self.clutter = Clutter.coerce(clutter)
@@ -136,5 +153,6 @@ class ClutteredFashionMNISTDataModule(SplitDataModule):
             hp = self.hparams
             num = {"train": hp.num_train, "val": hp.num_val, "test": hp.num_test}[split]
             self.datasets[split] = ClutteredFashionMNIST(
-                split, hp.image_size, self.clutter, hp.seed, num, hp.data_dir, download=hp.download)
+                split, hp.image_size, self.clutter, hp.seed, num, hp.data_dir, download=hp.download,
+                cache=hp.cache)
         return self.datasets[split]

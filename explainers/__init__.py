@@ -15,3 +15,4 @@ from explainers import cam, gradients, rise  # noqa: E402,F401  isort: skip
 
 __all__ = ["Cost", "Explainer", "available", "build", "load_checkpoint", "preserved_state", "register",
            "register_checkpoint_loader"]
+from explainers import mask_predictor  # noqa: E402,F401  isort: skip  (checkpoint loaders of the trained predictor)

@@ -122,3 +122,14 @@ def test_missing_dataset_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
         fashion_mnist.locate(tmp_path / "empty")
+
+
+def test_cached_scenes_equal_rendered_ones():
+    plain = ClutteredFashionMNIST("val", image_size=32, num_scenes=8)
+    cached = ClutteredFashionMNIST("val", image_size=32, num_scenes=8, cache=True)
+    for _ in range(2):  # first access renders, second reads the cache
+        for i in range(8):
+            a, b = plain[i], cached[i]
+            assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+            assert torch.equal(a["boxes"], b["boxes"]) and a["label"] == b["label"]
+    assert len(cached._cache) == 8

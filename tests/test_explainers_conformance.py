@@ -25,6 +25,7 @@ FAST_HPARAMS = {
     "rise": {"n_masks": 40},
     "smoothgrad": {"n_samples": 5},
     "integrated_gradients": {"n_steps": 7},
+    "iassa": {"window": 120.0, "stride": 60.0, "iterations": 2},
 }
 COMMON = {"max_forward_batch": 12, "seed": 3}
 # Exact black-box passes per image at FAST_HPARAMS: (forwards, backwards).

@@ -1,0 +1,482 @@
+"""iGOS++ (Khorram, Lawson & Fuxin, ACM CHIL 2021) and I-GOS (Qi, Khorram & Fuxin, AAAI 2020), batched.
+
+Both optimise masks on an r x r grid, upsampled bilinearly to H x W, with 1 = keep the image and 0 = replace
+it by the baseline B (the image blurred). The model terms are integrated-gradient (IG) scores along n points
+k/n * M, k = 1..n, each with gaussian noise (METHODS.md §2), with phi(X, A, M) = X * M + A * (1 - M):
+
+    deletion(M)  = 1/n sum_k p_c(phi(I, B, k/n * M) + noise)       (M = 1: the image itself)
+    insertion(M) = 1/n sum_k p_c(phi(B, I, k/n * M) + noise)       (M = 1: the baseline)
+
+The IG direction of a score is its gradient w.r.t. M along those n points (autograd through all n points).
+
+iGOS++ (``igos_pp``, paper Eq. 4) optimises a deletion mask Mx and an insertion mask My:
+
+    L = del(Mx) - ins(My) + del(Mx*My) - ins(Mx*My) + L1 * mean|1 - Mx*My| + L2 * R(Mx*My)
+    R(M) = (1 - mix) * TV(M) + mix * BTV(up(M))                       (released code: mix = 0.5)
+
+where the model terms use the product of the *upsampled* masks, TV is at r x r and BTV (Eq. 7) at H x W:
+BTV(U) = mean_u w(u) |dU(u)|^beta per direction, summed over the two directions, with
+w(u) = exp(-mean_ch (dI(u))^2 / sigma^2). Total gradient (Eq. 6): IG of the four model terms (scaled by
+``model_grad_scale``, 0.5 in the released code) plus the plain gradient of the regulariser.
+Saliency = 1 - up(Mx * My).
+
+I-GOS (``igos``) optimises one mask: L = del(M) + L1 * mean|1 - M| + L2 * TV(M); saliency = 1 - up(M).
+
+Step: backtracking line search (Eq. 8) per image: alpha from ``ls_alpha0``, times ``ls_shrink`` while the
+objective (model terms + regulariser, fresh noise) fails L(clamp(M - a g)) <= L(M) - ls_c * a * |g|^2 and
+a >= ``ls_min_alpha``; then M <- clamp(M - a g, 0, 1) with the last a tried (also when it failed, as the
+released code). Masks of iGOS++ share one alpha. Option ``optimizer="nag"``: the authors' Nesterov variant,
+theta_i = M - step * g, M <- clamp(theta_i + i/(i+3) * (theta_i - theta_{i-1}), 0, 1), no line search.
+
+Batching (ARCHITECTURE.md contract): every IG point of every image of the batch is one row; rows of all
+images go through the black box together, ``max_forward_batch`` at a time, each chunk back-propagated at
+once, so memory is bounded by that knob. The line search is per image: each image its own alpha, and each
+trial re-evaluates only the images whose search is still running. Noise for image b comes from its own
+generator (seeded by (seed, index_b)), one draw per row in a fixed order, so an image's map does not depend
+on its batch mates or on the chunking (up to float rounding of batched convolutions).
+
+Cost per image (exact, :attr:`Explainer.cost`): with P = 4n (igos_pp) or n (igos) rows per evaluation and
+t_i the line-search evaluations of iteration i (1 <= t_i <= :attr:`max_trials`, recorded in
+:attr:`last_trials`):
+
+    forwards = P * (2T + sum_i t_i),   backwards = P * T          (line search)
+    forwards = backwards = P * T                                   (nag)
+
+one IG pass (forward + backward) and one fresh evaluation of L(M) per iteration plus the trials. With the
+mean t = sum_i t_i / T this is METHODS.md's "4 n T backward and 4 n T (2 + trials) forward passes".
+
+Where we depart from the released code (github.com/khorrams/IGOS_pp) and why:
+
+- T = 15 iterations and n = 20 IG steps as the paper (the released main.py swaps the two arguments).
+- BTV weights: the same formula in both directions. The released code uses exp(-(mean_ch dI)^2 / s) for
+  one direction and mean_ch exp(-dI^2 / s) for the other; both equal ours on grey edges.
+- sigma in [0, 1] pixel units: the released code divides the squared difference of ImageNet-normalised
+  images by s = 0.01, so s plays sigma^2: sigma_pixel = sqrt(0.01) * 0.226 (ImageNet's mean std) = 0.0226
+  (an edge of ~6/255 gets weight 1/e). Reading the paper's sigma = 0.01 literally gives 0.00226.
+- noise_std = 0.2 in normalised units * 0.226 = 0.045 in pixel units.
+- Bilinear upsampling with align_corners=False (the project's perturbation convention); the released code
+  uses align_corners=True (UpsamplingBilinear2d).
+- Noise from per-image seeded generators instead of torch's global stream (batch independence).
+
+Small images: hyper-parameters are given at 224 px. ``resolution`` r (default 28) becomes
+max(2, round(r * side / 224)) cells per side when ``scale_with_image`` (the rule of
+:meth:`metrics.CausalProtocol.igos`, so a 28 grid keeps 8 px cells: 8 x 8 at 64 px); "full" is one cell per
+pixel. ``scale_with_image=False`` takes r as an absolute number of cells. The blur (kernel 51, sigma 50 at
+224) is scaled by :func:`explainers.perturbation.scaled_blur` (15 / 14.3 at 64). L1 defaults to 1, or 10
+when the grid is the full image resolution (METHODS.md: 10 at r = 224).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from explainers.base import Explainer, seeded_generator
+from explainers.perturbation import gaussian_blur, scaled_blur
+from explainers.registry import register
+
+REFERENCE_SIZE = 224
+FULL = "full"
+PAPER_RESOLUTIONS = (7, 14, 28, 56, FULL)  # the paper's; any int >= 2 is accepted
+OPTIMIZERS = ("line_search", "nag")
+# ImageNet's per-channel std averaged: converts the released code's normalised-unit constants to pixels.
+_NORMALISED_TO_PIXEL = (0.229 + 0.224 + 0.225) / 3
+NOISE_STD = round(0.2 * _NORMALISED_TO_PIXEL, 3)  # 0.045
+BTV_SIGMA = round(math.sqrt(0.01) * _NORMALISED_TO_PIXEL, 4)  # 0.0226
+
+Resolution = Union[int, str]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Regularisers (pure functions, per image)
+
+
+def total_variation(masks: Tensor, beta: float = 2.0) -> Tensor:
+    """TV of masks (N, C, h, w) -> (N,): mean |vertical diff|^beta + mean |horizontal diff|^beta.
+
+    Means over all pairs (the released ``tv_norm``), so the value does not grow with the resolution.
+    """
+    vertical = (masks[..., 1:, :] - masks[..., :-1, :]).abs().pow(beta).flatten(1).mean(1)
+    horizontal = (masks[..., :, 1:] - masks[..., :, :-1]).abs().pow(beta).flatten(1).mean(1)
+    return vertical + horizontal
+
+
+def bilateral_weights(images: Tensor, sigma: float) -> tuple[Tensor, Tensor]:
+    """Edge-stopping weights of BTV (Eq. 7) for images (N, 3, H, W) in [0, 1], sigma in pixel units.
+
+    Returns (vertical (N, 1, H-1, W), horizontal (N, 1, H, W-1)): w = exp(-mean_ch (dI)^2 / sigma^2), the same
+    formula in both directions (so the weights of a transposed image are the transposed weights).
+    """
+    vertical = images[..., 1:, :] - images[..., :-1, :]
+    horizontal = images[..., :, 1:] - images[..., :, :-1]
+    scale = float(sigma) ** 2
+    return ((-vertical.pow(2).mean(1, keepdim=True) / scale).exp(),
+            (-horizontal.pow(2).mean(1, keepdim=True) / scale).exp())
+
+
+def bilateral_total_variation(masks: Tensor, weights: tuple[Tensor, Tensor], beta: float = 2.0) -> Tensor:
+    """BTV of full-resolution masks (N, 1, H, W) with :func:`bilateral_weights` -> (N,).
+
+    mean_u w_v(u) |M(u + down) - M(u)|^beta + mean_u w_h(u) |M(u + right) - M(u)|^beta.
+    """
+    vertical = (masks[..., 1:, :] - masks[..., :-1, :]).abs().pow(beta) * weights[0]
+    horizontal = (masks[..., :, 1:] - masks[..., :, :-1]).abs().pow(beta) * weights[1]
+    return vertical.flatten(1).mean(1) + horizontal.flatten(1).mean(1)
+
+
+def upsample(masks: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear upsampling (align_corners=False) of masks (N, C, h, w) to size; identity at full resolution."""
+    if tuple(masks.shape[-2:]) == tuple(size):
+        return masks
+    return F.interpolate(masks, size=size, mode="bilinear", align_corners=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The shared optimiser
+
+
+@dataclasses.dataclass
+class _Batch:
+    """What one call optimises over: per-image constants, generators and the term tables."""
+
+    images: Tensor  # (B, 3, H, W)
+    blur: Tensor  # (B, 3, H, W), the baseline
+    targets: Tensor  # (B,)
+    generators: list  # one torch.Generator per image
+    size: tuple[int, int]
+    l1: float
+    weights: tuple[Tensor, Tensor] | None  # bilateral weights (iGOS++ with mix > 0)
+
+
+class _IntegratedGradientOptimizedSaliency(Explainer):
+    """Shared machinery of I-GOS and iGOS++ (module docstring). Subclasses set the term table
+    ``_TERMS`` = ((uses mask j for each j), is_deletion) per model term, ``_MASKS`` and the regulariser."""
+
+    needs_grad = True
+    _TERMS: ClassVar[tuple[tuple[tuple[int, ...], bool], ...]] = ()
+    _MASKS: ClassVar[int] = 1
+
+    def __init__(self, blackbox, *, resolution: Resolution, scale_with_image: bool, iterations: int,
+                 ig_steps: int, l1: float | None, l2: float, noise_std: float, optimizer: str,
+                 ls_alpha0: float, ls_shrink: float, ls_c: float, ls_min_alpha: float, nag_step: float | None,
+                 blur_kernel: int, blur_sigma: float, model_grad_scale: float, **common):
+        super().__init__(blackbox, **common)
+        if isinstance(resolution, bool) or not (resolution == FULL or (isinstance(resolution, int) and resolution >= 2)):
+            raise ValueError(f"resolution must be an int >= 2 (cells per side; the paper uses "
+                             f"{PAPER_RESOLUTIONS[:-1]} at 224 px) or {FULL!r}, got {resolution!r}")
+        if not isinstance(scale_with_image, bool):
+            raise ValueError(f"scale_with_image must be a bool, got {scale_with_image!r}")
+        for name, value in (("iterations", iterations), ("ig_steps", ig_steps)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if (l1 is not None and l1 < 0) or l2 < 0:
+            raise ValueError(f"l1 and l2 must be >= 0, got {l1}, {l2}")
+        if noise_std < 0:
+            raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {OPTIMIZERS}")
+        if ls_alpha0 <= 0 or not 0 < ls_shrink < 1 or ls_c < 0 or ls_min_alpha <= 0:
+            raise ValueError(f"line search needs ls_alpha0 > 0, 0 < ls_shrink < 1, ls_c >= 0 and ls_min_alpha > 0, "
+                             f"got {ls_alpha0}, {ls_shrink}, {ls_c}, {ls_min_alpha}")
+        if nag_step is not None and nag_step <= 0:
+            raise ValueError(f"nag_step must be > 0 (or None: ls_alpha0), got {nag_step}")
+        if blur_kernel < 1 or blur_kernel % 2 == 0 or blur_sigma <= 0:
+            raise ValueError(f"blur_kernel must be odd >= 1 and blur_sigma > 0, got {blur_kernel}, {blur_sigma}")
+        if model_grad_scale <= 0:
+            raise ValueError(f"model_grad_scale must be > 0, got {model_grad_scale}")
+        self.resolution = resolution
+        self.scale_with_image = scale_with_image
+        self.iterations = iterations
+        self.ig_steps = ig_steps
+        self.l1 = None if l1 is None else float(l1)
+        self.l2 = float(l2)
+        self.noise_std = float(noise_std)
+        self.optimizer = optimizer
+        self.ls_alpha0 = float(ls_alpha0)
+        self.ls_shrink = float(ls_shrink)
+        self.ls_c = float(ls_c)
+        self.ls_min_alpha = float(ls_min_alpha)
+        self.nag_step = None if nag_step is None else float(nag_step)
+        self.blur_kernel = int(blur_kernel)
+        self.blur_sigma = float(blur_sigma)
+        self.model_grad_scale = float(model_grad_scale)
+        self.last_trials: Tensor | None = None  # (B, T) line-search evaluations of the last call
+
+    # -- derived settings ---------------------------------------------------------------------------
+    @property
+    def points_per_evaluation(self) -> int:
+        """P: rows (black-box images) per image in one evaluation of the model terms (terms x ig_steps)."""
+        return len(self._TERMS) * self.ig_steps
+
+    @property
+    def max_trials(self) -> int:
+        """Most line-search evaluations in one iteration: every alpha0 * shrink^k >= ls_min_alpha, plus the
+        first one below it (13 at the defaults: 1000 ... 2.048e-5, then 4.1e-6)."""
+        above = 0
+        alpha = self.ls_alpha0
+        while alpha >= self.ls_min_alpha:
+            above += 1
+            alpha *= self.ls_shrink
+        return above + 1
+
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        """Mask cells (rows, cols) for an image of height x width (module docstring, "Small images")."""
+        if self.resolution == FULL:
+            return height, width
+        if self.scale_with_image:
+            grid = tuple(max(2, round(self.resolution * side / REFERENCE_SIZE)) for side in (height, width))
+        else:
+            grid = (self.resolution, self.resolution)
+        if grid[0] > height or grid[1] > width:
+            raise ValueError(f"mask grid {grid} is finer than the image {(height, width)}; use resolution={FULL!r}")
+        return grid
+
+    def l1_weight(self, grid: tuple[int, int], size: tuple[int, int]) -> float:
+        """L1: as given, else 10 when the grid is the full image resolution and 1 otherwise."""
+        if self.l1 is not None:
+            return self.l1
+        return 10.0 if tuple(grid) == tuple(size) else 1.0
+
+    # -- the method ---------------------------------------------------------------------------------
+    def _prepare(self, images: Tensor, targets: Tensor, seeds: Tensor) -> _Batch:
+        """The per-call constants: baseline blur, one generator per image, L1 weight, bilateral weights."""
+        size = tuple(images.shape[-2:])
+        kernel, sigma = scaled_blur(self.blur_kernel, self.blur_sigma, min(size))
+        return _Batch(images=images, blur=gaussian_blur(images, kernel, sigma), targets=targets,
+                      generators=[seeded_generator(images.device, seed) for seed in seeds.tolist()], size=size,
+                      l1=self.l1_weight(self.grid_size(*size), size), weights=self._bilateral_weights(images))
+
+    def _explain(self, images: Tensor, targets: Tensor, seeds: Tensor) -> Tensor:
+        size = tuple(images.shape[-2:])
+        batch = self._prepare(images, targets, seeds)
+        count = images.shape[0]
+        masks = images.new_ones(count, self._MASKS, *self.grid_size(*size))
+        trials = torch.zeros(count, self.iterations, dtype=torch.long)
+        theta = torch.zeros_like(masks)
+        for iteration in range(self.iterations):
+            direction = self._direction(batch, masks)
+            if self.optimizer == "line_search":
+                alpha, trials[:, iteration] = self._line_search(batch, masks, direction)
+                masks = (masks - alpha.view(-1, 1, 1, 1) * direction).clamp(0, 1)
+            else:
+                momentum = iteration / (iteration + 3)
+                previous, theta = theta, masks - (self.nag_step or self.ls_alpha0) * direction
+                masks = (theta + momentum * (theta - previous)).clamp(0, 1)
+        self.last_trials = trials
+        return 1 - upsample(self._final_mask(masks), size)
+
+    def _direction(self, batch: _Batch, masks: Tensor) -> Tensor:
+        """Total gradient (Eq. 6): model_grad_scale * IG of the model terms + gradient of the regulariser."""
+        everyone = torch.arange(masks.shape[0])
+        leaf = masks.detach().requires_grad_(True)
+        self._model_scores(batch, leaf, everyone, grad=True)
+        model = leaf.grad if leaf.grad is not None else torch.zeros_like(masks)
+        leaf = masks.detach().requires_grad_(True)
+        (regulariser,) = torch.autograd.grad(self._regulariser(batch, leaf, everyone).sum(), leaf)
+        return self.model_grad_scale * model + regulariser
+
+    def _line_search(self, batch: _Batch, masks: Tensor, direction: Tensor) -> tuple[Tensor, Tensor]:
+        """Backtracking line search (Eq. 8) per image -> (alpha (B,) on the masks' device, trials (B,) long).
+
+        Each trial evaluates only the images still searching; a finished image costs nothing more.
+        """
+        count, device = masks.shape[0], masks.device
+        with torch.no_grad():
+            base = self._objective(batch, masks, torch.arange(count))
+            slope = -self.ls_c * direction.flatten(1).pow(2).sum(1)
+            alpha = torch.full((count,), self.ls_alpha0, dtype=masks.dtype, device=device)
+            searching = torch.ones(count, dtype=torch.bool)
+            trials = torch.zeros(count, dtype=torch.long)
+            while searching.any():
+                ids = searching.nonzero().squeeze(1)
+                rows = ids.to(device)
+                step = alpha[rows]
+                trial = (masks[rows] - step.view(-1, 1, 1, 1) * direction[rows]).clamp(0, 1)
+                loss = self._objective(batch, trial, ids)
+                trials[ids] += 1
+                fails = (loss > base[rows] + step * slope[rows]) & (step >= self.ls_min_alpha)
+                searching[ids] = fails.cpu()
+                alpha[searching.to(device)] *= self.ls_shrink
+        return alpha, trials
+
+    def _objective(self, batch: _Batch, masks: Tensor, ids: Tensor) -> Tensor:
+        """L (len(ids),) of masks (len(ids), MASKS, h, w) of images ``ids``: model terms + regulariser."""
+        signs = torch.tensor([1.0 if deletion else -1.0 for _, deletion in self._TERMS], dtype=masks.dtype,
+                             device=masks.device).repeat_interleave(self.ig_steps)
+        scores = self._model_scores(batch, masks, ids, grad=False)
+        return (scores * signs).sum(1) / self.ig_steps + self._regulariser(batch, masks, ids)
+
+    def _model_scores(self, batch: _Batch, masks: Tensor, ids: Tensor, *, grad: bool) -> Tensor:
+        """p_c of every row (len(ids), P) for masks of images ``ids``; with ``grad``, also back-propagates
+        sum_rows sign * p_c / n chunk by chunk, accumulating the IG direction into ``masks.grad``.
+
+        Rows are image-major, then term, then step k; chunks of max_forward_batch rows cut anywhere.
+        """
+        points, steps = self.points_per_evaluation, self.ig_steps
+        uses = torch.tensor([term[0] for term in self._TERMS], dtype=masks.dtype, device=masks.device)
+        deletion = torch.tensor([term[1] for term in self._TERMS], device=masks.device)
+        signs = torch.where(deletion, 1.0, -1.0).to(masks.dtype)
+        device_ids = ids.to(masks.device)
+        scores = masks.new_empty(len(ids) * points)
+        for part in self._chunks(len(ids) * points):
+            rows = torch.arange(part.start, part.stop, device=masks.device)
+            slot, within = rows // points, rows % points
+            term, k = within // steps, within % steps + 1
+            with torch.set_grad_enabled(grad):
+                x = self._points(batch, masks, slot, device_ids[slot], uses[term], deletion[term], k / steps)
+                probs = self._logits(x).softmax(dim=1).gather(1, batch.targets[device_ids[slot]].unsqueeze(1)).squeeze(1)
+                if grad:
+                    (probs * signs[term]).sum().div(steps).backward()
+            scores[part] = probs.detach()
+        return scores.view(len(ids), points)
+
+    def _points(self, batch: _Batch, masks: Tensor, slot: Tensor, image: Tensor, uses: Tensor, deletion: Tensor,
+                fraction: Tensor) -> Tensor:
+        """The perturbed images of a chunk of rows (N, 3, H, W).
+
+        slot (N,): row -> index into ``masks``; image (N,): row -> image of the batch; uses (N, MASKS): which
+        masks the row's term multiplies; deletion (N,): phi(I, B, .) or phi(B, I, .); fraction (N,): k / n.
+        """
+        # Upsample each mask of the chunk once, then gather per row (rows of one image are consecutive).
+        owners, inverse = torch.unique_consecutive(slot, return_inverse=True)
+        up = upsample(masks[owners], batch.size)[inverse]  # (N, MASKS, H, W)
+        uses = uses[:, :, None, None]
+        # prod_j (1 - u_j + u_j * M_j): exactly M_j where used, 1 where not.
+        mask = (1 - uses + uses * up).prod(dim=1, keepdim=True) * fraction.to(up.dtype).view(-1, 1, 1, 1)
+        deletion = deletion.view(-1, 1, 1, 1)
+        kept, replaced = batch.images[image], batch.blur[image]
+        first, second = torch.where(deletion, kept, replaced), torch.where(deletion, replaced, kept)
+        x = torch.lerp(second, first, mask)  # first * mask + second * (1 - mask)
+        if self.noise_std > 0:
+            x = x + self.noise_std * self._noise(batch, image, x)
+        return x
+
+    @staticmethod
+    def _noise(batch: _Batch, image: Tensor, like: Tensor) -> Tensor:
+        """N(0, 1) noise (N, 3, H, W), row i drawn from its image's generator: one draw per row, in row order,
+        so an image's stream is the same whatever the batch and the chunking."""
+        noise = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+        for row, owner in enumerate(image.tolist()):
+            noise[row].normal_(generator=batch.generators[owner])
+        return noise
+
+    # -- per-method pieces --------------------------------------------------------------------------
+    def _bilateral_weights(self, images: Tensor) -> tuple[Tensor, Tensor] | None:
+        return None
+
+    def _regulariser(self, batch: _Batch, masks: Tensor, ids: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _final_mask(self, masks: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+@register("igos_pp")
+class IGOSPP(_IntegratedGradientOptimizedSaliency):
+    """iGOS++: a deletion mask and an insertion mask optimised with integrated gradients and bilateral TV.
+
+    Paper: Khorram, Lawson & Fuxin, "iGOS++: Integrated Gradient Optimized Saliency by Bilateral
+    Perturbations", ACM CHIL 2021 (arXiv:2012.15783). Objective, step and cost in the module docstring.
+    Output (B, 1, H, W) = 1 - up(Mx * My) in [0, 1]: higher = removing it hurts / keeping it helps class c.
+
+    Args:
+        resolution: mask cells per side at 224 px: 7, 14, 28 (default), 56 or "full"; see ``scale_with_image``.
+        scale_with_image: True (default): r -> max(2, round(r * side / 224)) per side (8 at 64 px for 28);
+            False: r cells per side as given.
+        iterations: T, optimisation steps (15).
+        ig_steps: n, points of each IG score (20).
+        l1: weight of mean|1 - Mx*My| (None: 1, or 10 when the grid is the full image resolution).
+        l2: weight of the smoothness term R (20).
+        btv_beta: beta, the exponent of TV and BTV (2).
+        btv_sigma: sigma of the bilateral weights in [0, 1] pixel units (0.0226; see module docstring).
+        btv_mix: R = (1 - mix) * TV at r x r + mix * BTV at H x W (0.5 as the released code; 1 = pure BTV).
+        noise_std: std of the gaussian noise added to every IG point, pixel units (0.045 = 0.2 normalised).
+        optimizer: "line_search" (default, Eq. 8) or "nag" (fixed step ``nag_step``, Nesterov momentum).
+        ls_alpha0, ls_shrink, ls_c, ls_min_alpha: line search: first alpha (1000), shrink factor (0.2),
+            sufficient-decrease constant c (1e-4), smallest alpha tried further (1e-5).
+        nag_step: NAG's step (None: ls_alpha0, as the released code uses its alpha).
+        blur_kernel, blur_sigma: the baseline blur at 224 px (51, 50), scaled to the image.
+        model_grad_scale: factor on the IG of the model terms in the total gradient (0.5: the released code
+            halves it "to balance out the terms with the regularization terms"; the paper's Eq. 6 is 1).
+        seed, max_forward_batch: see :class:`explainers.base.Explainer`.
+    """
+
+    _TERMS = (((1, 0), True), ((0, 1), False), ((1, 1), True), ((1, 1), False))  # del Mx, ins My, del/ins MxMy
+    _MASKS = 2
+
+    def __init__(self, blackbox, *, resolution: Resolution = 28, scale_with_image: bool = True,
+                 iterations: int = 15, ig_steps: int = 20, l1: float | None = None, l2: float = 20.0,
+                 btv_beta: float = 2.0, btv_sigma: float = BTV_SIGMA, btv_mix: float = 0.5,
+                 noise_std: float = NOISE_STD, optimizer: str = "line_search", ls_alpha0: float = 1000.0,
+                 ls_shrink: float = 0.2, ls_c: float = 1e-4, ls_min_alpha: float = 1e-5,
+                 nag_step: float | None = None, blur_kernel: int = 51, blur_sigma: float = 50.0,
+                 model_grad_scale: float = 0.5, **common):
+        super().__init__(blackbox, resolution=resolution, scale_with_image=scale_with_image, iterations=iterations,
+                         ig_steps=ig_steps, l1=l1, l2=l2, noise_std=noise_std, optimizer=optimizer,
+                         ls_alpha0=ls_alpha0, ls_shrink=ls_shrink, ls_c=ls_c, ls_min_alpha=ls_min_alpha,
+                         nag_step=nag_step, blur_kernel=blur_kernel, blur_sigma=blur_sigma,
+                         model_grad_scale=model_grad_scale, **common)
+        if btv_beta < 1 or btv_sigma <= 0 or not 0 <= btv_mix <= 1:
+            raise ValueError(f"need btv_beta >= 1, btv_sigma > 0 and 0 <= btv_mix <= 1, got {btv_beta}, "
+                             f"{btv_sigma}, {btv_mix}")
+        self.btv_beta = float(btv_beta)
+        self.btv_sigma = float(btv_sigma)
+        self.btv_mix = float(btv_mix)
+
+    def _bilateral_weights(self, images: Tensor) -> tuple[Tensor, Tensor] | None:
+        return bilateral_weights(images, self.btv_sigma) if self.btv_mix > 0 else None
+
+    def _regulariser(self, batch: _Batch, masks: Tensor, ids: Tensor) -> Tensor:
+        combined = masks.prod(dim=1, keepdim=True)  # Mx * My at r x r, as the released code
+        smooth = (1 - self.btv_mix) * total_variation(combined, self.btv_beta)
+        if batch.weights is not None:
+            rows = ids.to(masks.device)
+            weights = (batch.weights[0][rows], batch.weights[1][rows])
+            smooth = smooth + self.btv_mix * bilateral_total_variation(upsample(combined, batch.size), weights,
+                                                                       self.btv_beta)
+        return batch.l1 * (1 - combined).abs().flatten(1).mean(1) + self.l2 * smooth
+
+    def _final_mask(self, masks: Tensor) -> Tensor:
+        return masks.prod(dim=1, keepdim=True)
+
+
+@register("igos")
+class IGOS(_IntegratedGradientOptimizedSaliency):
+    """I-GOS: one deletion mask optimised with integrated gradients, L1 and TV (same line search as iGOS++).
+
+    Paper: Qi, Khorram & Fuxin, "Visualizing Deep Networks by Optimizing with Integrated Gradients",
+    AAAI 2020. L = del(M) + L1 * mean|1 - M| + L2 * TV(M) (TV at r x r, exponent ``tv_beta``);
+    output (B, 1, H, W) = 1 - up(M). Cost: as iGOS++ with P = n rows per evaluation (module docstring).
+
+    Args: as :class:`IGOSPP`, without the BTV and mix knobs, plus ``tv_beta`` (2, the released ``tv_norm``);
+    ``model_grad_scale`` defaults to 1 (the released I-GOS does not halve its IG).
+    """
+
+    _TERMS = (((1,), True),)
+    _MASKS = 1
+
+    def __init__(self, blackbox, *, resolution: Resolution = 28, scale_with_image: bool = True,
+                 iterations: int = 15, ig_steps: int = 20, l1: float | None = None, l2: float = 20.0,
+                 tv_beta: float = 2.0, noise_std: float = NOISE_STD, optimizer: str = "line_search",
+                 ls_alpha0: float = 1000.0, ls_shrink: float = 0.2, ls_c: float = 1e-4, ls_min_alpha: float = 1e-5,
+                 nag_step: float | None = None, blur_kernel: int = 51, blur_sigma: float = 50.0,
+                 model_grad_scale: float = 1.0, **common):
+        super().__init__(blackbox, resolution=resolution, scale_with_image=scale_with_image, iterations=iterations,
+                         ig_steps=ig_steps, l1=l1, l2=l2, noise_std=noise_std, optimizer=optimizer,
+                         ls_alpha0=ls_alpha0, ls_shrink=ls_shrink, ls_c=ls_c, ls_min_alpha=ls_min_alpha,
+                         nag_step=nag_step, blur_kernel=blur_kernel, blur_sigma=blur_sigma,
+                         model_grad_scale=model_grad_scale, **common)
+        if tv_beta < 1:
+            raise ValueError(f"tv_beta must be >= 1, got {tv_beta}")
+        self.tv_beta = float(tv_beta)
+
+    def _regulariser(self, batch: _Batch, masks: Tensor, ids: Tensor) -> Tensor:
+        return batch.l1 * (1 - masks).abs().flatten(1).mean(1) + self.l2 * total_variation(masks, self.tv_beta)
+
+    def _final_mask(self, masks: Tensor) -> Tensor:
+        return masks

@@ -1,0 +1,332 @@
+"""Stage 2: train the mask predictor (generator + controller) on a frozen black box and feature filter.
+
+Loss (METHODS.md §1): the cross-entropy of F(phi(I, M, A)) against the explained class, with A per image a
+gaussian blur of I (probability ``blur_prob``) or a random constant colour plus gaussian noise, drawn from
+the image's own seed (run seed, epoch, dataset index) so it does not depend on batch size or process count.
+Optional constraint terms, off by default for the predictor:
+
+    loss = ce_weight * CE(F(phi(I, M, A)), c)
+         + area_weight * mean((M + 5e-4) ** area_power)          (area_power 1: plain mean(M))
+         + tv_weight * TV(M)                                      (mean squared neighbour differences)
+         + bg_weight * mean(p_c(phi(I, 1 - M, A)) ** bg_power)    (destroy the class when M is inverted)
+
+``mode="mgnet"`` is Dabkowski & Gal's real-time saliency (the MGnet baseline): the two-channel ratio head
+M = |a| / (|a| + |b|) and Eq. 2 of the distribution-guided paper with their code's weights as defaults —
+preserver 0.3 (its -log p_c term is the CE above), area 8 with power 0.3, smoothness 0.5, destroyer 1.
+Their hinge losses on logit margins are not used (the paper's equation uses probabilities), nor their
+fake-class training of the class selector (our filter is trained in stage 1 and frozen).
+
+Masks: M^d is predicted at the first feature level's resolution (56 x 56 at 224) and upsampled bilinearly.
+BT masks are unbounded above; the perturbation clamps them to [0, 1] (the explanation keeps the raw values).
+
+Checkpoints hold the generator, controller and (frozen) filter weights and an ``"explainer"`` record;
+``explainers.load_checkpoint(path, blackbox)`` rebuilds the explainer from them. The black box's weights
+are not stored: its spec (``blackbox`` & co.) is.
+
+Logged: ``{train,val}/loss`` and each term (``ce``, ``area``, ``tv``, ``bg``), ``{train,val}/mask_mean``,
+``val/mask_skewness`` (pooled over every mask value of the validation set), ``val/mask_skewness_per_image``,
+``val/mask_std``; a histogram of the validation mask values every validation (W&B histogram + PNG under
+``{run_dir}/eval/``). Add ``ExplainerEvaluation(explainers=["self"])`` for M_F, M_I, pointing game,
+deletion, insertion and overlays (it calls :meth:`MaskPredictor.as_explainer`).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import Tensor
+
+from explainers.mask_predictor import EXPLAINER_FORMAT, MaskPredictorExplainer, explainer_name
+from explainers.perturbation import NOISE_STD, derive_seeds, gaussian_blur, perturb, random_colour_noise, scaled_blur
+from lightning_modules.controllers import skewness
+from lightning_modules.feature_filter import (STREAM_SUBSTRATE, FrozenBlackBoxModule, load_filter,
+                                              per_image_uniforms)
+from lightning_modules.mask_generator import MaskPredictorNet, generator_widths
+
+MODES = {"ct": "ct", "bt": "bt", "mgnet": "none"}  # mode -> controller
+# Loss weights by mode (None in the constructor = these). MGnet: Dabkowski & Gal's code defaults.
+LOSS_DEFAULTS = {
+    "ct": {"ce_weight": 1.0, "area_weight": 0.0, "area_power": 1.0, "tv_weight": 0.0, "bg_weight": 0.0},
+    "bt": {"ce_weight": 1.0, "area_weight": 0.0, "area_power": 1.0, "tv_weight": 0.0, "bg_weight": 0.0},
+    "mgnet": {"ce_weight": 0.3, "area_weight": 8.0, "area_power": 0.3, "tv_weight": 0.5, "bg_weight": 1.0},
+}
+AREA_EPS = 5e-4  # Dabkowski's (M + eps) ** power: a finite gradient at M = 0
+BT_HISTOGRAM_UPPER = 4.0  # BT values (standard-normal tail) beyond this land in the last bin
+
+
+def total_variation(mask: Tensor) -> Tensor:
+    """Mean squared difference of vertically and horizontally neighbouring values, per image: (B,)."""
+    dy = (mask[..., 1:, :] - mask[..., :-1, :]).pow(2).flatten(1).mean(1)
+    dx = (mask[..., :, 1:] - mask[..., :, :-1]).pow(2).flatten(1).mean(1)
+    return dy + dx
+
+
+class MaskDistribution(torchmetrics.Metric):
+    """Distribution of mask values, summed over batches and DDP ranks: pooled moments (-> mean, std,
+    skewness), the mean per-image skewness, and a histogram on [0, ``upper``] (larger values: last bin)."""
+
+    full_state_update = False
+
+    def __init__(self, bins: int = 50, upper: float = 1.0):
+        super().__init__()
+        self.bins, self.upper = int(bins), float(upper)
+        self.add_state("moments", torch.zeros(4, dtype=torch.float64), dist_reduce_fx="sum")  # n, sum x, x^2, x^3
+        self.add_state("image_skew", torch.zeros(2, dtype=torch.float64), dist_reduce_fx="sum")  # sum, count
+        self.add_state("hist", torch.zeros(self.bins, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, masks: Tensor) -> None:
+        x = masks.detach().flatten(1).float()
+        d = x.double()
+        self.moments += torch.stack([d.new_tensor(d.numel()), d.sum(), d.pow(2).sum(), d.pow(3).sum()])
+        per_image = skewness(x, dim=1).double()
+        self.image_skew += torch.stack([per_image.sum(), d.new_tensor(per_image.numel())])
+        self.hist += torch.histc(x.clamp(0, self.upper), self.bins, 0, self.upper).double()
+
+    def compute(self) -> dict[str, Tensor]:
+        n, s1, s2, s3 = self.moments
+        n = n.clamp_min(1)
+        mean = s1 / n
+        var = (s2 / n - mean**2).clamp_min(0)
+        third = s3 / n - 3 * mean * s2 / n + 2 * mean**3
+        skew = torch.where(var > 0, third / var.clamp_min(1e-30).pow(1.5), torch.zeros_like(var))
+        return {"mean": mean, "std": var.sqrt(), "skewness": skew,
+                "skewness_per_image": self.image_skew[0] / self.image_skew[1].clamp_min(1),
+                "hist": self.hist.clone(), "edges": torch.linspace(0, self.upper, self.bins + 1)}
+
+
+class MaskPredictor(FrozenBlackBoxModule):
+    """Stage-2 LightningModule: a :class:`MaskPredictorNet` trained through a frozen black box.
+
+    Args:
+        blackbox, blackbox_weights, num_classes, blackbox_kwargs, feature_levels: the black box (see
+            :class:`lightning_modules.blackbox.BlackBox`); only its spec goes into checkpoints.
+        filter_checkpoint: the stage-1 checkpoint of :class:`FeatureFilterModule` (None: an untrained
+            random filter, with a warning — for tests).
+        mode: ``"ct"``, ``"bt"`` or ``"mgnet"``.
+        eta, h, trainable_controller: CT's parameters (METHODS.md: 1.5, 2.5, fixed).
+        widths, width_ratio: generator block widths (default: the paper's preset for ResNet-50 / VGG-19 /
+            GoogLeNet, half the skip channels otherwise; see ``mask_generator.generator_widths``).
+        target: explained class in training: ``"predicted"`` (the black box's argmax on the clean image, as
+            at evaluation) or ``"label"``.
+        blur_prob: probability of the blur substrate (else random colour + noise).
+        blur_kernel, blur_sigma: the substrate blur at 224 px (variance 10: sigma sqrt(10)), scaled to the
+            image size. noise_std: of the random-colour substrate, in pixel units.
+        ce_weight, area_weight, area_power, tv_weight, bg_weight: loss terms (None: :data:`LOSS_DEFAULTS`
+            of the mode). bg_power: exponent of the destroy term.
+        lr, lr_step_epochs, lr_gamma, weight_decay: Adam, learning rate x ``lr_gamma`` every
+            ``lr_step_epochs`` epochs (the paper: 1e-2, halved every 3 epochs).
+        seed: per-image substrate draws. channels_last: see :class:`FrozenBlackBoxModule`.
+        posthoc, posthoc_points, filter_bias: inference options of :meth:`as_explainer` and of the
+            explainer rebuilt from checkpoints (post-hoc tuning; the filter's confidence bias b).
+        histogram_bins: bins of the logged mask histogram.
+    """
+
+    def __init__(
+        self,
+        blackbox: str = "ckpt:outputs/demo/classifier/checkpoints/last.ckpt",
+        filter_checkpoint: str | None = "outputs/demo/filter/checkpoints/last.ckpt",
+        blackbox_weights: str | None = None,
+        num_classes: int | None = None,
+        blackbox_kwargs: dict | None = None,
+        feature_levels: int = 4,
+        mode: str = "ct",
+        eta: float = 1.5,
+        h: float = 2.5,
+        trainable_controller: bool = False,
+        widths: Sequence[int] | None = None,
+        width_ratio: float | None = None,
+        target: str = "predicted",
+        blur_prob: float = 0.5,
+        blur_kernel: int = 21,
+        blur_sigma: float = math.sqrt(10.0),
+        noise_std: float = NOISE_STD,
+        ce_weight: float | None = None,
+        area_weight: float | None = None,
+        area_power: float | None = None,
+        tv_weight: float | None = None,
+        bg_weight: float | None = None,
+        bg_power: float = 1.0,
+        lr: float = 1e-2,
+        lr_step_epochs: int = 3,
+        lr_gamma: float = 0.5,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+        channels_last: bool = False,
+        posthoc: bool = False,
+        posthoc_points: int = 32,
+        filter_bias: float = 0.0,
+        histogram_bins: int = 50,
+    ):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
+        if target not in ("predicted", "label"):
+            raise ValueError(f"target must be 'predicted' or 'label', got {target!r}")
+        if not 0 <= blur_prob <= 1:
+            raise ValueError(f"blur_prob must be in [0, 1], got {blur_prob}")
+        self.save_hyperparameters()
+        given = {"ce_weight": ce_weight, "area_weight": area_weight, "area_power": area_power,
+                 "tv_weight": tv_weight, "bg_weight": bg_weight}
+        self.weights = {k: float(LOSS_DEFAULTS[mode][k] if v is None else v) for k, v in given.items()}
+        self.blackbox = self._build_blackbox(blackbox, blackbox_weights, num_classes, blackbox_kwargs, feature_levels)
+        channels = self.blackbox.feature_channels
+        self.net = MaskPredictorNet(channels, self.blackbox.num_classes,
+                                    generator_widths(self.blackbox.spec, channels, widths, width_ratio),
+                                    MODES[mode], eta, h, trainable_controller)
+        self.net.filter.load_state_dict(load_filter(filter_checkpoint, self.blackbox).state_dict())
+        self.net.filter.bias = 0.0  # b = 0 in training; filter_bias applies at inference
+        upper = BT_HISTOGRAM_UPPER if mode == "bt" else 1.0
+        self.mask_stats = MaskDistribution(histogram_bins, upper)
+
+    # -- the loss -----------------------------------------------------------------------------------
+    def substrate(self, images: Tensor, index: Tensor, epoch: int) -> Tensor:
+        """A (B, 3, H, W): per image blur (probability blur_prob) or random colour + noise, drawn from
+        (seed, epoch, dataset index)."""
+        hp = self.hparams
+        use_blur = (per_image_uniforms(hp.seed, epoch, STREAM_SUBSTRATE, index)[:, 0] < hp.blur_prob)
+        kernel, sigma = scaled_blur(hp.blur_kernel, hp.blur_sigma, images.shape[-1])
+        substrate = gaussian_blur(images, kernel, sigma) if use_blur.any() else torch.empty_like(images)
+        colour = (~use_blur).nonzero().flatten()
+        if colour.numel():
+            run_seed = (hp.seed * 1_000_003 + epoch + 1) % 2**31  # a different stream per epoch
+            seeds = derive_seeds(run_seed, index.cpu()[colour])
+            substrate[colour.to(images.device)] = random_colour_noise(images[colour.to(images.device)], seeds,
+                                                                       hp.noise_std)
+        return substrate
+
+    def compute_loss(self, images: Tensor, features: Sequence[Tensor], targets: Tensor, index: Tensor,
+                     epoch: int) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        """(loss, {term: value}, M^d (B,1,h,w)) of one batch; ``features`` from the clean forward."""
+        w = self.weights
+        mask_low = self.net(features, targets)
+        mask = F.interpolate(mask_low, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        keep = mask.clamp(0, 1) if self.hparams.mode == "bt" else mask
+        substrate = self.substrate(images, index, epoch)
+        batch = [perturb(images, keep, substrate)]
+        if w["bg_weight"]:
+            batch.append(perturb(images, 1 - keep, substrate))
+        x = torch.cat(batch)
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        logits = self.blackbox.logits(x).float()  # one black-box call for both perturbations
+        size = images.shape[0]
+        terms = {"ce": F.cross_entropy(logits[:size], targets)}
+        loss = w["ce_weight"] * terms["ce"]
+        if w["area_weight"]:
+            area = mask_low if w["area_power"] == 1 else (mask_low + AREA_EPS).pow(w["area_power"])
+            terms["area"] = area.mean()
+            loss = loss + w["area_weight"] * terms["area"]
+        if w["tv_weight"]:
+            terms["tv"] = total_variation(mask_low).mean()
+            loss = loss + w["tv_weight"] * terms["tv"]
+        if w["bg_weight"]:
+            p_c = logits[size:].softmax(1).gather(1, targets[:, None]).squeeze(1)
+            terms["bg"] = p_c.pow(self.hparams.bg_power).mean()
+            loss = loss + w["bg_weight"] * terms["bg"]
+        return loss, terms, mask_low
+
+    def _step(self, batch: dict, split: str) -> tuple[Tensor, Tensor]:
+        images = self._images(batch)
+        index = batch.get("index", torch.arange(images.shape[0]))
+        with torch.no_grad():
+            features, logits = self.blackbox.features_and_logits(images)
+        targets = logits.argmax(1) if self.hparams.target == "predicted" else batch["label"]
+        loss, terms, mask_low = self.compute_loss(images, features, targets, index, self._epoch())
+        size, on_step = images.shape[0], split == "train"
+        self.log(f"{split}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=not on_step,
+                 batch_size=size)
+        for name, value in terms.items():
+            self.log(f"{split}/{name}", value, on_step=on_step, on_epoch=True, sync_dist=not on_step, batch_size=size)
+        self.log(f"{split}/mask_mean", mask_low.detach().float().mean(), on_step=on_step, on_epoch=True,
+                 sync_dist=not on_step, batch_size=size)
+        return loss, mask_low
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        return self._step(batch, "train")[0]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.mask_stats.update(self._step(batch, "val")[1])
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self.mask_stats.update(self._step(batch, "test")[1])
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_distribution("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_distribution("test")
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=hp.lr_step_epochs, gamma=hp.lr_gamma)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}
+
+    # -- mask distribution --------------------------------------------------------------------------
+    def _log_distribution(self, split: str) -> None:
+        stats = self.mask_stats.compute()  # a collective under DDP: every rank calls it
+        self.mask_stats.reset()
+        if self.trainer.sanity_checking:
+            return
+        for name in ("skewness", "skewness_per_image", "std"):
+            self.log(f"{split}/mask_{name}", stats[name].float(), on_epoch=True, sync_dist=False)
+        if self.trainer.is_global_zero:
+            self._write_histogram(split, stats)
+
+    def _write_histogram(self, split: str, stats: dict[str, Tensor]) -> None:
+        """PNG under {run_dir}/eval/ (always) and a W&B histogram + image (when a WandbLogger is attached)."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        counts, edges = stats["hist"].cpu().numpy(), stats["edges"].cpu().numpy()
+        figure = Figure(figsize=(4.5, 3), layout="constrained")
+        FigureCanvasAgg(figure)
+        axis = figure.subplots()
+        axis.bar(edges[:-1], counts / max(counts.sum(), 1), width=edges[1] - edges[0], align="edge")
+        axis.set_xlabel("mask value" + (f" (> {edges[-1]:g} in the last bin)" if self.hparams.mode == "bt" else ""))
+        axis.set_ylabel("fraction")
+        axis.set_title(f"{explainer_name(MODES[self.hparams.mode])} epoch {self.current_epoch}: "
+                       f"skewness {float(stats['skewness']):.2f}", fontsize=9)
+        folder = Path(self.trainer.default_root_dir) / "eval"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{split}_mask_histogram_epoch{self.current_epoch:03d}.png"
+        figure.savefig(path, dpi=100)
+        from pytorch_lightning.loggers import WandbLogger
+
+        for logger in self.trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                import wandb
+
+                logger.log_metrics({f"{split}/mask_histogram": wandb.Histogram(np_histogram=(counts, edges))},
+                                   step=self.global_step)
+                logger.log_image(key=f"{split}/mask_histogram_png", images=[str(path)], step=self.global_step)
+
+    # -- the explainer ------------------------------------------------------------------------------
+    def inference_options(self) -> dict:
+        hp = self.hparams
+        return {"posthoc": bool(hp.posthoc), "posthoc_points": int(hp.posthoc_points),
+                "filter_bias": float(hp.filter_bias)}
+
+    def explainer_name(self) -> str:
+        return explainer_name(MODES[self.hparams.mode], self.hparams.posthoc)
+
+    def as_explainer(self, **overrides) -> MaskPredictorExplainer:
+        """This predictor (live weights) behind the explainer contract; ``overrides`` change the inference
+        options (``posthoc``, ``posthoc_points``, ``filter_bias``, ``max_forward_batch``...)."""
+        options = {**self.inference_options(), **overrides}
+        name = explainer_name(MODES[self.hparams.mode], options.get("posthoc", False))
+        return MaskPredictorExplainer(self.blackbox, self.net, name, **options)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        hp = self.hparams
+        checkpoint["explainer"] = {
+            "format": EXPLAINER_FORMAT, "name": self.explainer_name(), "net": self.net.config(),
+            "blackbox": {"model": hp.blackbox, "num_classes": hp.num_classes, "weights": hp.blackbox_weights,
+                         "model_kwargs": dict(hp.blackbox_kwargs or {}), "feature_levels": hp.feature_levels},
+            "inference": self.inference_options(), "loss_weights": dict(self.weights)}
