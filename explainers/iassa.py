@@ -15,7 +15,7 @@ stride, only those whose occluded area intersects HAR - and their Monte-Carlo su
 previous ones, so every iteration refines one running estimate. It stops after ``iterations`` rounds or
 when ||S_k - S_{k-1}|| / ||S_{k-1}|| < tol, and returns the last iterate. Nothing here sees a ground truth.
 
-Where we differ from the released code (github.com/bhavanvasu/IASSA-Saliency), and why:
+Where we differ from the authors' released code (IASSA-Saliency), and why:
   - its attention applies softmax twice, over columns then rows; the row-softmax of column-softmaxed
     entries (each about 1/N) is almost uniform, so A x S is almost exactly mean(S) and the attention adds a
     constant: S' then ranks pixels exactly as S does. We use one row-softmax; ``attention="double"``
@@ -156,17 +156,28 @@ def compact_level(features: Tensor) -> Tensor:
 
 def lrpf_features(maps: Sequence[Tensor], grid: tuple[int, int]) -> Tensor:
     """Phi' (B, N = h*w, C): every level resized to ``grid`` (bilinear up, area average down), L2-normalised
-    over channels at each position, concatenated along channels. float32."""
-    parts = []
-    for level in maps:
-        level = compact_level(level.float())
+    over channels at each position, concatenated along channels. float32.
+
+    Written level by level into one preallocated tensor, so the peak is Phi' plus one resized level.
+    """
+    levels = [compact_level(level.float()) for level in maps]
+    batch = levels[0].shape[0]
+    phi = levels[0].new_empty(batch, grid[0] * grid[1], sum(level.shape[1] for level in levels))
+    offset = 0
+    for level in levels:
         if tuple(level.shape[-2:]) != tuple(grid):
             if level.shape[-2] >= grid[0] and level.shape[-1] >= grid[1]:
                 level = F.adaptive_avg_pool2d(level, grid)
             else:
                 level = F.interpolate(level, size=grid, mode="bilinear", align_corners=False)
-        parts.append(F.normalize(level, dim=1))
-    return torch.cat(parts, dim=1).flatten(2).transpose(1, 2).contiguous()
+        level = level.flatten(2).transpose(1, 2)  # (B, N, C_l), a view
+        channels = level.shape[2]
+        target = phi[:, :, offset:offset + channels]
+        target.copy_(level)
+        target.div_(torch.linalg.vector_norm(target, dim=2, keepdim=True).clamp_min_(1e-12))
+        offset += channels
+        del level
+    return phi
 
 
 def attention_chunk_rows(batch: int, positions: int, memory_bytes: int) -> int:

@@ -26,6 +26,9 @@ FAST_HPARAMS = {
     "smoothgrad": {"n_samples": 5},
     "integrated_gradients": {"n_steps": 7},
     "iassa": {"window": 120.0, "stride": 60.0, "iterations": 2},
+    # l1 = 0: on this untrained net p_c barely moves, and the L1 kink at M = 1 would keep the masks at 1.
+    "igos_pp": {"iterations": 2, "ig_steps": 3, "resolution": 4, "scale_with_image": False, "l1": 0.0},
+    "igos": {"iterations": 2, "ig_steps": 3, "resolution": 4, "scale_with_image": False, "l1": 0.0},
 }
 COMMON = {"max_forward_batch": 12, "seed": 3}
 # Exact black-box passes per image at FAST_HPARAMS: (forwards, backwards).

@@ -62,14 +62,16 @@ def test_windows_are_clipped_at_the_border_and_scale_with_the_image():
     for step in range(5):
         assert iassa.window_schedule(224, step) == pytest.approx((45 - 1.5 * step, 8 - 0.2 * step))
         assert iassa.window_schedule(112, step) == pytest.approx(((45 - 1.5 * step) / 2, (8 - 0.2 * step) / 2))
-        assert iassa.window_schedule(64, step) == pytest.approx(((45 - 1.5 * step) * 64 / 224, (8 - 0.2 * step) * 64 / 224))
+        scale = 64 / 224
+        assert iassa.window_schedule(64, step) == pytest.approx(((45 - 1.5 * step) * scale, (8 - 0.2 * step) * scale))
     # the same grid of windows relative to the image at 224 and 64 px: 33 x 33 positions
     for size in (224, 64):
         boxes = iassa.sliding_windows(size, size, *iassa.window_schedule(size, 0))
         assert boxes.shape == (33 * 33, 4)
         assert boxes.min() >= 0 and boxes[:, [1, 3]].max() == size
         masks = iassa.window_masks(boxes[::97], size, size)
-        assert ((1 - masks).flatten(1).sum(1) == (boxes[::97, 1] - boxes[::97, 0]) * (boxes[::97, 3] - boxes[::97, 2])).all()
+        some = boxes[::97]
+        assert ((1 - masks).flatten(1).sum(1) == (some[:, 1] - some[:, 0]) * (some[:, 3] - some[:, 2])).all()
     assert iassa.attention_grid([(56, 56), (28, 28), (14, 14), (7, 7)], (224, 224)) == (56, 56)
     assert iassa.attention_grid([(112, 112), (56, 56)], (224, 224)) == (56, 56)  # capped
     assert iassa.attention_grid([(16, 16), (8, 8)], (64, 64)) == (16, 16)
@@ -116,8 +118,9 @@ def test_compact_levels_keep_every_dot_product():
     gram = lambda f: f.flatten(2).transpose(1, 2) @ f.flatten(2)  # noqa: E731
     assert torch.allclose(gram(compact), gram(maps[0]), rtol=1e-5)
     phi = iassa.lrpf_features(maps, (6, 6))
-    reference = torch.cat([nn.functional.normalize(nn.functional.interpolate(maps[0], size=(6, 6), mode="bilinear"), dim=1),
-                           nn.functional.normalize(maps[1], dim=1)], dim=1).flatten(2).transpose(1, 2)
+    upsampled = nn.functional.interpolate(maps[0], size=(6, 6), mode="bilinear")
+    reference = torch.cat([nn.functional.normalize(upsampled, dim=1), nn.functional.normalize(maps[1], dim=1)],
+                          dim=1).flatten(2).transpose(1, 2)
     assert phi.shape == (2, 36, 9 + 5)
     assert torch.allclose(phi @ phi.transpose(1, 2), reference @ reference.transpose(1, 2), atol=1e-5)
 
@@ -130,15 +133,15 @@ def test_double_softmax_only_adds_a_constant_while_row_softmax_reranks():
     left = torch.zeros(1, 2, grid, grid)
     left[:, 0, :, : grid // 2] = 1
     left[:, 1, :, grid // 2:] = 1
-    maps = [left, nn.functional.avg_pool2d(left, 2), nn.functional.avg_pool2d(left, 4), nn.functional.avg_pool2d(left, 8)]
+    maps = [left] + [nn.functional.avg_pool2d(left, k) for k in (2, 4, 8)]
     phi = iassa.lrpf_features(maps, iassa.attention_grid([m.shape[-2:] for m in maps], (224, 224)))
     assert phi.shape[1] == grid * grid
     y, x = torch.meshgrid(torch.arange(224.0), torch.arange(224.0), indexing="ij")
     saliency = (x / 224 + 5 * torch.exp(-((y - 112) ** 2 + (x - 56) ** 2) / (2 * 32.0**2))
                 + 1e-3 * torch.rand(224, 224, generator=torch.Generator().manual_seed(0)))[None, None]
     rows = iassa.attention_chunk_rows(1, grid * grid, 8 * 2**20)
-    adjusted = {mode: iassa.adjust_map(saliency, (grid, grid), lambda v, m=mode: iassa.attend(phi, v, m, 1.0, rows), 0.5)
-                for mode in ("row", "double")}
+    adjusted = {m: iassa.adjust_map(saliency, (grid, grid), lambda v, m=m: iassa.attend(phi, v, m, 1.0, rows), 0.5)
+                for m in ("row", "double")}
     residual = adjusted["double"] - 0.5 * saliency
     assert residual.std() < 1e-4 * saliency.std()  # A x S is a constant: the attention changes nothing
     assert spearman(adjusted["double"], saliency) > 0.99999
@@ -248,7 +251,8 @@ def test_evaluate_on_an_embedded_coco_export(tmp_path):
     out = tmp_path / "eval"
     evaluate.main([
         f"--blackbox=ckpt:{record}", "--data.class_path=datamodules.COCODataModule",
-        f"--data.init_args.image_dir_val={tmp_path / 'coco' / 'images'}", f"--data.init_args.annotations_val={annotations}",
+        f"--data.init_args.image_dir_val={tmp_path / 'coco' / 'images'}",
+        f"--data.init_args.annotations_val={annotations}",
         "--data.init_args.image_size=32", "--data.init_args.num_workers=0", "--split=val", "--methods=iassa",
         "--method_hparams={iassa: {window: 120, stride: 60, iterations: 2, tol: 0}}", "--batch_size=4", "--mf_steps=4",
         "--protocol={units: 8, steps: 4, deletion_substrate: blur, insertion_substrate: blur, blur_kernel: 5,"
