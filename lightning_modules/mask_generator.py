@@ -68,23 +68,42 @@ def generator_widths(spec: str, feature_channels: Sequence[int], widths: Sequenc
     return derive_widths(feature_channels, DEFAULT_RATIO)
 
 
+def upsample(maps: Tensor, size: Sequence[int]) -> Tensor:
+    """Bilinear (align_corners=False) resize of (B, C, h, w) maps to ``size``, differentiable.
+
+    Same values as ``F.interpolate(maps, size, mode="bilinear")``; computed with the B * C maps as the
+    channels of one channels-last image, which torch vectorises over channels: ~7x faster on the CPU for
+    the one-channel masks here (0.6 vs 4.5 ms for 64 masks 16 -> 64)."""
+    batch, channels = maps.shape[:2]
+    stacked = maps.reshape(1, batch * channels, *maps.shape[-2:]).contiguous(memory_format=torch.channels_last)
+    out = F.interpolate(stacked, size=tuple(size), mode="bilinear", align_corners=False)
+    return out.contiguous().view(batch, channels, *out.shape[-2:])
+
+
 def _conv_bn(cin: int, cout: int, kernel: int, relu: bool = True) -> list[nn.Module]:
     layers = [nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False), nn.BatchNorm2d(cout)]
     return layers + [nn.ReLU(inplace=True)] if relu else layers
 
 
 class Bottleneck(nn.Module):
-    """Residual bottleneck: 1x1 (-> mid) / 3x3 / 1x1 (-> out), each with BN, + a 1x1 projection shortcut."""
+    """Residual bottleneck: 1x1 (-> mid) / 3x3 / 1x1 (-> out), each with BN, + a 1x1 projection shortcut.
+
+    The first 1x1 conv and the projection read the same input, so they run as one conv with mid + out
+    output channels (and one BN), split afterwards: the same function as two convs, one pass over the input
+    (on the CPU, small convs cost mostly per-call overhead)."""
 
     def __init__(self, cin: int, cout: int, mid: int | None = None):
         super().__init__()
-        mid = mid or max(cout // 4, 8)
-        self.body = nn.Sequential(*_conv_bn(cin, mid, 1), *_conv_bn(mid, mid, 3), *_conv_bn(mid, cout, 1, relu=False))
-        self.shortcut = nn.Sequential(*_conv_bn(cin, cout, 1, relu=False)) if cin != cout else nn.Identity()
+        self.mid = mid or max(cout // 4, 8)
+        self.project = cin != cout
+        self.entry = nn.Sequential(*_conv_bn(cin, self.mid + (cout if self.project else 0), 1, relu=False))
+        self.body = nn.Sequential(*_conv_bn(self.mid, self.mid, 3), *_conv_bn(self.mid, cout, 1, relu=False))
         nn.init.zeros_(self.body[-1].weight)  # start as the shortcut alone (the usual zero-init residual)
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.relu(self.body(x) + self.shortcut(x))
+        entry = self.entry(x)
+        shortcut = entry[:, self.mid:] if self.project else x
+        return torch.relu(self.body(torch.relu(entry[:, :self.mid])) + shortcut)
 
 
 class UpBlock(nn.Module):
@@ -176,7 +195,7 @@ class MaskPredictorNet(nn.Module):
 
     def mask(self, features: Sequence[Tensor], classes: Tensor, size: Sequence[int]) -> Tensor:
         """M^d upsampled bilinearly to ``size`` = (H, W): (B, 1, H, W)."""
-        return F.interpolate(self(features, classes), size=tuple(size), mode="bilinear", align_corners=False)
+        return upsample(self(features, classes), size)
 
     def config(self) -> dict:
         """Plain-data constructor arguments (``weights_only``-loadable), see :meth:`from_config`."""

@@ -13,8 +13,12 @@ Optional constraint terms, off by default for the predictor:
 ``mode="mgnet"`` is Dabkowski & Gal's real-time saliency (the MGnet baseline): the two-channel ratio head
 M = |a| / (|a| + |b|) and Eq. 2 of the distribution-guided paper with their code's weights as defaults —
 preserver 0.3 (its -log p_c term is the CE above), area 8 with power 0.3, smoothness 0.5, destroyer 1.
-Their hinge losses on logit margins are not used (the paper's equation uses probabilities), nor their
-fake-class training of the class selector (our filter is trained in stage 1 and frozen).
+``class_loss="hinge"`` with ``tv_reduction="sum"`` and ``tv_border=0.3`` is their released code instead:
+Carlini-Wagner hinges on logit margins, preserve relu(max_other - z_c + 1), destroy relu(z_c - max_other + 5),
+and a smoothness summed over the mask (per image, / 2) with a border penalty. The two differ in scale: with
+probabilities the class terms are bounded while the area term's (M + eps)^0.3 pulls hard towards M = 0 (on
+the embedded data the mask collapses to ~0 within 100 steps), the logit hinges keep pushing back.
+Their fake-class training of the class selector is not reproduced (our filter is trained in stage 1, frozen).
 
 Masks: M^d is predicted at the first feature level's resolution (56 x 56 at 224) and upsampled bilinearly.
 BT masks are unbounded above; the perturbation clamps them to [0, 1] (the explanation keeps the raw values).
@@ -45,7 +49,7 @@ from explainers.perturbation import NOISE_STD, derive_seeds, gaussian_blur, pert
 from lightning_modules.controllers import skewness
 from lightning_modules.feature_filter import (STREAM_SUBSTRATE, FrozenBlackBoxModule, load_filter,
                                               per_image_uniforms)
-from lightning_modules.mask_generator import MaskPredictorNet, generator_widths
+from lightning_modules.mask_generator import MaskPredictorNet, generator_widths, upsample
 
 MODES = {"ct": "ct", "bt": "bt", "mgnet": "none"}  # mode -> controller
 # Loss weights by mode (None in the constructor = these). MGnet: Dabkowski & Gal's code defaults.
@@ -58,11 +62,28 @@ AREA_EPS = 5e-4  # Dabkowski's (M + eps) ** power: a finite gradient at M = 0
 BT_HISTOGRAM_UPPER = 4.0  # BT values (standard-normal tail) beyond this land in the last bin
 
 
-def total_variation(mask: Tensor) -> Tensor:
-    """Mean squared difference of vertically and horizontally neighbouring values, per image: (B,)."""
-    dy = (mask[..., 1:, :] - mask[..., :-1, :]).pow(2).flatten(1).mean(1)
-    dx = (mask[..., :, 1:] - mask[..., :, :-1]).pow(2).flatten(1).mean(1)
-    return dy + dx
+def total_variation(mask: Tensor, reduction: str = "mean", border: float = 0.0) -> Tensor:
+    """Squared differences of vertically and horizontally neighbouring values, per image: (B,).
+
+    ``"mean"``: mean over each direction's differences, summed over the two directions. ``"sum"``: their
+    sum / 2 (Dabkowski's scale, which grows with the mask's resolution). ``border`` > 0 adds that weight x
+    the squared values on the mask's edges (their border penalty; halved with "sum" like the rest)."""
+    dy = (mask[..., 1:, :] - mask[..., :-1, :]).pow(2).flatten(1)
+    dx = (mask[..., :, 1:] - mask[..., :, :-1]).pow(2).flatten(1)
+    edges = torch.cat([mask[..., 0, :], mask[..., -1, :], mask[..., :, 0], mask[..., :, -1]], -1).pow(2).flatten(1)
+    if reduction == "sum":
+        return (dy.sum(1) + dx.sum(1) + border * edges.sum(1)) / 2
+    return dy.mean(1) + dx.mean(1) + border * edges.mean(1)
+
+
+def hinge_loss(logits: Tensor, targets: Tensor, confidence: float, preserve: bool) -> Tensor:
+    """Dabkowski's Carlini-Wagner hinges on the margin m = z_c - max_{k != c} z_k, batch mean:
+    preserve relu(confidence - m) (keep the class ahead), destroy relu(m + confidence) (push it behind)."""
+    logits = logits.float()
+    this = logits.gather(1, targets[:, None]).squeeze(1)
+    other = logits.scatter(1, targets[:, None], float("-inf")).amax(1)
+    margin = this - other
+    return torch.relu(confidence - margin).mean() if preserve else torch.relu(margin + confidence).mean()
 
 
 class MaskDistribution(torchmetrics.Metric):
@@ -116,7 +137,11 @@ class MaskPredictor(FrozenBlackBoxModule):
         blur_kernel, blur_sigma: the substrate blur at 224 px (variance 10: sigma sqrt(10)), scaled to the
             image size. noise_std: of the random-colour substrate, in pixel units.
         ce_weight, area_weight, area_power, tv_weight, bg_weight: loss terms (None: :data:`LOSS_DEFAULTS`
-            of the mode). bg_power: exponent of the destroy term.
+            of the mode). bg_power: exponent of the destroy term (probability form).
+        class_loss: ``"probability"`` (CE / p_c as above) or ``"hinge"`` (Dabkowski's logit-margin hinges,
+            preserve confidence 1, destroy confidence 5, weighted by ce_weight and bg_weight).
+        tv_reduction: ``"mean"`` of the squared differences, or ``"sum"`` over the mask / 2 per image
+            (Dabkowski's scale). tv_border: weight of their border penalty (sum of squared edge values).
         lr, lr_step_epochs, lr_gamma, weight_decay: Adam, learning rate x ``lr_gamma`` every
             ``lr_step_epochs`` epochs (the paper: 1e-2, halved every 3 epochs).
         seed: per-image substrate draws. channels_last: see :class:`FrozenBlackBoxModule`.
@@ -150,6 +175,9 @@ class MaskPredictor(FrozenBlackBoxModule):
         tv_weight: float | None = None,
         bg_weight: float | None = None,
         bg_power: float = 1.0,
+        class_loss: str = "probability",
+        tv_reduction: str = "mean",
+        tv_border: float = 0.0,
         lr: float = 1e-2,
         lr_step_epochs: int = 3,
         lr_gamma: float = 0.5,
@@ -166,6 +194,9 @@ class MaskPredictor(FrozenBlackBoxModule):
             raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
         if target not in ("predicted", "label"):
             raise ValueError(f"target must be 'predicted' or 'label', got {target!r}")
+        if class_loss not in ("probability", "hinge") or tv_reduction not in ("mean", "sum"):
+            raise ValueError(f"class_loss must be 'probability' or 'hinge' and tv_reduction 'mean' or 'sum', got "
+                             f"{class_loss!r}, {tv_reduction!r}")
         if not 0 <= blur_prob <= 1:
             raise ValueError(f"blur_prob must be in [0, 1], got {blur_prob}")
         self.save_hyperparameters()
@@ -189,13 +220,14 @@ class MaskPredictor(FrozenBlackBoxModule):
         hp = self.hparams
         use_blur = (per_image_uniforms(hp.seed, epoch, STREAM_SUBSTRATE, index)[:, 0] < hp.blur_prob)
         kernel, sigma = scaled_blur(hp.blur_kernel, hp.blur_sigma, images.shape[-1])
-        substrate = gaussian_blur(images, kernel, sigma) if use_blur.any() else torch.empty_like(images)
+        # .to(images.dtype): under bf16 autocast the blur's conv returns bf16
+        substrate = gaussian_blur(images, kernel, sigma).to(images.dtype) if use_blur.any() else torch.empty_like(images)
         colour = (~use_blur).nonzero().flatten()
         if colour.numel():
             run_seed = (hp.seed * 1_000_003 + epoch + 1) % 2**31  # a different stream per epoch
             seeds = derive_seeds(run_seed, index.cpu()[colour])
-            substrate[colour.to(images.device)] = random_colour_noise(images[colour.to(images.device)], seeds,
-                                                                       hp.noise_std)
+            rows = colour.to(images.device)
+            substrate[rows] = random_colour_noise(images[rows], seeds, hp.noise_std).to(images.dtype)
         return substrate
 
     def compute_loss(self, images: Tensor, features: Sequence[Tensor], targets: Tensor, index: Tensor,
@@ -203,7 +235,7 @@ class MaskPredictor(FrozenBlackBoxModule):
         """(loss, {term: value}, M^d (B,1,h,w)) of one batch; ``features`` from the clean forward."""
         w = self.weights
         mask_low = self.net(features, targets)
-        mask = F.interpolate(mask_low, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        mask = upsample(mask_low, images.shape[-2:])
         keep = mask.clamp(0, 1) if self.hparams.mode == "bt" else mask
         substrate = self.substrate(images, index, epoch)
         batch = [perturb(images, keep, substrate)]
@@ -213,19 +245,23 @@ class MaskPredictor(FrozenBlackBoxModule):
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         logits = self.blackbox.logits(x).float()  # one black-box call for both perturbations
-        size = images.shape[0]
-        terms = {"ce": F.cross_entropy(logits[:size], targets)}
+        size, hinge = images.shape[0], self.hparams.class_loss == "hinge"
+        terms = {"ce": hinge_loss(logits[:size], targets, 1.0, preserve=True) if hinge
+                 else F.cross_entropy(logits[:size], targets)}
         loss = w["ce_weight"] * terms["ce"]
         if w["area_weight"]:
             area = mask_low if w["area_power"] == 1 else (mask_low + AREA_EPS).pow(w["area_power"])
             terms["area"] = area.mean()
             loss = loss + w["area_weight"] * terms["area"]
         if w["tv_weight"]:
-            terms["tv"] = total_variation(mask_low).mean()
+            terms["tv"] = total_variation(mask_low, self.hparams.tv_reduction, self.hparams.tv_border).mean()
             loss = loss + w["tv_weight"] * terms["tv"]
         if w["bg_weight"]:
-            p_c = logits[size:].softmax(1).gather(1, targets[:, None]).squeeze(1)
-            terms["bg"] = p_c.pow(self.hparams.bg_power).mean()
+            if hinge:
+                terms["bg"] = hinge_loss(logits[size:], targets, 5.0, preserve=False)
+            else:
+                p_c = logits[size:].softmax(1).gather(1, targets[:, None]).squeeze(1)
+                terms["bg"] = p_c.pow(self.hparams.bg_power).mean()
             loss = loss + w["bg_weight"] * terms["bg"]
         return loss, terms, mask_low
 

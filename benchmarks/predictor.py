@@ -1,0 +1,140 @@
+"""Speed of the learned mask predictor against the black-box work it cannot avoid.
+
+    python benchmarks/predictor.py [--batch 64] [--repeats 7] [--mode ct]
+
+1. Explaining a batch (``MaskPredictor.as_explainer()``: one feature pass of the black box + generator +
+   controller + upsampling) against one plain black-box forward of the same batch. Target: ratio <= 1.25.
+2. One training step (clean forward, generator, substrate, perturbation, masked forward, backward, Adam step)
+   against its bare work: the clean forward + the masked forward and backward through the black box alone
+   (two masked batches for MGnet / a bg_weight > 0: phi(I, M, A) and phi(I, 1 - M, A)),
+   plus the generator's own cost (its forward, backward and Adam step on fixed features).
+   Target: ratio <= 1.3.
+Both on embedded test images with the embedded black box (trained if the demo ran, else random weights of
+the same shape) and an untrained filter (speed does not depend on weights). Each pair is timed alternately in
+one process, so machine noise hits both alike; medians of ``--repeats`` runs after a warm-up.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import DEMO_CKPT, embedded_batch  # noqa: E402
+from lightning_modules.mask_predictor import MaskPredictor  # noqa: E402
+
+
+CLASSIFIER_CONFIG = Path(__file__).resolve().parents[1] / "configs/model/embedded_classifier.yaml"
+
+
+def build(mode: str) -> MaskPredictor:
+    """The predictor on the demo's black box, or on random weights of the architecture its config names."""
+    if DEMO_CKPT.is_file():
+        spec, kwargs = f"ckpt:{DEMO_CKPT}", {}
+    else:
+        import yaml
+
+        args = yaml.safe_load(CLASSIFIER_CONFIG.read_text())["init_args"]
+        spec = args["model"]
+        kwargs = {"num_classes": args["num_classes"], "blackbox_kwargs": args.get("model_kwargs")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the untrained-filter warning
+        return MaskPredictor(blackbox=spec, filter_checkpoint=None, mode=mode, **kwargs)
+
+
+def alternate(first, second, repeats: int) -> tuple[float, float]:
+    """Medians of ``repeats`` alternated timings of two callables (after one warm-up call of each)."""
+    first(), second()
+    times = ([], [])
+    for _ in range(repeats):
+        for fn, out in ((first, times[0]), (second, times[1])):
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def explain_vs_forward(module: MaskPredictor, images, repeats: int) -> dict:
+    blackbox, explainer = module.blackbox, module.as_explainer(max_forward_batch=images.shape[0])
+    with torch.no_grad():
+        targets = blackbox.logits(images).argmax(1)
+
+    def forward():
+        with torch.no_grad():
+            blackbox.logits(images)
+
+    def explain():
+        explainer(images, targets)
+
+    bare, method = alternate(forward, explain, repeats)
+    return {"forward_s": bare, "explain_s": method, "ratio": method / bare}
+
+
+def step_vs_bare(module: MaskPredictor, batch: dict, repeats: int) -> dict:
+    module.train()
+    blackbox, net = module.blackbox, module.net
+    optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-3)
+    images, index = batch["image"], batch["index"]
+    with torch.no_grad():
+        features, logits = blackbox.features_and_logits(images)
+    targets = logits.argmax(1)
+
+    def training_step():
+        with torch.no_grad():
+            feats, out = blackbox.features_and_logits(images)
+        loss = module.compute_loss(images, feats, out.argmax(1), index, 0)[0]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    masked = 2 if module.weights["bg_weight"] else 1  # MGnet also pushes phi(I, 1 - M, A) through
+
+    def bare_blackbox():
+        with torch.no_grad():
+            blackbox.features_and_logits(images)
+        x = images.repeat(masked, 1, 1, 1).requires_grad_(True)
+        F.cross_entropy(blackbox.logits(x), targets.repeat(masked)).backward()
+
+    def generator_alone():
+        mask = F.interpolate(net(features, targets), size=images.shape[-2:], mode="bilinear", align_corners=False)
+        optimizer.zero_grad(set_to_none=True)
+        mask.mean().backward()
+        optimizer.step()
+
+    step, bare = alternate(training_step, bare_blackbox, repeats)
+    generator, _ = alternate(generator_alone, lambda: None, repeats)
+    return {"step_s": step, "bare_blackbox_s": bare, "generator_s": generator, "ratio": step / (bare + generator)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--mode", default="ct", choices=["ct", "bt", "mgnet"])
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: stable figures on a shared machine, where 2-thread ops stall)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    module = build(args.mode)
+    batch = embedded_batch(args.batch)
+    print(f"black box {module.blackbox.spec} {module.blackbox.feature_channels}, generator widths "
+          f"{module.net.generator.widths}, mode {args.mode}, batch {args.batch} x {tuple(batch['image'].shape[1:])}")
+    module.eval()
+    explain = explain_vs_forward(module, batch["image"], args.repeats)
+    print(f"1. explain {explain['explain_s'] * 1e3:.1f} ms vs one black-box forward {explain['forward_s'] * 1e3:.1f} ms"
+          f" -> ratio {explain['ratio']:.3f} (target <= 1.25)")
+    step = step_vs_bare(module, batch, args.repeats)
+    print(f"2. training step {step['step_s'] * 1e3:.1f} ms vs bare black-box work {step['bare_blackbox_s'] * 1e3:.1f} ms"
+          f" + generator {step['generator_s'] * 1e3:.1f} ms -> ratio {step['ratio']:.3f} (target <= 1.3)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,497 @@
+"""The learned mask predictor: feature filter, generator, controllers, post-hoc tuning, loss, checkpoints, and
+train.py runs of every filter / predictor config (fast_dev_run, SIGKILL + resume, 1 vs 2 DDP processes)."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import pytest
+import pytorch_lightning as pl
+import scipy.stats
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+import explainers
+from datamodules import ClutteredFashionMNIST, collate_samples
+from explainers.mask_predictor import load_predictor
+from lightning_modules.blackbox import BlackBox, blackbox_record, create_network
+from lightning_modules.controllers import CTController, make_controller, skewness, standardise
+from lightning_modules.feature_filter import FeatureFilter, FeatureFilterModule, per_image_uniforms
+from lightning_modules.mask_generator import (GENERATOR_PRESETS, PRESET_RATIOS, MaskGenerator, MaskPredictorNet,
+                                              derive_widths, generator_widths, upsample)
+from lightning_modules.mask_predictor import MaskDistribution, MaskPredictor, hinge_loss, total_variation
+from tests.conftest import subprocess_env
+
+SIZE = 32
+TINY = dict(model="timm:resnet10t", model_kwargs={"channels": [8, 16, 24, 32]})
+# The paper's black boxes: feature channels (strides 4/8/16/32) and the generator widths of its appendix.
+PAPER = {"torchvision:resnet50": ([256, 512, 1024, 2048], [256, 128, 64]),
+         "torchvision:vgg19": ([128, 256, 512, 512], [256, 128, 64]),
+         "torchvision:googlenet": ([192, 480, 832, 1024], [416, 240, 96])}
+
+
+@pytest.fixture(scope="module")
+def tiny_blackbox_path(tmp_path_factory):
+    torch.manual_seed(0)
+    net = create_network(TINY["model"], 10, TINY["model_kwargs"])
+    path = tmp_path_factory.mktemp("bb") / "tiny.pt"
+    torch.save(blackbox_record(TINY["model"], net, 10, TINY["model_kwargs"], (0.5,) * 3, (0.25,) * 3), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    ds = ClutteredFashionMNIST("test", SIZE, num_scenes=8)
+    return collate_samples([ds[i] for i in range(8)])
+
+
+def predictor(path, mode="ct", **kwargs) -> MaskPredictor:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # untrained filter
+        return MaskPredictor(blackbox=f"ckpt:{path}", filter_checkpoint=None, mode=mode, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generator
+
+
+@pytest.mark.parametrize("spec", sorted(PAPER))
+def test_generator_presets_and_shapes_for_the_papers_black_boxes(spec):
+    channels, widths = PAPER[spec]
+    assert generator_widths(spec, channels) == widths
+    name = spec.partition(":")[2]
+    assert derive_widths(channels, PRESET_RATIOS[name]) == list(GENERATOR_PRESETS[name])  # the rule behind them
+    generator = MaskGenerator(channels, widths)
+    # 224 input: 56 / 28 / 14 / 7 -> a 56 x 56 map; and a small odd size (60 px -> 15 / 8 / 4 / 2)
+    for sizes, out in (((56, 28, 14, 7), 56), ((15, 8, 4, 2), 15)):
+        features = [torch.randn(1, c, s, s) for c, s in zip(channels, sizes)]
+        assert generator(features).shape == (1, 1, out, out)
+
+
+def test_generator_widths_for_other_cnns():
+    assert generator_widths("timm:resnet10t", [32, 64, 128, 256]) == [64, 32, 16]  # half of the skips
+    assert generator_widths("timm:resnet10t", [8, 16, 24, 32]) == [16, 16, 16]      # at least 16
+    assert generator_widths("timm:x", [32, 64, 128, 256], width_ratio=1.0) == [128, 64, 32]
+    assert generator_widths("timm:x", [32, 64, 128, 256], widths=[8, 8, 8]) == [8, 8, 8]
+    # a "resnet50" spec with other channels (e.g. a narrow variant) falls back to the rule
+    assert generator_widths("timm:resnet50", [32, 64, 128, 256]) == [64, 32, 16]
+    with pytest.raises(ValueError):
+        generator_widths("timm:x", [32, 64, 128, 256], widths=[8, 8])
+
+
+def test_predictor_net_on_a_real_black_box(tiny_blackbox_path, scenes):
+    blackbox = BlackBox(f"ckpt:{tiny_blackbox_path}")
+    for controller, channels in (("ct", 1), ("bt", 1), ("none", 2)):
+        net = MaskPredictorNet(blackbox.feature_channels, 10, [16, 16, 16], controller)
+        features = blackbox.features(scenes["image"])
+        assert net.raw(features, scenes["label"]).shape == (8, channels, SIZE // 4, SIZE // 4)
+        mask = net.mask(features, scenes["label"], (SIZE, SIZE))
+        assert mask.shape == (8, 1, SIZE, SIZE) and torch.isfinite(mask).all()
+        assert not any(p.requires_grad for p in net.filter.parameters())
+        rebuilt = MaskPredictorNet.from_config(net.config())
+        rebuilt.load_state_dict(net.state_dict())
+        assert torch.equal(rebuilt.eval()(features, scenes["label"]), net.eval()(features, scenes["label"]))
+
+
+def test_upsample_equals_interpolate_in_values_and_gradients():
+    maps = torch.rand(5, 2, 7, 9, requires_grad=True)
+    ours = upsample(maps, (30, 40))
+    reference = F.interpolate(maps, size=(30, 40), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(ours, reference)
+    weights = torch.rand_like(reference)
+    (grad_ours,) = torch.autograd.grad((ours * weights).sum(), maps)
+    (grad_ref,) = torch.autograd.grad((reference * weights).sum(), maps)
+    torch.testing.assert_close(grad_ours, grad_ref)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Controllers
+
+
+def test_controller_ranges_and_monotonicity():
+    raw = torch.randn(4, 1, 16, 16) * 3 + 5
+    for kind in ("bt", "ct"):
+        mask = make_controller(kind)(raw)
+        flat_raw, flat = raw.flatten(1), mask.flatten(1)
+        order = flat_raw.argsort(1)
+        assert (flat.gather(1, order).diff(dim=1) >= 0).all(), f"{kind} is not monotone in its input"
+        assert (mask >= 0).all()
+        if kind == "ct":
+            assert (mask <= 1).all()
+        # per-image standardisation: invariant to the scale and offset of the raw map
+        torch.testing.assert_close(make_controller(kind)(raw * 7 - 3), mask, atol=1e-5, rtol=1e-5)
+    ratio = make_controller("none")(torch.randn(4, 2, 8, 8))
+    assert ratio.shape == (4, 1, 8, 8) and (ratio >= 0).all() and (ratio <= 1).all()
+
+
+def test_ct_eta_and_h_shape_a_right_skewed_mask():
+    z = torch.randn(1, 1, 256, 256, generator=torch.Generator().manual_seed(0))
+    base = CTController(1.5, 2.5)(z)
+    assert skewness(base) > 0.3  # right skew on gaussian input (the paper's claim by construction)
+    assert 0.2 < base.mean() < 0.35
+    # larger h: fewer pixels stay on (lower mean, more skew); larger eta: a harder, more binary mask
+    higher_h = CTController(1.5, 5.0)(z)
+    assert higher_h.mean() < base.mean() and skewness(higher_h) > skewness(base)
+    steeper = CTController(5.0, 2.5)(z)
+    middle = lambda m: ((m > 0.1) & (m < 0.9)).float().mean()  # noqa: E731
+    assert middle(steeper) < middle(base)
+    # BT on gaussian input: half the pixels off, also right-skewed
+    bt = make_controller("bt")(z)
+    assert abs((bt == 0).float().mean() - 0.5) < 0.02 and skewness(bt) > 0
+
+
+def test_skewness_matches_scipy_and_the_accumulating_metric():
+    values = torch.rand(6, 1, 8, 8) ** 3
+    assert float(skewness(values)) == pytest.approx(scipy.stats.skew(values.flatten().numpy()), rel=1e-4)
+    metric = MaskDistribution(bins=10)
+    metric.update(values[:2])
+    metric.update(values[2:])
+    stats = metric.compute()
+    assert float(stats["skewness"]) == pytest.approx(scipy.stats.skew(values.flatten().numpy()), rel=1e-4)
+    assert float(stats["mean"]) == pytest.approx(float(values.mean()), rel=1e-5)
+    assert float(stats["hist"].sum()) == values.numel()
+    per_image = scipy.stats.skew(values.flatten(1).numpy(), axis=1).mean()
+    assert float(stats["skewness_per_image"]) == pytest.approx(per_image, rel=1e-4)
+
+
+def test_standardise_handles_a_constant_map():
+    assert torch.isfinite(standardise(torch.ones(2, 1, 4, 4))).all()
+    assert torch.isfinite(make_controller("ct")(torch.ones(2, 1, 4, 4))).all()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Feature filter
+
+
+def test_filter_math():
+    torch.manual_seed(0)
+    filt = FeatureFilter(channels=5, num_classes=3, bias=0.0)
+    x = torch.randn(2, 5, 3, 4)
+    classes = torch.tensor([2, 0])
+    expected = torch.empty_like(x)
+    for b in range(2):
+        for i in range(3):
+            for j in range(4):
+                score = x[b, :, i, j] @ filt.embedding[classes[b]]
+                expected[b, :, i, j] = x[b, :, i, j] * torch.sigmoid(score)
+    torch.testing.assert_close(filt(x, classes), expected)
+    # the bias b only lowers the gate; at inference it can be raised
+    assert (filt.gate(x, classes, bias=2.0) < filt.gate(x, classes)).all()
+    # init: N(0, 1/sqrt(C)) as a standard deviation
+    big = FeatureFilter(channels=400, num_classes=50)
+    assert big.embedding.std().item() == pytest.approx(1 / 20, rel=0.05)
+    rebuilt = FeatureFilter.from_record(filt.record())
+    assert torch.equal(rebuilt.embedding, filt.embedding)
+
+
+def test_per_image_draws_do_not_depend_on_the_batch():
+    index = torch.tensor([5, 9, 2, 7])
+    together = per_image_uniforms(0, 3, 1, index, 2)
+    alone = torch.cat([per_image_uniforms(0, 3, 1, index[i:i + 1], 2) for i in range(4)])
+    assert torch.equal(together, alone)
+    assert not torch.equal(together, per_image_uniforms(0, 4, 1, index, 2))  # new epoch, new draws
+
+
+def test_filter_checkpoint_record_and_loading(tiny_blackbox_path, tmp_path):
+    module = FeatureFilterModule(blackbox=f"ckpt:{tiny_blackbox_path}")
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    assert not any(k.startswith("blackbox.") for k in checkpoint["state_dict"])
+    torch.save(checkpoint, tmp_path / "filter.ckpt")
+    filt, record = FeatureFilter.from_checkpoint(str(tmp_path / "filter.ckpt"))
+    assert torch.equal(filt.embedding, module.filter.embedding) and record["channels"] == 32
+    model = MaskPredictor(blackbox=f"ckpt:{tiny_blackbox_path}", filter_checkpoint=str(tmp_path / "filter.ckpt"))
+    assert torch.equal(model.net.filter.embedding, module.filter.embedding)
+    assert not model.net.filter.embedding.requires_grad
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loss, substrates, explainer, post-hoc tuning
+
+
+def test_substrates_are_per_image_and_mixed(tiny_blackbox_path, scenes):
+    model = predictor(tiny_blackbox_path)
+    images, index = scenes["image"], scenes["index"]
+    together = model.substrate(images, index, epoch=0)
+    alone = torch.cat([model.substrate(images[i:i + 1], index[i:i + 1], epoch=0) for i in range(8)])
+    torch.testing.assert_close(together, alone)
+    assert together.min() >= 0 and together.max() <= 1
+    assert not torch.equal(together, model.substrate(images, index, epoch=1))
+    many = model.substrate(images.repeat(8, 1, 1, 1), torch.arange(64), epoch=0)
+    blurred = (many - images.repeat(8, 1, 1, 1)).abs().flatten(1).mean(1) < 0.1  # blur stays close to I
+    assert 0.25 < blurred.float().mean() < 0.75
+
+
+DABKOWSKI_CODE = {"class_loss": "hinge", "tv_reduction": "sum", "tv_border": 0.3}
+
+
+@pytest.mark.parametrize("mode, options", [("ct", {}), ("bt", {}), ("mgnet", {}), ("mgnet", DABKOWSKI_CODE)],
+                         ids=["ct", "bt", "mgnet", "mgnet-hinge"])
+def test_loss_decreases_on_a_tiny_batch(tiny_blackbox_path, scenes, mode, options):
+    model = predictor(tiny_blackbox_path, mode, **options)
+    model.train()
+    optimizer = torch.optim.Adam([p for p in model.net.parameters() if p.requires_grad], lr=1e-2)
+    images, index = scenes["image"], scenes["index"]
+    with torch.no_grad():
+        features, logits = model.blackbox.features_and_logits(images)
+    losses = []
+    for _ in range(12):
+        loss, terms, mask = model.compute_loss(images, features, logits.argmax(1), index, 0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.005, losses
+    assert set(terms) == ({"ce", "area", "tv", "bg"} if mode == "mgnet" else {"ce"})
+    assert not any(p.grad is not None for p in model.blackbox.parameters())
+
+
+def test_hinge_and_smoothness_terms():
+    logits = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.5, 2.0]])
+    targets = torch.tensor([0, 2])
+    # margins z_c - max_other: 2 and -0.5
+    assert hinge_loss(logits, targets, 1.0, preserve=True).item() == pytest.approx((0 + 1.5) / 2)
+    assert hinge_loss(logits, targets, 5.0, preserve=False).item() == pytest.approx((7 + 4.5) / 2)
+    mask = torch.tensor([[[[0.0, 1.0], [1.0, 1.0]]]])
+    assert total_variation(mask).item() == pytest.approx(0.5 + 0.5)  # mean over each direction, summed
+    assert total_variation(mask, "sum").item() == pytest.approx((1 + 1) / 2)
+    assert total_variation(mask, "sum", border=1.0).item() == pytest.approx((2 + 6) / 2)  # edges 1+2+1+2
+
+
+def test_explainer_contract_and_posthoc_tuning_keeps_the_ranking(tiny_blackbox_path, scenes):
+    model = predictor(tiny_blackbox_path).eval()
+    images, index = scenes["image"], scenes["index"]
+    targets = model.blackbox.logits(images).argmax(1)
+    explainer = model.as_explainer(max_forward_batch=3)
+    saliency = explainer(images, targets, index)
+    assert explainer.name == "predictor_ct" and saliency.shape == (8, 1, SIZE, SIZE)
+    assert explainer.cost.forwards == 8 and explainer.cost.backwards == 0
+    torch.testing.assert_close(saliency[2:3], explainer(images[2:3], targets[2:3], index[2:3]))
+    tuned_explainer = model.as_explainer(posthoc=True, posthoc_points=16, max_forward_batch=7)
+    tuned = tuned_explainer(images, targets, index)
+    assert tuned_explainer.name == "predictor_ct_posthoc"
+    assert tuned_explainer.cost.forwards == 8 * (1 + 17)
+    untuned = model.as_explainer(max_forward_batch=7)(images, targets, index)  # same chunks: same floats
+    order = torch.sort(untuned.flatten(1), dim=1, descending=True, stable=True).indices
+    assert (tuned.flatten(1).gather(1, order).diff(dim=1) <= 1e-7).all(), "post-hoc tuning changed the ranking"
+    assert (tuned >= 0).all() and not torch.allclose(tuned / tuned.amax((2, 3), keepdim=True),
+                                                     saliency / saliency.amax((2, 3), keepdim=True))
+    assert model.net.training is False and not any(p.requires_grad for p in model.blackbox.parameters())
+
+
+def _fit_briefly(model, scenes, tmp_path, steps=2):
+    trainer = pl.Trainer(max_steps=steps, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                         default_root_dir=tmp_path)
+    samples = [{k: v[i] for k, v in scenes.items()} for i in range(8)]
+    trainer.fit(model, DataLoader(samples, batch_size=4, collate_fn=collate_samples))
+    return trainer
+
+
+@pytest.mark.parametrize("mode, name", [("ct", "predictor_ct"), ("bt", "predictor_bt"), ("mgnet", "mgnet")])
+def test_checkpoint_round_trip_through_load_checkpoint(tiny_blackbox_path, scenes, tmp_path, mode, name):
+    model = predictor(tiny_blackbox_path, mode)
+    trainer = _fit_briefly(model, scenes, tmp_path)
+    path = tmp_path / "predictor.ckpt"
+    trainer.save_checkpoint(path)
+    raw = torch.load(path, weights_only=True)  # plain data only
+    assert raw["explainer"]["name"] == name
+    assert not any(k.startswith("blackbox.") for k in raw["state_dict"]), "black-box weights were stored"
+    blackbox = BlackBox(f"ckpt:{tiny_blackbox_path}")
+    loaded_name, explainer = explainers.load_checkpoint(str(path), blackbox)
+    assert loaded_name == name
+    images, index = scenes["image"], scenes["index"]
+    targets = blackbox.logits(images).argmax(1)
+    expected = model.eval().as_explainer()(images, targets, index)
+    torch.testing.assert_close(explainer(images, targets, index), expected)
+    if mode == "ct":  # the post-hoc variant from the same checkpoint, and the black box rebuilt from its spec
+        variant, tuned = load_predictor(str(path), posthoc=True, posthoc_points=8)
+        assert variant == "predictor_ct_posthoc" and tuned.blackbox.spec == "timm:resnet10t"
+        assert tuned(images, targets, index).shape == expected.shape
+        resumed = MaskPredictor.load_from_checkpoint(path, weights_only=True)  # black box refilled on load
+        for key, value in model.net.state_dict().items():
+            torch.testing.assert_close(resumed.net.state_dict()[key], value)
+
+
+def test_a_checkpoint_for_another_black_box_is_refused(tiny_blackbox_path, scenes, tmp_path):
+    model = predictor(tiny_blackbox_path)
+    trainer = _fit_briefly(model, scenes, tmp_path, steps=1)
+    trainer.save_checkpoint(tmp_path / "p.ckpt")
+    other = BlackBox("timm:resnet10t", num_classes=10, model_kwargs={"channels": [8, 16, 24, 48]})
+    with pytest.raises(ValueError, match="feature channels"):
+        explainers.load_checkpoint(str(tmp_path / "p.ckpt"), other)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# train.py end to end (subprocesses)
+
+IMAGENET_CONFIGS = ["imagenet_resnet50_filter", "imagenet_resnet50_ct", "imagenet_resnet50_bt", "imagenet_resnet50_mgnet",
+                    "imagenet_vgg19_ct", "imagenet_googlenet_ct"]
+EMBEDDED_PREDICTORS = ["embedded_predictor_ct", "embedded_predictor_bt", "embedded_mgnet"]
+CPU = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto"]
+
+
+def run_train(repo_root, *args, timeout=600):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=repo_root, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def embedded_data(num_train=16, batch=8):
+    return ["--data.init_args.image_size=32", f"--data.init_args.batch_size={batch}", "--data.init_args.num_workers=0",
+            f"--data.init_args.num_train={num_train}", "--data.init_args.num_val=8", "--data.init_args.num_test=8"]
+
+
+@pytest.fixture(scope="module")
+def imagenet_export(tmp_path_factory):
+    from datamodules.export import export_imagenet
+
+    return export_imagenet(tmp_path_factory.mktemp("imagenet"), {"train": 16, "val": 8}, image_size=SIZE)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", IMAGENET_CONFIGS)
+def test_fast_dev_run_of_every_imagenet_config(repo_root, imagenet_export, tmp_path, config):
+    """The real architectures (torchvision ResNet-50 / VGG-19 / GoogLeNet, random weights, 10 classes) on the
+    embedded ImageNet export at 32 px, with the config's bf16 and channels_last on the CPU."""
+    args = ["fit", "--config", f"configs/experiment/{config}.yaml", "--trainer.fast_dev_run=true",
+            f"--run_dir={tmp_path}", f"--data.init_args.root={imagenet_export}", f"--data.init_args.image_size={SIZE}",
+            "--data.init_args.batch_size=4", "--data.init_args.num_workers=0", "--model.init_args.blackbox_weights=null",
+            "--model.init_args.num_classes=10", *CPU]
+    if not config.endswith("filter"):
+        args.append("--model.init_args.filter_checkpoint=null")
+    proc = run_train(repo_root, *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "max_steps=1" in proc.stdout + proc.stderr
+    if not config.endswith("filter"):
+        assert (tmp_path / "eval" / "val_mask_histogram_epoch000.png").is_file()
+        assert (tmp_path / "eval" / "val_epoch000_overlays.png").is_file()
+
+
+@pytest.fixture(scope="module")
+def embedded_filter(repo_root, tiny_blackbox_path, tmp_path_factory):
+    """A real (2-step) run of configs/experiment/embedded_filter.yaml: its last.ckpt feeds the predictors."""
+    run_dir = tmp_path_factory.mktemp("filter")
+    proc = run_train(repo_root, "fit", "--config", "configs/experiment/embedded_filter.yaml", f"--run_dir={run_dir}",
+                     f"--model.init_args.blackbox=ckpt:{tiny_blackbox_path}", *embedded_data(),
+                     "--trainer.limit_train_batches=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    path = run_dir / "checkpoints" / "last.ckpt"
+    assert "feature_filter" in torch.load(path, weights_only=True)
+    return path
+
+
+def predictor_args(config, tiny_blackbox_path, filter_path, run_dir, *extra):
+    return ["fit", "--config", f"configs/experiment/{config}.yaml", f"--run_dir={run_dir}",
+            f"--model.init_args.blackbox=ckpt:{tiny_blackbox_path}",
+            f"--model.init_args.filter_checkpoint={filter_path}", *extra]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", EMBEDDED_PREDICTORS)
+def test_fast_dev_run_of_the_embedded_predictor_configs(repo_root, tiny_blackbox_path, embedded_filter, tmp_path,
+                                                         config):
+    proc = run_train(repo_root, *predictor_args(config, tiny_blackbox_path, embedded_filter, tmp_path,
+                                                *embedded_data(), "--trainer.fast_dev_run=true"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "eval" / "val_epoch000.json").is_file()
+
+
+RESUME_TRAINER = """trainer:
+  logger: false
+  callbacks:
+    - class_path: pytorch_lightning.callbacks.ModelCheckpoint
+      init_args:
+        save_last: true
+        save_top_k: 0
+        every_n_train_steps: 3
+        enable_version_counter: false
+    - class_path: pytorch_lightning.callbacks.ModelCheckpoint
+      init_args:
+        save_last: true
+        save_top_k: 0
+        enable_version_counter: false
+"""
+
+
+@pytest.mark.slow
+def test_killed_mid_epoch_resumes_with_optimizer_and_scheduler_state(repo_root, tiny_blackbox_path, embedded_filter,
+                                                                      tmp_path):
+    """SIGKILL right after the first mid-epoch checkpoint; ``--ckpt_path last`` then finishes the schedule
+    from there: Adam's step counts and the StepLR epoch continue instead of restarting."""
+    overlay = tmp_path / "resume.yaml"
+    overlay.write_text(RESUME_TRAINER)
+    run_dir = tmp_path / "run"
+    args = predictor_args("embedded_predictor_ct", tiny_blackbox_path, embedded_filter, run_dir,
+                          *embedded_data(num_train=160, batch=8), "--config", str(overlay),
+                          "--trainer.max_epochs=2", "--trainer.limit_val_batches=1")  # 20 steps an epoch
+    last = run_dir / "checkpoints" / "last.ckpt"
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=repo_root, env=subprocess_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    _, stderr = proc.communicate()
+    assert last.exists(), stderr[-3000:]
+    interrupted = torch.load(last, weights_only=True)  # Lightning saves atomically: never a torn file
+    killed_at = interrupted["global_step"]
+    assert 0 < killed_at < 20 and killed_at % 20, f"not killed mid-epoch (step {killed_at})"
+    adam = interrupted["optimizer_states"][0]["state"]
+    assert all(int(s["step"]) == killed_at for s in adam.values())
+
+    second = run_train(repo_root, *args, "--ckpt_path=last")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Restoring states from the checkpoint path" in second.stdout + second.stderr
+    final = torch.load(last, weights_only=True)
+    steps = final["global_step"]
+    assert steps == 40, steps  # 2 epochs x 20 steps: continued where it stopped, the epoch not replayed
+    # Adam continued from the restored counts (a fresh optimizer would count 40 - killed_at)
+    assert all(int(s["step"]) == steps for s in final["optimizer_states"][0]["state"].values())
+    schedule = final["lr_schedulers"][0]
+    assert schedule["last_epoch"] == 2 and schedule["_last_lr"][0] == pytest.approx(0.01 * 0.5**2)
+    assert final["explainer"]["name"] == "predictor_ct"
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_match_one(repo_root, tiny_blackbox_path, embedded_filter, tmp_path):
+    """One optimizer step on all 8 training scenes, by 1 process x 8 or 2 DDP processes x 4, then validation
+    with ExplainerEvaluation("self"); and the 1-process checkpoint validated again by 2 processes.
+
+    Evaluation (sharded probe set and validation data, torchmetrics / sync_dist reductions) must agree to
+    float precision. Training agrees within tolerance only: the generator's batch norms normalise with each
+    process's own 4 images (SyncBatchNorm needs GPUs), so the one step differs slightly.
+    """
+    import json
+
+    metrics = {}
+    for devices, batch in ((1, 8), (2, 4)):
+        run_dir = tmp_path / f"ddp{devices}"
+        proc = run_train(repo_root, *predictor_args(
+            "embedded_predictor_ct", tiny_blackbox_path, embedded_filter, run_dir,
+            *embedded_data(num_train=8, batch=batch), "--trainer.max_epochs=1",
+            f"--trainer.devices={devices}", f"--trainer.strategy={'ddp' if devices > 1 else 'auto'}"))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        metrics[devices] = json.loads((run_dir / "fit_metrics.json").read_text())
+    run_dir = tmp_path / "validate2"
+    args = predictor_args("embedded_predictor_ct", tiny_blackbox_path, embedded_filter, run_dir,
+                          *embedded_data(batch=4), "--trainer.devices=2", "--trainer.strategy=ddp",
+                          f"--ckpt_path={tmp_path / 'ddp1' / 'checkpoints' / 'last.ckpt'}")
+    proc = run_train(repo_root, "validate", *args[1:])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "distributed_backend=gloo" in proc.stdout + proc.stderr or "MEMBER: 2/2" in proc.stdout + proc.stderr
+    validated = json.loads((run_dir / "validate_metrics.json").read_text())
+
+    evaluation = ["val/loss", "val/ce", "val/mask_mean", "val/mask_std", "val/mask_skewness", "val/self/mf",
+                  "val/self/insertion", "val/self/deletion", "val/self/mi", "val/self/pointing_game",
+                  "val/self/iou", "val/self/images"]
+    for name in evaluation:
+        assert validated[name] == pytest.approx(metrics[1][name], rel=1e-4, abs=1e-5), name
+    for name in ("val/loss", "val/self/mf", "val/self/insertion", "val/self/deletion", "val/self/mi"):
+        assert metrics[2][name] == pytest.approx(metrics[1][name], rel=0.02), name
+    assert metrics[2]["val/mask_mean"] == pytest.approx(metrics[1]["val/mask_mean"], abs=0.02)
+    assert metrics[2]["val/self/images"] == metrics[1]["val/self/images"] == 8
