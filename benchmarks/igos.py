@@ -14,6 +14,12 @@ On the embedded black box and embedded test images (64 x 64, explained class = t
 4. Forward / backward counts: measured (``explainer.cost``) against the exact formula
    P (2T + sum of trials), P T (P = 4n for igos_pp, n for igos) and METHODS.md's 4 n T (2 + mean trials).
 
+What it found (2 cores, 64 px, quiet machine): B = 16 is *not* faster per image (0.8-0.9x). One image alone
+already sends all its 4n = 80 IG points (n = 20 for igos) through the black box together, which fills both
+cores; bigger chunks only cost cache (per forward pass at batch 20 / 80 / 256 in channels_last: 0.60 / 0.49 /
+0.55 ms forward, 1.54 / 1.37 / 1.56 ms forward + backward). Batching images pays where one image's points
+leave the device idle (GPUs, small n).
+
 Default settings take minutes per method on 2 cores (an untrained black box makes the line search backtrack
 to its floor often, ~13 trials). The machine may be shared: figures are noisy; the counts are exact.
 """
@@ -95,11 +101,13 @@ def bench(name: str, model, data: dict, targets: torch.Tensor, args) -> None:
     per_forward_single = sum(single_seconds) / sum(single_forwards)
     per_forward_batch = statistics.median(batch_seconds) / cost.forwards
     print(f"{name}: seconds per image  B=1 {per_image_single:.2f} (median of {args.single})  "
-          f"B={batch} {per_image_batch:.2f} (median of {args.repeats})  ->  speedup {per_image_single / per_image_batch:.2f}x "
+          f"B={batch} {per_image_batch:.2f} (median of {args.repeats})  ->  "
+          f"speedup {per_image_single / per_image_batch:.2f}x "
           f"(target >= 4x); per forward pass {per_forward_single * 1e3:.2f} ms vs {per_forward_batch * 1e3:.2f} ms "
           f"-> {per_forward_single / per_forward_batch:.2f}x")
     cpu_single, cpu_batch = statistics.median(single_cpu), statistics.median(batch_cpu) / batch
-    print(f"{name}: CPU seconds per image  B=1 {cpu_single:.2f}  B={batch} {cpu_batch:.2f}  ->  {cpu_single / cpu_batch:.2f}x; "
+    print(f"{name}: CPU seconds per image  B=1 {cpu_single:.2f}  B={batch} {cpu_batch:.2f}  ->  "
+          f"{cpu_single / cpu_batch:.2f}x; "
           f"per forward pass {sum(single_cpu) / sum(single_forwards) * 1e3:.2f} ms vs "
           f"{statistics.median(batch_cpu) / cost.forwards * 1e3:.2f} ms")
 
@@ -116,7 +124,8 @@ def bench(name: str, model, data: dict, targets: torch.Tensor, args) -> None:
     methods_forwards = terms * n * iterations * (2 + mean_trials)
     print(f"{name}: B={batch} counts per image: forwards {cost.forwards / batch:.1f} (exact formula "
           f"P(2T + sum t)/image = {forwards / batch:.1f}), backwards {cost.backwards / batch:.1f} (P T = "
-          f"{backwards / batch:.0f}); METHODS.md {terms}nT(2 + trials) = {terms}*{n}*{iterations}*(2 + {mean_trials:.2f}) "
+          f"{backwards / batch:.0f}); METHODS.md {terms}nT(2 + trials) = "
+          f"{terms}*{n}*{iterations}*(2 + {mean_trials:.2f}) "
           f"= {methods_forwards:.1f} forwards, {terms}nT = {terms * n * iterations} backwards; "
           f"match: {(cost.forwards, cost.backwards) == (forwards, backwards)}")
     print(f"{name}: line-search trials per iteration: mean {mean_trials:.2f}, min {int(trials.min())}, "

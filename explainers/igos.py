@@ -33,7 +33,10 @@ images go through the black box together, ``max_forward_batch`` at a time, each 
 once, so memory is bounded by that knob. The line search is per image: each image its own alpha, and each
 trial re-evaluates only the images whose search is still running. Noise for image b comes from its own
 generator (seeded by (seed, index_b)), one draw per row in a fixed order, so an image's map does not depend
-on its batch mates or on the chunking (up to float rounding of batched convolutions).
+on its batch mates or on the chunking (up to float rounding of batched convolutions). Speed: one image
+alone already sends its P = 4n points per evaluation together; on 2 CPU cores at 64 px that fills the cores,
+so batching images does not speed things up there (benchmarks/igos.py), and chunks of ~80-128 rows are
+slightly faster per row than 256 (cache). It pays where P rows leave the device idle (GPUs).
 
 Cost per image (exact, :attr:`Explainer.cost`): with P = 4n (igos_pp) or n (igos) rows per evaluation and
 t_i the line-search evaluations of iteration i (1 <= t_i <= :attr:`max_trials`, recorded in
@@ -166,7 +169,8 @@ class _IntegratedGradientOptimizedSaliency(Explainer):
                  ls_alpha0: float, ls_shrink: float, ls_c: float, ls_min_alpha: float, nag_step: float | None,
                  blur_kernel: int, blur_sigma: float, model_grad_scale: float, **common):
         super().__init__(blackbox, **common)
-        if isinstance(resolution, bool) or not (resolution == FULL or (isinstance(resolution, int) and resolution >= 2)):
+        valid = resolution == FULL or (isinstance(resolution, int) and resolution >= 2)
+        if isinstance(resolution, bool) or not valid:
             raise ValueError(f"resolution must be an int >= 2 (cells per side; the paper uses "
                              f"{PAPER_RESOLUTIONS[:-1]} at 224 px) or {FULL!r}, got {resolution!r}")
         if not isinstance(scale_with_image, bool):
@@ -329,7 +333,8 @@ class _IntegratedGradientOptimizedSaliency(Explainer):
             term, k = within // steps, within % steps + 1
             with torch.set_grad_enabled(grad):
                 x = self._points(batch, masks, slot, device_ids[slot], uses[term], deletion[term], k / steps)
-                probs = self._logits(x).softmax(dim=1).gather(1, batch.targets[device_ids[slot]].unsqueeze(1)).squeeze(1)
+                classes = batch.targets[device_ids[slot]].unsqueeze(1)
+                probs = self._logits(x).softmax(dim=1).gather(1, classes).squeeze(1)
                 if grad:
                     (probs * signs[term]).sum().div(steps).backward()
             scores[part] = probs.detach()
