@@ -27,3 +27,16 @@ def subprocess_env() -> dict:
     env.update(HF_HUB_OFFLINE="1", WANDB_MODE="disabled", OMP_NUM_THREADS="1",
                PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
     return env
+
+
+@pytest.fixture(scope="session")
+def tiny_blackbox_path(tmp_path_factory) -> Path:
+    """A random-weight 10-class narrow resnet10t saved as a project black-box record (``ckpt:PATH``)."""
+    from lightning_modules.blackbox import blackbox_record, create_network
+
+    torch.manual_seed(0)
+    kwargs = {"channels": [8, 16, 24, 32]}
+    net = create_network("timm:resnet10t", 10, kwargs)
+    path = tmp_path_factory.mktemp("bb") / "tiny.pt"
+    torch.save(blackbox_record("timm:resnet10t", net, 10, kwargs, (0.5,) * 3, (0.25,) * 3), path)
+    return path

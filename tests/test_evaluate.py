@@ -11,20 +11,15 @@ import pytest
 import torch
 
 import evaluate
-from lightning_modules.blackbox import blackbox_record, create_network
+
 from lightning_modules.evaluation import check_batch
 from tests.conftest import subprocess_env
 
-TINY = dict(model="timm:resnet10t", model_kwargs={"channels": [8, 16, 24, 32]})
 
 
 @pytest.fixture(scope="module")
-def tiny_blackbox(tmp_path_factory):
-    torch.manual_seed(0)
-    net = create_network(TINY["model"], 10, TINY["model_kwargs"])
-    path = tmp_path_factory.mktemp("bb") / "tiny.pt"
-    torch.save(blackbox_record(TINY["model"], net, 10, TINY["model_kwargs"], (0.5,) * 3, (0.25,) * 3), path)
-    return f"ckpt:{path}"
+def tiny_blackbox(tiny_blackbox_path):
+    return f"ckpt:{tiny_blackbox_path}"
 
 
 def args_for(blackbox, out, *extra):

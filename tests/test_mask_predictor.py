@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 import explainers
 from datamodules import ClutteredFashionMNIST, collate_samples
 from explainers.mask_predictor import load_predictor
-from lightning_modules.blackbox import BlackBox, blackbox_record, create_network
+from lightning_modules.blackbox import BlackBox
 from lightning_modules.controllers import CTController, make_controller, skewness, standardise
 from lightning_modules.feature_filter import FeatureFilter, FeatureFilterModule, per_image_uniforms
 from lightning_modules.mask_generator import (GENERATOR_PRESETS, PRESET_RATIOS, MaskGenerator, MaskPredictorNet,
@@ -27,20 +27,10 @@ from lightning_modules.mask_predictor import MaskDistribution, MaskPredictor, hi
 from tests.conftest import subprocess_env
 
 SIZE = 32
-TINY = dict(model="timm:resnet10t", model_kwargs={"channels": [8, 16, 24, 32]})
 # The paper's black boxes: feature channels (strides 4/8/16/32) and the generator widths of its appendix.
 PAPER = {"torchvision:resnet50": ([256, 512, 1024, 2048], [256, 128, 64]),
          "torchvision:vgg19": ([128, 256, 512, 512], [256, 128, 64]),
          "torchvision:googlenet": ([192, 480, 832, 1024], [416, 240, 96])}
-
-
-@pytest.fixture(scope="module")
-def tiny_blackbox_path(tmp_path_factory):
-    torch.manual_seed(0)
-    net = create_network(TINY["model"], 10, TINY["model_kwargs"])
-    path = tmp_path_factory.mktemp("bb") / "tiny.pt"
-    torch.save(blackbox_record(TINY["model"], net, 10, TINY["model_kwargs"], (0.5,) * 3, (0.25,) * 3), path)
-    return path
 
 
 @pytest.fixture(scope="module")
