@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import evaluate
-
 from lightning_modules.evaluation import check_batch
 from tests.conftest import subprocess_env
 
