@@ -2,21 +2,33 @@
 when its results are already there, so a re-run reuses finished stages and resumes an interrupted one.
 
 Stages (each a plain ``train.py`` / ``evaluate.py`` call that you can also run by hand):
-  1. classifier — train the embedded black box (configs/experiment/embedded_classifier.yaml), then test it;
-  2. evaluation — every baseline explainer x every metric on the embedded test split
-     (configs/experiment/embedded_evaluate.yaml); evaluate.py itself skips finished (image, method) pairs.
+  1. classifier — the embedded black box: the committed record ``assets/embedded_blackbox.pt`` (made by
+     this same pipeline, see assets/README.md) is tested on the embedded test split; with
+     ``--train_classifier`` or without that file it is trained (configs/experiment/embedded_classifier.yaml);
+  2. filter — the feature filter (class selector) of the mask predictors (embedded_filter.yaml);
+  3. predictor_ct, predictor_bt, mgnet — the learned mask predictors (embedded_predictor_*.yaml,
+     embedded_mgnet.yaml), trained with the filter frozen;
+  4. evaluation — the baselines, iGOS++, I-GOS, IASSA and the trained predictors (also CT with post-hoc
+     tuning) x every metric on the embedded test split (embedded_evaluate.yaml); evaluate.py itself skips
+     finished (image, method) pairs.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 CLASSIFIER_CONFIG = "configs/experiment/embedded_classifier.yaml"
+FILTER_CONFIG = "configs/experiment/embedded_filter.yaml"
+PREDICTOR_CONFIGS = {"predictor_ct": "configs/experiment/embedded_predictor_ct.yaml",
+                     "predictor_bt": "configs/experiment/embedded_predictor_bt.yaml",
+                     "mgnet": "configs/experiment/embedded_mgnet.yaml"}
 EVALUATE_CONFIG = "configs/experiment/embedded_evaluate.yaml"
+COMMITTED_BLACKBOX = Path("assets/embedded_blackbox.pt")
 
 
 def _call(cmd: list[str]) -> None:
@@ -30,12 +42,15 @@ def best_checkpoint(run_dir: Path) -> Path:
     return ckpts[-1] if ckpts else run_dir / "checkpoints" / "last.ckpt"
 
 
+TRAIN_OVERRIDES: list[str] = []  # --train_args: appended to every train.py call
+
+
 def train_stage(config: str, run_dir: Path, extra: list[str] = ()) -> dict:
     """fit (resuming from last.ckpt when interrupted), then test the best checkpoint; reuse a finished stage."""
     if (run_dir / "test_metrics.json").is_file():
         print(f"[demo] {run_dir.name}: finished earlier, reusing {run_dir}")
     else:
-        base = ["--config", config, f"--run_dir={run_dir}", *extra]
+        base = ["--config", config, f"--run_dir={run_dir}", *extra, *TRAIN_OVERRIDES]
         if not (run_dir / "fit_metrics.json").is_file():
             resume = ["--ckpt_path=last"] if (run_dir / "checkpoints" / "last.ckpt").is_file() else []
             _call([sys.executable, "train.py", "fit", *base, *resume])
@@ -43,31 +58,72 @@ def train_stage(config: str, run_dir: Path, extra: list[str] = ()) -> dict:
     return json.loads((run_dir / "test_metrics.json").read_text())
 
 
+def classifier_stage(out: Path, record: Path, train: bool) -> tuple[float, Path]:
+    """(test accuracy, black-box checkpoint): a black-box record, tested, or a freshly trained classifier."""
+    from lightning_modules.blackbox import read_blackbox_record
+
+    run_dir = out / "classifier"
+    if train or not record.is_file():
+        accuracy = train_stage(CLASSIFIER_CONFIG, run_dir)["test/acc"]
+        return accuracy, best_checkpoint(run_dir)
+    if not (run_dir / "test_metrics.json").is_file():
+        print(f"[demo] classifier: testing the black box {record} (train one anew: --train_classifier)")
+        arch = read_blackbox_record(record)  # the record's architecture, whatever the config says
+        _call([sys.executable, "train.py", "test", "--config", CLASSIFIER_CONFIG, f"--run_dir={run_dir}",
+               f"--model.init_args.model={arch['model']}", f"--model.init_args.num_classes={arch['num_classes']}",
+               f"--model.init_args.model_kwargs={json.dumps(arch['model_kwargs'])}",
+               f"--model.init_args.mean={json.dumps(arch['mean'])}", f"--model.init_args.std={json.dumps(arch['std'])}",
+               f"--model.init_args.weights={record}", *TRAIN_OVERRIDES])
+    return json.loads((run_dir / "test_metrics.json").read_text())["test/acc"], record
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("outputs/demo"), help="folder for every stage's outputs")
     parser.add_argument("--num_images", type=int, default=None, help="images to evaluate (default: the config's)")
+    parser.add_argument("--blackbox", type=Path, default=COMMITTED_BLACKBOX,
+                        help="black-box record to use (default: the committed one; trained when missing)")
+    parser.add_argument("--train_classifier", action="store_true",
+                        help="train the black box even though the --blackbox record is there")
+    parser.add_argument("--train_args", default="", help="extra train.py arguments for every stage (quoted)")
+    parser.add_argument("--evaluate_args", default="", help="extra evaluate.py arguments (quoted)")
     args = parser.parse_args(argv)
+    TRAIN_OVERRIDES[:] = shlex.split(args.train_args)
     args.out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
 
-    start = time.perf_counter()
-    classifier_dir = args.out / "classifier"
-    accuracy = train_stage(CLASSIFIER_CONFIG, classifier_dir)["test/acc"]
-    ckpt = best_checkpoint(classifier_dir)
-    timings["classifier"] = round(time.perf_counter() - start, 1)
+    def timed(stage: str, fn, *a):
+        start = time.perf_counter()
+        result = fn(*a)
+        timings[stage] = round(time.perf_counter() - start, 1)
+        return result
+
+    accuracy, ckpt = timed("classifier", classifier_stage, args.out, args.blackbox,
+                           args.train_classifier)
     print(f"\n[demo] embedded black box: test accuracy {accuracy:.2%} on the embedded test split")
     print(f"[demo] checkpoint: {ckpt}  (BlackBox('ckpt:{ckpt}'))\n")
+    blackbox = f"--model.init_args.blackbox=ckpt:{ckpt}"
 
-    start = time.perf_counter()
+    filter_dir = args.out / "filter"
+    timed("filter", train_stage, FILTER_CONFIG, filter_dir, [blackbox])
+    filter_ckpt = best_checkpoint(filter_dir)
+    predictors = {}
+    for name, config in PREDICTOR_CONFIGS.items():
+        run_dir = args.out / name
+        timed(name, train_stage, config, run_dir, [blackbox, f"--model.init_args.filter_checkpoint={filter_ckpt}"])
+        predictors[name] = best_checkpoint(run_dir)
+
     evaluation = args.out / "evaluation"
     extra = [] if args.num_images is None else [f"--num_images={args.num_images}"]
-    _call([sys.executable, "evaluate.py", "--config", EVALUATE_CONFIG, f"--blackbox=ckpt:{ckpt}",
-           f"--out={evaluation}", *extra])
-    timings["evaluation"] = round(time.perf_counter() - start, 1)
+    ckpts = [str(path) for path in predictors.values()]
+    ckpts.append(f"predictor_ct_posthoc={predictors['predictor_ct']}")  # CT with post-hoc tuning, same weights
+    timed("evaluation", _call, [sys.executable, "evaluate.py", "--config", EVALUATE_CONFIG, f"--blackbox=ckpt:{ckpt}",
+                                f"--out={evaluation}", f"--ckpt={json.dumps(ckpts)}", *extra,
+                                *shlex.split(args.evaluate_args)])
 
     (args.out / "timings.json").write_text(json.dumps(timings, indent=2))
     print(f"[demo] black box test accuracy {accuracy:.2%}; checkpoint {ckpt}")
+    print(f"[demo] predictors: " + ", ".join(f"{n} {p}" for n, p in predictors.items()))
     print(f"[demo] evaluation: {evaluation}/summary.md, results.json, results.csv, curves.png, overlays.png")
     print(f"[demo] stage seconds this run: {timings} (total {sum(timings.values()):.0f} s)")
 

@@ -41,7 +41,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--method_hparams", type=dict[str, dict[str, Any]], default={},
                         help="per-method keyword arguments, e.g. {rise: {n_masks: 2000}}")
     parser.add_argument("--ckpt", type=list[str], default=[],
-                        help="checkpoints of trained explainers (each evaluated as a method)")
+                        help="checkpoints of trained explainers, each evaluated as a method: PATH (the recorded "
+                             "explainer) or NAME=PATH (a variant of it, e.g. predictor_ct_posthoc=PATH)")
     parser.add_argument("--num_images", type=int | None, default=None, help="the first N images of the split")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--num_workers", type=int, default=0)
@@ -93,10 +94,13 @@ def build_explainers(cfg, blackbox: BlackBox, names: list[str]) -> dict[str, obj
     for name in names:
         hparams = {"seed": cfg.seed, "max_forward_batch": cfg.max_forward_batch, **cfg.method_hparams.get(name, {})}
         built[name] = explainers.build(name, blackbox, **hparams)
-    for path in cfg.ckpt:
-        name, explainer = explainers.load_checkpoint(path, blackbox)
+    for entry in cfg.ckpt:
+        wanted, sep, path = entry.partition("=")
+        if not sep or "/" in wanted or Path(entry).exists():  # a plain path that happens to hold '='
+            wanted, path = None, entry
+        name, explainer = explainers.load_checkpoint(path, blackbox, wanted)
         if name in built:
-            raise ValueError(f"{path} is a {name!r} explainer, which --methods already evaluates")
+            raise ValueError(f"--ckpt {entry}: a {name!r} explainer is already evaluated (--methods or --ckpt)")
         built[name] = explainer
     return built
 

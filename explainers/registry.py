@@ -66,11 +66,15 @@ def register_checkpoint_loader(name: str):
     return decorate
 
 
-def load_checkpoint(path: str, blackbox: nn.Module) -> tuple[str, Explainer]:
+def load_checkpoint(path: str, blackbox: nn.Module, name: str | None = None) -> tuple[str, Explainer]:
     """(name, explainer) from a trained explainer's checkpoint, read with ``weights_only=True``.
 
+    ``name`` asks for a variant of the recorded explainer that the same weights give (e.g.
+    ``predictor_ct_posthoc`` from a ``predictor_ct`` checkpoint); None keeps the recorded one.
+
     Raises:
-        ValueError: the file carries no ``"explainer"`` record, or one no registered loader handles.
+        ValueError: the file carries no ``"explainer"`` record, one no registered loader handles, or one
+            that cannot give the requested ``name``.
     """
     from lightning_modules.blackbox import safe_load
 
@@ -78,8 +82,11 @@ def load_checkpoint(path: str, blackbox: nn.Module) -> tuple[str, Explainer]:
     record = checkpoint.get("explainer") if isinstance(checkpoint, dict) else None
     if not isinstance(record, dict) or "name" not in record:
         raise ValueError(f"{path} is not a trained-explainer checkpoint (no 'explainer' record with a 'name')")
-    name = record["name"]
-    if name not in _CHECKPOINT_LOADERS:
+    wanted = name or record["name"]
+    if wanted not in _CHECKPOINT_LOADERS:
         known = ", ".join(sorted(_CHECKPOINT_LOADERS)) or "none registered"
-        raise ValueError(f"{path} holds a {name!r} explainer, which no loader handles (loaders: {known})")
-    return name, _CHECKPOINT_LOADERS[name](checkpoint, path, blackbox)
+        raise ValueError(f"{path}: no loader gives a {wanted!r} explainer (loaders: {known})")
+    explainer = _CHECKPOINT_LOADERS[wanted](checkpoint, path, blackbox)
+    if getattr(explainer, "name", wanted) != wanted:
+        raise ValueError(f"{path} holds a {record['name']!r} explainer, which cannot be loaded as {wanted!r}")
+    return wanted, explainer

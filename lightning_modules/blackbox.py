@@ -67,6 +67,16 @@ def blackbox_record(model: str, net: nn.Module, num_classes: int, model_kwargs: 
             "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}}
 
 
+def read_blackbox_record(path: str | os.PathLike) -> dict:
+    """The :func:`blackbox_record` of a classifier checkpoint or of a bare record file (``weights_only``)."""
+    obj = safe_load(path)
+    record = obj.get("blackbox", obj) if isinstance(obj, dict) else None
+    if not isinstance(record, dict) or record.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{path} is not a black-box checkpoint of this project (no '{EXPORT_FORMAT}' "
+                         "record); for plain weights use model='timm:NAME', weights=PATH")
+    return record
+
+
 class UnsafeCheckpointError(RuntimeError):
     """A checkpoint holds objects that ``torch.load(weights_only=True)`` refuses to unpickle."""
 
@@ -171,12 +181,7 @@ class BlackBox(nn.Module):
     # -- construction -------------------------------------------------------------------------------
     @staticmethod
     def _read_checkpoint(path: str) -> dict:
-        obj = safe_load(path)
-        record = obj.get("blackbox", obj) if isinstance(obj, dict) else None
-        if not isinstance(record, dict) or record.get("format") != EXPORT_FORMAT:
-            raise ValueError(f"{path} is not a black-box checkpoint of this project (no '{EXPORT_FORMAT}' "
-                             "record); for plain weights use model='timm:NAME', weights=PATH")
-        return record
+        return read_blackbox_record(path)
 
     def _describe_levels(self, kind: str, name: str) -> None:
         """Record every feature level (index, channels, stride), the default normalisation and the backend."""
@@ -250,3 +255,29 @@ class BlackBox(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.spec}, num_classes={self.num_classes}, feature_channels={self.feature_channels}, "
                 f"feature_strides={self.feature_strides}")
+
+
+def export_blackbox(checkpoint: str | os.PathLike, out: str | os.PathLike, half: bool = False) -> dict:
+    """Write the black-box record of a classifier checkpoint to ``out`` (no optimizer state, no Lightning).
+
+    ``half`` stores the weights as float16 (half the size; they are cast back to float32 on load), which is
+    how the embedded black box committed under ``assets/`` stays below the 5 MB EMBEDDED.md allows.
+    """
+    record = dict(read_blackbox_record(checkpoint))
+    if half:
+        record["state_dict"] = {k: v.half() if v.is_floating_point() else v for k, v in record["state_dict"].items()}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(record, out)
+    return record
+
+
+if __name__ == "__main__":  # python -m lightning_modules.blackbox CKPT OUT [--half]
+    import argparse
+
+    parser = argparse.ArgumentParser(description=export_blackbox.__doc__)
+    parser.add_argument("checkpoint", help="a Classifier checkpoint (or a black-box record)")
+    parser.add_argument("out", help="where the record goes, e.g. assets/embedded_blackbox.pt")
+    parser.add_argument("--half", action="store_true", help="float16 weights")
+    args = parser.parse_args()
+    export_blackbox(args.checkpoint, args.out, args.half)
+    print(f"wrote {args.out} ({Path(args.out).stat().st_size / 1e6:.2f} MB); use it as BlackBox('ckpt:{args.out}')")

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 import torchmetrics
 
-from .blackbox import blackbox_record, create_network
+from .blackbox import blackbox_record, create_network, read_blackbox_record
 
 
 class Classifier(pl.LightningModule):
@@ -26,6 +26,8 @@ class Classifier(pl.LightningModule):
         lr, weight_decay: AdamW; the learning rate follows a one-cycle schedule over the whole run.
         label_smoothing: of the cross-entropy.
         hflip: random horizontal flips of training images (per image, from the global seeded RNG).
+        weights: start from the network of this black-box record or classifier checkpoint (read with
+            ``weights_only=True``), e.g. to test the committed embedded black box with ``train.py test``.
     """
 
     def __init__(
@@ -39,15 +41,28 @@ class Classifier(pl.LightningModule):
         weight_decay: float = 0.05,
         label_smoothing: float = 0.1,
         hflip: bool = True,
+        weights: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.net = create_network(model, num_classes, model_kwargs)
+        if weights is not None:
+            self._load_weights(weights)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.accuracy = torch.nn.ModuleDict({
             split: torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro")
             for split in ("train_", "val", "test")})  # "train" is a reserved ModuleDict attribute name
+
+    def _load_weights(self, path: str) -> None:
+        record = read_blackbox_record(path)
+        hp = self.hparams
+        mine = (hp.model, hp.num_classes, dict(hp.model_kwargs or {}), list(hp.mean), list(hp.std))
+        theirs = (record["model"], record["num_classes"], record["model_kwargs"], record["mean"], record["std"])
+        if [str(v) for v in mine] != [str(v) for v in theirs]:
+            raise ValueError(f"weights {path} are of another classifier: (model, num_classes, model_kwargs, mean, "
+                             f"std) = {theirs}, this one is {mine}")
+        self.net.load_state_dict(record["state_dict"])
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images (B,3,H,W) in [0,1] -> logits (B,K)."""

@@ -93,6 +93,18 @@ def test_rebuilds_from_classifier_checkpoint_and_export(tmp_path):
     torch.save({"state_dict": clf.state_dict()}, tmp_path / "plain.ckpt")
     with pytest.raises(ValueError, match="not a black-box checkpoint"):
         BlackBox(f"ckpt:{tmp_path / 'plain.ckpt'}")
+    from lightning_modules.blackbox import export_blackbox
+
+    export_blackbox(tmp_path / "clf.ckpt", tmp_path / "half.pt", half=True)  # the committed assets/ record
+    assert all(v.dtype != torch.float32 for v in torch.load(tmp_path / "half.pt", weights_only=True)["state_dict"].values())
+    assert torch.allclose(BlackBox(f"ckpt:{tmp_path / 'half.pt'}")(x), clf(x), atol=2e-2)
+    # the committed embedded black box is tested by `train.py test` through Classifier(weights=record)
+    again = Classifier(model=TINY["model"], num_classes=5, model_kwargs=TINY["model_kwargs"],
+                       weights=str(tmp_path / "box.pt")).eval()
+    assert torch.allclose(again(x), clf(x), atol=1e-5)
+    with pytest.raises(ValueError, match="another classifier"):
+        Classifier(model=TINY["model"], num_classes=5, model_kwargs=TINY["model_kwargs"], std=(0.3, 0.3, 0.3),
+                   weights=str(tmp_path / "box.pt"))
 
 
 class _Payload:

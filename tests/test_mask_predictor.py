@@ -303,6 +303,10 @@ def test_checkpoint_round_trip_through_load_checkpoint(tiny_blackbox_path, scene
         variant, tuned = load_predictor(str(path), posthoc=True, posthoc_points=8)
         assert variant == "predictor_ct_posthoc" and tuned.blackbox.spec == "timm:resnet10t"
         assert tuned(images, targets, index).shape == expected.shape
+        asked, _ = explainers.load_checkpoint(str(path), blackbox, "predictor_ct_posthoc")  # evaluate.py NAME=PATH
+        assert asked == "predictor_ct_posthoc"
+        with pytest.raises(ValueError, match="cannot be loaded as 'mgnet'"):
+            explainers.load_checkpoint(str(path), blackbox, "mgnet")
         resumed = MaskPredictor.load_from_checkpoint(path, weights_only=True)  # black box refilled on load
         for key, value in model.net.state_dict().items():
             torch.testing.assert_close(resumed.net.state_dict()[key], value)
