@@ -57,6 +57,11 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--max_forward_batch", type=int, default=256, help="memory knob of metrics and methods")
     parser.add_argument("--seed", type=int, default=0, help="seed of every stochastic method")
     parser.add_argument("--overlay_images", type=int, default=8)
+    parser.add_argument("--randomisation_images", type=int, default=0,
+                        help="also run the cascading model-randomisation check (callbacks/sanity.py) of every "
+                             "--methods explainer on the first N images (0: off); writes randomisation.json")
+    parser.add_argument("--randomisation_fractions", type=list[float], default=[0.5],
+                        help="fractions of the black box's layers re-initialised, counted from the output")
     parser.add_argument("--out", type=str, default="outputs/evaluation")
     parser.add_argument("--accelerator", type=str, default="cpu")
     parser.add_argument("--devices", type=int | str, default=1)
@@ -162,10 +167,45 @@ def main(argv: list[str] | None = None) -> dict | None:
     rows = RowStore(out / "rows").read_all()
     results = write_reports(rows, list(methods), header, out)
     write_figures(rows, list(methods), subset, sorted(overlay), out)
+    if cfg.randomisation_images > 0:
+        randomisation_check(cfg, blackbox, names, subset, out)
     if cfg.wandb:
         log_to_wandb(cfg, out, results)
     print((out / "summary.md").read_text())
     return results
+
+
+def randomisation_check(cfg, blackbox: BlackBox, names: list[str], subset, out: Path) -> list[dict]:
+    """Cascading model randomisation (Adebayo et al.) of the registry methods on the first
+    ``--randomisation_images`` images; rows in randomisation.json and a table appended to summary.md.
+    Reused when randomisation.json exists with the same settings (the check costs 1 + len(fractions)
+    explanations per image and method)."""
+    from callbacks.sanity import model_randomisation
+    from metrics import explained_class
+
+    settings = {"images": min(cfg.randomisation_images, len(subset)), "fractions": cfg.randomisation_fractions,
+                "methods": names, "seed": cfg.seed}
+    path = out / "randomisation.json"
+    if path.is_file() and json.loads(path.read_text()).get("settings") == settings:
+        rows = json.loads(path.read_text())["rows"]
+    else:
+        batch = collate_samples([subset[i] for i in range(settings["images"])])
+        targets = explained_class(blackbox, batch["image"], batch["label"], cfg.target, cfg.max_forward_batch)
+        specs = [{"name": n, "seed": cfg.seed, "max_forward_batch": cfg.max_forward_batch,
+                  **cfg.method_hparams.get(n, {})} for n in names]
+        rows = model_randomisation(blackbox, specs, batch["image"], targets, fractions=[0.0, *cfg.randomisation_fractions],
+                                   seed=cfg.seed, indices=batch["index"])
+        path.write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
+    lines = ["", f"## Model randomisation ({settings['images']} images; Spearman rank correlation of each map with "
+             "its map on the trained black box; below 0.5 = the map depends on the weights)", "",
+             "| method | " + " | ".join(f"{f:.0%} of layers" for f in cfg.randomisation_fractions) + " |",
+             "|---|" + "---|" * len(cfg.randomisation_fractions)]
+    for name in names:
+        values = [r["spearman"] for r in rows if r["explainer"] == name and r["fraction"] > 0]
+        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
+    with open(out / "summary.md", "a") as f:
+        f.write("\n".join(lines) + "\n")
+    return rows
 
 
 def write_figures(rows: list[dict], methods: list[str], subset, overlay: list[int], out: Path) -> None:

@@ -49,6 +49,24 @@ def test_writes_every_output(tiny_blackbox, tmp_path):
     assert "| rise |" in (tmp_path / "summary.md").read_text()
 
 
+def test_model_randomisation_check_is_written_and_reused(tiny_blackbox, tmp_path, monkeypatch):
+    args = args_for(tiny_blackbox, tmp_path, "--randomisation_images=3", "--randomisation_fractions=[0.5, 1.0]")
+    evaluate.main(args)
+    saved = json.loads((tmp_path / "randomisation.json").read_text())
+    assert saved["settings"]["images"] == 3
+    by_key = {(r["explainer"], r["fraction"]): r for r in saved["rows"]}
+    assert set(by_key) == {(m, f) for m in ("gradient", "rise") for f in (0.0, 0.5, 1.0)}
+    assert by_key[("gradient", 0.0)]["spearman"] == pytest.approx(1.0)  # deterministic: unchanged at step 0
+    assert len(by_key[("rise", 1.0)]["per_image"]) == 3 and by_key[("rise", 1.0)]["layers"] > 0
+    assert "## Model randomisation" in (tmp_path / "summary.md").read_text()
+
+    import callbacks.sanity
+
+    monkeypatch.setattr(callbacks.sanity, "model_randomisation", lambda *a, **k: pytest.fail("not reused"))
+    evaluate.main(args)  # same settings: the saved check is reused
+    assert (tmp_path / "summary.md").read_text().count("## Model randomisation") == 1
+
+
 def test_rerun_skips_finished_pairs_and_extends(tiny_blackbox, tmp_path):
     evaluate.main(args_for(tiny_blackbox, tmp_path, "--methods=gradient"))
     rows_before = (tmp_path / "rows" / "rows-rank0.jsonl").read_text().count("\n")
