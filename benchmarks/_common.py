@@ -1,4 +1,4 @@
-"""Shared by the benchmark scripts: the embedded black box (trained if the demo ran, else same-shape random
+"""Shared by the benchmark scripts: the embedded black box (the committed record, else same-shape random
 weights — speed does not depend on the weights), embedded test images, and a median timer."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from datamodules import ClutteredFashionMNIST
 from lightning_modules.blackbox import BlackBox
 
-DEMO_CKPT = Path("outputs/demo/classifier/checkpoints/last.ckpt")
+DEMO_CKPT = Path(__file__).resolve().parents[1] / "assets" / "embedded_blackbox.pt"
 
 
 def embedded_blackbox() -> BlackBox:

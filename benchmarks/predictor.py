@@ -9,7 +9,7 @@
    (two masked batches for MGnet / a bg_weight > 0: phi(I, M, A) and phi(I, 1 - M, A)),
    plus the generator's own cost (its forward, backward and Adam step on fixed features).
    Target: ratio <= 1.3.
-Both on embedded test images with the embedded black box (trained if the demo ran, else random weights of
+Both on embedded test images with the embedded black box (the committed assets/ record, else random weights of
 the same shape) and an untrained filter (speed does not depend on weights). Each pair is timed alternately in
 one process, so machine noise hits both alike; medians of ``--repeats`` runs after a warm-up.
 """

@@ -165,7 +165,7 @@ class FeatureFilterModule(FrozenBlackBoxModule):
 
     def __init__(
         self,
-        blackbox: str = "ckpt:outputs/demo/classifier/checkpoints/last.ckpt",
+        blackbox: str = "ckpt:assets/embedded_blackbox.pt",
         blackbox_weights: str | None = None,
         num_classes: int | None = None,
         blackbox_kwargs: dict | None = None,

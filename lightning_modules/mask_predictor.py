@@ -152,7 +152,7 @@ class MaskPredictor(FrozenBlackBoxModule):
 
     def __init__(
         self,
-        blackbox: str = "ckpt:outputs/demo/classifier/checkpoints/last.ckpt",
+        blackbox: str = "ckpt:assets/embedded_blackbox.pt",
         filter_checkpoint: str | None = "outputs/demo/filter/checkpoints/last.ckpt",
         blackbox_weights: str | None = None,
         num_classes: int | None = None,
