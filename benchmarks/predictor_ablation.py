@@ -9,7 +9,8 @@ validation images plus the skewness of its mask scores (its own ``val/mask_skewn
 Variants (the demo recipe: 2 epochs x 150 batches of 128, lr 1e-2 halved every epoch):
   ct, bt, mgnet            the demo configs as they are
   ct_6ep                   CT trained 3x longer (6 epochs, lr halved every 2)
-  ct_eta3, ct_h5, ct_h1    CT's shape: eta 3 (steeper), h 5 (sparser), h 1 (plain sigmoid)
+  ct_eta3, ct_h2.5, ct_h1  CT's shape: eta 3 (steeper), h 2.5 (the paper's; the embedded config uses 5),
+                           h 1 (plain sigmoid)
   mgnet_area1              MGnet with the area weight 1 instead of 8
   ct_area1                 CT plus MGnet's area term (weight 1)
 """
@@ -30,6 +31,7 @@ VARIANTS = {
     "ct_6ep": ("ct", ["--trainer.max_epochs=6", "--model.init_args.lr_step_epochs=2"]),
     "ct_eta3": ("ct", ["--model.init_args.eta=3.0"]),
     "ct_h5": ("ct", ["--model.init_args.h=5.0"]),
+    "ct_h2.5": ("ct", ["--model.init_args.h=2.5"]),
     "ct_h1": ("ct", ["--model.init_args.h=1.0"]),
     "mgnet_area1": ("mgnet", ["--model.init_args.area_weight=1.0"]),
     "ct_area1": ("ct", ["--model.init_args.area_weight=1.0"]),
