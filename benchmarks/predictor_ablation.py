@@ -11,7 +11,7 @@ Variants (the demo recipe: 2 epochs x 150 batches of 128, lr 1e-2 halved every e
   ct_6ep                   CT trained 3x longer (6 epochs, lr halved every 2)
   ct_eta3, ct_h2.5, ct_h1  CT's shape: eta 3 (steeper), h 2.5 (the paper's; the embedded config uses 5),
                            h 1 (plain sigmoid)
-  mgnet_area1              MGnet with the area weight 1 instead of 8
+  mgnet_area1, mgnet_area8 MGnet with the area weight 1 (the embedded config's) / 8 (Dabkowski's)
   ct_area1                 CT plus MGnet's area term (weight 1)
 """
 from __future__ import annotations
@@ -34,6 +34,7 @@ VARIANTS = {
     "ct_h2.5": ("ct", ["--model.init_args.h=2.5"]),
     "ct_h1": ("ct", ["--model.init_args.h=1.0"]),
     "mgnet_area1": ("mgnet", ["--model.init_args.area_weight=1.0"]),
+    "mgnet_area8": ("mgnet", ["--model.init_args.area_weight=8.0"]),
     "ct_area1": ("ct", ["--model.init_args.area_weight=1.0"]),
 }
 COLUMNS = ("mf", "deletion", "insertion", "mi", "pointing_game", "iou", "f1")
