@@ -156,3 +156,48 @@ def write_reports(rows: list[dict], methods: list[str], header: dict, out: Path)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "summary.md").write_text(summary_markdown(results))
     return results
+
+
+PAIRED_KEYS = ("deletion", "insertion", "mf", "mi", "pointing_game", "iou", "f1")
+
+
+def paired_difference(rows: list[dict], a: str, b: str, keys: Iterable[str] = PAIRED_KEYS,
+                      resamples: int = 2000, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Per metric, the mean over images of (method ``a`` - method ``b``) on the images both were scored on,
+    with a 95% percentile-bootstrap interval over images (seeded). Tells whether a gap between two methods
+    of a small evaluation is larger than the image-to-image noise. ``pointing_game`` here is the per-image
+    hit (the summary's is a mean over classes)."""
+    rows = dedupe(rows)
+    mine = {m: {int(r["index"]): r for r in rows if r["method"] == m} for m in (a, b)}
+    common = sorted(set(mine[a]) & set(mine[b]))
+    if not common:
+        raise ValueError(f"no image was scored for both {a!r} and {b!r}")
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for key in keys:
+        diff = torch.tensor([float(mine[a][i][key]) - float(mine[b][i][key]) for i in common], dtype=torch.float64)
+        diff = diff[~diff.isnan()]  # e.g. M_F of an image whose curve is degenerate
+        if len(diff) == 0:
+            continue
+        means = diff[torch.randint(len(diff), (resamples, len(diff)), generator=generator)].mean(1)
+        low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+        out[key] = {"mean": diff.mean().item(), "low": low, "high": high, "images": len(diff)}
+    return out
+
+
+if __name__ == "__main__":  # python -m metrics.report OUT --compare A B
+    import argparse
+
+    from lightning_modules.evaluation import RowStore
+
+    parser = argparse.ArgumentParser(description="Paired comparison of two methods of an evaluate.py output "
+                                                 "folder: " + paired_difference.__doc__)
+    parser.add_argument("out", type=Path, help="an evaluate.py --out folder")
+    parser.add_argument("--compare", nargs=2, metavar=("A", "B"), required=True)
+    parser.add_argument("--resamples", type=int, default=2000)
+    args = parser.parse_args()
+    table = paired_difference(RowStore(args.out / "rows").read_all(), *args.compare, resamples=args.resamples)
+    print(f"{args.compare[0]} - {args.compare[1]} in {args.out} (mean over images [95% bootstrap interval])")
+    for key, stats in table.items():
+        print(f"  {key:14s} {stats['mean']:+8.3f}  [{stats['low']:+8.3f}, {stats['high']:+8.3f}]  "
+              f"({stats['images']} images)")
