@@ -194,10 +194,20 @@ if __name__ == "__main__":  # python -m metrics.report OUT --compare A B
                                                  "folder: " + paired_difference.__doc__)
     parser.add_argument("out", type=Path, help="an evaluate.py --out folder")
     parser.add_argument("--compare", nargs=2, metavar=("A", "B"), required=True)
+    parser.add_argument("--against", type=Path, default=None,
+                        help="read B from this other output folder (e.g. the same method at another setting)")
     parser.add_argument("--resamples", type=int, default=2000)
     args = parser.parse_args()
-    table = paired_difference(RowStore(args.out / "rows").read_all(), *args.compare, resamples=args.resamples)
-    print(f"{args.compare[0]} - {args.compare[1]} in {args.out} (mean over images [95% bootstrap interval])")
+    a, b = args.compare
+    rows = [r for r in RowStore(args.out / "rows").read_all() if r["method"] == a]
+    if args.against is not None:
+        rows += [{**r, "method": f"{b}@{args.against.name}"} for r in RowStore(args.against / "rows").read_all()
+                 if r["method"] == b]
+        b = f"{b}@{args.against.name}"
+    else:
+        rows += [r for r in RowStore(args.out / "rows").read_all() if r["method"] == b]
+    table = paired_difference(rows, a, b, resamples=args.resamples)
+    print(f"{a}@{args.out.name} - {b} (mean over the images both have [95% bootstrap interval])")
     for key, stats in table.items():
         print(f"  {key:14s} {stats['mean']:+8.3f}  [{stats['low']:+8.3f}, {stats['high']:+8.3f}]  "
               f"({stats['images']} images)")
