@@ -8,7 +8,7 @@ finished runs and evaluations are reused. Prints one row per variant: the explai
 validation images plus the skewness of its mask scores (its own ``val/mask_skewness``).
 Variants (the demo recipe: 2 epochs x 150 batches of 128, lr 1e-2 halved every epoch):
   ct, bt, mgnet            the demo configs as they are
-  ct_6ep                   CT trained 3x longer (6 epochs, lr halved every 2)
+  ct_6ep                   the embedded CT config (h 5) trained 3x longer (6 epochs, lr halved every 2)
   ct_eta3, ct_h2.5, ct_h1  CT's shape: eta 3 (steeper), h 2.5 (the paper's; the embedded config uses 5),
                            h 1 (plain sigmoid)
   mgnet_area1, mgnet_area8 MGnet with the area weight 1 (the embedded config's) / 8 (Dabkowski's)
