@@ -184,7 +184,8 @@ def randomisation_check(cfg, blackbox: BlackBox, names: list[str], subset, out: 
     from metrics import explained_class
 
     settings = {"images": min(cfg.randomisation_images, len(subset)), "fractions": cfg.randomisation_fractions,
-                "methods": names, "seed": cfg.seed}
+                "methods": names, "seed": cfg.seed,
+                "hparams": json.loads(json.dumps({n: cfg.method_hparams.get(n, {}) for n in names}, default=str))}
     path = out / "randomisation.json"
     if path.is_file() and json.loads(path.read_text()).get("settings") == settings:
         rows = json.loads(path.read_text())["rows"]
