@@ -199,13 +199,15 @@ if __name__ == "__main__":  # python -m metrics.report OUT --compare A B
     parser.add_argument("--resamples", type=int, default=2000)
     args = parser.parse_args()
     a, b = args.compare
-    rows = [r for r in RowStore(args.out / "rows").read_all() if r["method"] == a]
-    if args.against is not None:
-        rows += [{**r, "method": f"{b}@{args.against.name}"} for r in RowStore(args.against / "rows").read_all()
-                 if r["method"] == b]
+    mine = RowStore(args.out / "rows").read_all()
+    rows = [r for r in mine if r["method"] == a]
+    if args.against is not None:  # B from another folder, renamed so that A and B may be one method
+        other = RowStore(args.against / "rows").read_all()
+        b_rows = [{**r, "method": f"{b}@{args.against.name}"} for r in other if r["method"] == b]
         b = f"{b}@{args.against.name}"
     else:
-        rows += [r for r in RowStore(args.out / "rows").read_all() if r["method"] == b]
+        b_rows = [r for r in mine if r["method"] == b]
+    rows += b_rows
     table = paired_difference(rows, a, b, resamples=args.resamples)
     print(f"{a}@{args.out.name} - {b} (mean over the images both have [95% bootstrap interval])")
     for key, stats in table.items():
