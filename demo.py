@@ -42,15 +42,13 @@ def best_checkpoint(run_dir: Path) -> Path:
     return ckpts[-1] if ckpts else run_dir / "checkpoints" / "last.ckpt"
 
 
-TRAIN_OVERRIDES: list[str] = []  # --train_args: appended to every train.py call
-
-
 def train_stage(config: str, run_dir: Path, extra: list[str] = ()) -> dict:
-    """fit (resuming from last.ckpt when interrupted), then test the best checkpoint; reuse a finished stage."""
+    """fit (resuming from last.ckpt when interrupted), then test the best checkpoint; reuse a finished stage.
+    ``extra``: train.py arguments after the config (stage inputs, then the user's --train_args)."""
     if (run_dir / "test_metrics.json").is_file():
         print(f"[demo] {run_dir.name}: finished earlier, reusing {run_dir}")
     else:
-        base = ["--config", config, f"--run_dir={run_dir}", *extra, *TRAIN_OVERRIDES]
+        base = ["--config", config, f"--run_dir={run_dir}", *extra]
         if not (run_dir / "fit_metrics.json").is_file():
             resume = ["--ckpt_path=last"] if (run_dir / "checkpoints" / "last.ckpt").is_file() else []
             _call([sys.executable, "train.py", "fit", *base, *resume])
@@ -58,13 +56,13 @@ def train_stage(config: str, run_dir: Path, extra: list[str] = ()) -> dict:
     return json.loads((run_dir / "test_metrics.json").read_text())
 
 
-def classifier_stage(out: Path, record: Path, train: bool) -> tuple[float, Path]:
+def classifier_stage(out: Path, record: Path, train: bool, overrides: list[str]) -> tuple[float, Path]:
     """(test accuracy, black-box checkpoint): a black-box record, tested, or a freshly trained classifier."""
     from lightning_modules.blackbox import read_blackbox_record
 
     run_dir = out / "classifier"
     if train or not record.is_file():
-        accuracy = train_stage(CLASSIFIER_CONFIG, run_dir)["test/acc"]
+        accuracy = train_stage(CLASSIFIER_CONFIG, run_dir, overrides)["test/acc"]
         return accuracy, best_checkpoint(run_dir)
     if not (run_dir / "test_metrics.json").is_file():
         print(f"[demo] classifier: testing the black box {record} (train one anew: --train_classifier)")
@@ -73,7 +71,7 @@ def classifier_stage(out: Path, record: Path, train: bool) -> tuple[float, Path]
                f"--model.init_args.model={arch['model']}", f"--model.init_args.num_classes={arch['num_classes']}",
                f"--model.init_args.model_kwargs={json.dumps(arch['model_kwargs'])}",
                f"--model.init_args.mean={json.dumps(arch['mean'])}", f"--model.init_args.std={json.dumps(arch['std'])}",
-               f"--model.init_args.weights={record}", *TRAIN_OVERRIDES])
+               f"--model.init_args.weights={record}", *overrides])
     return json.loads((run_dir / "test_metrics.json").read_text())["test/acc"], record
 
 
@@ -88,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train_args", default="", help="extra train.py arguments for every stage (quoted)")
     parser.add_argument("--evaluate_args", default="", help="extra evaluate.py arguments (quoted)")
     args = parser.parse_args(argv)
-    TRAIN_OVERRIDES[:] = shlex.split(args.train_args)
+    overrides = shlex.split(args.train_args)
     args.out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
 
@@ -99,18 +97,19 @@ def main(argv: list[str] | None = None) -> None:
         return result
 
     accuracy, ckpt = timed("classifier", classifier_stage, args.out, args.blackbox,
-                           args.train_classifier)
+                           args.train_classifier, overrides)
     print(f"\n[demo] embedded black box: test accuracy {accuracy:.2%} on the embedded test split")
     print(f"[demo] checkpoint: {ckpt}  (BlackBox('ckpt:{ckpt}'))\n")
     blackbox = f"--model.init_args.blackbox=ckpt:{ckpt}"
 
     filter_dir = args.out / "filter"
-    timed("filter", train_stage, FILTER_CONFIG, filter_dir, [blackbox])
+    timed("filter", train_stage, FILTER_CONFIG, filter_dir, [blackbox, *overrides])
     filter_ckpt = best_checkpoint(filter_dir)
     predictors = {}
     for name, config in PREDICTOR_CONFIGS.items():
         run_dir = args.out / name
-        timed(name, train_stage, config, run_dir, [blackbox, f"--model.init_args.filter_checkpoint={filter_ckpt}"])
+        timed(name, train_stage, config, run_dir,
+              [blackbox, f"--model.init_args.filter_checkpoint={filter_ckpt}", *overrides])
         predictors[name] = best_checkpoint(run_dir)
 
     evaluation = args.out / "evaluation"

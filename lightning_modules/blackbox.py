@@ -148,7 +148,7 @@ class BlackBox(nn.Module):
             kind, name = "ckpt", model
         model_kwargs = dict(model_kwargs or {})
         if kind == "ckpt":
-            record = self._read_checkpoint(name)
+            record = read_blackbox_record(name)
             kind, _, name = record["model"].partition(":")
             num_classes = record["num_classes"]
             model_kwargs = dict(record.get("model_kwargs") or {})
@@ -179,10 +179,6 @@ class BlackBox(nn.Module):
         super().train(False)
 
     # -- construction -------------------------------------------------------------------------------
-    @staticmethod
-    def _read_checkpoint(path: str) -> dict:
-        return read_blackbox_record(path)
-
     def _describe_levels(self, kind: str, name: str) -> None:
         """Record every feature level (index, channels, stride), the default normalisation and the backend."""
         if kind == "timm":
