@@ -34,6 +34,7 @@ from metrics import (
     PointingGameMetric,
     PRAUCMetric,
     SaliencyScores,
+    ValueMean,
     explained_class,
     score_saliency,
 )
@@ -298,9 +299,11 @@ class ScoreMeters:
 
     REGION_SUFFIXES = ("", "_top", "_pixel")  # iou / f1, iou_top / f1_top, iou_pixel / f1_pixel
     COSTS = ("forwards", "backwards", "seconds")
+    NORMALISED = ("deletion_norm", "insertion_norm")
 
     def __init__(self, steps: int, num_classes: int, device: torch.device):
         self.causal = CausalMetric(steps).to(device)
+        self.normalised = {name: ValueMean(name).to(device) for name in self.NORMALISED}
         self.mf = FaithfulnessMetric().to(device)
         self.mi = PRAUCMetric().to(device)
         self.regions = {suffix: IoUF1Metric().to(device) for suffix in self.REGION_SUFFIXES}
@@ -313,6 +316,8 @@ class ScoreMeters:
         ``cost`` of the call (None if it does not count) and the call's wall time."""
         values = scores.values
         self.causal.update(values["deletion"], values["insertion"], scores.deletion_curve, scores.insertion_curve)
+        for name, metric in self.normalised.items():
+            metric.update(values[name])
         self.mf.update(values["mf"])
         self.mi.update(values["mi"])
         for suffix, metric in self.regions.items():
@@ -333,6 +338,9 @@ class ScoreMeters:
         values = {"deletion": causal["deletion"], "insertion": causal["insertion"], "mf": mf["mf"],
                   "mf_excluded": mf["excluded"], "mi": mi["pr_auc"], "pointing_game": pointing["accuracy"],
                   "pointing_game_hit_rate": pointing["hit_rate"]}
+        for name, metric in self.normalised.items():
+            normalised = metric.compute()
+            values.update({name: normalised[name], f"{name}_excluded": normalised["excluded"]})
         for suffix, metric in self.regions.items():
             region = metric.compute()
             values.update({f"iou{suffix}": region["iou"], f"f1{suffix}": region["f1"]})
@@ -352,7 +360,8 @@ class ExplainerEvaluation(ProbeSetCallback):
 
     Logged with ``pl_module.log`` (epoch level, ``sync_dist=False``: the values are already reduced over
     ranks by torchmetrics, every rank logs the same number) as ``{prefix}/{val|test}/{explainer}/{metric}``:
-    the means over images of ``deletion``, ``insertion``, ``mf`` (raw, percent), ``mi`` (percent),
+    the means over images of ``deletion``, ``insertion``, ``deletion_norm`` and ``insertion_norm`` (PROTOCOLS.md,
+    "Normalised causal scores"; ``*_norm_excluded`` counts the images whose curve was too flat), ``mf`` (raw, percent), ``mi`` (percent),
     ``pointing_game`` (accuracy over the classes evaluated) and ``pointing_game_hit_rate``, ``iou``, ``f1``,
     ``iou_top``, ``f1_top``, ``iou_pixel``, ``f1_pixel``; an image whose value is NaN (no ground truth, the
     M_F guard) is left out of that mean only; ``mf_excluded`` counts M_F's guard; ``images`` the images

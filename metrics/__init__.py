@@ -6,6 +6,7 @@ from metrics.accumulators import (
     IoUF1Metric,
     PointingGameMetric,
     PRAUCMetric,
+    ValueMean,
 )
 from metrics.causal import (
     CausalProtocol,
@@ -16,6 +17,7 @@ from metrics.causal import (
     explained_class,
     faithfulness_mf,
     minmax_across_methods,
+    normalised_area,
 )
 from metrics.suite import METRIC_NAMES, EvaluationSettings, SaliencyScores, score_saliency
 from metrics.localisation import (
@@ -41,6 +43,7 @@ __all__ = [
     "MinMaxResult",
     "PRAUCMetric",
     "PointingGameMetric",
+    "ValueMean",
     "causal_curves",
     "default_pointing_tolerance",
     "explained_class",
@@ -48,6 +51,7 @@ __all__ = [
     "iou_f1",
     "iou_f1_pixel_level",
     "minmax_across_methods",
+    "normalised_area",
     "pointing_game",
     "pr_auc",
     "saliency_region",

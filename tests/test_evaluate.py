@@ -38,12 +38,14 @@ def test_writes_every_output(tiny_blackbox, tmp_path):
     assert set(saved) >= {"protocol", "blackbox", "data", "num_images", "excluded", "methods"}
     assert saved["num_images"] == 6 and list(saved["methods"]) == ["gradient", "rise"]
     for stats in saved["methods"].values():
-        assert set(stats) >= {"deletion", "insertion", "mf", "mf_normalized", "mi", "pointing_game", "iou", "f1",
+        assert set(stats) >= {"deletion", "insertion", "deletion_norm", "insertion_norm", "mf", "mf_normalized", "mi",
+                              "pointing_game", "iou", "f1",
                               "seconds_per_image", "forwards_per_image", "backwards_per_image"}
         assert 0 <= stats["deletion"] <= 1 and 0 <= stats["insertion"] <= 1 and 0 <= stats["mi"] <= 100
     assert saved["methods"]["rise"]["forwards_per_image"] == 32
     assert saved["methods"]["gradient"]["backwards_per_image"] >= 1
     assert saved["protocol"]["protocol"]["units"] == 8
+    assert set(saved["excluded"]["deletion_norm_degenerate"]) == {"gradient", "rise"}
     lines = (tmp_path / "results.csv").read_text().splitlines()
     assert len(lines) == 1 + 6 * 2 and lines[0].startswith("index,method,label,target,deletion")
     assert "| rise |" in (tmp_path / "summary.md").read_text()
