@@ -23,7 +23,8 @@ from lightning_modules.controllers import CTController, make_controller, skewnes
 from lightning_modules.feature_filter import FeatureFilter, FeatureFilterModule, per_image_uniforms
 from lightning_modules.mask_generator import (GENERATOR_PRESETS, PRESET_RATIOS, MaskGenerator, MaskPredictorNet,
                                               derive_widths, generator_widths, upsample)
-from lightning_modules.mask_predictor import MaskDistribution, MaskPredictor, hinge_loss, total_variation
+from lightning_modules.mask_predictor import (MaskDistribution, MaskPredictor, hinge_loss, top_fraction_mask,
+                                              total_variation)
 from tests.conftest import subprocess_env
 
 SIZE = 32
@@ -86,6 +87,11 @@ def test_predictor_net_on_a_real_black_box(tiny_blackbox_path, scenes):
         rebuilt = MaskPredictorNet.from_config(net.config())
         rebuilt.load_state_dict(net.state_dict())
         assert torch.equal(rebuilt.eval()(features, scenes["label"]), net.eval()(features, scenes["label"]))
+    finer = MaskPredictorNet(blackbox.feature_channels, 10, [16, 16, 16], "ct", extra_upsamples=1)
+    assert finer.raw(features, scenes["label"]).shape == (8, 1, SIZE // 2, SIZE // 2)  # stride 2
+    rebuilt = MaskPredictorNet.from_config(finer.config())
+    rebuilt.load_state_dict(finer.state_dict())
+    assert torch.equal(rebuilt.eval()(features, scenes["label"]), finer.eval()(features, scenes["label"]))
 
 
 def test_upsample_equals_interpolate_in_values_and_gradients():
@@ -220,8 +226,13 @@ def test_substrates_are_per_image_and_mixed(tiny_blackbox_path, scenes):
 DABKOWSKI_CODE = {"class_loss": "hinge", "tv_reduction": "sum", "tv_border": 0.3}
 
 
-@pytest.mark.parametrize("mode, options", [("ct", {}), ("bt", {}), ("mgnet", {}), ("mgnet", DABKOWSKI_CODE)],
-                         ids=["ct", "bt", "mgnet", "mgnet-hinge"])
+GAME = {"deletion_weight": 1.0, "insertion_weight": 1.0, "deletion_substrates": ["mean", "random"],
+        "insertion_substrates": ["blur", "strong_blur"]}
+
+
+@pytest.mark.parametrize("mode, options", [("ct", {}), ("bt", {}), ("mgnet", {}), ("mgnet", DABKOWSKI_CODE),
+                                           ("ct", GAME), ("mgnet", GAME)],
+                         ids=["ct", "bt", "mgnet", "mgnet-hinge", "ct-game", "mgnet-game"])
 def test_loss_decreases_on_a_tiny_batch(tiny_blackbox_path, scenes, mode, options):
     model = predictor(tiny_blackbox_path, mode, **options)
     model.train()
@@ -237,8 +248,36 @@ def test_loss_decreases_on_a_tiny_batch(tiny_blackbox_path, scenes, mode, option
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.005, losses
-    assert set(terms) == ({"ce", "area", "tv", "bg"} if mode == "mgnet" else {"ce"})
+    game = {"game_deletion", "game_insertion"} if options is GAME else set()
+    assert set(terms) == ({"ce", "area", "tv", "bg"} if mode == "mgnet" else {"ce"}) | game
     assert not any(p.grad is not None for p in model.blackbox.parameters())
+
+
+def test_top_fraction_mask_selects_the_top_pixels_softly():
+    mask = torch.arange(100.0).view(1, 1, 10, 10).repeat(3, 1, 1, 1)
+    soft = top_fraction_mask(mask, torch.tensor([0.1, 0.5, 0.9]), temperature=0.01)
+    hard = soft > 0.5
+    assert hard.flatten(1).sum(1).tolist() == [10, 50, 90]  # exactly the top fraction
+    assert bool(hard[0].flatten()[90:].all()) and not bool(hard[0].flatten()[:90].any())  # the largest values
+    warm = top_fraction_mask(mask, torch.tensor([0.5, 0.5, 0.5]), temperature=1.0)
+    assert 0.2 < warm[0].flatten()[49].item() < 0.5 < warm[0].flatten()[50].item() < 0.8  # soft near the threshold
+    mask.requires_grad_(True)
+    top_fraction_mask(mask, torch.tensor([0.5, 0.5, 0.5]), 0.1).sum().backward()
+    assert mask.grad.flatten(1)[:, 45:55].abs().min() > 0 and mask.grad.flatten(1)[:, 0].abs().max() < 1e-6
+
+
+def test_game_substrates_are_per_image(tiny_blackbox_path, scenes):
+    model = predictor(tiny_blackbox_path, **GAME)
+    images, index = scenes["image"], scenes["index"]
+    draws = torch.linspace(0, 0.99, 8)
+    together = model.game_substrate(images, ["mean", "blur", "strong_blur", "random"], draws, index, 0)
+    alone = torch.cat([model.game_substrate(images[i:i + 1], ["mean", "blur", "strong_blur", "random"], draws[i:i + 1],
+                                            index[i:i + 1], 0) for i in range(8)])
+    torch.testing.assert_close(together, alone)
+    torch.testing.assert_close(together[0], model.blackbox.mean[0].expand(3, SIZE, SIZE))  # draws < 1/4: the mean
+    assert together.min() >= 0 and together.max() <= 1
+    with pytest.raises(ValueError, match="deletion_substrates"):
+        predictor(tiny_blackbox_path, deletion_substrates=["noise"])
 
 
 def test_hinge_and_smoothness_terms():
