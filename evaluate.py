@@ -62,6 +62,12 @@ def build_parser() -> ArgumentParser:
                              "--methods explainer on the first N images (0: off); writes randomisation.json")
     parser.add_argument("--randomisation_fractions", type=list[float], default=[0.5],
                         help="fractions of the black box's layers re-initialised, counted from the output")
+    parser.add_argument("--save_maps", type=bool, default=False,
+                        help="save every map under OUT/maps/METHOD/INDEX.pt (not only the overlay images')")
+    parser.add_argument("--maps_from", type=str | None, default=None,
+                        help="an earlier --out folder run with --save_maps: score its saved maps (e.g. under another "
+                             "--protocol) instead of explaining again, for each method whose settings (black box, "
+                             "data, seed, hyper-parameters, checkpoint content) match; cost is copied from its rows")
     parser.add_argument("--out", type=str, default="outputs/evaluation")
     parser.add_argument("--accelerator", type=str, default="cpu")
     parser.add_argument("--devices", type=int | str, default=1)
@@ -90,24 +96,63 @@ def make_protocol(spec: str | dict, image_size: int, max_forward_batch: int, tar
     return CausalProtocol(**{"max_forward_batch": max_forward_batch, "target": target, **spec})
 
 
+def split_ckpt_entry(entry: str) -> tuple[str | None, str]:
+    """``NAME=PATH`` -> (NAME, PATH); a plain path (even one holding '=') -> (None, PATH)."""
+    wanted, sep, path = entry.partition("=")
+    if not sep or "/" in wanted or Path(entry).exists():
+        return None, entry
+    return wanted, path
+
+
 def load_blackbox(cfg) -> BlackBox:
     return BlackBox(cfg.blackbox, num_classes=cfg.num_classes, weights=cfg.blackbox_weights)
 
 
-def build_explainers(cfg, blackbox: BlackBox, names: list[str]) -> dict[str, object]:
-    built = {}
+def build_explainers(cfg, blackbox: BlackBox, names: list[str]) -> tuple[dict[str, object], dict[str, str]]:
+    """The explainers by name (registry methods, then --ckpt ones) and the checkpoint path of each --ckpt one."""
+    built, checkpoints = {}, {}
     for name in names:
         hparams = {"seed": cfg.seed, "max_forward_batch": cfg.max_forward_batch, **cfg.method_hparams.get(name, {})}
         built[name] = explainers.build(name, blackbox, **hparams)
     for entry in cfg.ckpt:
-        wanted, sep, path = entry.partition("=")
-        if not sep or "/" in wanted or Path(entry).exists():  # a plain path that happens to hold '='
-            wanted, path = None, entry
+        wanted, path = split_ckpt_entry(entry)
         name, explainer = explainers.load_checkpoint(path, blackbox, wanted)
         if name in built:
             raise ValueError(f"--ckpt {entry}: a {name!r} explainer is already evaluated (--methods or --ckpt)")
         built[name] = explainer
-    return built
+        checkpoints[name] = path
+    return built, checkpoints
+
+
+def file_sha256(path: str | Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def reusable_maps(source: Path, header: dict) -> dict[str, tuple[Path, dict[int, dict]]]:
+    """The methods of ``header`` whose maps an earlier evaluation folder ``source`` saved with the same black box,
+    data, seed, hyper-parameters and checkpoint content: name -> (maps folder, {index: row})."""
+    path = source / "run.json"
+    if not path.is_file():
+        raise ValueError(f"--maps_from {source}: no run.json there (not an evaluate.py --out folder)")
+    before = json.loads(path.read_text())
+    same = all(before.get(k) == header[k] for k in ("blackbox", "data", "seed"))
+    reuse = {}
+    for name, hparams in header["methods_hparams"].items():
+        if not (same and before.get("methods_hparams", {}).get(name) == hparams
+                and (before.get("checkpoints", {}).get(name) or {}).get("sha256")
+                == (header["checkpoints"].get(name) or {}).get("sha256")
+                and (source / "maps" / name).is_dir()):
+            continue
+        rows = {int(r["index"]): r for r in RowStore(source / "rows").read_all() if r["method"] == name}
+        reuse[name] = (source / "maps", rows)
+    print(f"--maps_from {source}: scoring its saved maps of {sorted(reuse) or 'no method'}; explaining the rest")
+    return reuse
 
 
 def check_run_header(out: Path, header: dict) -> None:
@@ -115,7 +160,7 @@ def check_run_header(out: Path, header: dict) -> None:
     path = out / "run.json"
     if path.is_file():
         before = json.loads(path.read_text())
-        changed = sorted(k for k in header if k != "methods_hparams" and before.get(k) != header[k])
+        changed = sorted(k for k in header if k not in ("methods_hparams", "checkpoints") and before.get(k) != header[k])
         if changed:
             raise ValueError(f"{out} holds an evaluation with other settings ({', '.join(changed)} differ); use "
                              "another --out or delete the folder")
@@ -141,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     blackbox = load_blackbox(cfg)
     if blackbox.num_classes != getattr(datamodule, "num_classes", blackbox.num_classes):
         raise ValueError(f"black box has {blackbox.num_classes} classes, the data {datamodule.num_classes}")
-    methods = build_explainers(cfg, blackbox, names)
+    methods, checkpoints = build_explainers(cfg, blackbox, names)
     protocol = make_protocol(cfg.protocol, image_size, cfg.max_forward_batch, cfg.target)
     settings = EvaluationSettings(protocol, mf_steps=cfg.mf_steps, pointing_tolerance=cfg.pointing_tolerance,
                                   iou_threshold=cfg.iou_threshold, top_fraction=cfg.top_fraction)
@@ -149,7 +194,8 @@ def main(argv: list[str] | None = None) -> dict | None:
                    "init_args": json.loads(json.dumps(cfg.data.init_args.as_dict(), default=str))}
     header = {"protocol": settings.to_dict(image_size), "blackbox": blackbox.spec if not cfg.blackbox.startswith("ckpt")
               else cfg.blackbox, "data": data_record, "seed": cfg.seed,
-              "methods_hparams": {n: cfg.method_hparams.get(n, {}) for n in methods}}
+              "methods_hparams": {n: cfg.method_hparams.get(n, {}) for n in methods},
+              "checkpoints": {n: {"path": p, "sha256": file_sha256(p)} for n, p in checkpoints.items()}}
 
     trainer = pl.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy,
                          num_nodes=cfg.num_nodes, logger=False, enable_checkpointing=False,
@@ -157,7 +203,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     if trainer.is_global_zero:
         check_run_header(out, header)
     overlay = set(range(min(cfg.overlay_images, num_images)))
-    module = EvaluationModule(blackbox, methods, settings, cfg.target, out / "rows", out / "maps", overlay)
+    reuse = reusable_maps(Path(cfg.maps_from), header) if cfg.maps_from else {}
+    module = EvaluationModule(blackbox, methods, settings, cfg.target, out / "rows", out / "maps", overlay,
+                              save_all_maps=cfg.save_maps, reuse=reuse)
     loader = DataLoader(subset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers,
                         collate_fn=collate_samples)
     trainer.test(module, dataloaders=loader, verbose=False)

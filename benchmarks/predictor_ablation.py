@@ -113,13 +113,15 @@ def train(name: str, out: Path, filter_ckpt: Path, blackbox: str) -> Path:
     return run_dir
 
 
-def evaluate(out: Path, preset: str, args, methods: str = "[]", hparams: str = "{}", ckpt: Path | None = None) -> dict:
+def evaluate(out: Path, preset: str, args, methods: str = "[]", hparams: str = "{}", ckpt: Path | None = None,
+             extra: tuple[str, ...] = ()) -> dict:
     """results.json of one evaluation on the validation images (reused when it exists)."""
     if not (ROOT / out / "results.json").is_file():
         run([sys.executable, "evaluate.py", "--config", "configs/experiment/embedded_evaluate.yaml",
              f"--blackbox={args.blackbox}", "--split=val", f"--methods={methods}", f"--method_hparams={hparams}",
              f"--protocol={preset}", f"--num_images={args.num_images}", "--batch_size=25",
-             f"--ckpt=[{ckpt}]" if ckpt else "--ckpt=[]", f"--out={out}", "--wandb=false", "--overlay_images=8"])
+             f"--ckpt=[{ckpt}]" if ckpt else "--ckpt=[]", f"--out={out}", "--wandb=false", "--overlay_images=8",
+             *extra])
     return json.loads((ROOT / out / "results.json").read_text())
 
 
@@ -175,8 +177,10 @@ def main() -> None:
     table, folders = {}, {}
     for baseline in baselines:
         folders[baseline] = {p: args.out / "baselines" / f"{baseline}_{p}" for p in presets}
-        for preset, folder in folders[baseline].items():
-            evaluate(folder, preset, args, methods=baseline, hparams=BASELINES[baseline])
+        first = folders[baseline][presets[0]]
+        for preset, folder in folders[baseline].items():  # the maps are made once, then scored per preset
+            extra = ("--save_maps=true",) if folder == first else (f"--maps_from={first}",)
+            evaluate(folder, preset, args, methods=baseline, hparams=BASELINES[baseline], extra=extra)
         table[baseline] = summarise(folders[baseline], baseline, None)
     for name in names:
         run_dir = train(name, args.out, args.filter, args.blackbox)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import evaluate
+import explainers
 from lightning_modules.evaluation import check_batch
 from tests.conftest import subprocess_env
 
@@ -165,3 +166,33 @@ def test_wandb_tables_and_images_are_logged(tiny_blackbox, tmp_path, monkeypatch
     assert columns[:2] == ["index", "method"] and len(data) == 12
     assert [row[0] for row in logged["evaluation/summary"][1]] == ["gradient", "rise"]
     assert [str(p).rsplit("/", 1)[-1] for p in logged["evaluation/figures"]] == ["curves.png", "overlays.png"]
+
+
+def test_saved_maps_are_scored_under_another_protocol(tiny_blackbox, tmp_path):
+    """--save_maps then --maps_from: the second run explains nothing again, reports the first run's cost, and
+    gives exactly what explaining anew under that protocol gives."""
+    first, second, direct = tmp_path / "first", tmp_path / "second", tmp_path / "direct"
+    evaluate.main(args_for(tiny_blackbox, first, "--save_maps=true"))
+    assert len(list((first / "maps" / "rise").glob("*.pt"))) == 6
+    other = "--protocol={units: pixel, steps: 4, deletion_substrate: mean, insertion_substrate: blur, blur_kernel: 3, blur_sigma: 1.0}"
+    calls = []
+    original = explainers.Explainer.__call__
+
+    def counting(self, *args, **kwargs):
+        calls.append(self.name)
+        return original(self, *args, **kwargs)
+
+    explainers.Explainer.__call__ = counting
+    try:
+        reused = evaluate.main(args_for(tiny_blackbox, second, other, f"--maps_from={first}"))
+    finally:
+        explainers.Explainer.__call__ = original
+    assert calls == []  # every map came from the first run
+    fresh = evaluate.main(args_for(tiny_blackbox, direct, other))
+    for method in ("gradient", "rise"):
+        for key in ("deletion", "insertion", "mi", "forwards_per_image", "backwards_per_image"):
+            assert reused["methods"][method][key] == pytest.approx(fresh["methods"][method][key]), (method, key)
+    # other hyper-parameters: nothing is reused
+    changed = evaluate.main(args_for(tiny_blackbox, tmp_path / "changed", "--method_hparams={rise: {n_masks: 16}}",
+                                     f"--maps_from={first}"))
+    assert changed["methods"]["rise"]["forwards_per_image"] == 16
