@@ -287,7 +287,6 @@ class MaskPredictor(FrozenBlackBoxModule):
         hp = self.hparams
         use_blur = (per_image_uniforms(hp.seed, epoch, STREAM_SUBSTRATE, index)[:, 0] < hp.blur_prob)
         kernel, sigma = scaled_blur(hp.blur_kernel, hp.blur_sigma, images.shape[-1])
-        # .to(images.dtype): under bf16 autocast the blur's conv returns bf16
         substrate = gaussian_blur(images, kernel, sigma).to(images.dtype) if use_blur.any() else torch.empty_like(images)
         colour = (~use_blur).nonzero().flatten()
         if colour.numel():
