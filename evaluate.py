@@ -268,6 +268,12 @@ def write_figures(rows: list[dict], methods: list[str], subset, overlay: list[in
     fig = curves_figure(torch.linspace(0, 1, len(rows[0]["deletion_curve"])), mean_curves(rows, methods))
     fig.savefig(out / "curves.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
+    # A rerun with a larger --overlay_images finds rows whose maps were not saved: draw the images that have them.
+    missing = [i for i in overlay if not all((out / "maps" / m / f"{i}.pt").is_file() for m in methods)]
+    if missing:
+        print(f"overlays.png: no saved maps for images {missing} (scored by an earlier run with fewer "
+              "--overlay_images); drawing the others")
+    overlay = [i for i in overlay if i not in missing]
     if overlay:
         images = torch.stack([subset[i]["image"] for i in overlay])
         maps = {m: torch.stack([torch.load(out / "maps" / m / f"{i}.pt", weights_only=True) for i in overlay])

@@ -24,6 +24,9 @@ variant trains with bf16 autocast and channels-last, see ``FAST``):
   ct_game_subs               the game with mixed substrates (deletion: mean / strong blur / random colour;
                              insertion: training blur / strong blur / random colour)
   ct_game_t02                the game with a softer top fraction (temperature 0.2 instead of 0.05)
+  ct_pgame                   the game under the causal metrics' own protocols: per image the rise preset (pixels,
+                             mean colour / light blur) or the igos preset (8 x 8 cells, strong blur both ways)
+  ct_pgame_10x               ct_pgame trained 10x longer
   ct_game_10x                ct_game trained 10x longer (10 epochs x 300 batches, lr halved every 3 epochs)
   ct_game_s2                 ct_game with a finer mask: one more x2 upsampling block (stride 2 instead of 4)
   ct_game_tv                 ct_game plus a smoothness term (tv_weight 1)
@@ -57,6 +60,7 @@ MIXED_SUBSTRATES = ["--model.init_args.deletion_substrates=[mean, strong_blur, r
 TEACHER_MAPS = Path("outputs/teacher/rise500_1000.pt")
 TEACHER = [f"--model.init_args.teacher_maps={TEACHER_MAPS}", "--model.init_args.teacher_weight=1.0",
            "--data.init_args.num_train=1000"]
+PROTOCOLS = ["--model.init_args.game_protocols=[rise, igos]"]
 LONG = ["--trainer.max_epochs=10", "--trainer.limit_train_batches=300", "--model.init_args.lr_step_epochs=3"]
 VARIANTS = {
     "ct": ("ct", []),
@@ -69,6 +73,8 @@ VARIANTS = {
     "ct_ins": ("ct", ["--model.init_args.insertion_weight=1.0"]),
     "ct_game_only": ("ct", [*GAME, "--model.init_args.ce_weight=0.0"]),
     "ct_game_subs": ("ct", [*GAME, *MIXED_SUBSTRATES]),
+    "ct_pgame": ("ct", [*GAME, *PROTOCOLS]),
+    "ct_pgame_10x": ("ct", [*GAME, *PROTOCOLS, *LONG]),
     "ct_game_t02": ("ct", [*GAME, "--model.init_args.game_temperature=0.2"]),
     "ct_game_10x": ("ct", [*GAME, *LONG]),
     "ct_game_s2": ("ct", [*GAME, "--model.init_args.extra_upsamples=1"]),

@@ -22,7 +22,8 @@ deletion and insertion areas, differentiable through the pixels near the thresho
 they only depend on the ranking of M, which is all the metrics read. A_del and A_ins are drawn per image from
 ``deletion_substrates`` / ``insertion_substrates`` ("mean": the black box's normalisation mean colour,
 "blur": the training blur, "strong_blur": kernel 51 / sigma 50 at 224 (the igos protocol's and M_F's),
-"random": a random colour + noise).
+"random": a random colour + noise). With ``game_protocols`` the game is played under the causal metrics' own
+protocols instead (per image one preset: its ranking units -- pixels or grid cells -- and its substrates).
 
 The teacher term (ours, off by default) regresses the mask onto the pixel ranks of maps that a costly explainer
 (e.g. RISE) computed once on the first training images (``lightning_modules.teacher``); images without a
@@ -63,8 +64,10 @@ import torchmetrics
 from torch import Tensor
 
 from explainers.mask_predictor import EXPLAINER_FORMAT, MaskPredictorExplainer, explainer_name
-from explainers.perturbation import NOISE_STD, derive_seeds, gaussian_blur, perturb, random_colour_noise, scaled_blur
+from explainers.perturbation import (NOISE_STD, derive_seeds, gaussian_blur, make_substrate, perturb,
+                                     random_colour_noise, scaled_blur)
 from lightning_modules.controllers import skewness
+from metrics import CausalProtocol
 from lightning_modules.feature_filter import (STREAM_SUBSTRATE, FrozenBlackBoxModule, load_filter,
                                               per_image_uniforms)
 from lightning_modules.mask_generator import MaskPredictorNet, generator_widths, upsample
@@ -79,6 +82,7 @@ LOSS_DEFAULTS = {
 }
 AREA_EPS = 5e-4  # Dabkowski's (M + eps) ** power: a finite gradient at M = 0
 GAME_SUBSTRATES = ("mean", "blur", "strong_blur", "random")
+GAME_PROTOCOLS = ("rise", "igos")  # the presets of metrics.CausalProtocol
 STRONG_BLUR_224 = (51, 50.0)  # the igos protocol's blur (and M_F's), kernel and sigma at 224 px
 STREAM_GAME, STREAM_GAME_SUBSTRATE = 4, 5  # per-image draws of the game (see feature_filter's streams)
 BT_HISTOGRAM_UPPER = 4.0  # BT values (standard-normal tail) beyond this land in the last bin
@@ -182,6 +186,9 @@ class MaskPredictor(FrozenBlackBoxModule):
             each costs one more black-box pass of the batch). game_temperature: tau of the soft top fraction,
             relative to each mask's std. deletion_substrates, insertion_substrates: the substrates the game
             draws from, per image (:data:`GAME_SUBSTRATES`).
+        game_protocols: causal-metric presets (``"rise"``, ``"igos"``; see ``metrics.CausalProtocol``): when
+            given, each image plays the game under one of them, drawn per image, with that preset's ranking
+            units and substrates instead of the pixels and the substrates above.
         teacher_maps, teacher_weight: a file of ``python -m lightning_modules.teacher`` and the weight of the
             teacher term (module docstring).
         class_loss: ``"probability"`` (CE / p_c as above) or ``"hinge"`` (Dabkowski's logit-margin hinges,
@@ -227,6 +234,7 @@ class MaskPredictor(FrozenBlackBoxModule):
         game_temperature: float = 0.05,
         deletion_substrates: Sequence[str] = ("mean",),
         insertion_substrates: Sequence[str] = ("blur",),
+        game_protocols: Sequence[str] = (),
         teacher_maps: str | None = None,
         teacher_weight: float = 0.0,
         class_loss: str = "probability",
@@ -257,6 +265,9 @@ class MaskPredictor(FrozenBlackBoxModule):
             unknown = sorted(set(choices) - set(GAME_SUBSTRATES))
             if not choices or unknown:
                 raise ValueError(f"{name} must be a non-empty list of {GAME_SUBSTRATES}, got {list(choices)}")
+        unknown = sorted(set(game_protocols) - set(GAME_PROTOCOLS))
+        if unknown:
+            raise ValueError(f"game_protocols must be presets of {GAME_PROTOCOLS}, got {list(game_protocols)}")
         if deletion_weight < 0 or insertion_weight < 0 or game_temperature <= 0:
             raise ValueError(f"the game needs weights >= 0 and game_temperature > 0, got {deletion_weight}, "
                              f"{insertion_weight}, {game_temperature}")
@@ -322,17 +333,44 @@ class MaskPredictor(FrozenBlackBoxModule):
         """The deletion and insertion images of the game (those with a non-zero weight), one batch each."""
         hp = self.hparams
         draws = per_image_uniforms(hp.seed, epoch, STREAM_GAME, index, 2).to(images.device)
-        picks = per_image_uniforms(hp.seed, epoch, STREAM_GAME_SUBSTRATE, index, 2)
+        picks = per_image_uniforms(hp.seed, epoch, STREAM_GAME_SUBSTRATE, index, 3)
         batches = []
-        if hp.deletion_weight:
-            removed = top_fraction_mask(mask, draws[:, 0], hp.game_temperature)
-            substrate = self.game_substrate(images, list(hp.deletion_substrates), picks[:, 0], index, epoch)
-            batches.append(perturb(images, 1 - removed, substrate))
-        if hp.insertion_weight:
-            revealed = top_fraction_mask(mask, draws[:, 1], hp.game_temperature)
-            substrate = self.game_substrate(images, list(hp.insertion_substrates), picks[:, 1], index, epoch)
-            batches.append(perturb(images, revealed, substrate))
+        for weight, column, deletion in ((hp.deletion_weight, 0, True), (hp.insertion_weight, 1, False)):
+            if not weight:
+                continue
+            if hp.game_protocols:
+                soft, substrate = self.protocol_game(images, mask, draws[:, column], picks[:, 2], deletion)
+            else:
+                soft = top_fraction_mask(mask, draws[:, column], hp.game_temperature)
+                choices = list(hp.deletion_substrates if deletion else hp.insertion_substrates)
+                substrate = self.game_substrate(images, choices, picks[:, column], index, epoch)
+            batches.append(perturb(images, 1 - soft if deletion else soft, substrate))
         return batches
+
+    def protocol_game(self, images: Tensor, mask: Tensor, fractions: Tensor, picks: Tensor,
+                      deletion: bool) -> tuple[Tensor, Tensor]:
+        """The game under causal-metric protocols: image b draws a preset of ``game_protocols`` (``picks[b]``
+        in [0, 1)) and its top ``fractions[b]`` is soft-selected over that preset's ranking units (pixels, or
+        cells of its grid, upsampled as the preset does) and replaced by that preset's deletion or insertion
+        substrate. Returns (soft top-fraction mask (B, 1, H, W), substrate (B, 3, H, W))."""
+        names = list(self.hparams.game_protocols)
+        which = (picks * len(names)).long().clamp_max(len(names) - 1).tolist()
+        soft, substrate = torch.empty_like(mask, dtype=torch.float32), torch.empty_like(images)
+        for name in sorted(set(names[w] for w in which)):
+            rows = torch.tensor([b for b, w in enumerate(which) if names[w] == name], device=images.device)
+            protocol = getattr(CausalProtocol, name)(images.shape[-1])
+            if protocol.units == "pixel":
+                part = top_fraction_mask(mask[rows], fractions[rows], self.hparams.game_temperature)
+            else:
+                cells = F.adaptive_avg_pool2d(mask[rows].float(), protocol.units)
+                part = F.interpolate(top_fraction_mask(cells, fractions[rows], self.hparams.game_temperature),
+                                     size=images.shape[-2:], mode=protocol.upsample,
+                                     align_corners=False if protocol.upsample == "bilinear" else None)
+            soft[rows] = part
+            spec = protocol.deletion_substrate if deletion else protocol.insertion_substrate
+            substrate[rows] = make_substrate(spec, images[rows], blur_kernel=protocol.blur_kernel,
+                                             blur_sigma=protocol.blur_sigma, mean=protocol.mean).to(images.dtype)
+        return soft, substrate
 
     def teacher_term(self, mask_low: Tensor, index: Tensor) -> Tensor:
         """1 - mean Pearson correlation of M^d with the teacher's standardised pixel ranks, over the batch

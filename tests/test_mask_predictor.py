@@ -230,9 +230,12 @@ GAME = {"deletion_weight": 1.0, "insertion_weight": 1.0, "deletion_substrates": 
         "insertion_substrates": ["blur", "strong_blur"]}
 
 
+PROTOCOL_GAME = {"deletion_weight": 1.0, "insertion_weight": 1.0, "game_protocols": ["rise", "igos"]}
+
+
 @pytest.mark.parametrize("mode, options", [("ct", {}), ("bt", {}), ("mgnet", {}), ("mgnet", DABKOWSKI_CODE),
-                                           ("ct", GAME), ("mgnet", GAME)],
-                         ids=["ct", "bt", "mgnet", "mgnet-hinge", "ct-game", "mgnet-game"])
+                                           ("ct", GAME), ("mgnet", GAME), ("ct", PROTOCOL_GAME)],
+                         ids=["ct", "bt", "mgnet", "mgnet-hinge", "ct-game", "mgnet-game", "ct-protocol-game"])
 def test_loss_decreases_on_a_tiny_batch(tiny_blackbox_path, scenes, mode, options):
     model = predictor(tiny_blackbox_path, mode, **options)
     model.train()
@@ -248,7 +251,7 @@ def test_loss_decreases_on_a_tiny_batch(tiny_blackbox_path, scenes, mode, option
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.005, losses
-    game = {"game_deletion", "game_insertion"} if options is GAME else set()
+    game = {"game_deletion", "game_insertion"} if options in (GAME, PROTOCOL_GAME) else set()
     assert set(terms) == ({"ce", "area", "tv", "bg"} if mode == "mgnet" else {"ce"}) | game
     assert not any(p.grad is not None for p in model.blackbox.parameters())
 
@@ -278,6 +281,29 @@ def test_game_substrates_are_per_image(tiny_blackbox_path, scenes):
     assert together.min() >= 0 and together.max() <= 1
     with pytest.raises(ValueError, match="deletion_substrates"):
         predictor(tiny_blackbox_path, deletion_substrates=["noise"])
+    with pytest.raises(ValueError, match="game_protocols"):
+        predictor(tiny_blackbox_path, game_protocols=["mine"])
+
+
+def test_protocol_game_perturbs_like_the_causal_metric(tiny_blackbox_path, scenes):
+    """Under the igos preset the game's hard limit (temperature -> 0) removes exactly the top cells of the
+    metric's grid, upsampled bilinearly, into the preset's blur."""
+    from metrics import CausalProtocol
+    from metrics.causal import rank_units, unit_scores
+
+    model = predictor(tiny_blackbox_path, **PROTOCOL_GAME, game_temperature=1e-4)
+    images = scenes["image"]
+    mask = torch.rand(8, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    fractions = torch.full((8,), 0.25)
+    soft, substrate = model.protocol_game(images, mask, fractions, torch.full((8,), 0.9), deletion=True)
+    protocol = CausalProtocol.igos(SIZE)
+    grid = protocol.units
+    top = rank_units(unit_scores(mask, grid)) < round(0.25 * grid * grid)
+    expected = F.interpolate(top.view(8, 1, grid, grid).float(), size=(SIZE, SIZE), mode="bilinear",
+                             align_corners=False)
+    torch.testing.assert_close(soft, expected, atol=1e-3, rtol=0)
+    torch.testing.assert_close(substrate, model.game_substrate(images, ["strong_blur"], torch.zeros(8),
+                                                               scenes["index"], 0), atol=1e-5, rtol=0)
 
 
 def test_hinge_and_smoothness_terms():
