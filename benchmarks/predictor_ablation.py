@@ -18,7 +18,9 @@ variant trains with bf16 autocast and channels-last, see ``FAST``):
   ct, bt, mgnet              the demo configs as they are
   ct_fp32, ct_game_fp32      ct and ct_game trained in float32 (without ``FAST``): is bf16 training faithful?
   ct_game                    CT + the deletion and insertion game (weights 1; deletion into the mean colour,
-                             insertion into the training blur; see lightning_modules/mask_predictor.py)
+                             insertion into the training blur; see lightning_modules/mask_predictor.py), the soft
+                             top fraction thresholding logit(M) (the metric's order without CT's saturation)
+  ct_gamem, ct_gamem_*, ct_pgamem  the same with the top fraction thresholding the mask M itself (squashed near 0)
   ct_del, ct_ins             CT + only the deletion / only the insertion half of the game
   ct_game_only               the game without the CE (preservation) term
   ct_game_subs               the game with mixed substrates (deletion: mean / strong blur / random colour;
@@ -61,6 +63,7 @@ TEACHER_MAPS = Path("outputs/teacher/rise500_1000.pt")
 TEACHER = [f"--model.init_args.teacher_maps={TEACHER_MAPS}", "--model.init_args.teacher_weight=1.0",
            "--data.init_args.num_train=1000"]
 PROTOCOLS = ["--model.init_args.game_protocols=[rise, igos]"]
+ON_MASK = ["--model.init_args.game_ranking=mask"]
 LONG = ["--trainer.max_epochs=10", "--trainer.limit_train_batches=300", "--model.init_args.lr_step_epochs=3"]
 VARIANTS = {
     "ct": ("ct", []),
@@ -69,6 +72,11 @@ VARIANTS = {
     "bt": ("bt", []),
     "mgnet": ("mgnet", []),
     "ct_game": ("ct", GAME),
+    "ct_gamem": ("ct", [*GAME, *ON_MASK]),
+    "ct_gamem_subs": ("ct", [*GAME, *ON_MASK, *MIXED_SUBSTRATES]),
+    "ct_gamem_s2": ("ct", [*GAME, *ON_MASK, "--model.init_args.extra_upsamples=1"]),
+    "ct_gamem_tv": ("ct", [*GAME, *ON_MASK, "--model.init_args.tv_weight=1.0"]),
+    "ct_pgamem": ("ct", [*GAME, *ON_MASK, *PROTOCOLS]),
     "ct_del": ("ct", ["--model.init_args.deletion_weight=1.0"]),
     "ct_ins": ("ct", ["--model.init_args.insertion_weight=1.0"]),
     "ct_game_only": ("ct", [*GAME, "--model.init_args.ce_weight=0.0"]),

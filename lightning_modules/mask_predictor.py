@@ -189,6 +189,10 @@ class MaskPredictor(FrozenBlackBoxModule):
         game_protocols: causal-metric presets (``"rise"``, ``"igos"``; see ``metrics.CausalProtocol``): when
             given, each image plays the game under one of them, drawn per image, with that preset's ranking
             units and substrates instead of the pixels and the substrates above.
+        game_ranking: what the game's soft top fraction thresholds, per unit (pixel or pooled cell): ``"logit"``
+            (log M - log(1 - M): exactly the metric's order of M, without CT's saturation near 0 and 1, so the
+            gradient also orders the low-saliency regions; BT's unbounded mask is used as it is) or ``"mask"``
+            (M itself).
         teacher_maps, teacher_weight: a file of ``python -m lightning_modules.teacher`` and the weight of the
             teacher term (module docstring).
         class_loss: ``"probability"`` (CE / p_c as above) or ``"hinge"`` (Dabkowski's logit-margin hinges,
@@ -235,6 +239,7 @@ class MaskPredictor(FrozenBlackBoxModule):
         deletion_substrates: Sequence[str] = ("mean",),
         insertion_substrates: Sequence[str] = ("blur",),
         game_protocols: Sequence[str] = (),
+        game_ranking: str = "logit",
         teacher_maps: str | None = None,
         teacher_weight: float = 0.0,
         class_loss: str = "probability",
@@ -265,6 +270,8 @@ class MaskPredictor(FrozenBlackBoxModule):
             unknown = sorted(set(choices) - set(GAME_SUBSTRATES))
             if not choices or unknown:
                 raise ValueError(f"{name} must be a non-empty list of {GAME_SUBSTRATES}, got {list(choices)}")
+        if game_ranking not in ("logit", "mask"):
+            raise ValueError(f"game_ranking must be 'logit' or 'mask', got {game_ranking!r}")
         unknown = sorted(set(game_protocols) - set(GAME_PROTOCOLS))
         if unknown:
             raise ValueError(f"game_protocols must be presets of {GAME_PROTOCOLS}, got {list(game_protocols)}")
@@ -329,8 +336,16 @@ class MaskPredictor(FrozenBlackBoxModule):
             substrate[rows] = fill.to(images.dtype)
         return substrate
 
+    def ranking_scores(self, mask: Tensor) -> Tensor:
+        """What the game thresholds for ``mask`` values (pixels or pooled cells): see ``game_ranking``."""
+        if self.hparams.game_ranking == "mask" or self.hparams.mode == "bt":
+            return mask
+        bounded = mask.float().clamp(1e-30, 1 - 1e-7)
+        return torch.log(bounded) - torch.log1p(-bounded)
+
     def game_images(self, images: Tensor, mask: Tensor, index: Tensor, epoch: int) -> list[Tensor]:
-        """The deletion and insertion images of the game (those with a non-zero weight), one batch each."""
+        """The deletion and insertion images of the game (those with a non-zero weight), one batch each;
+        ``mask`` (B, 1, H, W) is M upsampled to the image."""
         hp = self.hparams
         draws = per_image_uniforms(hp.seed, epoch, STREAM_GAME, index, 2).to(images.device)
         picks = per_image_uniforms(hp.seed, epoch, STREAM_GAME_SUBSTRATE, index, 3)
@@ -341,7 +356,7 @@ class MaskPredictor(FrozenBlackBoxModule):
             if hp.game_protocols:
                 soft, substrate = self.protocol_game(images, mask, draws[:, column], picks[:, 2], deletion)
             else:
-                soft = top_fraction_mask(mask, draws[:, column], hp.game_temperature)
+                soft = top_fraction_mask(self.ranking_scores(mask), draws[:, column], hp.game_temperature)
                 choices = list(hp.deletion_substrates if deletion else hp.insertion_substrates)
                 substrate = self.game_substrate(images, choices, picks[:, column], index, epoch)
             batches.append(perturb(images, 1 - soft if deletion else soft, substrate))
@@ -360,9 +375,9 @@ class MaskPredictor(FrozenBlackBoxModule):
             rows = torch.tensor([b for b, w in enumerate(which) if names[w] == name], device=images.device)
             protocol = getattr(CausalProtocol, name)(images.shape[-1])
             if protocol.units == "pixel":
-                part = top_fraction_mask(mask[rows], fractions[rows], self.hparams.game_temperature)
-            else:
-                cells = F.adaptive_avg_pool2d(mask[rows].float(), protocol.units)
+                part = top_fraction_mask(self.ranking_scores(mask[rows]), fractions[rows], self.hparams.game_temperature)
+            else:  # cells ranked like the metric ranks them: by the mean of M over each cell
+                cells = self.ranking_scores(F.adaptive_avg_pool2d(mask[rows].float(), protocol.units))
                 part = F.interpolate(top_fraction_mask(cells, fractions[rows], self.hparams.game_temperature),
                                      size=images.shape[-2:], mode=protocol.upsample,
                                      align_corners=False if protocol.upsample == "bilinear" else None)
