@@ -1,7 +1,15 @@
-"""Ablations of the learned mask predictor on the embedded *validation* split (never the test split).
+"""Ablations of the learned mask predictor on the embedded *validation* split, and the claims run of the chosen
+variant on the *test* split (``--split test``, several training seeds).
 
     python benchmarks/predictor_ablation.py [--variants ct,ct_game,...] [--num_images 200] [--presets rise,igos]
                                             [--baselines rise,igos_pp] [--curves ct_game_10x] [--out outputs/ablation]
+    python benchmarks/predictor_ablation.py --split test --num_images 500 --variants ct_game --seeds 0,1,2 \
+        --baselines rise,igos_pp --baseline_images igos_pp=100 --out outputs/claims/faithful
+
+With several ``--seeds`` every variant is trained once per seed (``seed_everything`` and the predictor's own
+draws), its row is the mean ± sd over seeds, and the paired intervals compare each seed and the seed-averaged
+per-image scores with each baseline on the images both scored. ``--baseline_images`` evaluates a costly baseline
+on the first N images only (the variants are paired with it on those).
 
 Each variant is one ``train.py fit`` of an embedded predictor config with a few overrides (after the demo's
 filter stage: it reads ``outputs/demo/filter``), then ``evaluate.py --split val`` of its last checkpoint under
@@ -29,10 +37,11 @@ variant trains with bf16 autocast and channels-last, see ``FAST``):
   ct_pgame                   the game under the causal metrics' own protocols: per image the rise preset (pixels,
                              mean colour / light blur) or the igos preset (8 x 8 cells, strong blur both ways)
   ct_pgame_10x               ct_pgame trained 10x longer
+  ct_pgame_only              ct_pgame without the CE (preservation) term
   ct_game_10x                ct_game trained 10x longer (10 epochs x 300 batches, lr halved every 3 epochs)
   ct_game_s2                 ct_game with a finer mask: one more x2 upsampling block (stride 2 instead of 4)
   ct_game_tv                 ct_game plus a smoothness term (tv_weight 1)
-  ct_teacher, ct_game_teacher  CT (and ct_game) plus the teacher term toward RISE maps (500 masks) of the first
+  ct_teacher, ct_game_teacher, ct_pgame_teacher  CT (ct_game, ct_pgame) plus the teacher term toward RISE maps (500 masks) of the first
                              1000 training scenes, trained on those scenes (``TEACHER_MAPS``, made first)
   ct_game_h2.5, ct_game_eta3 CT's shape under the game: the paper's h 2.5; a steeper sigmoid (eta 3)
   bt_game, mgnet_game        the other heads under the game
@@ -83,12 +92,14 @@ VARIANTS = {
     "ct_game_subs": ("ct", [*GAME, *MIXED_SUBSTRATES]),
     "ct_pgame": ("ct", [*GAME, *PROTOCOLS]),
     "ct_pgame_10x": ("ct", [*GAME, *PROTOCOLS, *LONG]),
+    "ct_pgame_only": ("ct", [*GAME, *PROTOCOLS, "--model.init_args.ce_weight=0.0"]),
     "ct_game_t02": ("ct", [*GAME, "--model.init_args.game_temperature=0.2"]),
     "ct_game_10x": ("ct", [*GAME, *LONG]),
     "ct_game_s2": ("ct", [*GAME, "--model.init_args.extra_upsamples=1"]),
     "ct_game_tv": ("ct", [*GAME, "--model.init_args.tv_weight=1.0"]),
     "ct_teacher": ("ct", [*TEACHER]),
     "ct_game_teacher": ("ct", [*GAME, *TEACHER]),
+    "ct_pgame_teacher": ("ct", [*GAME, *PROTOCOLS, *TEACHER]),
     "ct_game_h2.5": ("ct", [*GAME, "--model.init_args.h=2.5"]),
     "ct_game_eta3": ("ct", [*GAME, "--model.init_args.eta=3.0"]),
     "bt_game": ("bt", GAME),
@@ -117,9 +128,11 @@ def make_teacher(blackbox: str) -> None:
          "--method_hparams={n_masks: 500}", "--num_images=1000", f"--out={TEACHER_MAPS}"])
 
 
-def train(name: str, out: Path, filter_ckpt: Path, blackbox: str) -> Path:
+def train(name: str, out: Path, filter_ckpt: Path, blackbox: str, seed: int = 0) -> Path:
+    """The run folder of variant ``name`` trained with ``seed`` (trained first unless it finished before)."""
     kind, overrides = VARIANTS[name]
-    run_dir = out / name
+    run_dir = out / (name if seed == 0 else f"{name}_seed{seed}")
+    seeding = [] if seed == 0 else [f"--seed_everything={seed}", f"--model.init_args.seed={seed}"]
     if "teacher" in name:
         make_teacher(blackbox)
     if not (ROOT / run_dir / "fit_metrics.json").is_file():
@@ -127,17 +140,19 @@ def train(name: str, out: Path, filter_ckpt: Path, blackbox: str) -> Path:
         run([sys.executable, "train.py", "fit", "--config", f"configs/experiment/{CONFIGS[kind]}",
              f"--run_dir={run_dir}", f"--model.init_args.blackbox={blackbox}",
              f"--model.init_args.filter_checkpoint={filter_ckpt}", *([] if name.endswith("_fp32") else FAST),
-             *overrides, *resume])
+             *overrides, *seeding, *resume])
     return run_dir
 
 
 def evaluate(out: Path, preset: str, args, methods: str = "[]", hparams: str = "{}", ckpt: Path | None = None,
-             extra: tuple[str, ...] = ()) -> dict:
-    """results.json of one evaluation on the validation images (reused when it exists)."""
+             extra: tuple[str, ...] = (), num_images: int | None = None) -> dict:
+    """results.json of one evaluation on the first ``args.num_images`` images of ``args.split`` (or
+    ``num_images``), reused when it exists."""
     if not (ROOT / out / "results.json").is_file():
         run([sys.executable, "evaluate.py", "--config", "configs/experiment/embedded_evaluate.yaml",
-             f"--blackbox={args.blackbox}", "--split=val", f"--methods={methods}", f"--method_hparams={hparams}",
-             f"--protocol={preset}", f"--num_images={args.num_images}", "--batch_size=25",
+             f"--blackbox={args.blackbox}", f"--split={args.split}", f"--methods={methods}",
+             f"--method_hparams={hparams}", f"--protocol={preset}", f"--num_images={num_images or args.num_images}",
+             "--batch_size=25",
              f"--ckpt=[{ckpt}]" if ckpt else "--ckpt=[]", f"--out={out}", "--wandb=false", "--overlay_images=8",
              *extra])
     return json.loads((ROOT / out / "results.json").read_text())
@@ -170,13 +185,54 @@ def fmt(value, key: str) -> str:
     return f"{value:.1f}" if key in ("mf", "mi", "train_min") else f"{value:.3f}"
 
 
+def fmt_seeds(values: list, key: str) -> str:
+    """One value, or mean ± sd (n - 1) over the training seeds."""
+    values = [v for v in values if v is not None]
+    if len(values) < 2:
+        return fmt(values[0] if values else None, key)
+    mean = sum(values) / len(values)
+    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{fmt(mean, key)} ± {fmt(sd, key)}"
+
+
+def seed_averaged(rows_per_seed: list[list[dict]], method: str) -> list[dict]:
+    """Per image, every paired key averaged over the seeds that scored it (images scored by every seed)."""
+    by_seed = [{int(r["index"]): r for r in rows} for rows in rows_per_seed]
+    common = set.intersection(*(set(m) for m in by_seed))
+    keys = ("deletion", "insertion", "deletion_norm", "insertion_norm", "pointing_game")
+    return [{"index": i, "method": method,
+             **{k: sum(float(m[i].get(k, float("nan"))) for m in by_seed) / len(by_seed) for k in keys}}
+            for i in sorted(common)]
+
+
+def paired_lines(name: str, rows_per_seed: dict[str, list[list[dict]]], baseline: str,
+                 baseline_rows: dict[str, list[dict]], seeds: list[int]) -> list[str]:
+    """Per preset and causal key: (variant - baseline) with its 95% bootstrap interval, for the seed-averaged
+    per-image scores and (with several seeds) each seed."""
+    lines = []
+    for preset, per_seed in rows_per_seed.items():
+        theirs = [{**r, "method": baseline} for r in baseline_rows[preset]]
+        groups = [("seed mean", seed_averaged(per_seed, name))]
+        if len(seeds) > 1:
+            groups += [(f"seed {s}", [{**r, "method": name} for r in rows]) for s, rows in zip(seeds, per_seed)]
+        for label, mine in groups:
+            d = paired_difference(mine + theirs, name, baseline, keys=CAUSAL)
+            parts = [f"{k} {v['mean']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}]" for k, v in d.items()]
+            images = next(iter(d.values()))["images"] if d else 0
+            lines.append(f"  {name} - {baseline}, {preset} preset, {label} ({images} images): " + "; ".join(parts))
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default="ct,ct_game")
     parser.add_argument("--baselines", default="rise", help="comma-separated, from: " + ", ".join(BASELINES))
+    parser.add_argument("--baseline_images", default="", help="NAME=N,...: a baseline on the first N images only")
     parser.add_argument("--presets", default="rise,igos")
     parser.add_argument("--curves", default="", help="variants whose every epoch checkpoint is evaluated")
-    parser.add_argument("--num_images", type=int, default=200, help="validation images evaluated")
+    parser.add_argument("--split", default="val", choices=("val", "test"))
+    parser.add_argument("--seeds", default="0", help="training seeds of every variant, comma-separated")
+    parser.add_argument("--num_images", type=int, default=200, help="images evaluated")
     parser.add_argument("--out", type=Path, default=Path("outputs/ablation"))
     parser.add_argument("--filter", type=Path, default=Path("outputs/demo/filter/checkpoints/last.ckpt"))
     parser.add_argument("--blackbox", default="ckpt:assets/embedded_blackbox.pt")
@@ -184,53 +240,64 @@ def main() -> None:
     names = [n for n in args.variants.split(",") if n]
     baselines = [b for b in args.baselines.split(",") if b]
     presets = [p for p in args.presets.split(",") if p]
+    seeds = [int(x) for x in args.seeds.split(",") if x]
+    try:
+        counts = {k: int(v) for k, v in (item.split("=") for item in args.baseline_images.split(",") if item)}
+    except ValueError:
+        parser.error(f"--baseline_images must be NAME=N,..., got {args.baseline_images!r}")
     for given, known, what in ((names, VARIANTS, "variants"), (baselines, BASELINES, "baselines"),
-                               (presets, PRESETS, "presets")):
+                               (presets, PRESETS, "presets"), (list(counts), baselines, "--baseline_images names")):
         unknown = sorted(set(given) - set(known))
         if unknown:
             parser.error(f"unknown {what} {unknown}; known: {', '.join(known)}")
+    if not seeds or any(n < 1 for n in counts.values()):
+        parser.error("--seeds needs at least one seed and --baseline_images counts must be >= 1")
     if not (ROOT / args.filter).is_file():
         parser.error(f"--filter {args.filter} not found: run make demo (its filter stage) first")
 
-    table, folders = {}, {}
+    table, folders, split = {}, {}, args.split
     for baseline in baselines:
         folders[baseline] = {p: args.out / "baselines" / f"{baseline}_{p}" for p in presets}
         first = folders[baseline][presets[0]]
         for preset, folder in folders[baseline].items():  # the maps are made once, then scored per preset
             extra = ("--save_maps=true",) if folder == first else (f"--maps_from={first}",)
-            evaluate(folder, preset, args, methods=baseline, hparams=BASELINES[baseline], extra=extra)
-        table[baseline] = summarise(folders[baseline], baseline, None)
+            evaluate(folder, preset, args, methods=baseline, hparams=BASELINES[baseline], extra=extra,
+                     num_images=counts.get(baseline))
+        table[baseline] = [summarise(folders[baseline], baseline, None)]
+    runs = {}
     for name in names:
-        run_dir = train(name, args.out, args.filter, args.blackbox)
-        folders[name] = {p: run_dir / f"val_{p}" for p in presets}
-        for preset, folder in folders[name].items():
-            evaluate(folder, preset, args, ckpt=run_dir / "checkpoints" / "last.ckpt")
-        fit = json.loads((ROOT / run_dir / "fit_metrics.json").read_text())
-        table[name] = summarise(folders[name], None, fit)
+        runs[name] = []
+        for seed in seeds:
+            run_dir = train(name, args.out, args.filter, args.blackbox, seed)
+            evaluations = {p: run_dir / f"{split}_{p}" for p in presets}
+            for preset, folder in evaluations.items():
+                evaluate(folder, preset, args, ckpt=run_dir / "checkpoints" / "last.ckpt")
+            fit = json.loads((ROOT / run_dir / "fit_metrics.json").read_text())
+            runs[name].append(evaluations)
+            table.setdefault(name, []).append(summarise(evaluations, None, fit))
 
     columns = [f"{p}:{k}" for p in presets for k in CAUSAL] + list(OTHER) + ["skewness", "train_min"]
-    print(f"\nvalidation split, first {args.num_images} images; rise:/igos: the causal protocol preset; mf is the raw "
-          "M_F (its min-max normalisation needs several methods on the same images)")
+    seeds_note = f"; variants: mean ± sd over training seeds {seeds}" if len(seeds) > 1 else ""
+    fewer = "".join(f", {k} on the first {v}" for k, v in counts.items())
+    print(f"\n{split} split, first {args.num_images} images{fewer}; rise:/igos: the causal protocol preset; mf is the raw M_F (its min-max normalisation "
+          f"needs several methods on the same images){seeds_note}")
     print("| variant | " + " | ".join(columns) + " |")
     print("|---|" + "---|" * len(columns))
-    for name, row in table.items():
-        print(f"| {name} | " + " | ".join(fmt(row.get(c), c.split(":")[-1]) for c in columns) + " |")
+    for name, rows in table.items():
+        print(f"| {name} | " + " | ".join(fmt_seeds([r.get(c) for r in rows], c.split(":")[-1]) for c in columns)
+              + " |")
 
-    if "rise" in baselines:
-        print("\npaired difference against RISE (variant - rise, mean over images [95% bootstrap interval])")
+    for baseline in baselines:
+        print(f"\npaired difference against {baseline} (variant - {baseline}, mean over images [95% bootstrap "
+              "interval]; deletion, deletion_norm: lower is better; insertion, insertion_norm: higher is better)")
+        theirs = {p: rows_of(folders[baseline][p]) for p in presets}
         for name in names:
-            parts = []
-            for preset in presets:
-                rows = [{**r, "method": "rise"} for r in rows_of(folders["rise"][preset])]
-                rows += [{**r, "method": name} for r in rows_of(folders[name][preset])]
-                for key in ("deletion", "insertion"):
-                    d = paired_difference(rows, name, "rise", keys=[key])[key]
-                    parts.append(f"{preset} {key} {d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]")
-            print(f"  {name}: " + "; ".join(parts))
+            mine = {p: [rows_of(evaluations[p]) for evaluations in runs[name]] for p in presets}
+            print("\n".join(paired_lines(name, mine, baseline, theirs, seeds)))
 
     for name in [n for n in args.curves.split(",") if n]:
         run_dir = train(name, args.out, args.filter, args.blackbox)
-        print(f"\nlearning curve of {name} (validation, {args.num_images} images, rise protocol)")
+        print(f"\nlearning curve of {name} ({split}, {args.num_images} images, rise protocol)")
         print("| checkpoint | step | deletion | insertion | deletion_norm | pointing_game |")
         print("|---|---|---|---|---|---|")
         for ckpt in sorted((ROOT / run_dir / "checkpoints").glob("epoch*.ckpt")):

@@ -388,8 +388,9 @@ class MaskPredictor(FrozenBlackBoxModule):
         return soft, substrate
 
     def teacher_term(self, mask_low: Tensor, index: Tensor) -> Tensor:
-        """1 - mean Pearson correlation of M^d with the teacher's standardised pixel ranks, over the batch
-        images that have a teacher map (0 when none has)."""
+        """1 - mean Pearson correlation of the game's ranking scores of M^d (``ranking_scores``: logit(M) for CT,
+        so that the near-zero background is ordered too, as the teacher orders it) with the teacher's
+        standardised pixel ranks, over the batch images that have a teacher map (0 when none has)."""
         size = tuple(mask_low.shape[-2:])
         if size not in self._teacher_ranks:
             self._teacher_ranks[size] = rank_targets(self._teacher["maps"], size)
@@ -397,7 +398,7 @@ class MaskPredictor(FrozenBlackBoxModule):
         if not rows:
             return mask_low.sum() * 0.0
         batch_rows, teacher_rows = (torch.tensor(r) for r in zip(*rows))
-        student = mask_low[batch_rows.to(mask_low.device)].float().flatten(1)
+        student = self.ranking_scores(mask_low[batch_rows.to(mask_low.device)].float()).flatten(1)
         student = (student - student.mean(1, keepdim=True)) / student.std(1, unbiased=False, keepdim=True).clamp_min(1e-6)
         target = self._teacher_ranks[size][teacher_rows].to(student.device).flatten(1)
         return 1 - (student * target).mean(1).mean()
