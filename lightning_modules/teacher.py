@@ -39,6 +39,9 @@ def compute_teacher_maps(blackbox: BlackBox, explainer, dataset, count: int, bat
             raise ValueError(f"{out} holds maps of another explainer or settings ({record.get('explainer')}, "
                              f"{record.get('hparams')}); choose another --out")
         if len(record["indices"]) >= count:
+            if not record.get("complete"):  # an interrupted longer run asked for more; it holds what is asked now
+                record["complete"] = True
+                _save_atomically(record, out)
             return record
     else:
         record = {"format": TEACHER_FORMAT, "explainer": explainer.name, "hparams": explainer.hparams,
