@@ -41,6 +41,9 @@ def test_teacher_maps_resume_and_train_the_mask_towards_them(tiny_blackbox_path,
     with pytest.raises(ValueError, match="incomplete"):
         torch.save({**fresh, "complete": False}, tmp_path / "cut.pt")
         load_teacher_maps(tmp_path / "cut.pt")
+    # a run asked for more maps, stopped after 6, is complete for a request of 6 (or fewer) without new work
+    assert compute_teacher_maps(blackbox, explainer, dataset, 6, 4, tmp_path / "cut.pt")["forwards"] == 6 * 16
+    assert load_teacher_maps(tmp_path / "cut.pt")["complete"]
     record = load_teacher_maps(tmp_path / "six.pt")
 
     with warnings.catch_warnings():
