@@ -7,7 +7,7 @@ Saliency of class c at pixel u (paper Eq. 6, with E[M(u)] = p):
 M_i: an s x s binary grid, each cell kept with probability p, bilinearly upsampled to (s+1)*C x (s+1)*C
 (C = ceil(H / s) the cell size) and cropped to H x W at a random offset in [0, C) per axis (the paper's
 recipe: the shift makes the masks smooth but not aligned to one grid). phi is the perturbation operator
-of :mod:`explainers.perturbation`; with the default black substrate it is the paper's I * M_i.
+of :mod:`core.perturbation`; with the default black substrate it is the paper's I * M_i.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from explainers.base import Explainer, rebatch, seeded_generator
-from explainers.perturbation import make_substrate, perturb, scaled_blur
+from core.perturbation import make_substrate, perturb, scaled_blur
+from core.seeding import seeded_generator
+from explainers.base import Explainer, rebatch
 from explainers.registry import register
 
 # Masks drawn from one generator. Fixed (not tied to max_forward_batch or B) because it is part of the
@@ -75,7 +76,7 @@ class RISE(Explainer):
         substrate: what replaces the masked-out pixels: "zero" (default, the paper's I * M), "mean"
             (``mean_colour``) or "blur" (the image blurred, see below).
         blur_kernel, blur_sigma: the "blur" substrate at 224 px (default: the RISE insertion blur, 11 / 5),
-            scaled to the image by :func:`explainers.perturbation.scaled_blur`.
+            scaled to the image by :func:`core.perturbation.scaled_blur`.
         mean_colour: per-channel colour in [0, 1] of "mean" (default ImageNet's mean).
         seed, max_forward_batch: see :class:`explainers.base.Explainer`.
 

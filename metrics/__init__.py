@@ -1,4 +1,7 @@
-"""Saliency metrics: pure functions over tensors plus thin torchmetrics wrappers (PROTOCOLS.md)."""
+"""Saliency metrics: pure functions over tensors plus thin torchmetrics wrappers (PROTOCOLS.md), and the
+per-image rows they produce with the reports made from them (``metrics.rows``, ``metrics.report``).
+
+Stands on ``core`` only: ``import metrics`` loads no explainer, no captum and no LightningModule."""
 
 from metrics.accumulators import (
     CausalMetric,
@@ -8,6 +11,8 @@ from metrics.accumulators import (
     PRAUCMetric,
 )
 from metrics.causal import (
+    PROTOCOL_PRESETS,
+    TARGET_RULES,
     CausalProtocol,
     CausalResult,
     FaithfulnessResult,
@@ -15,8 +20,10 @@ from metrics.causal import (
     causal_curves,
     explained_class,
     faithfulness_mf,
+    make_protocol,
     minmax_across_methods,
 )
+from metrics.rows import RowStore
 from metrics.suite import METRIC_NAMES, EvaluationSettings, SaliencyScores, score_saliency
 from metrics.localisation import (
     default_pointing_tolerance,
@@ -29,6 +36,10 @@ from metrics.localisation import (
 
 __all__ = [
     "METRIC_NAMES",
+    "PROTOCOL_PRESETS",
+    "TARGET_RULES",
+    "RowStore",
+    "make_protocol",
     "EvaluationSettings",
     "SaliencyScores",
     "score_saliency",

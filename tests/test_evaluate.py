@@ -15,18 +15,18 @@ from lightning_modules.evaluation import check_batch
 from tests.conftest import subprocess_env
 
 
-
 @pytest.fixture(scope="module")
 def tiny_blackbox(tiny_blackbox_path):
     return f"ckpt:{tiny_blackbox_path}"
 
 
 def args_for(blackbox, out, *extra):
-    return ["--blackbox", blackbox, "--data.class_path=datamodules.ClutteredFashionMNISTDataModule",
+    return ["--blackbox.class_path=core.blackbox.BlackBox", f"--blackbox.init_args.model={blackbox}",
+            "--data.class_path=datamodules.ClutteredFashionMNISTDataModule",
             "--data.init_args.image_size=32", "--data.init_args.num_test=64", "--num_images=6", "--batch_size=4",
-            "--methods=gradient,rise", "--method_hparams={rise: {n_masks: 32}}", "--mf_steps=8",
-            "--protocol={units: 8, steps: 8, deletion_substrate: blur, insertion_substrate: blur, blur_kernel: 5,"
-            " blur_sigma: 2.0}", "--overlay_images=3", "--wandb=false", f"--out={out}", *extra]
+            "--explainers=gradient,rise", "--method_hparams={rise: {n_masks: 32}}", "--settings.mf_steps=8",
+            "--settings.protocol={units: 8, steps: 8, deletion_substrate: blur, insertion_substrate: blur, "
+            "blur_kernel: 5, blur_sigma: 2.0}", "--overlay_images=3", "--wandb=false", f"--out={out}", *extra]
 
 
 def test_writes_every_output(tiny_blackbox, tmp_path):
@@ -68,7 +68,7 @@ def test_model_randomisation_check_is_written_and_reused(tiny_blackbox, tmp_path
 
 
 def test_rerun_skips_finished_pairs_and_extends(tiny_blackbox, tmp_path):
-    evaluate.main(args_for(tiny_blackbox, tmp_path, "--methods=gradient"))
+    evaluate.main(args_for(tiny_blackbox, tmp_path, "--explainers=gradient"))
     rows_before = (tmp_path / "rows" / "rows-rank0.jsonl").read_text().count("\n")
     evaluate.main(args_for(tiny_blackbox, tmp_path))  # adds rise, keeps gradient's rows
     rows = [json.loads(line) for line in (tmp_path / "rows" / "rows-rank0.jsonl").read_text().splitlines()]
@@ -77,14 +77,14 @@ def test_rerun_skips_finished_pairs_and_extends(tiny_blackbox, tmp_path):
 
 
 def test_rerun_with_other_settings_is_refused(tiny_blackbox, tmp_path):
-    evaluate.main(args_for(tiny_blackbox, tmp_path, "--methods=gradient"))
+    evaluate.main(args_for(tiny_blackbox, tmp_path, "--explainers=gradient"))
     with pytest.raises(ValueError, match="other settings"):
-        evaluate.main(args_for(tiny_blackbox, tmp_path, "--methods=gradient", "--mf_steps=4"))
+        evaluate.main(args_for(tiny_blackbox, tmp_path, "--explainers=gradient", "--settings.mf_steps=4"))
 
 
 def test_unknown_method_lists_the_known_ones(tiny_blackbox, tmp_path):
     with pytest.raises(ValueError, match=r"unknown method.*known: .*gradcam"):
-        evaluate.main(args_for(tiny_blackbox, tmp_path, "--methods=gradient,no_such_method"))
+        evaluate.main(args_for(tiny_blackbox, tmp_path, "--explainers=gradient,no_such_method"))
 
 
 def test_bad_images_are_named():
@@ -135,7 +135,7 @@ def test_killed_run_resumes_to_the_same_results(tiny_blackbox, tmp_path, repo_ro
 def test_two_processes_give_the_numbers_of_one(tiny_blackbox, tmp_path, repo_root):
     one, two = tmp_path / "one", tmp_path / "two"
     assert _run(args_for(tiny_blackbox, one), cwd=repo_root).wait(timeout=600) == 0
-    assert _run(args_for(tiny_blackbox, two, "--strategy=ddp", "--devices=2"), cwd=repo_root).wait(timeout=600) == 0
+    assert _run(args_for(tiny_blackbox, two, "--trainer=configs/trainer/cpu_ddp.yaml"), cwd=repo_root).wait(timeout=600) == 0
     a = json.loads((one / "results.json").read_text())
     b = json.loads((two / "results.json").read_text())
     assert a["num_images"] == b["num_images"] == 6
