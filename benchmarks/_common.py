@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from datamodules import ClutteredFashionMNIST
-from lightning_modules.blackbox import BlackBox
+from core.blackbox import BlackBox
 
 DEMO_CKPT = Path(__file__).resolve().parents[1] / "assets" / "embedded_blackbox.pt"
 

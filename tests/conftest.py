@@ -32,7 +32,7 @@ def subprocess_env() -> dict:
 @pytest.fixture(scope="session")
 def tiny_blackbox_path(tmp_path_factory) -> Path:
     """A random-weight 10-class narrow resnet10t saved as a project black-box record (``ckpt:PATH``)."""
-    from lightning_modules.blackbox import blackbox_record, create_network
+    from core.blackbox import blackbox_record, create_network
 
     torch.manual_seed(0)
     kwargs = {"channels": [8, 16, 24, 32]}
