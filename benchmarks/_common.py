@@ -9,8 +9,8 @@ from typing import Callable
 
 import torch
 
-from datamodules import ClutteredFashionMNIST
 from core.blackbox import BlackBox
+from datamodules import ClutteredFashionMNIST
 
 DEMO_CKPT = Path(__file__).resolve().parents[1] / "assets" / "embedded_blackbox.pt"
 

@@ -57,7 +57,7 @@ def train(name: str, out: Path, filter_ckpt: Path, blackbox: str) -> Path:
     if not (run_dir / "fit_metrics.json").is_file():
         resume = ["--ckpt_path=last"] if (run_dir / "checkpoints" / "last.ckpt").is_file() else []
         run([sys.executable, "train.py", "fit", "--config", f"configs/experiment/{CONFIGS[kind]}",
-             f"--run_dir={run_dir}", f"--model.init_args.blackbox={blackbox}",
+             f"--run_dir={run_dir}", f"--model.init_args.blackbox.init_args.model={blackbox}",
              f"--model.init_args.filter_checkpoint={filter_ckpt}", *overrides, *resume])
     return run_dir
 
@@ -83,7 +83,8 @@ def main() -> None:
         evaluation = run_dir / "evaluation_val"
         if not (evaluation / "results.json").is_file():
             run([sys.executable, "evaluate.py", "--config", "configs/experiment/embedded_evaluate.yaml",
-                 f"--blackbox={args.blackbox}", "--split=val", "--methods=[]", f"--num_images={args.num_images}",
+                 f"--blackbox.init_args.model={args.blackbox}", "--split=val", "--explainers=[]",
+                 f"--num_images={args.num_images}",
                  "--batch_size=50", f"--ckpt=[{run_dir / 'checkpoints' / 'last.ckpt'}]", f"--out={evaluation}",
                  "--wandb=false", "--overlay_images=0"])
         results = json.loads((ROOT / evaluation / "results.json").read_text())

@@ -110,7 +110,8 @@ def rebatch(parts: Iterable[tuple[Tensor, ...]], size: int) -> Iterator[tuple[Te
         yield tuple(torch.cat(column) for column in zip(*pending))
 
 
-def _device_of(module: nn.Module) -> torch.device | None:
+def device_of(module: nn.Module) -> torch.device | None:
+    """The device of ``module``'s first parameter or buffer; None for a module that has neither."""
     for tensor in (*module.parameters(), *module.buffers()):
         return tensor.device
     return None
@@ -214,7 +215,7 @@ class Explainer:
         batch = images.shape[0]
         if batch == 0:
             raise ValueError("images is an empty batch")
-        device = _device_of(self.blackbox)
+        device = device_of(self.blackbox)
         if device is not None and device != images.device:
             raise ValueError(f"images are on {images.device} but the black box is on {device}")
         if not torch.isfinite(images).all():

@@ -30,7 +30,7 @@ from torch import Tensor
 from core.blackbox import BlackBox
 from core.checkpoints import safe_load
 from core.perturbation import gaussian_blur, scaled_blur
-from explainers.base import Explainer, _device_of, rebatch
+from explainers.base import Explainer, device_of, rebatch
 from explainers.registry import register
 from networks.mask_generator import MaskPredictorNet
 
@@ -150,7 +150,7 @@ class MaskPredictorExplainer(Explainer):
         if blackbox is None:
             blackbox = BlackBox.from_config(record["blackbox"])
         _check_fit(net, blackbox, where)
-        net.to(_device_of(blackbox) or torch.device("cpu")).eval()
+        net.to(device_of(blackbox) or torch.device("cpu")).eval()
         recorded = {k: v for k, v in record.get("inference", {}).items() if k != "posthoc"}  # the class decides
         return cls(blackbox, net, **{**recorded, **options})
 

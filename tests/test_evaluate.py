@@ -6,12 +6,16 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import evaluate
+import explainers
 from lightning_modules.evaluation import check_batch
+from metrics import EvaluationSettings
 from tests.conftest import subprocess_env
 
 
@@ -163,3 +167,21 @@ def test_wandb_tables_and_images_are_logged(tiny_blackbox, tmp_path, monkeypatch
     assert columns[:2] == ["index", "method"] and len(data) == 12
     assert [row[0] for row in logged["evaluation/summary"][1]] == ["gradient", "rise"]
     assert [str(p).rsplit("/", 1)[-1] for p in logged["evaluation/figures"]] == ["curves.png", "overlays.png"]
+
+
+EVALUATE_CONFIGS = sorted(path.name for path in (Path(__file__).parents[1] / "configs" / "experiment").glob("*.yaml")
+                          if "run_dir" not in yaml.safe_load(path.read_text()))  # train.py experiments have one
+
+
+@pytest.mark.parametrize("config", EVALUATE_CONFIGS)
+def test_every_evaluate_config_parses_into_its_objects(repo_root, config):
+    """Each evaluate.py experiment (the README's commands) parses, with a configs/trainer/*.yaml on top, into a
+    black box spec, explainer specs the registry knows and a protocol that resolves."""
+    cfg = evaluate.build_parser().parse_args(["--config", str(repo_root / "configs" / "experiment" / config),
+                                              "--trainer", str(repo_root / "configs" / "trainer" / "cpu_ddp.yaml")])
+    assert cfg.blackbox.class_path == "core.blackbox.BlackBox" and cfg.blackbox.init_args.model
+    assert cfg.trainer.devices == 2 and cfg.trainer.strategy == "ddp"
+    specs = evaluate.explainer_specs(cfg)
+    assert len(specs) >= 2 and all(explainers.parse_spec(s).name in explainers.available() for s in specs)
+    settings = EvaluationSettings(**cfg.settings.as_dict()).resolve(64, target=cfg.target)
+    assert settings.protocol.target == cfg.target and settings.protocol.steps >= 1
