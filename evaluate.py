@@ -74,6 +74,12 @@ def build_parser() -> ArgumentParser:
                              "untrained explainer on the first N images (0: off); writes randomisation.json")
     parser.add_argument("--randomisation_fractions", type=list[float], default=[0.5],
                         help="fractions of the black box's layers re-initialised, counted from the output")
+    parser.add_argument("--save_maps", type=bool, default=False,
+                        help="save every map under OUT/maps/METHOD/INDEX.pt (not only the overlay images')")
+    parser.add_argument("--maps_from", type=str | None, default=None,
+                        help="an earlier --out folder run with --save_maps: score its saved maps (e.g. under another "
+                             "--settings.protocol) instead of explaining again, for each method whose settings (black box, "
+                             "data, seed, hyper-parameters, checkpoint content) match; cost is copied from its rows")
     parser.add_argument("--out", type=str, default="outputs/evaluation")
     parser.add_class_arguments(pl.Trainer, "trainer", instantiate=False, skip=TRAINER_SKIPPED,
                                help="Trainer arguments (accelerator, devices, strategy, precision, ...); "
@@ -94,10 +100,8 @@ def explainer_specs(cfg) -> list[ExplainerSpec]:
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(explainers.available())}")
     for entry in cfg.ckpt:
-        wanted, sep, path = entry.partition("=")
-        if not sep or "/" in wanted or Path(entry).exists():  # a plain path that happens to hold '='
-            wanted, path = explainers.recorded_name(entry), entry
-        specs.append({"name": wanted, "checkpoint": path})
+        wanted, path = split_ckpt_entry(entry)
+        specs.append({"name": wanted or explainers.recorded_name(path), "checkpoint": path})
     overrides = {key: cfg.method_hparams.get(key, {}) for key in explainer_keys(specs)}
     return [_with_hparams(spec, overrides[key]) for spec, key in zip(specs, explainer_keys(specs))]
 
@@ -113,12 +117,51 @@ def given_hparams(spec: ExplainerSpec) -> dict:
     return parse_spec(spec).hparams
 
 
+def split_ckpt_entry(entry: str) -> tuple[str | None, str]:
+    """``NAME=PATH`` -> (NAME, PATH); a plain path (even one holding '=') -> (None, PATH)."""
+    wanted, sep, path = entry.partition("=")
+    if not sep or "/" in wanted or Path(entry).exists():
+        return None, entry
+    return wanted, path
+
+
+def file_sha256(path: str | Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def reusable_maps(source: Path, header: dict) -> dict[str, tuple[Path, dict[int, dict]]]:
+    """The methods of ``header`` whose maps an earlier evaluation folder ``source`` saved with the same black box,
+    data, seed, hyper-parameters and checkpoint content: name -> (maps folder, {index: row})."""
+    path = source / "run.json"
+    if not path.is_file():
+        raise ValueError(f"--maps_from {source}: no run.json there (not an evaluate.py --out folder)")
+    before = json.loads(path.read_text())
+    same = all(before.get(k) == header[k] for k in ("blackbox", "data", "seed"))
+    reuse = {}
+    for name, hparams in header["methods_hparams"].items():
+        if not (same and before.get("methods_hparams", {}).get(name) == hparams
+                and (before.get("checkpoints", {}).get(name) or {}).get("sha256")
+                == (header["checkpoints"].get(name) or {}).get("sha256")
+                and (source / "maps" / name).is_dir()):
+            continue
+        rows = {int(r["index"]): r for r in RowStore(source / "rows").read_all() if r["method"] == name}
+        reuse[name] = (source / "maps", rows)
+    print(f"--maps_from {source}: scoring its saved maps of {sorted(reuse) or 'no method'}; explaining the rest")
+    return reuse
+
+
 def check_run_header(out: Path, header: dict) -> None:
     """A rerun must evaluate the same thing; otherwise its rows would be mixed with the old ones."""
     path = out / "run.json"
     if path.is_file():
         before = json.loads(path.read_text())
-        changed = sorted(k for k in header if k != "methods_hparams" and before.get(k) != header[k])
+        changed = sorted(k for k in header if k not in ("methods_hparams", "checkpoints") and before.get(k) != header[k])
         if changed:
             raise ValueError(f"{out} holds an evaluation with other settings ({', '.join(changed)} differ); use "
                              "another --out or delete the folder")
@@ -149,19 +192,23 @@ def main(argv: list[str] | None = None) -> dict | None:
         raise ValueError(f"black box has {blackbox.num_classes} classes, the data {datamodule.num_classes}")
     common = {"seed": cfg.seed, "max_forward_batch": cfg.max_forward_batch}
     methods = {key: build_explainer(spec, blackbox, **common) for key, spec in zip(keys, specs)}
+    checkpoints = {key: parse_spec(spec).checkpoint for key, spec in zip(keys, specs) if parse_spec(spec).checkpoint}
     settings = init.settings.resolve(image_size, target=cfg.target, max_forward_batch=cfg.max_forward_batch)
     data_record = {"name": type(datamodule).__name__, "split": cfg.split,
                    "init_args": json.loads(json.dumps(cfg.data.init_args.as_dict(), default=str))}
     model = cfg.blackbox.init_args.model
     header = {"protocol": settings.to_dict(image_size), "blackbox": model if model.startswith("ckpt") else blackbox.spec,
               "data": data_record, "seed": cfg.seed,
-              "methods_hparams": {key: given_hparams(spec) for key, spec in zip(keys, specs)}}
+              "methods_hparams": {key: given_hparams(spec) for key, spec in zip(keys, specs)},
+              "checkpoints": {key: {"path": path, "sha256": file_sha256(path)} for key, path in checkpoints.items()}}
 
     trainer = pl.Trainer(**{**cfg.trainer.as_dict(), **TRAINER_FIXED, "default_root_dir": str(out)})
     if trainer.is_global_zero:
         check_run_header(out, header)
     overlay = set(range(min(cfg.overlay_images, num_images)))
-    module = EvaluationModule(blackbox, methods, settings, cfg.target, out / "rows", out / "maps", overlay)
+    reuse = reusable_maps(Path(cfg.maps_from), header) if cfg.maps_from else {}
+    module = EvaluationModule(blackbox, methods, settings, cfg.target, out / "rows", out / "maps", overlay,
+                              save_all_maps=cfg.save_maps, reuse=reuse)
     loader = DataLoader(subset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers,
                         collate_fn=collate_samples)
     trainer.test(module, dataloaders=loader, verbose=False)
@@ -214,15 +261,25 @@ def randomisation_check(cfg, blackbox: BlackBox, methods: list[tuple[str, Explai
 
 
 def write_figures(rows: list[dict], methods: list[str], subset, overlay: list[int], out: Path) -> None:
+    import matplotlib.pyplot as plt
+
     rows = dedupe(rows)
     fig = curves_figure(torch.linspace(0, 1, len(rows[0]["deletion_curve"])), mean_curves(rows, methods))
     fig.savefig(out / "curves.png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    # A rerun with a larger --overlay_images finds rows whose maps were not saved: draw the images that have them.
+    missing = [i for i in overlay if not all((out / "maps" / m / f"{i}.pt").is_file() for m in methods)]
+    if missing:
+        print(f"overlays.png: no saved maps for images {missing} (scored by an earlier run with fewer "
+              "--overlay_images); drawing the others")
+    overlay = [i for i in overlay if i not in missing]
     if overlay:
         images = torch.stack([subset[i]["image"] for i in overlay])
         maps = {m: torch.stack([torch.load(out / "maps" / m / f"{i}.pt", weights_only=True) for i in overlay])
                 for m in methods}
         fig = overlay_grid(images, maps, [f"#{i}" for i in overlay])
         fig.savefig(out / "overlays.png", dpi=120, bbox_inches="tight")
+        plt.close(fig)
 
 
 def log_to_wandb(cfg, out: Path, results: dict) -> None:

@@ -32,7 +32,9 @@ class ExplainerEvaluation(ProbeSetCallback):
 
     Logged with ``pl_module.log`` (epoch level, ``sync_dist=False``: the values are already reduced over
     ranks by torchmetrics, every rank logs the same number) as ``{prefix}/{val|test}/{explainer}/{metric}``:
-    the means over images of ``deletion``, ``insertion``, ``mf`` (raw, percent), ``mi`` (percent),
+    the means over images of ``deletion``, ``insertion``, ``deletion_norm`` and ``insertion_norm`` (PROTOCOLS.md,
+    "Normalised causal scores"; ``*_norm_excluded`` counts the images whose curve was too flat), ``mf`` (raw,
+    percent), ``mi`` (percent),
     ``pointing_game`` (accuracy over the classes evaluated) and ``pointing_game_hit_rate``, ``iou``, ``f1``,
     ``iou_top``, ``f1_top``, ``iou_pixel``, ``f1_pixel``; an image whose value is NaN (no ground truth, the
     M_F guard) is left out of that mean only; ``mf_excluded`` counts M_F's guard; ``images`` the images

@@ -16,6 +16,7 @@ from metrics import (
     PointingGameMetric,
     PRAUCMetric,
     SaliencyScores,
+    ValueMean,
 )
 
 
@@ -28,9 +29,11 @@ class ScoreMeters:
 
     REGION_SUFFIXES = ("", "_top", "_pixel")  # iou / f1, iou_top / f1_top, iou_pixel / f1_pixel
     COSTS = ("forwards", "backwards", "seconds")
+    NORMALISED = ("deletion_norm", "insertion_norm")
 
     def __init__(self, steps: int, num_classes: int, device: torch.device):
         self.causal = CausalMetric(steps).to(device)
+        self.normalised = {name: ValueMean(name).to(device) for name in self.NORMALISED}
         self.mf = FaithfulnessMetric().to(device)
         self.mi = PRAUCMetric().to(device)
         self.regions = {suffix: IoUF1Metric().to(device) for suffix in self.REGION_SUFFIXES}
@@ -43,6 +46,8 @@ class ScoreMeters:
         ``cost`` of the call (None if it does not count) and the call's wall time."""
         values = scores.values
         self.causal.update(values["deletion"], values["insertion"], scores.deletion_curve, scores.insertion_curve)
+        for name, metric in self.normalised.items():
+            metric.update(values[name])
         self.mf.update(values["mf"])
         self.mi.update(values["mi"])
         for suffix, metric in self.regions.items():
@@ -63,6 +68,9 @@ class ScoreMeters:
         values = {"deletion": causal["deletion"], "insertion": causal["insertion"], "mf": mf["mf"],
                   "mf_excluded": mf["excluded"], "mi": mi["pr_auc"], "pointing_game": pointing["accuracy"],
                   "pointing_game_hit_rate": pointing["hit_rate"]}
+        for name, metric in self.normalised.items():
+            normalised = metric.compute()
+            values.update({name: normalised[name], f"{name}_excluded": normalised["excluded"]})
         for suffix, metric in self.regions.items():
             region = metric.compute()
             values.update({f"iou{suffix}": region["iou"], f"f1{suffix}": region["f1"]})

@@ -9,6 +9,7 @@ from metrics.accumulators import (
     IoUF1Metric,
     PointingGameMetric,
     PRAUCMetric,
+    ValueMean,
 )
 from metrics.causal import (
     PROTOCOL_PRESETS,
@@ -22,6 +23,7 @@ from metrics.causal import (
     faithfulness_mf,
     make_protocol,
     minmax_across_methods,
+    normalised_area,
 )
 from metrics.rows import RowStore
 from metrics.suite import METRIC_NAMES, EvaluationSettings, SaliencyScores, score_saliency
@@ -52,6 +54,7 @@ __all__ = [
     "MinMaxResult",
     "PRAUCMetric",
     "PointingGameMetric",
+    "ValueMean",
     "causal_curves",
     "default_pointing_tolerance",
     "explained_class",
@@ -59,6 +62,7 @@ __all__ = [
     "iou_f1",
     "iou_f1_pixel_level",
     "minmax_across_methods",
+    "normalised_area",
     "pointing_game",
     "pr_auc",
     "saliency_region",

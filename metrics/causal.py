@@ -32,6 +32,8 @@ TARGET_RULES = ("predicted", "label")
 # (measured on the embedded black box: q_F ~ q_O, M_F in the thousands of percent, many images excluded).
 MF_BLUR_KERNEL_224 = 51
 MF_BLUR_SIGMA_224 = 50.0
+# PROTOCOLS.md, "Normalised causal scores": curves whose end points differ by at most this are excluded.
+NORM_EPS = 0.05
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +52,8 @@ class CausalProtocol:
         max_forward_batch: the most perturbed images sent through the model at once (memory knob; not
             part of the metric's definition, results do not depend on it).
         mean: the per-channel colour of the "mean" substrate (the dataset's mean colour).
+        norm_eps: the normalised scores (:func:`normalised_area`) exclude an image whose curve end points
+            differ by at most this (|v_0 - v_n| <= eps).
     The defaults equal :meth:`rise` at 224 x 224.
     """
 
@@ -63,6 +67,7 @@ class CausalProtocol:
     target: str = "predicted"
     max_forward_batch: int = 256
     mean: tuple[float, ...] = IMAGENET_MEAN
+    norm_eps: float = NORM_EPS
 
     def __post_init__(self) -> None:
         unit_ok = self.units == "pixel" or (
@@ -88,6 +93,8 @@ class CausalProtocol:
         if len(mean) != 3 or not all(0.0 <= v <= 1.0 for v in mean):
             raise ValueError(f"mean must be 3 values in [0, 1], got {self.mean!r}")
         object.__setattr__(self, "mean", mean)  # frozen: normalise a list / tensor to a tuple
+        if not 0 <= self.norm_eps < 1:
+            raise ValueError(f"norm_eps must be in [0, 1), got {self.norm_eps!r}")
 
     @classmethod
     def rise(cls, image_size: int, **overrides: Any) -> CausalProtocol:
@@ -178,6 +185,8 @@ class CausalResult(NamedTuple):
     fractions: (n + 1,) the x axis k / n (the nominal fraction of units changed; the exact fraction at
         step k is ceil(k U / n) / U).
     forwards: model forward passes used, 2 * (n + 1) * B.
+    deletion_norm, insertion_norm: (B,) the normalised areas of :func:`normalised_area` (NaN where the
+        curve's end points are too close); None when not computed.
     """
 
     deletion: Tensor
@@ -186,6 +195,8 @@ class CausalResult(NamedTuple):
     insertion_curve: Tensor | None
     fractions: Tensor
     forwards: int
+    deletion_norm: Tensor | None = None
+    insertion_norm: Tensor | None = None
 
 
 class FaithfulnessResult(NamedTuple):
@@ -246,6 +257,25 @@ def trapezoid_area(curve: Tensor) -> Tensor:
     """(B,) area under (B, n + 1) curves on [0, 1] by the trapezoid rule: (sum_k v_k - v_0/2 - v_n/2) / n."""
     steps = curve.shape[-1] - 1
     return (curve.sum(-1) - (curve[..., 0] + curve[..., -1]) / 2) / steps
+
+
+def normalised_area(curve: Tensor, start_at_zero: bool, eps: float = NORM_EPS) -> Tensor:
+    """(B,) area of (B, n + 1) curves rescaled by their own end points (PROTOCOLS.md, "Normalised causal
+    scores"), so a curve's start and end (what the substrates leave of the class) do not count, only how fast
+    the ranking moves it from one to the other.
+
+    With A the trapezoid area, v_0 and v_n the end points:
+    deletion (``start_at_zero`` False): (A - v_n) / (v_0 - v_n): 0 when the class vanishes at the first step
+    (ideal), 1 when it survives until the last (lower is better);
+    insertion (``start_at_zero`` True): (A - v_0) / (v_n - v_0): 1 when the class appears at the first step
+    (ideal), 0 when only at the last (higher is better).
+    NaN where |v_0 - v_n| <= eps: such a curve says nothing about the ranking (count these as excluded).
+    """
+    area, first, last = trapezoid_area(curve), curve[..., 0], curve[..., -1]
+    start, end = (first, last) if start_at_zero else (last, first)
+    span = end - start
+    valid = span.abs() > eps
+    return torch.where(valid, (area - start) / torch.where(valid, span, torch.ones_like(span)), torch.nan)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -338,7 +368,8 @@ def causal_curves(
     step k changes the top ceil(k U / n) units, k = 0..n:
     deletion  x_k = phi(I, keep = not changed, A_del), starting from I;
     insertion x_k = phi(I, keep = changed, A_ins), starting from A_ins;
-    curves d_k = p_c(x_k), i_k = p_c(x_k); areas by the trapezoid rule (sum_k v_k - v_0/2 - v_n/2) / n.
+    curves d_k = p_c(x_k), i_k = p_c(x_k); areas by the trapezoid rule (sum_k v_k - v_0/2 - v_n/2) / n,
+    and the normalised areas of :func:`normalised_area` (``deletion_norm``, ``insertion_norm``).
     Grid units: S is average-pooled to r x r (adaptive_avg_pool2d) and each cell's 0/1 keep value is
     upsampled to pixels with ``protocol.upsample``. (For H not divisible by r, the pooling windows and the
     nearest-upsampled cells may differ by a pixel at cell borders; r dividing H avoids it.)
@@ -379,6 +410,8 @@ def causal_curves(
         insertion_curve=insertion_curve if return_curves else None,
         fractions=torch.arange(protocol.steps + 1, device=images.device) / protocol.steps,
         forwards=2 * counts.numel() * images.shape[0],
+        deletion_norm=normalised_area(deletion_curve, start_at_zero=False, eps=protocol.norm_eps),
+        insertion_norm=normalised_area(insertion_curve, start_at_zero=True, eps=protocol.norm_eps),
     )
 
 

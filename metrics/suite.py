@@ -15,9 +15,10 @@ from torch import Tensor
 from metrics.causal import CausalProtocol, Model, causal_curves, faithfulness_mf, make_protocol
 from metrics.localisation import default_pointing_tolerance, iou_f1, iou_f1_pixel_level, pointing_game, pr_auc
 
-# Per-image values in the order tables show them; percentages are in [0, 100], the rest in [0, 1].
-METRIC_NAMES = ("deletion", "insertion", "mf", "mi", "pointing_game", "iou", "f1", "iou_top", "f1_top",
-                "iou_pixel", "f1_pixel")
+# Per-image values in the order tables show them; percentages (mf, mi) are in [0, 100], the rest in [0, 1]
+# (the normalised areas can leave [0, 1] a little when a curve is not monotone).
+METRIC_NAMES = ("deletion", "insertion", "deletion_norm", "insertion_norm", "mf", "mi", "pointing_game", "iou", "f1",
+                "iou_top", "f1_top", "iou_pixel", "f1_pixel")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +94,8 @@ def score_saliency(model: Model, images: Tensor, saliency: Tensor, targets: Tens
     iou_px, f1_px = iou_f1_pixel_level(saliency, gt_mask, settings.iou_threshold)
     hits = pointing_game(saliency, gt_mask, settings.tolerance(images.shape[-1]))
     values = {
-        "deletion": curves.deletion, "insertion": curves.insertion, "mf": mf.mf, "mi": pr_auc(saliency, gt_mask),
+        "deletion": curves.deletion, "insertion": curves.insertion, "deletion_norm": curves.deletion_norm,
+        "insertion_norm": curves.insertion_norm, "mf": mf.mf, "mi": pr_auc(saliency, gt_mask),
         "pointing_game": hits.float(), "iou": iou, "f1": f1, "iou_top": iou_top, "f1_top": f1_top,
         "iou_pixel": iou_px, "f1_pixel": f1_px,
     }

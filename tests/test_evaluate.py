@@ -42,12 +42,14 @@ def test_writes_every_output(tiny_blackbox, tmp_path):
     assert set(saved) >= {"protocol", "blackbox", "data", "num_images", "excluded", "methods"}
     assert saved["num_images"] == 6 and list(saved["methods"]) == ["gradient", "rise"]
     for stats in saved["methods"].values():
-        assert set(stats) >= {"deletion", "insertion", "mf", "mf_normalized", "mi", "pointing_game", "iou", "f1",
+        assert set(stats) >= {"deletion", "insertion", "deletion_norm", "insertion_norm", "mf", "mf_normalized", "mi",
+                              "pointing_game", "iou", "f1",
                               "seconds_per_image", "forwards_per_image", "backwards_per_image"}
         assert 0 <= stats["deletion"] <= 1 and 0 <= stats["insertion"] <= 1 and 0 <= stats["mi"] <= 100
     assert saved["methods"]["rise"]["forwards_per_image"] == 32
     assert saved["methods"]["gradient"]["backwards_per_image"] >= 1
     assert saved["protocol"]["protocol"]["units"] == 8
+    assert set(saved["excluded"]["deletion_norm_degenerate"]) == {"gradient", "rise"}
     lines = (tmp_path / "results.csv").read_text().splitlines()
     assert len(lines) == 1 + 6 * 2 and lines[0].startswith("index,method,label,target,deletion")
     assert "| rise |" in (tmp_path / "summary.md").read_text()
@@ -185,3 +187,33 @@ def test_every_evaluate_config_parses_into_its_objects(repo_root, config):
     assert len(specs) >= 2 and all(explainers.parse_spec(s).name in explainers.available() for s in specs)
     settings = EvaluationSettings(**cfg.settings.as_dict()).resolve(64, target=cfg.target)
     assert settings.protocol.target == cfg.target and settings.protocol.steps >= 1
+
+
+def test_saved_maps_are_scored_under_another_protocol(tiny_blackbox, tmp_path):
+    """--save_maps then --maps_from: the second run explains nothing again, reports the first run's cost, and
+    gives exactly what explaining anew under that protocol gives."""
+    first, second, direct = tmp_path / "first", tmp_path / "second", tmp_path / "direct"
+    evaluate.main(args_for(tiny_blackbox, first, "--save_maps=true"))
+    assert len(list((first / "maps" / "rise").glob("*.pt"))) == 6
+    other = "--settings.protocol={units: pixel, steps: 4, deletion_substrate: mean, insertion_substrate: blur, blur_kernel: 3, blur_sigma: 1.0}"
+    calls = []
+    original = explainers.Explainer.__call__
+
+    def counting(self, *args, **kwargs):
+        calls.append(self.name)
+        return original(self, *args, **kwargs)
+
+    explainers.Explainer.__call__ = counting
+    try:
+        reused = evaluate.main(args_for(tiny_blackbox, second, other, f"--maps_from={first}"))
+    finally:
+        explainers.Explainer.__call__ = original
+    assert calls == []  # every map came from the first run
+    fresh = evaluate.main(args_for(tiny_blackbox, direct, other))
+    for method in ("gradient", "rise"):
+        for key in ("deletion", "insertion", "mi", "forwards_per_image", "backwards_per_image"):
+            assert reused["methods"][method][key] == pytest.approx(fresh["methods"][method][key]), (method, key)
+    # other hyper-parameters: nothing is reused
+    changed = evaluate.main(args_for(tiny_blackbox, tmp_path / "changed", "--method_hparams={rise: {n_masks: 16}}",
+                                     f"--maps_from={first}"))
+    assert changed["methods"]["rise"]["forwards_per_image"] == 16

@@ -20,7 +20,8 @@ from core.blackbox import BlackBox
 from core.seeding import per_image_uniforms
 from datamodules import ClutteredFashionMNIST, collate_samples
 from lightning_modules.feature_filter import FeatureFilterModule
-from lightning_modules.mask_predictor import MaskDistribution, MaskPredictor, hinge_loss, total_variation
+from lightning_modules.mask_predictor import (MaskDistribution, MaskPredictor, hinge_loss, top_fraction_mask,
+                                              total_variation)
 from networks.controllers import CTController, make_controller, skewness, standardise
 from networks.feature_filter import FeatureFilter
 from networks.mask_generator import (GENERATOR_PRESETS, PRESET_RATIOS, MaskGenerator, MaskPredictorNet, derive_widths,
@@ -87,6 +88,11 @@ def test_predictor_net_on_a_real_black_box(tiny_blackbox_path, scenes):
         rebuilt = MaskPredictorNet.from_config(net.config())
         rebuilt.load_state_dict(net.state_dict())
         assert torch.equal(rebuilt.eval()(features, scenes["label"]), net.eval()(features, scenes["label"]))
+    finer = MaskPredictorNet(blackbox.feature_channels, 10, [16, 16, 16], "ct", extra_upsamples=1)
+    assert finer.raw(features, scenes["label"]).shape == (8, 1, SIZE // 2, SIZE // 2)  # stride 2
+    rebuilt = MaskPredictorNet.from_config(finer.config())
+    rebuilt.load_state_dict(finer.state_dict())
+    assert torch.equal(rebuilt.eval()(features, scenes["label"]), finer.eval()(features, scenes["label"]))
 
 
 def test_upsample_equals_interpolate_in_values_and_gradients():
@@ -221,8 +227,16 @@ def test_substrates_are_per_image_and_mixed(tiny_blackbox_path, scenes):
 DABKOWSKI_CODE = {"class_loss": "hinge", "tv_reduction": "sum", "tv_border": 0.3}
 
 
-@pytest.mark.parametrize("mode, options", [("ct", {}), ("bt", {}), ("mgnet", {}), ("mgnet", DABKOWSKI_CODE)],
-                         ids=["ct", "bt", "mgnet", "mgnet-hinge"])
+GAME = {"deletion_weight": 1.0, "insertion_weight": 1.0, "deletion_substrates": ["mean", "random"],
+        "insertion_substrates": ["blur", "strong_blur"]}
+
+
+PROTOCOL_GAME = {"deletion_weight": 1.0, "insertion_weight": 1.0, "game_protocols": ["rise", "igos"]}
+
+
+@pytest.mark.parametrize("mode, options", [("ct", {}), ("bt", {}), ("mgnet", {}), ("mgnet", DABKOWSKI_CODE),
+                                           ("ct", GAME), ("mgnet", GAME), ("ct", PROTOCOL_GAME)],
+                         ids=["ct", "bt", "mgnet", "mgnet-hinge", "ct-game", "mgnet-game", "ct-protocol-game"])
 def test_loss_decreases_on_a_tiny_batch(tiny_blackbox_path, scenes, mode, options):
     model = predictor(tiny_blackbox_path, mode, **options)
     model.train()
@@ -238,8 +252,59 @@ def test_loss_decreases_on_a_tiny_batch(tiny_blackbox_path, scenes, mode, option
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.005, losses
-    assert set(terms) == ({"ce", "area", "tv", "bg"} if mode == "mgnet" else {"ce"})
+    game = {"game_deletion", "game_insertion"} if options in (GAME, PROTOCOL_GAME) else set()
+    assert set(terms) == ({"ce", "area", "tv", "bg"} if mode == "mgnet" else {"ce"}) | game
     assert not any(p.grad is not None for p in model.blackbox.parameters())
+
+
+def test_top_fraction_mask_selects_the_top_pixels_softly():
+    mask = torch.arange(100.0).view(1, 1, 10, 10).repeat(3, 1, 1, 1)
+    soft = top_fraction_mask(mask, torch.tensor([0.1, 0.5, 0.9]), temperature=0.01)
+    hard = soft > 0.5
+    assert hard.flatten(1).sum(1).tolist() == [10, 50, 90]  # exactly the top fraction
+    assert bool(hard[0].flatten()[90:].all()) and not bool(hard[0].flatten()[:90].any())  # the largest values
+    warm = top_fraction_mask(mask, torch.tensor([0.5, 0.5, 0.5]), temperature=1.0)
+    assert 0.2 < warm[0].flatten()[49].item() < 0.5 < warm[0].flatten()[50].item() < 0.8  # soft near the threshold
+    mask.requires_grad_(True)
+    top_fraction_mask(mask, torch.tensor([0.5, 0.5, 0.5]), 0.1).sum().backward()
+    assert mask.grad.flatten(1)[:, 45:55].abs().min() > 0 and mask.grad.flatten(1)[:, 0].abs().max() < 1e-6
+
+
+def test_game_substrates_are_per_image(tiny_blackbox_path, scenes):
+    model = predictor(tiny_blackbox_path, **GAME)
+    images, index = scenes["image"], scenes["index"]
+    draws = torch.linspace(0, 0.99, 8)
+    together = model.game_substrate(images, ["mean", "blur", "strong_blur", "random"], draws, index, 0)
+    alone = torch.cat([model.game_substrate(images[i:i + 1], ["mean", "blur", "strong_blur", "random"], draws[i:i + 1],
+                                            index[i:i + 1], 0) for i in range(8)])
+    torch.testing.assert_close(together, alone)
+    torch.testing.assert_close(together[0], model.blackbox.mean[0].expand(3, SIZE, SIZE))  # draws < 1/4: the mean
+    assert together.min() >= 0 and together.max() <= 1
+    with pytest.raises(ValueError, match="deletion_substrates"):
+        predictor(tiny_blackbox_path, deletion_substrates=["noise"])
+    with pytest.raises(ValueError, match="game_protocols"):
+        predictor(tiny_blackbox_path, game_protocols=["mine"])
+
+
+def test_protocol_game_perturbs_like_the_causal_metric(tiny_blackbox_path, scenes):
+    """Under the igos preset the game's hard limit (temperature -> 0) removes exactly the top cells of the
+    metric's grid, upsampled bilinearly, into the preset's blur."""
+    from metrics import CausalProtocol
+    from metrics.causal import rank_units, unit_scores
+
+    model = predictor(tiny_blackbox_path, **PROTOCOL_GAME, game_temperature=1e-4)
+    images = scenes["image"]
+    mask = torch.rand(8, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    fractions = torch.full((8,), 0.25)
+    soft, substrate = model.protocol_game(images, mask, fractions, torch.full((8,), 0.9), deletion=True)
+    protocol = CausalProtocol.igos(SIZE)
+    grid = protocol.units
+    top = rank_units(unit_scores(mask, grid)) < round(0.25 * grid * grid)
+    expected = F.interpolate(top.view(8, 1, grid, grid).float(), size=(SIZE, SIZE), mode="bilinear",
+                             align_corners=False)
+    torch.testing.assert_close(soft, expected, atol=1e-3, rtol=0)
+    torch.testing.assert_close(substrate, model.game_substrate(images, ["strong_blur"], torch.zeros(8),
+                                                               scenes["index"], 0), atol=1e-5, rtol=0)
 
 
 def test_hinge_and_smoothness_terms():
