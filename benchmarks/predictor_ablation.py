@@ -143,7 +143,7 @@ def train(name: str, out: Path, filter_ckpt: Path, blackbox: str, seed: int = 0)
     if not (ROOT / run_dir / "fit_metrics.json").is_file():
         resume = ["--ckpt_path=last"] if (ROOT / run_dir / "checkpoints" / "last.ckpt").is_file() else []
         run([sys.executable, "train.py", "fit", "--config", f"configs/experiment/{CONFIGS[kind]}",
-             f"--run_dir={run_dir}", f"--model.init_args.blackbox={blackbox}",
+             f"--run_dir={run_dir}", f"--model.init_args.blackbox.init_args.model={blackbox}",
              f"--model.init_args.filter_checkpoint={filter_ckpt}", *([] if name.endswith("_fp32") else FAST),
              *overrides, *seeding, *resume])
     return run_dir
@@ -155,8 +155,8 @@ def evaluate(out: Path, preset: str, args, methods: str = "[]", hparams: str = "
     ``num_images``), reused when it exists."""
     if not (ROOT / out / "results.json").is_file():
         run([sys.executable, "evaluate.py", "--config", "configs/experiment/embedded_evaluate.yaml",
-             f"--blackbox={args.blackbox}", f"--split={args.split}", f"--methods={methods}",
-             f"--method_hparams={hparams}", f"--protocol={preset}", f"--num_images={num_images or args.num_images}",
+             f"--blackbox.init_args.model={args.blackbox}", f"--split={args.split}", f"--explainers={methods}",
+             f"--method_hparams={hparams}", f"--settings.protocol={preset}", f"--num_images={num_images or args.num_images}",
              "--batch_size=25",
              f"--ckpt=[{ckpt}]" if ckpt else "--ckpt=[]", f"--out={out}", "--wandb=false", "--overlay_images=8",
              *extra])

@@ -7,7 +7,7 @@ Saliency of class c at pixel u (paper Eq. 6, with E[M(u)] = p):
 M_i: an s x s binary grid, each cell kept with probability p, bilinearly upsampled to (s+1)*C x (s+1)*C
 (C = ceil(H / s) the cell size) and cropped to H x W at a random offset in [0, C) per axis (the paper's
 recipe: the shift makes the masks smooth but not aligned to one grid). phi is the perturbation operator
-of :mod:`explainers.perturbation`.
+of :mod:`core.perturbation`.
 
 Masking colour. The paper writes I * M_i, but the released code multiplies the *normalised* image by the
 mask, so a masked pixel becomes 0 after normalisation: the black box's mean colour in pixel space. We follow
@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from explainers.base import Explainer, rebatch, seeded_generator
-from explainers.perturbation import make_substrate, perturb, scaled_blur
+from core.perturbation import make_substrate, perturb, scaled_blur
+from core.seeding import seeded_generator
+from explainers.base import Explainer, rebatch
 from explainers.registry import register
 
 # Masks drawn from one generator. Fixed (not tied to max_forward_batch or B) because it is part of the
@@ -82,7 +83,7 @@ class RISE(Explainer):
             code's masking of the normalised image), "zero" (the paper's literal I * M) or "blur" (the image
             blurred, see below).
         blur_kernel, blur_sigma: the "blur" substrate at 224 px (default: the RISE insertion blur, 11 / 5),
-            scaled to the image by :func:`explainers.perturbation.scaled_blur`.
+            scaled to the image by :func:`core.perturbation.scaled_blur`.
         mean_colour: per-channel colour in [0, 1] of "mean" (default: the black box's normalisation mean,
             ``blackbox.mean``; ImageNet's mean for a model without one).
         seed, max_forward_batch: see :class:`explainers.base.Explainer`.

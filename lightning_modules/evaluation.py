@@ -6,7 +6,6 @@ rerun reads them first and skips every finished (image, method) pair.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -16,40 +15,7 @@ from typing import Mapping
 import pytorch_lightning as pl
 import torch
 
-from metrics import EvaluationSettings, explained_class, score_saliency
-
-
-class RowStore:
-    """Per-image rows as JSON lines under ``folder``, one file per process (``rows-rank{R}.jsonl``).
-
-    Rows are flushed and fsynced as they are appended, so a killed run loses at most the batch in flight;
-    a line cut short by the kill is ignored when reading.
-    """
-
-    def __init__(self, folder: str | os.PathLike, rank: int = 0):
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.path = self.folder / f"rows-rank{rank}.jsonl"
-
-    def read_all(self) -> list[dict]:
-        rows = []
-        for path in sorted(self.folder.glob("rows-rank*.jsonl")):
-            for line in path.read_text().splitlines():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:  # the last line of a killed run
-                    continue
-        return rows
-
-    def finished(self) -> set[tuple[int, str]]:
-        return {(int(r["index"]), r["method"]) for r in self.read_all()}
-
-    def append(self, rows: list[dict]) -> None:
-        with open(self.path, "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+from metrics import EvaluationSettings, RowStore, explained_class, score_saliency
 
 
 def check_batch(images: torch.Tensor, indices: torch.Tensor) -> None:

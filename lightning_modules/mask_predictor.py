@@ -43,19 +43,20 @@ Masks: M^d is predicted at the first feature level's resolution (56 x 56 at 224)
 BT masks are unbounded above; the perturbation clamps them to [0, 1] (the explanation keeps the raw values).
 
 Checkpoints hold the generator, controller and (frozen) filter weights and an ``"explainer"`` record;
-``explainers.load_checkpoint(path, blackbox)`` rebuilds the explainer from them. The black box's weights
-are not stored: its spec (``blackbox`` & co.) is.
+``explainers.build(name, blackbox, checkpoint=path)`` rebuilds the explainer from them. The black box's
+weights are not stored: its config (``BlackBox.config()``) is.
 
-Logged: ``{train,val}/loss`` and each term (``ce``, ``area``, ``tv``, ``bg``), ``{train,val}/mask_mean``,
+Logged: ``{train,val}/loss`` and each term (``ce``, ``area``, ``tv``, ``bg``, ``game_deletion``,
+``game_insertion``, ``teacher``), ``{train,val}/mask_mean``,
 ``val/mask_skewness`` (pooled over every mask value of the validation set), ``val/mask_skewness_per_image``,
-``val/mask_std``; a histogram of the validation mask values every validation (W&B histogram + PNG under
-``{run_dir}/eval/``). Add ``ExplainerEvaluation(explainers=["self"])`` for M_F, M_I, pointing game,
-deletion, insertion and overlays (it calls :meth:`MaskPredictor.as_explainer`).
+``val/mask_std``. The distribution of the validation mask values is kept in :attr:`MaskPredictor.mask_distribution`
+for ``callbacks.MaskHistogram`` (W&B histogram + PNG under ``{run_dir}/eval/``). Add
+``ExplainerEvaluation(explainers=["self"])`` for M_F, M_I, pointing game, deletion, insertion and overlays
+(it calls :meth:`MaskPredictor.as_explainer`).
 """
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -63,15 +64,16 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import Tensor
 
-from explainers.mask_predictor import EXPLAINER_FORMAT, MaskPredictorExplainer, explainer_name
-from explainers.perturbation import (NOISE_STD, derive_seeds, gaussian_blur, make_substrate, perturb,
-                                     random_colour_noise, scaled_blur)
-from lightning_modules.controllers import skewness
-from metrics import CausalProtocol
-from lightning_modules.feature_filter import (STREAM_SUBSTRATE, FrozenBlackBoxModule, load_filter,
-                                              per_image_uniforms)
-from lightning_modules.mask_generator import MaskPredictorNet, generator_widths, upsample
+from core.blackbox import BlackBox
+from core.perturbation import NOISE_STD, gaussian_blur, make_substrate, perturb, random_colour_noise, scaled_blur
+from core.seeding import derive_seeds, per_image_uniforms
+from explainers.mask_predictor import EXPLAINER_FORMAT, MaskPredictorExplainer, explainer_name, predictor_class
+from lightning_modules.feature_filter import STREAM_SUBSTRATE, FrozenBlackBoxModule
 from lightning_modules.teacher import load_teacher_maps, rank_targets
+from metrics import TARGET_RULES, CausalProtocol
+from networks.controllers import skewness
+from networks.feature_filter import load_filter
+from networks.mask_generator import MaskPredictorNet, generator_widths, upsample
 
 MODES = {"ct": "ct", "bt": "bt", "mgnet": "none"}  # mode -> controller
 # Loss weights by mode (None in the constructor = these). MGnet: Dabkowski & Gal's code defaults.
@@ -165,16 +167,15 @@ class MaskPredictor(FrozenBlackBoxModule):
     """Stage-2 LightningModule: a :class:`MaskPredictorNet` trained through a frozen black box.
 
     Args:
-        blackbox, blackbox_weights, num_classes, blackbox_kwargs, feature_levels: the black box (see
-            :class:`lightning_modules.blackbox.BlackBox`); only its spec goes into checkpoints.
+        blackbox: the frozen :class:`core.blackbox.BlackBox`; only its config goes into checkpoints.
         filter_checkpoint: the stage-1 checkpoint of :class:`FeatureFilterModule` (None: an untrained
             random filter, with a warning — for tests).
         mode: ``"ct"``, ``"bt"`` or ``"mgnet"``.
         eta, h, trainable_controller: CT's parameters (METHODS.md: 1.5, 2.5, fixed).
         widths, width_ratio: generator block widths (default: the paper's preset for ResNet-50 / VGG-19 /
-            GoogLeNet, half the skip channels otherwise; see ``mask_generator.generator_widths``).
+            GoogLeNet, half the skip channels otherwise; see ``networks.mask_generator.generator_widths``).
         extra_upsamples: x2 upsampling blocks after the generator's last skip level (0: the paper's mask at
-            the first feature level's stride, 4; 1: stride 2; see ``mask_generator.MaskGenerator``).
+            the first feature level's stride, 4; 1: stride 2; see ``networks.mask_generator.MaskGenerator``).
         target: explained class in training: ``"predicted"`` (the black box's argmax on the clean image, as
             at evaluation) or ``"label"``.
         blur_prob: probability of the blur substrate (else random colour + noise).
@@ -204,17 +205,13 @@ class MaskPredictor(FrozenBlackBoxModule):
         seed: per-image substrate draws. channels_last: see :class:`FrozenBlackBoxModule`.
         posthoc, posthoc_points, filter_bias: inference options of :meth:`as_explainer` and of the
             explainer rebuilt from checkpoints (post-hoc tuning; the filter's confidence bias b).
-        histogram_bins: bins of the logged mask histogram.
+        histogram_bins: bins of the mask histogram (:attr:`mask_distribution`).
     """
 
     def __init__(
         self,
-        blackbox: str = "ckpt:assets/embedded_blackbox.pt",
+        blackbox: BlackBox,
         filter_checkpoint: str | None = "outputs/demo/filter/checkpoints/last.ckpt",
-        blackbox_weights: str | None = None,
-        num_classes: int | None = None,
-        blackbox_kwargs: dict | None = None,
-        feature_levels: int = 4,
         mode: str = "ct",
         eta: float = 1.5,
         h: float = 2.5,
@@ -259,8 +256,8 @@ class MaskPredictor(FrozenBlackBoxModule):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
-        if target not in ("predicted", "label"):
-            raise ValueError(f"target must be 'predicted' or 'label', got {target!r}")
+        if target not in TARGET_RULES:
+            raise ValueError(f"target must be one of {TARGET_RULES}, got {target!r}")
         if class_loss not in ("probability", "hinge") or tv_reduction not in ("mean", "sum"):
             raise ValueError(f"class_loss must be 'probability' or 'hinge' and tv_reduction 'mean' or 'sum', got "
                              f"{class_loss!r}, {tv_reduction!r}")
@@ -278,11 +275,11 @@ class MaskPredictor(FrozenBlackBoxModule):
         if deletion_weight < 0 or insertion_weight < 0 or game_temperature <= 0:
             raise ValueError(f"the game needs weights >= 0 and game_temperature > 0, got {deletion_weight}, "
                              f"{insertion_weight}, {game_temperature}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["blackbox"])
         given = {"ce_weight": ce_weight, "area_weight": area_weight, "area_power": area_power,
                  "tv_weight": tv_weight, "bg_weight": bg_weight}
         self.weights = {k: float(LOSS_DEFAULTS[mode][k] if v is None else v) for k, v in given.items()}
-        self.blackbox = self._build_blackbox(blackbox, blackbox_weights, num_classes, blackbox_kwargs, feature_levels)
+        self._set_blackbox(blackbox)
         channels = self.blackbox.feature_channels
         self.net = MaskPredictorNet(channels, self.blackbox.num_classes,
                                     generator_widths(self.blackbox.spec, channels, widths, width_ratio),
@@ -292,6 +289,7 @@ class MaskPredictor(FrozenBlackBoxModule):
         self.net.filter.bias = 0.0  # b = 0 in training; filter_bias applies at inference
         upper = BT_HISTOGRAM_UPPER if mode == "bt" else 1.0
         self.mask_stats = MaskDistribution(histogram_bins, upper)
+        self.mask_distribution: dict[str, Tensor] | None = None  # of the last validation / test epoch
         if bool(teacher_weight) != bool(teacher_maps):
             raise ValueError("teacher_weight and teacher_maps go together: give both or neither")
         self._teacher = load_teacher_maps(teacher_maps) if teacher_maps else None
@@ -496,36 +494,7 @@ class MaskPredictor(FrozenBlackBoxModule):
             return
         for name in ("skewness", "skewness_per_image", "std"):
             self.log(f"{split}/mask_{name}", stats[name].float(), on_epoch=True, sync_dist=False)
-        if self.trainer.is_global_zero:
-            self._write_histogram(split, stats)
-
-    def _write_histogram(self, split: str, stats: dict[str, Tensor]) -> None:
-        """PNG under {run_dir}/eval/ (always) and a W&B histogram + image (when a WandbLogger is attached)."""
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
-        counts, edges = stats["hist"].cpu().numpy(), stats["edges"].cpu().numpy()
-        figure = Figure(figsize=(4.5, 3), layout="constrained")
-        FigureCanvasAgg(figure)
-        axis = figure.subplots()
-        axis.bar(edges[:-1], counts / max(counts.sum(), 1), width=edges[1] - edges[0], align="edge")
-        axis.set_xlabel("mask value" + (f" (> {edges[-1]:g} in the last bin)" if self.hparams.mode == "bt" else ""))
-        axis.set_ylabel("fraction")
-        axis.set_title(f"{explainer_name(MODES[self.hparams.mode])} epoch {self.current_epoch}: "
-                       f"skewness {float(stats['skewness']):.2f}", fontsize=9)
-        folder = Path(self.trainer.default_root_dir) / "eval"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{split}_mask_histogram_epoch{self.current_epoch:03d}.png"
-        figure.savefig(path, dpi=100)
-        from pytorch_lightning.loggers import WandbLogger
-
-        for logger in self.trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                import wandb
-
-                logger.log_metrics({f"{split}/mask_histogram": wandb.Histogram(np_histogram=(counts, edges))},
-                                   step=self.global_step)
-                logger.log_image(key=f"{split}/mask_histogram_png", images=[str(path)], step=self.global_step)
+        self.mask_distribution = stats  # drawn and sent to W&B by callbacks.MaskHistogram
 
     # -- the explainer ------------------------------------------------------------------------------
     def inference_options(self) -> dict:
@@ -540,14 +509,12 @@ class MaskPredictor(FrozenBlackBoxModule):
         """This predictor (live weights) behind the explainer contract; ``overrides`` change the inference
         options (``posthoc``, ``posthoc_points``, ``filter_bias``, ``max_forward_batch``...)."""
         options = {**self.inference_options(), **overrides}
-        name = explainer_name(MODES[self.hparams.mode], options.get("posthoc", False))
-        return MaskPredictorExplainer(self.blackbox, self.net, name, **options)
+        cls = predictor_class(MODES[self.hparams.mode], options.pop("posthoc", False))
+        return cls(self.blackbox, self.net, **options)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        hp = self.hparams
         checkpoint["explainer"] = {
             "format": EXPLAINER_FORMAT, "name": self.explainer_name(), "net": self.net.config(),
-            "blackbox": {"model": hp.blackbox, "num_classes": hp.num_classes, "weights": hp.blackbox_weights,
-                         "model_kwargs": dict(hp.blackbox_kwargs or {}), "feature_levels": hp.feature_levels},
-            "inference": self.inference_options(), "loss_weights": dict(self.weights)}
+            "blackbox": self.blackbox.config(), "inference": self.inference_options(),
+            "loss_weights": dict(self.weights)}

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lightning_modules.blackbox import BlackBox, safe_load
+from core.blackbox import BlackBox
+from core.checkpoints import safe_load
 
 TEACHER_FORMAT = "saliency-lab/teacher-maps/v1"
 

@@ -12,18 +12,20 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from explainers.perturbation import IMAGENET_MEAN, gaussian_blur, make_substrate, perturb, scaled_blur
+from core.blackbox import IMAGENET_MEAN
+from core.perturbation import gaussian_blur, make_substrate, perturb, scaled_blur
 
 Model = Callable[[Tensor], Tensor]
 _CURVE_SUBSTRATES = ("mean", "zero", "blur")
 _UPSAMPLE_MODES = ("nearest", "bilinear")
-_TARGET_RULES = ("predicted", "label")
+# The rules that choose the explained class (the one list the whole project validates against).
+TARGET_RULES = ("predicted", "label")
 # M_F's blur (no value given in PROTOCOLS.md): the strong blur of the igos protocol (kernel 51, sigma 50
 # at 224), scaled with the image size like every other blur. M_F divides by q_O - q_F, so the blurred
 # image must lose the class: the training blur (variance 10 at 224) leaves small images classifiable
@@ -55,7 +57,7 @@ class CausalProtocol:
     The defaults equal :meth:`rise` at 224 x 224.
     """
 
-    units: str | int = "pixel"
+    units: int | str = "pixel"
     steps: int = 224
     deletion_substrate: str | Tensor = "mean"
     insertion_substrate: str | Tensor = "blur"
@@ -83,8 +85,8 @@ class CausalProtocol:
             raise ValueError(f"blur_sigma must be > 0, got {self.blur_sigma!r}")
         if self.upsample not in _UPSAMPLE_MODES:
             raise ValueError(f"upsample must be one of {_UPSAMPLE_MODES}, got {self.upsample!r}")
-        if self.target not in _TARGET_RULES:
-            raise ValueError(f"target must be one of {_TARGET_RULES}, got {self.target!r}")
+        if self.target not in TARGET_RULES:
+            raise ValueError(f"target must be one of {TARGET_RULES}, got {self.target!r}")
         if not isinstance(self.max_forward_batch, int) or self.max_forward_batch < 1:
             raise ValueError(f"max_forward_batch must be an int >= 1, got {self.max_forward_batch!r}")
         mean = tuple(float(v) for v in self.mean)
@@ -99,7 +101,7 @@ class CausalProtocol:
         """RISE's protocol: pixel units, n = image_size, deletion -> mean colour, insertion -> blur.
 
         The blur (kernel 11, sigma 5 at 224) is scaled to ``image_size`` by
-        :func:`explainers.perturbation.scaled_blur` (3 / 1.43 at 64). Any field can be overridden.
+        :func:`core.perturbation.scaled_blur` (3 / 1.43 at 64). Any field can be overridden.
         """
         kernel, sigma = scaled_blur(11, 5.0, image_size)
         fields = dict(units="pixel", steps=image_size, deletion_substrate="mean",
@@ -128,6 +130,40 @@ class CausalProtocol:
                 record[name] = "tensor"
         record["mean"] = list(self.mean)
         return record
+
+
+PROTOCOL_PRESETS: dict[str, Callable[..., CausalProtocol]] = {"rise": CausalProtocol.rise, "igos": CausalProtocol.igos}
+ProtocolSpec = Union[CausalProtocol, str, Mapping[str, Any]]
+
+
+def make_protocol(spec: ProtocolSpec, image_size: int, *, target: str | None = None,
+                  max_forward_batch: int | None = None) -> CausalProtocol:
+    """The deletion / insertion protocol at ``image_size``: the one factory of every caller.
+
+    ``spec`` is a preset name (:data:`PROTOCOL_PRESETS`: "rise", "igos", scaled to ``image_size``), a dict
+    of :class:`CausalProtocol` fields (with an optional ``"preset"`` entry naming the preset they override;
+    without it the fields override the class defaults, which are RISE at 224), or a ready
+    :class:`CausalProtocol`. ``target`` (the explained-class rule) and ``max_forward_batch``, when given,
+    are the caller's and replace the spec's; a dict that names another target is refused.
+    """
+    given = {k: v for k, v in (("target", target), ("max_forward_batch", max_forward_batch)) if v is not None}
+    if isinstance(spec, CausalProtocol):
+        return dataclasses.replace(spec, **given)
+    if isinstance(spec, str):
+        spec = {"preset": spec}
+    if not isinstance(spec, Mapping):
+        raise TypeError(f"a protocol is a preset name, a dict of CausalProtocol fields or a CausalProtocol, got "
+                        f"{type(spec).__name__}")
+    fields = dict(spec)
+    preset = fields.pop("preset", None)
+    if target is not None and fields.get("target", target) != target:
+        raise ValueError(f"protocol target {fields['target']!r} contradicts the explained-class rule {target!r}")
+    fields.update(given)
+    if preset is None:
+        return CausalProtocol(**fields)
+    if preset not in PROTOCOL_PRESETS:
+        raise ValueError(f"unknown protocol preset {preset!r}; known: {sorted(PROTOCOL_PRESETS)}")
+    return PROTOCOL_PRESETS[preset](image_size, **fields)
 
 
 def _check_substrate_spec(name: str, spec: str | Tensor) -> None:
@@ -288,7 +324,7 @@ def _probability_curves(
                 if keep.shape[-2:] != images.shape[-2:]:
                     keep = F.interpolate(keep, size=images.shape[-2:], mode=upsample,
                                          align_corners=False if upsample == "bilinear" else None)
-                # lerp(A, I, M) = A + M (I - A): exact at M in {0, 1} (see explainers.perturbation.perturb)
+                # lerp(A, I, M) = A + M (I - A): exact at M in {0, 1} (see core.perturbation.perturb)
                 torch.lerp(curves[curve][0][b].expand(k1 - k0, -1, -1, -1), images[b].expand(k1 - k0, -1, -1, -1),
                            keep, out=buffer[row - start:row - start + k1 - k0])
                 row += k1 - k0
@@ -393,7 +429,7 @@ def explained_class(
             raise ValueError('rule "label" needs labels')
         return labels.long()
     if rule != "predicted":
-        raise ValueError(f"rule must be one of {_TARGET_RULES}, got {rule!r}")
+        raise ValueError(f"rule must be one of {TARGET_RULES}, got {rule!r}")
     with torch.no_grad():
         return torch.cat([model(chunk).argmax(-1) for chunk in images.split(max_forward_batch)])
 

@@ -17,6 +17,7 @@ from typing import Any, Iterable
 import torch
 
 from metrics.causal import minmax_across_methods
+from metrics.rows import RowStore
 from metrics.suite import METRIC_NAMES
 
 # results.json keys per method (issue contract) and the table columns, in order.
@@ -197,8 +198,6 @@ def paired_difference(rows: list[dict], a: str, b: str, keys: Iterable[str] = PA
 
 if __name__ == "__main__":  # python -m metrics.report OUT --compare A B
     import argparse
-
-    from lightning_modules.evaluation import RowStore
 
     parser = argparse.ArgumentParser(description="Paired comparison of two methods of an evaluate.py output "
                                                  "folder: " + paired_difference.__doc__)

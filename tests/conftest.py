@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[1]  # on sys.path through pyproject's pytest pythonpath = ["."]
 os.environ["HF_HUB_OFFLINE"] = "1"       # any attempt to reach a model hub fails loudly
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -32,7 +30,7 @@ def subprocess_env() -> dict:
 @pytest.fixture(scope="session")
 def tiny_blackbox_path(tmp_path_factory) -> Path:
     """A random-weight 10-class narrow resnet10t saved as a project black-box record (``ckpt:PATH``)."""
-    from lightning_modules.blackbox import blackbox_record, create_network
+    from core.blackbox import blackbox_record, create_network
 
     torch.manual_seed(0)
     kwargs = {"channels": [8, 16, 24, 32]}

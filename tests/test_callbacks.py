@@ -19,9 +19,9 @@ from callbacks import (
     model_randomisation,
     overlay_grid,
 )
-from callbacks.evaluation import collect_probe
+from callbacks.probe import collect_probe
 from datamodules.common import collate_samples
-from lightning_modules.blackbox import BlackBox
+from core.blackbox import BlackBox
 
 SIZE, CLASSES, ITEMS = 32, 4, 8
 RISE = {"name": "rise", "n_masks": 32, "max_forward_batch": 64}

@@ -16,15 +16,16 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import explainers
+from core.blackbox import BlackBox
+from core.seeding import per_image_uniforms
 from datamodules import ClutteredFashionMNIST, collate_samples
-from explainers.mask_predictor import load_predictor
-from lightning_modules.blackbox import BlackBox
-from lightning_modules.controllers import CTController, make_controller, skewness, standardise
-from lightning_modules.feature_filter import FeatureFilter, FeatureFilterModule, per_image_uniforms
-from lightning_modules.mask_generator import (GENERATOR_PRESETS, PRESET_RATIOS, MaskGenerator, MaskPredictorNet,
-                                              derive_widths, generator_widths, upsample)
+from lightning_modules.feature_filter import FeatureFilterModule
 from lightning_modules.mask_predictor import (MaskDistribution, MaskPredictor, hinge_loss, top_fraction_mask,
                                               total_variation)
+from networks.controllers import CTController, make_controller, skewness, standardise
+from networks.feature_filter import FeatureFilter
+from networks.mask_generator import (GENERATOR_PRESETS, PRESET_RATIOS, MaskGenerator, MaskPredictorNet, derive_widths,
+                                     generator_widths, upsample)
 from tests.conftest import subprocess_env
 
 SIZE = 32
@@ -44,7 +45,7 @@ def predictor(path, mode="ct", **kwargs) -> MaskPredictor:
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # untrained filter
-        return MaskPredictor(blackbox=f"ckpt:{path}", filter_checkpoint=None, mode=mode, **kwargs)
+        return MaskPredictor(blackbox=BlackBox(f"ckpt:{path}"), filter_checkpoint=None, mode=mode, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -194,14 +195,14 @@ def test_per_image_draws_do_not_depend_on_the_batch():
 
 
 def test_filter_checkpoint_record_and_loading(tiny_blackbox_path, tmp_path):
-    module = FeatureFilterModule(blackbox=f"ckpt:{tiny_blackbox_path}")
+    module = FeatureFilterModule(blackbox=BlackBox(f"ckpt:{tiny_blackbox_path}"))
     checkpoint = {"state_dict": module.state_dict()}
     module.on_save_checkpoint(checkpoint)
     assert not any(k.startswith("blackbox.") for k in checkpoint["state_dict"])
     torch.save(checkpoint, tmp_path / "filter.ckpt")
     filt, record = FeatureFilter.from_checkpoint(str(tmp_path / "filter.ckpt"))
     assert torch.equal(filt.embedding, module.filter.embedding) and record["channels"] == 32
-    model = MaskPredictor(blackbox=f"ckpt:{tiny_blackbox_path}", filter_checkpoint=str(tmp_path / "filter.ckpt"))
+    model = MaskPredictor(blackbox=BlackBox(f"ckpt:{tiny_blackbox_path}"), filter_checkpoint=str(tmp_path / "filter.ckpt"))
     assert torch.equal(model.net.filter.embedding, module.filter.embedding)
     assert not model.net.filter.embedding.requires_grad
 
@@ -349,7 +350,7 @@ def _fit_briefly(model, scenes, tmp_path, steps=2):
 
 
 @pytest.mark.parametrize("mode, name", [("ct", "predictor_ct"), ("bt", "predictor_bt"), ("mgnet", "mgnet")])
-def test_checkpoint_round_trip_through_load_checkpoint(tiny_blackbox_path, scenes, tmp_path, mode, name):
+def test_checkpoint_round_trip_through_the_registry(tiny_blackbox_path, scenes, tmp_path, mode, name):
     model = predictor(tiny_blackbox_path, mode)
     trainer = _fit_briefly(model, scenes, tmp_path)
     path = tmp_path / "predictor.ckpt"
@@ -358,20 +359,22 @@ def test_checkpoint_round_trip_through_load_checkpoint(tiny_blackbox_path, scene
     assert raw["explainer"]["name"] == name
     assert not any(k.startswith("blackbox.") for k in raw["state_dict"]), "black-box weights were stored"
     blackbox = BlackBox(f"ckpt:{tiny_blackbox_path}")
-    loaded_name, explainer = explainers.load_checkpoint(str(path), blackbox)
+    loaded_name = explainers.recorded_name(str(path))
+    explainer = explainers.build(loaded_name, blackbox, checkpoint=str(path))
     assert loaded_name == name
     images, index = scenes["image"], scenes["index"]
     targets = blackbox.logits(images).argmax(1)
     expected = model.eval().as_explainer()(images, targets, index)
     torch.testing.assert_close(explainer(images, targets, index), expected)
     if mode == "ct":  # the post-hoc variant from the same checkpoint, and the black box rebuilt from its spec
-        variant, tuned = load_predictor(str(path), posthoc=True, posthoc_points=8)
+        tuned = explainers.build("predictor_ct_posthoc", None, checkpoint=str(path), posthoc_points=8)
+        variant = tuned.name
         assert variant == "predictor_ct_posthoc" and tuned.blackbox.spec == "timm:resnet10t"
         assert tuned(images, targets, index).shape == expected.shape
-        asked, _ = explainers.load_checkpoint(str(path), blackbox, "predictor_ct_posthoc")  # evaluate.py NAME=PATH
+        asked = explainers.build("predictor_ct_posthoc", blackbox, checkpoint=str(path)).name  # evaluate.py NAME=PATH
         assert asked == "predictor_ct_posthoc"
         with pytest.raises(ValueError, match="cannot be loaded as 'mgnet'"):
-            explainers.load_checkpoint(str(path), blackbox, "mgnet")
+            explainers.build("mgnet", blackbox, checkpoint=str(path))
         resumed = MaskPredictor.load_from_checkpoint(path, weights_only=True)  # black box refilled on load
         for key, value in model.net.state_dict().items():
             torch.testing.assert_close(resumed.net.state_dict()[key], value)
@@ -383,7 +386,7 @@ def test_a_checkpoint_for_another_black_box_is_refused(tiny_blackbox_path, scene
     trainer.save_checkpoint(tmp_path / "p.ckpt")
     other = BlackBox("timm:resnet10t", num_classes=10, model_kwargs={"channels": [8, 16, 24, 48]})
     with pytest.raises(ValueError, match="feature channels"):
-        explainers.load_checkpoint(str(tmp_path / "p.ckpt"), other)
+        explainers.build("predictor_ct", other, checkpoint=str(tmp_path / "p.ckpt"))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -419,8 +422,8 @@ def test_fast_dev_run_of_every_imagenet_config(repo_root, imagenet_export, tmp_p
     embedded ImageNet export at 32 px, with the config's bf16 and channels_last on the CPU."""
     args = ["fit", "--config", f"configs/experiment/{config}.yaml", "--trainer.fast_dev_run=true",
             f"--run_dir={tmp_path}", f"--data.init_args.root={imagenet_export}", f"--data.init_args.image_size={SIZE}",
-            "--data.init_args.batch_size=4", "--data.init_args.num_workers=0", "--model.init_args.blackbox_weights=null",
-            "--model.init_args.num_classes=10", *CPU]
+            "--data.init_args.batch_size=4", "--data.init_args.num_workers=0",
+            "--model.init_args.blackbox.init_args.weights=null", "--model.init_args.blackbox.init_args.num_classes=10", *CPU]
     if not config.endswith("filter"):
         args.append("--model.init_args.filter_checkpoint=null")
     proc = run_train(repo_root, *args)
@@ -436,7 +439,7 @@ def embedded_filter(repo_root, tiny_blackbox_path, tmp_path_factory):
     """A real (2-step) run of configs/experiment/embedded_filter.yaml: its last.ckpt feeds the predictors."""
     run_dir = tmp_path_factory.mktemp("filter")
     proc = run_train(repo_root, "fit", "--config", "configs/experiment/embedded_filter.yaml", f"--run_dir={run_dir}",
-                     f"--model.init_args.blackbox=ckpt:{tiny_blackbox_path}", *embedded_data(),
+                     f"--model.init_args.blackbox.init_args.model=ckpt:{tiny_blackbox_path}", *embedded_data(),
                      "--trainer.limit_train_batches=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     path = run_dir / "checkpoints" / "last.ckpt"
@@ -446,7 +449,7 @@ def embedded_filter(repo_root, tiny_blackbox_path, tmp_path_factory):
 
 def predictor_args(config, tiny_blackbox_path, filter_path, run_dir, *extra):
     return ["fit", "--config", f"configs/experiment/{config}.yaml", f"--run_dir={run_dir}",
-            f"--model.init_args.blackbox=ckpt:{tiny_blackbox_path}",
+            f"--model.init_args.blackbox.init_args.model=ckpt:{tiny_blackbox_path}",
             f"--model.init_args.filter_checkpoint={filter_path}", *extra]
 
 

@@ -9,7 +9,7 @@ import torch
 
 import explainers
 from datamodules import ClutteredFashionMNIST
-from lightning_modules.blackbox import BlackBox
+from core.blackbox import BlackBox
 from lightning_modules.mask_predictor import MaskPredictor
 from lightning_modules.teacher import compute_teacher_maps, load_teacher_maps, rank_targets
 
@@ -49,10 +49,10 @@ def test_teacher_maps_resume_and_train_the_mask_towards_them(tiny_blackbox_path,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # untrained filter
         torch.manual_seed(0)
-        model = MaskPredictor(blackbox=f"ckpt:{tiny_blackbox_path}", filter_checkpoint=None,
+        model = MaskPredictor(blackbox=blackbox, filter_checkpoint=None,
                               teacher_maps=str(tmp_path / "six.pt"), teacher_weight=1.0)
     with pytest.raises(ValueError, match="together"):
-        MaskPredictor(blackbox=f"ckpt:{tiny_blackbox_path}", filter_checkpoint=None, teacher_weight=1.0)
+        MaskPredictor(blackbox=blackbox, filter_checkpoint=None, teacher_weight=1.0)
     images = torch.stack([dataset[i]["image"] for i in range(6)])
     index = torch.tensor([0, 1, 2, 3, 4, 5])
     with torch.no_grad():

@@ -29,8 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_modules.controllers import Controller, make_controller
-from lightning_modules.feature_filter import FeatureFilter
+from networks.controllers import Controller, make_controller
+from networks.feature_filter import FeatureFilter
 
 # The paper's block widths (deep to shallow) for its three black boxes, and the ratio they follow.
 GENERATOR_PRESETS: dict[str, tuple[int, ...]] = {"resnet50": (256, 128, 64), "vgg19": (256, 128, 64),
