@@ -4,8 +4,9 @@
                        [--methods a,b,c] [--num_images N] [--out DIR]
 
 Writes into DIR: results.json, results.csv (one row per image x method), summary.md, curves.png,
-overlays.png, and the same as W&B tables and images. Rows are appended as they finish (DIR/rows/); the
-same command again skips finished (image, method) pairs and reports exactly what an uninterrupted run does.
+overlays.png, report.html (all of these in one self-contained page) and the same as W&B tables and images.
+Rows are appended as they finish (DIR/rows/); the same command again skips finished (image, method) pairs
+and reports exactly what an uninterrupted run does.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from lightning_modules.blackbox import BlackBox
 from lightning_modules.evaluation import EvaluationModule, RowStore
 from metrics import CausalProtocol, EvaluationSettings
 from metrics.report import mean_curves, write_reports
+from metrics.report_html import write_html_report
 
 
 def build_parser() -> ArgumentParser:
@@ -167,8 +169,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     rows = RowStore(out / "rows").read_all()
     results = write_reports(rows, list(methods), header, out)
     write_figures(rows, list(methods), subset, sorted(overlay), out)
-    if cfg.randomisation_images > 0:
-        randomisation_check(cfg, blackbox, names, subset, out)
+    randomisation = randomisation_check(cfg, blackbox, names, subset, out) if cfg.randomisation_images > 0 else []
+    # report.html: the results, figures and randomisation rows above in one self-contained page
+    write_html_report(results, out, randomisation)
     if cfg.wandb:
         log_to_wandb(cfg, out, results)
     print((out / "summary.md").read_text())

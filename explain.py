@@ -83,8 +83,9 @@ def _split_ckpt(entry: str) -> tuple[str | None, str]:
     return wanted, path
 
 
-def build(cfg) -> tuple[BlackBox, str, Any, list[dict]]:
-    """(black box, explainer name, explainer, the checkpoints read: they tell the input size and names)."""
+def build(cfg) -> tuple[BlackBox, str, str, Any, list[dict]]:
+    """(black box, its spec as given, explainer name, explainer, the checkpoints read: they tell the input
+    size and the class names)."""
     if (cfg.method is None) == (cfg.ckpt is None):
         raise ValueError("pass exactly one of --method NAME (a registered explainer) or --ckpt PATH (a trained "
                          "predictor)")
@@ -111,7 +112,7 @@ def build(cfg) -> tuple[BlackBox, str, Any, list[dict]]:
     else:
         hparams = {"seed": cfg.seed, "max_forward_batch": cfg.max_forward_batch, **cfg.method_hparams}
         name, explainer = cfg.method, explainers.build(cfg.method, blackbox, **hparams)
-    return blackbox, name, explainer, checkpoints
+    return blackbox, spec, name, explainer, checkpoints
 
 
 def check_run(out: Path, header: dict) -> None:
@@ -130,15 +131,15 @@ def main(argv: list[str] | None = None) -> dict | None:
     cfg = build_parser().parse_args(argv)
     out = Path(cfg.out)
     files = collect_images(cfg.images, exclude=out)
-    blackbox, name, explainer, checkpoints = build(cfg)
-    size = cfg.image_size or recorded_input_size(checkpoints, blackbox.spec)
+    blackbox, spec, name, explainer, checkpoints = build(cfg)
+    size = cfg.image_size or recorded_input_size(checkpoints, spec)
     if size is None:
-        raise ValueError(f"the input size of black box {cfg.blackbox or blackbox.spec} is not recorded anywhere "
+        raise ValueError(f"the input size of black box {spec} is not recorded anywhere "
                          "(a bare black-box record does not store it): pass --image_size")
     names = (read_class_names(cfg.class_names, blackbox.num_classes) if cfg.class_names
              else recorded_class_names(checkpoints, blackbox.num_classes))
     hparams = {k: v for k, v in explainer.hparams.items() if k != "max_forward_batch"}
-    header = {"method": name, "ckpt": cfg.ckpt, "blackbox": cfg.blackbox or blackbox.spec, "image_size": int(size),
+    header = {"method": name, "ckpt": cfg.ckpt, "blackbox": spec, "image_size": int(size),
               "hparams": json.loads(json.dumps(hparams, default=str)), "target": "predicted"}
 
     done = read_index(out)

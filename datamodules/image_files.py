@@ -158,7 +158,8 @@ class ImageFiles(Dataset):
         try:
             image = load_rgb(self.files[i].path, orient=True, max_pixels=self.max_pixels)
         except BadImageError as err:
-            return {"index": i, "problem": str(err.__cause__ or err)}
+            cause = err.__cause__ or err
+            return {"index": i, "problem": f"{type(cause).__name__}: {cause}"}
         return {"index": i, "image": resize_to_input(image, self.size),
                 "original": torch.from_numpy(np.array(image, dtype=np.uint8))}
 

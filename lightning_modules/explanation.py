@@ -32,6 +32,9 @@ class ExplanationModule(pl.LightningModule):
         super().__init__()
         self.blackbox = blackbox
         self.explainer = explainer
+        # the explainer's own networks (a predictor's generator) move with the module to the accelerator
+        self.explainer_networks = torch.nn.ModuleList(
+            v for v in vars(explainer).values() if isinstance(v, torch.nn.Module) and v is not blackbox)
         self.seed_indices = torch.tensor(seed_indices, dtype=torch.long)
 
     def transfer_batch_to_device(self, batch: dict, device: torch.device, dataloader_idx: int) -> dict:
