@@ -34,8 +34,8 @@ data:
 # install failure is reported and that test skips, naming the reason; everything else still runs.
 browser:
 	@if ! command -v chromium >/dev/null 2>&1; then \
-		echo "chromium not found: installing the Debian packages chromium chromium-driver"; \
-		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver \
+		echo "chromium not found: installing the Debian package chromium"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium \
 			|| echo "could not install chromium: the report.html browser test will be skipped"; \
 	fi
 

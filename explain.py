@@ -89,6 +89,9 @@ def build(cfg) -> tuple[BlackBox, str, str, Any, list[dict]]:
     if (cfg.method is None) == (cfg.ckpt is None):
         raise ValueError("pass exactly one of --method NAME (a registered explainer) or --ckpt PATH (a trained "
                          "predictor)")
+    if cfg.ckpt is not None and cfg.method_hparams:
+        raise ValueError("--method_hparams configures --method; a --ckpt predictor takes its options from the "
+                         "checkpoint (NAME=PATH picks a variant, e.g. predictor_ct_posthoc=PATH)")
     checkpoints: list[dict] = []
     record: dict = {}
     if cfg.ckpt is not None:

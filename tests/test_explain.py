@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import struct
 import subprocess
 import sys
@@ -209,6 +208,9 @@ def test_predictor_checkpoint_and_clear_errors(folder, tiny_predictor_path, tiny
     with pytest.raises(ValueError, match="exactly one of --method"):
         explain.main(["--images", str(folder), "--out", str(tmp_path / "x"), "--method=gradient",
                       "--ckpt", str(tiny_predictor_path)])
+    with pytest.raises(ValueError, match="--method_hparams configures --method"):
+        explain.main(["--images", str(folder), "--out", str(tmp_path / "w"), "--ckpt", str(tiny_predictor_path),
+                      "--method_hparams={n_masks: 16}"])
     with pytest.raises(ValueError, match="pass --image_size"):  # a bare record does not say its input size
         explain.main(["--images", str(folder), "--out", str(tmp_path / "y"), "--method=gradient",
                       "--blackbox", f"ckpt:{tiny_blackbox_path}"])
@@ -218,21 +220,22 @@ def test_predictor_checkpoint_and_clear_errors(folder, tiny_predictor_path, tiny
 
 @pytest.mark.slow
 def test_two_processes_write_what_one_does(folder, tiny_blackbox_path, tmp_path, repo_root):
-    outs = {}
-    for devices in (1, 2):
-        outs[devices] = tmp_path / f"devices{devices}"
-        cmd = [sys.executable, "explain.py", "--images", str(folder), "--out", str(outs[devices]),
-               "--method=rise", "--method_hparams={n_masks: 16}", f"--blackbox=ckpt:{tiny_blackbox_path}",
-               f"--image_size={SIZE}", "--batch_size=2", f"--devices={devices}", "--strategy=ddp",
-               "--progress=false"]
-        result = subprocess.run(cmd, cwd=repo_root, env=subprocess_env(), capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert result.stderr.count("BadImageWarning") == 1, result.stderr[-3000:]
-    one, two = read_index(outs[1]), read_index(outs[2])
-    assert set(one) == set(two) == GOOD
-    assert len((outs[2] / "index.jsonl").read_text().splitlines()) == len(GOOD)
-    assert json.loads((outs[2] / "skipped.json").read_text()) == json.loads((outs[1] / "skipped.json").read_text())
-    for rel, entry in one.items():
-        assert two[rel]["class"] == entry["class"]
-        np.testing.assert_allclose(np.load(outs[2] / entry["outputs"]["npy"]),
-                                   np.load(outs[1] / entry["outputs"]["npy"]), rtol=1e-5, atol=1e-7)
+    args = ["--method=rise", "--method_hparams={n_masks: 16}", "--batch_size=2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BadImageWarning)
+        _run(folder, one, tiny_blackbox_path, *args)
+    cmd = [sys.executable, "explain.py", "--images", str(folder), "--out", str(two), *args,
+           f"--blackbox=ckpt:{tiny_blackbox_path}", f"--image_size={SIZE}", "--devices=2", "--strategy=ddp",
+           "--progress=false"]
+    result = subprocess.run(cmd, cwd=repo_root, env=subprocess_env(), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("BadImageWarning") == 1, result.stderr[-3000:]  # one warning for both processes
+    first, second = read_index(one), read_index(two)
+    assert set(first) == set(second) == GOOD
+    assert len((two / "index.jsonl").read_text().splitlines()) == len(GOOD)
+    assert json.loads((two / "skipped.json").read_text()) == json.loads((one / "skipped.json").read_text())
+    for rel, entry in first.items():
+        assert second[rel]["class"] == entry["class"]
+        np.testing.assert_allclose(np.load(two / entry["outputs"]["npy"]), np.load(one / entry["outputs"]["npy"]),
+                                   rtol=1e-5, atol=1e-7)

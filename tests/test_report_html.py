@@ -64,8 +64,8 @@ def evaluation(tiny_blackbox_path, tmp_path_factory) -> Path:
 def _chromium() -> str:
     binary = shutil.which("chromium") or shutil.which("chromium-browser")
     if binary is None:
-        pytest.skip("no chromium on this machine: `make test` installs Debian's chromium (apt-get install chromium "
-                    "chromium-driver); it could not be installed here")
+        pytest.skip("no chromium on this machine: `make test` installs Debian's chromium (apt-get install chromium); "
+                    "it could not be installed here")
     return binary
 
 
