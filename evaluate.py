@@ -9,8 +9,9 @@ callbacks), ``settings`` (:class:`metrics.EvaluationSettings` with its nested ``
 ``--settings.protocol igos``, or fields) and ``trainer`` (``pl.Trainer`` arguments, e.g. a configs/trainer/*.yaml).
 
 Writes into DIR: results.json, results.csv (one row per image x method), summary.md, curves.png,
-overlays.png, and the same as W&B tables and images. Rows are appended as they finish (DIR/rows/); the
-same command again skips finished (image, method) pairs and reports exactly what an uninterrupted run does.
+overlays.png, report.html (all of these in one self-contained page) and the same as W&B tables and images.
+Rows are appended as they finish (DIR/rows/); the same command again skips finished (image, method) pairs
+and reports exactly what an uninterrupted run does.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ from metrics.report import dedupe, mean_curves, write_reports
 TRAINER_FIXED = {"logger": False, "enable_checkpointing": False, "inference_mode": False,
                  "enable_model_summary": False}
 TRAINER_SKIPPED = {"logger", "callbacks", "plugins", "enable_checkpointing", "default_root_dir"}
+from metrics.report_html import write_html_report
 
 
 def build_parser() -> ArgumentParser:
@@ -218,9 +220,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     rows = RowStore(out / "rows").read_all()
     results = write_reports(rows, list(methods), header, out)
     write_figures(rows, list(methods), subset, sorted(overlay), out)
+    randomisation = []
     if cfg.randomisation_images > 0:
         untrained = [(key, spec) for key, spec in zip(keys, specs) if not explainers.is_trained(parse_spec(spec).name)]
-        randomisation_check(cfg, blackbox, untrained, subset, out)
+        randomisation = randomisation_check(cfg, blackbox, untrained, subset, out)
+    # report.html: the results, figures and randomisation rows above in one self-contained page
+    write_html_report(results, out, randomisation)
     if cfg.wandb:
         log_to_wandb(cfg, out, results)
     print((out / "summary.md").read_text())

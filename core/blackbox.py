@@ -119,6 +119,9 @@ class BlackBox(nn.Module):
         feature_levels: int = 4,
     ):
         super().__init__()
+        # jsonargparse turns a command-line `...blackbox.init_args.weights=null` into the string "None" for a
+        # nested class argument: read it as the null it was
+        weights = None if weights in ("None", "null") else weights
         # the arguments as given: config() records them so that a checkpoint can rebuild this black box
         self._init_args = {"model": model, "num_classes": num_classes, "weights": weights,
                            "model_kwargs": None if model_kwargs is None else dict(model_kwargs),
