@@ -36,12 +36,12 @@ from explainers import ExplainerSpec, build_explainer, explainer_keys, parse_spe
 from lightning_modules.evaluation import EvaluationModule
 from metrics import TARGET_RULES, EvaluationSettings, RowStore, explained_class
 from metrics.report import dedupe, mean_curves, write_reports
+from metrics.report_html import write_html_report
 
 # Trainer arguments evaluate.py sets itself (the rest, e.g. configs/trainer/*.yaml, come from the config).
 TRAINER_FIXED = {"logger": False, "enable_checkpointing": False, "inference_mode": False,
                  "enable_model_summary": False}
 TRAINER_SKIPPED = {"logger", "callbacks", "plugins", "enable_checkpointing", "default_root_dir"}
-from metrics.report_html import write_html_report
 
 
 def build_parser() -> ArgumentParser:

@@ -129,9 +129,6 @@ class BlackBox(nn.Module):
                            "std": None if std is None else [float(v) for v in std], "feature_levels": int(feature_levels)}
         if feature_levels < 1:
             raise ValueError(f"feature_levels must be >= 1, got {feature_levels}")
-        if weights in ("None", "null"):  # jsonargparse turns a nested ...init_args.weights=null into this text
-            raise ValueError(f"BlackBox weights={weights!r} is a string, not null: on the command line give a nested "
-                             "null as a dict, e.g. --model.init_args.blackbox='{init_args: {weights: null}}'")
         kind, _, name = model.partition(":")
         if not name and (model.endswith(".ckpt") or model.endswith(".pt")):
             kind, name = "ckpt", model

@@ -423,8 +423,7 @@ def test_fast_dev_run_of_every_imagenet_config(repo_root, imagenet_export, tmp_p
     args = ["fit", "--config", f"configs/experiment/{config}.yaml", "--trainer.fast_dev_run=true",
             f"--run_dir={tmp_path}", f"--data.init_args.root={imagenet_export}", f"--data.init_args.image_size={SIZE}",
             "--data.init_args.batch_size=4", "--data.init_args.num_workers=0",
-            # a nested null as a dict: jsonargparse reads ...blackbox.init_args.weights=null as the text "None"
-            "--model.init_args.blackbox={init_args: {weights: null, num_classes: 10}}", *CPU]
+            "--model.init_args.blackbox.init_args.weights=null", "--model.init_args.blackbox.init_args.num_classes=10", *CPU]
     if not config.endswith("filter"):
         args.append("--model.init_args.filter_checkpoint=null")
     proc = run_train(repo_root, *args)
