@@ -7,13 +7,16 @@ The predictor (black-box features + filter + generator + controller + upsampling
 the black box: ``lightning_modules.exported_predictor.PredictorGraph``) is exported to both formats in a
 temporary folder and the three runtimes are timed side by side in this one process: per batch size, each
 repeat times one call of each runtime in turn (after warm-up calls), so machine noise hits all three
-alike; the table reports medians. The same number of intra-op threads for torch and onnxruntime. Embedded
-test images (64 x 64). Without a trained checkpoint, a predictor with random weights on the embedded
-black box (speed does not depend on the weights). Each runtime's output is checked against eager first.
+alike; the table reports medians. The same number of intra-op threads for torch and onnxruntime. The
+1-minute load average is printed with the figures: on a shared machine torch's intra-op threads lose most
+when other processes hold the cores (README, "Your own images..."). Embedded test images (64 x 64).
+Without a trained checkpoint, a predictor with random weights on the embedded black box (speed does not
+depend on the weights). Each runtime's output is checked against eager first.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -91,6 +94,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads of torch and onnxruntime")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
     images = embedded_batch(max(args.batches), IMAGE_SIZE)["image"]
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = args.ckpt if args.ckpt.is_file() else random_predictor(Path(tmp))
@@ -106,7 +110,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows.append({"batch": batch, **{name: batch / s for name, s in seconds.items()}})
     print(f"predictor: {ckpt if args.ckpt.is_file() else 'random weights (no trained checkpoint)'}; "
           f"{IMAGE_SIZE}x{IMAGE_SIZE} embedded test images; CPU, {args.threads} threads; median of "
-          f"{args.repeats} side-by-side repeats; torch {torch.__version__}")
+          f"{args.repeats} side-by-side repeats; torch {torch.__version__}; 1-min load average {load_before:.1f} "
+          f"before, {os.getloadavg()[0]:.1f} after on {os.cpu_count()} cores (other processes share the CPU)")
     print(f"{'batch':>5} | {'eager img/s':>12} | {'TorchScript img/s':>17} | {'onnxruntime img/s':>17} | "
           f"{'TS / eager':>10} | {'ORT / eager':>11}")
     for row in rows:
