@@ -194,6 +194,10 @@ class MaskPredictor(FrozenBlackBoxModule):
             (log M - log(1 - M): exactly the metric's order of M, without CT's saturation near 0 and 1, so the
             gradient also orders the low-saliency regions; BT's unbounded mask is used as it is) or ``"mask"``
             (M itself).
+        game_fraction_power: k of the game's fractions f = u^k, u uniform on [0, 1) per image. k = 1 samples
+            f as the causal metrics weight it (uniformly); k > 1 spends more of the game on small fractions,
+            the only ones that order the top of the ranking: once the object is deleted (or revealed) p_c is
+            flat in f and the sample gives no gradient.
         teacher_maps, teacher_weight: a file of ``python -m lightning_modules.teacher`` and the weight of the
             teacher term (module docstring).
         class_loss: ``"probability"`` (CE / p_c as above) or ``"hinge"`` (Dabkowski's logit-margin hinges,
@@ -237,6 +241,7 @@ class MaskPredictor(FrozenBlackBoxModule):
         insertion_substrates: Sequence[str] = ("blur",),
         game_protocols: Sequence[str] = (),
         game_ranking: str = "logit",
+        game_fraction_power: float = 1.0,
         teacher_maps: str | None = None,
         teacher_weight: float = 0.0,
         class_loss: str = "probability",
@@ -272,13 +277,16 @@ class MaskPredictor(FrozenBlackBoxModule):
         unknown = sorted(set(game_protocols) - set(GAME_PROTOCOLS))
         if unknown:
             raise ValueError(f"game_protocols must be presets of {GAME_PROTOCOLS}, got {list(game_protocols)}")
-        if deletion_weight < 0 or insertion_weight < 0 or game_temperature <= 0:
-            raise ValueError(f"the game needs weights >= 0 and game_temperature > 0, got {deletion_weight}, "
-                             f"{insertion_weight}, {game_temperature}")
+        if deletion_weight < 0 or insertion_weight < 0 or game_temperature <= 0 or game_fraction_power <= 0:
+            raise ValueError(f"the game needs weights >= 0, game_temperature > 0 and game_fraction_power > 0, got "
+                             f"{deletion_weight}, {insertion_weight}, {game_temperature}, {game_fraction_power}")
         self.save_hyperparameters(ignore=["blackbox"])
         given = {"ce_weight": ce_weight, "area_weight": area_weight, "area_power": area_power,
                  "tv_weight": tv_weight, "bg_weight": bg_weight}
         self.weights = {k: float(LOSS_DEFAULTS[mode][k] if v is None else v) for k, v in given.items()}
+        if not (self.weights["ce_weight"] or self.weights["bg_weight"] or deletion_weight or insertion_weight):
+            raise ValueError("the loss needs a classification term: ce_weight, bg_weight, deletion_weight or "
+                             "insertion_weight > 0 (all are 0)")
         self._set_blackbox(blackbox)
         channels = self.blackbox.feature_channels
         self.net = MaskPredictorNet(channels, self.blackbox.num_classes,
@@ -345,7 +353,7 @@ class MaskPredictor(FrozenBlackBoxModule):
         """The deletion and insertion images of the game (those with a non-zero weight), one batch each;
         ``mask`` (B, 1, H, W) is M upsampled to the image."""
         hp = self.hparams
-        draws = per_image_uniforms(hp.seed, epoch, STREAM_GAME, index, 2).to(images.device)
+        draws = per_image_uniforms(hp.seed, epoch, STREAM_GAME, index, 2).to(images.device) ** hp.game_fraction_power
         picks = per_image_uniforms(hp.seed, epoch, STREAM_GAME_SUBSTRATE, index, 3)
         batches = []
         for weight, column, deletion in ((hp.deletion_weight, 0, True), (hp.insertion_weight, 1, False)):
@@ -408,19 +416,24 @@ class MaskPredictor(FrozenBlackBoxModule):
         mask_low = self.net(features, targets)
         mask = upsample(mask_low, images.shape[-2:])
         keep = mask.clamp(0, 1) if self.hparams.mode == "bt" else mask
-        substrate = self.substrate(images, index, epoch)
-        batch = [perturb(images, keep, substrate)]
-        if w["bg_weight"]:
-            batch.append(perturb(images, 1 - keep, substrate))
+        batch = []
+        if w["ce_weight"] or w["bg_weight"]:  # with neither, the preserved / destroyed images cost no pass
+            substrate = self.substrate(images, index, epoch)
+            batch += [perturb(images, keep, substrate)] if w["ce_weight"] else []
+            batch += [perturb(images, 1 - keep, substrate)] if w["bg_weight"] else []
         batch += self.game_images(images, mask, index, epoch)
         x = torch.cat(batch)
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        logits = self.blackbox.logits(x).float()  # one black-box call for both perturbations
+        logits = self.blackbox.logits(x).float()  # one black-box call for every perturbation
         size, hinge = images.shape[0], self.hparams.class_loss == "hinge"
-        terms = {"ce": hinge_loss(logits[:size], targets, 1.0, preserve=True) if hinge
-                 else F.cross_entropy(logits[:size], targets)}
-        loss = w["ce_weight"] * terms["ce"]
+        blocks = iter(logits.split(size))
+        terms, loss = {}, mask_low.new_zeros(())
+        if w["ce_weight"]:
+            block = next(blocks)
+            terms["ce"] = (hinge_loss(block, targets, 1.0, preserve=True) if hinge
+                           else F.cross_entropy(block, targets))
+            loss = loss + w["ce_weight"] * terms["ce"]
         if w["area_weight"]:
             area = mask_low if w["area_power"] == 1 else (mask_low + AREA_EPS).pow(w["area_power"])
             terms["area"] = area.mean()
@@ -429,18 +442,17 @@ class MaskPredictor(FrozenBlackBoxModule):
             terms["tv"] = total_variation(mask_low, self.hparams.tv_reduction, self.hparams.tv_border).mean()
             loss = loss + w["tv_weight"] * terms["tv"]
         if w["bg_weight"]:
+            block = next(blocks)
             if hinge:
-                terms["bg"] = hinge_loss(logits[size:2 * size], targets, 5.0, preserve=False)
+                terms["bg"] = hinge_loss(block, targets, 5.0, preserve=False)
             else:
-                p_c = logits[size:2 * size].softmax(1).gather(1, targets[:, None]).squeeze(1)
+                p_c = block.softmax(1).gather(1, targets[:, None]).squeeze(1)
                 terms["bg"] = p_c.pow(self.hparams.bg_power).mean()
             loss = loss + w["bg_weight"] * terms["bg"]
-        game = logits[size * (2 if w["bg_weight"] else 1):]
         for name, weight in (("game_deletion", self.hparams.deletion_weight),
                              ("game_insertion", self.hparams.insertion_weight)):
             if weight:
-                p_c = game[:size].softmax(1).gather(1, targets[:, None]).squeeze(1)
-                game = game[size:]
+                p_c = next(blocks).softmax(1).gather(1, targets[:, None]).squeeze(1)
                 terms[name] = p_c.mean() if name == "game_deletion" else (1 - p_c).mean()
                 loss = loss + weight * terms[name]
         if self.hparams.teacher_weight:

@@ -257,6 +257,38 @@ def test_loss_decreases_on_a_tiny_batch(tiny_blackbox_path, scenes, mode, option
     assert not any(p.grad is not None for p in model.blackbox.parameters())
 
 
+def test_game_only_loss_skips_the_preserved_pass_and_draws_fractions_by_power(tiny_blackbox_path, scenes, monkeypatch):
+    """ce_weight 0 (CT has no bg term): the black box sees only the two game batches, and the loss is the game's;
+    game_fraction_power k draws the game's fractions as u^k from the same per-image uniforms."""
+    images, index = scenes["image"], scenes["index"]
+    plain = predictor(tiny_blackbox_path, **PROTOCOL_GAME, ce_weight=0.0)
+    with torch.no_grad():
+        features, logits = plain.blackbox.features_and_logits(images)
+    sizes = []
+    forward = plain.blackbox.logits
+    monkeypatch.setattr(plain.blackbox, "logits", lambda x: sizes.append(x.shape[0]) or forward(x))
+    loss, terms, _ = plain.compute_loss(images, features, logits.argmax(1), index, 0)
+    assert sizes == [2 * len(images)] and set(terms) == {"game_deletion", "game_insertion"}
+    assert loss.item() == pytest.approx((terms["game_deletion"] + terms["game_insertion"]).item())
+
+    seen = {}
+    for power in (1.0, 3.0):
+        model = predictor(tiny_blackbox_path, **PROTOCOL_GAME, ce_weight=0.0, game_fraction_power=power)
+        def record(im, m, fractions, picks, deletion, p=power):
+            seen[(p, deletion)] = fractions
+            return torch.ones_like(m), im
+
+        monkeypatch.setattr(model, "protocol_game", record)
+        model.game_images(images, torch.rand(8, 1, SIZE, SIZE), index, 0)
+    uniforms = per_image_uniforms(0, 0, 4, index, 2)
+    torch.testing.assert_close(seen[(1.0, True)], uniforms[:, 0])
+    torch.testing.assert_close(seen[(3.0, False)], uniforms[:, 1] ** 3)
+    with pytest.raises(ValueError, match="classification term"):
+        predictor(tiny_blackbox_path, ce_weight=0.0)
+    with pytest.raises(ValueError, match="game_fraction_power"):
+        predictor(tiny_blackbox_path, **GAME, game_fraction_power=0.0)
+
+
 def test_top_fraction_mask_selects_the_top_pixels_softly():
     mask = torch.arange(100.0).view(1, 1, 10, 10).repeat(3, 1, 1, 1)
     soft = top_fraction_mask(mask, torch.tensor([0.1, 0.5, 0.9]), temperature=0.01)
