@@ -41,6 +41,7 @@ variant trains with bf16 autocast and channels-last, see ``FAST``):
   ct_pgame_only_fp2, _fp3    ct_pgame_only with the game's fractions drawn as u^2 (u^3): more of the game on the
                              small fractions that order the top of the ranking
   ct_pgame_only_ins2         ct_pgame_only with the insertion game weighted 2
+  ct_pgame_only_fp3_10x      ct_pgame_only_fp3 trained 10x longer
   ct_game_10x                ct_game trained 10x longer (10 epochs x 300 batches, lr halved every 3 epochs)
   ct_game_s2                 ct_game with a finer mask: one more x2 upsampling block (stride 2 instead of 4)
   ct_game_tv                 ct_game plus a smoothness term (tv_weight 1)
@@ -103,6 +104,8 @@ VARIANTS = {
                                  "--model.init_args.game_fraction_power=2.0"]),
     "ct_pgame_only_fp3": ("ct", [*GAME, *PROTOCOLS, "--model.init_args.ce_weight=0.0",
                                  "--model.init_args.game_fraction_power=3.0"]),
+    "ct_pgame_only_fp3_10x": ("ct", [*GAME, *PROTOCOLS, "--model.init_args.ce_weight=0.0",
+                                     "--model.init_args.game_fraction_power=3.0", *LONG]),
     "ct_pgame_only_ins2": ("ct", [*PROTOCOLS, "--model.init_args.ce_weight=0.0",
                                   "--model.init_args.deletion_weight=1.0", "--model.init_args.insertion_weight=2.0"]),
     "ct_game_t02": ("ct", [*GAME, "--model.init_args.game_temperature=0.2"]),
