@@ -11,7 +11,9 @@ nothing is ever downloaded.
 """
 from __future__ import annotations
 
+import math
 import os
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -21,6 +23,8 @@ import torch.nn as nn
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 EXPORT_FORMAT = "saliency-lab/blackbox/v1"
+MAX_CLASSES = 100_000  # a record claiming more classes is corrupt (ImageNet-21k has 21,841)
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 # Graph nodes giving stride-2..32 feature maps of torchvision CNNs, and their channels.
 TORCHVISION_FEATURE_NODES = {
@@ -68,26 +72,84 @@ def blackbox_record(model: str, net: nn.Module, num_classes: int, model_kwargs: 
 
 
 def read_blackbox_record(path: str | os.PathLike) -> dict:
-    """The :func:`blackbox_record` of a classifier checkpoint or of a bare record file (``weights_only``)."""
+    """The :func:`blackbox_record` of a classifier checkpoint or of a bare record file (``weights_only``),
+    validated (:func:`check_blackbox_record`)."""
     obj = safe_load(path)
     record = obj.get("blackbox", obj) if isinstance(obj, dict) else None
     if not isinstance(record, dict) or record.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{path} is not a black-box checkpoint of this project (no '{EXPORT_FORMAT}' "
                          "record); for plain weights use model='timm:NAME', weights=PATH")
+    check_blackbox_record(record, path)
     return record
+
+
+def check_normalisation(mean, std, where: str) -> None:
+    """Three finite per-channel means and three finite, positive stds (a std of 0 or NaN gives NaN logits)."""
+    for name, values in (("mean", mean), ("std", std)):
+        try:
+            numbers = [float(v) for v in values]
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: {name} must be 3 numbers, got {values!r}") from None
+        if len(numbers) != 3 or not all(math.isfinite(v) for v in numbers):
+            raise ValueError(f"{where}: {name} must be 3 finite numbers (one per RGB channel), got {values!r}")
+        if name == "std" and not all(v > 0 for v in numbers):
+            raise ValueError(f"{where}: std must be positive (the input is divided by it), got {values!r}")
+
+
+def check_finite_weights(state_dict: dict, where: str) -> None:
+    """Every floating-point tensor of a state dict is finite (NaN weights give NaN logits everywhere)."""
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{where}: state dict entry {key!r} is a {type(value).__name__}, not a tensor")
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise ValueError(f"{where}: weights {key!r} contain NaN or Inf")
+
+
+def check_blackbox_record(record: dict, where) -> None:
+    """Raise ValueError naming ``where`` and the field when a black-box record is not sane: the model spec,
+    a class count in [2, MAX_CLASSES], finite mean and positive finite std, finite weights."""
+    model = record.get("model")
+    if not isinstance(model, str) or model.partition(":")[0] not in ("timm", "torchvision"):
+        raise ValueError(f"{where}: black-box record has model {model!r}, expected 'timm:NAME' or 'torchvision:NAME'")
+    classes = record.get("num_classes")
+    if isinstance(classes, bool) or not isinstance(classes, int) or not 2 <= classes <= MAX_CLASSES:
+        raise ValueError(f"{where}: black-box record has num_classes {classes!r}, expected an int in "
+                         f"[2, {MAX_CLASSES}]")
+    if not isinstance(record.get("model_kwargs") or {}, dict):
+        raise ValueError(f"{where}: black-box record's model_kwargs must be a dict")
+    check_normalisation(record.get("mean"), record.get("std"), str(where))
+    if not isinstance(record.get("state_dict"), dict):
+        raise ValueError(f"{where}: black-box record has no state_dict")
+    check_finite_weights(record["state_dict"], str(where))
 
 
 class UnsafeCheckpointError(RuntimeError):
     """A checkpoint holds objects that ``torch.load(weights_only=True)`` refuses to unpickle."""
 
 
+class RemoteCheckpointError(UnsafeCheckpointError):
+    """A checkpoint was given as a URL: only local files are read."""
+
+
+def remote_scheme(path: str | os.PathLike | None) -> str | None:
+    """The URL scheme of ``path`` (``"http"``, ``"s3"``, ...) or None for a local path."""
+    match = _URL.match(str(path)) if path is not None else None
+    return match.group(1).lower() if match else None
+
+
 def safe_load(path: str | os.PathLike) -> dict:
-    """Load a checkpoint without executing pickled code (``weights_only=True``).
+    """Load a local checkpoint without executing pickled code (``weights_only=True``).
 
     Raises:
+        RemoteCheckpointError: ``path`` is a URL (http://, s3://, ...): nothing is downloaded.
         FileNotFoundError: no such file.
         UnsafeCheckpointError: the file needs arbitrary unpickling (e.g. carries a malicious payload).
     """
+    scheme = remote_scheme(path)
+    if scheme is not None:
+        raise RemoteCheckpointError(
+            f"refusing to load {path}: it is a {scheme}:// URL, and checkpoints are read from local files only "
+            "(a downloaded file is code you did not check). Download it yourself and pass the local path.")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -157,6 +219,7 @@ class BlackBox(nn.Module):
             state_dict = record["state_dict"]
         elif weights is not None:
             state_dict = _state_dict_from(safe_load(weights), weights)
+            check_finite_weights(state_dict, str(weights))
         else:
             state_dict = None
 
@@ -173,6 +236,7 @@ class BlackBox(nn.Module):
         self._select_levels(feature_levels)
         mean = tuple(mean or self._default_norm[0])
         std = tuple(std or self._default_norm[1])
+        check_normalisation(mean, std, f"black box {model}")
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
