@@ -9,6 +9,7 @@ and the bad-file check (``drop_bad_images``, ``BadImageWarning``, ``BadImageErro
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections.abc import Sequence
@@ -67,6 +68,15 @@ def max_image_pixels() -> int:
     return int(Image.MAX_IMAGE_PIXELS or 2**63)
 
 
+@contextlib.contextmanager
+def _quiet_bomb_warnings():
+    """Silence PIL's DecompressionBombWarning, which names no file: ``_size_problem`` refuses those images
+    with a message that does. (The filter is process-wide while active, which covers the check's threads.)"""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield
+
+
 def _size_problem(img: Image.Image) -> str | None:
     width, height = img.size
     if width * height > max_image_pixels():
@@ -92,7 +102,7 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
     (a decompression bomb) is refused before it is decoded.
     """
     try:
-        with Image.open(path) as img:
+        with _quiet_bomb_warnings(), Image.open(path) as img:
             too_big = _size_problem(img)
             if too_big:
                 raise BadImageError(f"{os.fspath(path)}: cannot decode image ({too_big})")
@@ -176,7 +186,7 @@ def drop_bad_images(paths: Sequence[str], verify: str = "quick", on_error: str =
     keep, bad = [], []
     # Chunks, because ThreadPoolExecutor.map makes one future per item up front: 1.28M for ImageNet train.
     chunks = [paths[k:k + _CHECK_CHUNK] for k in range(0, len(paths), _CHECK_CHUNK)]
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    with _quiet_bomb_warnings(), ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = pool.map(lambda chunk: [image_problem(p, verify) for p in chunk], chunks)
         for i, problem in enumerate(problem for chunk in results for problem in chunk):
             if problem is None:
