@@ -99,17 +99,20 @@ def ckpt_path_problem(path: str | None, allow_remote: bool = False) -> str | Non
     if not Path(text).is_file():
         return f"--ckpt_path {text}: no such checkpoint file"
     try:
+        torch.load(text, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:  # how torch refuses an object that is not plain data
+        return _refusal(text, err)
+    except Exception:  # e.g. a legacy (non-zip) file that cannot be memory-mapped: read it whole
         try:
-            torch.load(text, map_location="cpu", weights_only=True, mmap=True)
-        except pickle.UnpicklingError:
-            raise
-        except Exception:  # e.g. a legacy (non-zip) file that cannot be memory-mapped: read it whole
             safe_load(text)
-    except (pickle.UnpicklingError, UnsafeCheckpointError) as err:
-        reason = str(err).splitlines()[0]
-        return (f"--ckpt_path {text}: refusing to load it, it is not loadable with weights_only=True (it holds "
-                f"objects other than tensors and plain containers; {reason})")
+        except UnsafeCheckpointError as err:
+            return _refusal(text, err)
     return None
+
+
+def _refusal(path: str, err: Exception) -> str:
+    return (f"--ckpt_path {path}: refusing to load it, it is not loadable with weights_only=True (it holds objects "
+            f"other than tensors and plain containers; {str(err).splitlines()[0]})")
 
 
 class SaliencyCLI(LightningCLI):
