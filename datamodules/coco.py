@@ -190,7 +190,9 @@ class COCODetection(Dataset):
     Construction fails with ``FileNotFoundError`` naming the files when the JSON references images missing
     from ``image_dir`` (any listed image, even one without annotations: a missing file means a broken copy);
     undecodable images that give samples are handled by ``verify``/``on_error`` as in ``ImageNetFolder``
-    (``common.drop_bad_images``): skipped with one ``BadImageWarning``, or ``BadImageError``.
+    (``common.drop_bad_images``): skipped with one ``BadImageWarning``, or ``BadImageError``. Samples
+    touched by an invalid annotation field (module docstring, "Validation") are skipped with one
+    ``BadAnnotationWarning``, or ``ValueError`` with ``on_error="raise"``.
 
     Args:
         image_dir: folder the JSON's ``file_name`` entries are relative to.
@@ -198,7 +200,7 @@ class COCODetection(Dataset):
         image_size: output side S.
         categories: category ids or names to keep (default: all).
         merge_crowd: add crowd regions of the sample's category to its mask and boxes.
-        verify, on_error, scan_workers: the bad-image check.
+        verify, on_error, scan_workers: the bad-image check (``on_error`` also governs invalid annotations).
     """
 
     def __init__(
