@@ -20,6 +20,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from torch.utils.data import DataLoader, Subset
 
 import explainers
+from cli_checks import listed_methods, validate_args
 from datamodules import collate_samples
 from lightning_modules.blackbox import BlackBox
 from lightning_modules.evaluation import EvaluationModule, RowStore
@@ -73,7 +74,7 @@ def build_parser() -> ArgumentParser:
 
 
 def method_names(methods: str | list[str]) -> list[str]:
-    names = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods) if m.strip()]
+    names = listed_methods(methods)
     unknown = [m for m in names if m not in explainers.available()]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(explainers.available())}")
@@ -125,6 +126,7 @@ def check_run_header(out: Path, header: dict) -> None:
 def main(argv: list[str] | None = None) -> dict | None:
     parser = build_parser()
     cfg = parser.parse_args(argv)
+    validate_args(cfg)  # every value, before the output folder, the data or any explainer is touched
     names = method_names(cfg.methods)
     init = parser.instantiate_classes(cfg)
     datamodule: pl.LightningDataModule = init.data
