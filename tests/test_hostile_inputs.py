@@ -570,11 +570,15 @@ def test_wandb_disabled_stays_disabled_with_or_without_a_key(tmp_path, monkeypat
     assert not (tmp_path / "wandb").exists()
 
 
-def test_wandb_offline_stays_offline_with_a_key(tmp_path, monkeypatch, fresh_wandb):
+@pytest.mark.parametrize("key", [None, "0123456789abcdef0123456789abcdef01234567"])
+def test_wandb_offline_stays_offline_with_or_without_a_key(tmp_path, monkeypatch, fresh_wandb, key):
     from cli_utils import WandbLogger
 
     monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef0123456789abcdef01234567")
+    if key:
+        monkeypatch.setenv("WANDB_API_KEY", key)
+    else:
+        monkeypatch.delenv("WANDB_API_KEY", raising=False)
     logger = WandbLogger(save_dir=str(tmp_path), offline=False)  # even an explicit offline=False
     assert logger._offline
     run = logger.experiment
