@@ -6,7 +6,7 @@ the dotted config key (``"num_images"``, or ``"settings.mf_steps"`` in a config 
 a predicate ``rule(value, cfg) -> bool`` and ``allowed`` what the option accepts, in words (or a function of
 ``cfg`` giving them). A rule may also raise ``ValueError`` to give its reason. :func:`validate_args` applies the
 table and raises one ``ValueError`` listing every option that breaks its rule, each as
-``--OPTION VALUE: must be ALLOWED``.
+``--OPTION VALUE: [REASON; ]must be ALLOWED``.
 """
 from __future__ import annotations
 
@@ -71,8 +71,15 @@ def listed_methods(methods: str | Sequence[str]) -> list[str]:
     return [m.strip() for m in parts if isinstance(m, str) and m.strip()]
 
 
-def _methods_given(value, cfg) -> bool:
-    return bool(listed_methods(value)) or bool(cfg.get("ckpt"))
+def _methods_ok(value, cfg) -> bool:
+    names = listed_methods(value)
+    unknown = [m for m in names if m not in explainers.available()]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}")
+    twice = sorted({m for m in names if names.count(m) > 1})
+    if twice:
+        raise ValueError(f"{', '.join(twice)} listed twice")
+    return bool(names) or bool(cfg.get("ckpt"))
 
 
 def _hparams_keys_evaluated(value, cfg) -> bool:
@@ -83,8 +90,9 @@ def _hparams_allowed(cfg) -> str:
     evaluated = listed_methods(cfg.get("methods"))
     unused = sorted(set(cfg.get("method_hparams") or {}) - set(evaluated))
     return (f"keyed by methods this run evaluates with --methods ({', '.join(evaluated) or 'none'}); "
-            f"{', '.join(unused)} {'is' if len(unused) == 1 else 'are'} not evaluated (hyper-parameters of a "
-            "--ckpt explainer come from its checkpoint)")
+            f"{', '.join(unused)} {'is' if len(unused) == 1 else 'are'} not evaluated: drop {'it' if len(unused) == 1 else 'them'} "
+            "(a --method_hparams on the command line replaces the config file's whole dict; hyper-parameters of "
+            "a --ckpt explainer come from its checkpoint)")
 
 
 def _protocol_ok(value, cfg) -> bool:
@@ -101,9 +109,9 @@ def _fractions_ok(value, cfg) -> bool:
 
 
 EVALUATE_RULES: tuple[Rule, ...] = (
-    Rule("methods", _methods_given,
-         lambda cfg: f"at least one registry method, comma-separated (known: {', '.join(explainers.available())}), "
-                     "unless --ckpt gives a trained explainer"),
+    Rule("methods", _methods_ok,
+         lambda cfg: f"registry methods, comma-separated, each once (known: {', '.join(explainers.available())}), "
+                     "at least one unless --ckpt gives a trained explainer"),
     Rule("method_hparams", _hparams_keys_evaluated, _hparams_allowed),
     Rule("split", one_of("test", "val"), "'test' or 'val' (the datamodule's evaluation splits)"),
     Rule("num_images", optional(int_in(1)), "an int >= 1 (the first N images of the split), or unset for all"),
@@ -135,11 +143,11 @@ def problems(cfg, rules: Sequence[Rule] = EVALUATE_RULES) -> list[str]:
         value = cfg[row.option]
         try:
             ok, reason = bool(row.rule(value, cfg)), ""
-        except (ValueError, TypeError) as err:
-            ok, reason = False, f" ({err})"
+        except (ValueError, TypeError) as err:  # the rule's own reason, said first
+            ok, reason = False, f"{err}; "
         if not ok:
             allowed = row.allowed(cfg) if callable(row.allowed) else row.allowed
-            found.append(f"--{row.option} {value!r}: must be {allowed}{reason}")
+            found.append(f"--{row.option} {value!r}: {reason}must be {allowed}")
     return found
 
 

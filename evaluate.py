@@ -73,16 +73,6 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def method_names(methods: str | list[str]) -> list[str]:
-    names = listed_methods(methods)
-    unknown = [m for m in names if m not in explainers.available()]
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(explainers.available())}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"--methods lists a method twice: {names}")
-    return names
-
-
 def make_protocol(spec: str | dict, image_size: int, max_forward_batch: int, target: str) -> CausalProtocol:
     if isinstance(spec, str):
         if spec not in ("rise", "igos"):
@@ -126,8 +116,8 @@ def check_run_header(out: Path, header: dict) -> None:
 def main(argv: list[str] | None = None) -> dict | None:
     parser = build_parser()
     cfg = parser.parse_args(argv)
-    validate_args(cfg)  # every value, before the output folder, the data or any explainer is touched
-    names = method_names(cfg.methods)
+    validate_args(cfg)  # every value (method names too), before the output folder, data or explainers are touched
+    names = listed_methods(cfg.methods)
     init = parser.instantiate_classes(cfg)
     datamodule: pl.LightningDataModule = init.data
     out = Path(cfg.out)

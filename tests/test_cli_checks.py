@@ -22,8 +22,12 @@ def _args(out, *extra: str) -> list[str]:
 
 # (extra arguments, the start of the expected message line)
 BAD_VALUES = {
-    "methods empty": (["--methods="], "--methods '': must be at least one registry method, comma-separated (known: "),
-    "methods blanks": (["--methods= , "], "--methods ' , ': must be at least one registry method"),
+    "methods empty": (["--methods="], "--methods '': must be registry methods, comma-separated, each once (known: "),
+    "methods blanks": (["--methods= , "], "--methods ' , ': must be registry methods"),
+    "methods unknown": (["--methods=gradient,no_such"], "--methods 'gradient,no_such': unknown method(s) ['no_such']; "
+                                                        "must be registry methods"),
+    "methods twice": (["--methods=gradient,rise,gradient"], "--methods 'gradient,rise,gradient': gradient listed twice; "
+                                                            "must be"),
     "num_images 0": (["--num_images=0"], "--num_images 0: must be an int >= 1 (the first N images of the split), "
                                          "or unset for all"),
     "num_images -1": (["--num_images=-1"], "--num_images -1: must be an int >= 1"),
@@ -37,12 +41,14 @@ BAD_VALUES = {
     "method_hparams of a method not evaluated": (
         ["--methods=gradient", "--method_hparams={gradcam: {layer: x}}"],
         "--method_hparams {'gradcam': {'layer': 'x'}}: must be keyed by methods this run evaluates with --methods "
-        "(gradient); gradcam is not evaluated"),
+        "(gradient); gradcam is not evaluated: drop it"),
     "batch_size 0": (["--batch_size=0"], "--batch_size 0: must be an int >= 1"),
     "num_workers -1": (["--num_workers=-1"], "--num_workers -1: must be an int >= 0"),
     "protocol name": (["--protocol=deletion"], "--protocol 'deletion': must be 'rise', 'igos' or a dict"),
-    "protocol field": (["--protocol={steps: 0}"], "--protocol {'steps': 0}: must be 'rise', 'igos' or a dict of valid "
-                                                  "CausalProtocol fields (steps must be an int >= 1, got 0)"),
+    "protocol field": (["--protocol={steps: 0}"], "--protocol {'steps': 0}: steps must be an int >= 1, got 0; must be "
+                                                  "'rise', 'igos' or a dict of valid CausalProtocol fields"),
+    "protocol unknown field": (["--protocol={stepz: 4}"], "--protocol {'stepz': 4}: CausalProtocol.__init__() got an "
+                                                          "unexpected keyword argument 'stepz'; must be"),
     "target": (["--target=random"], "--target 'random': must be 'predicted' or 'label'"),
     "max_forward_batch 0": (["--max_forward_batch=0"], "--max_forward_batch 0: must be an int >= 1"),
     "seed -1": (["--seed=-1"], "--seed -1: must be an int in [0, 2**31)"),
@@ -73,7 +79,7 @@ def test_every_bad_value_is_listed_at_once(tmp_path):
 
 
 def test_method_hparams_may_name_only_evaluated_methods(tmp_path):
-    with pytest.raises(ValueError, match="gradcam, rise are not evaluated"):
+    with pytest.raises(ValueError, match="gradcam, rise are not evaluated: drop them"):
         evaluate.main(_args(tmp_path / "out", "--methods=gradient",
                             "--method_hparams={rise: {n_masks: 8}, gradcam: {}}"))
 
