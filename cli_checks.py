@@ -89,8 +89,9 @@ def _hparams_keys_evaluated(value, cfg) -> bool:
 def _hparams_allowed(cfg) -> str:
     evaluated = listed_methods(cfg.get("methods"))
     unused = sorted(set(cfg.get("method_hparams") or {}) - set(evaluated))
+    one = len(unused) == 1
     return (f"keyed by methods this run evaluates with --methods ({', '.join(evaluated) or 'none'}); "
-            f"{', '.join(unused)} {'is' if len(unused) == 1 else 'are'} not evaluated: drop {'it' if len(unused) == 1 else 'them'} "
+            f"{', '.join(unused)} {'is' if one else 'are'} not evaluated: drop {'it' if one else 'them'} "
             "(a --method_hparams on the command line replaces the config file's whole dict; hyper-parameters of "
             "a --ckpt explainer come from its checkpoint)")
 

@@ -26,8 +26,8 @@ BAD_VALUES = {
     "methods blanks": (["--methods= , "], "--methods ' , ': must be registry methods"),
     "methods unknown": (["--methods=gradient,no_such"], "--methods 'gradient,no_such': unknown method(s) ['no_such']; "
                                                         "must be registry methods"),
-    "methods twice": (["--methods=gradient,rise,gradient"], "--methods 'gradient,rise,gradient': gradient listed twice; "
-                                                            "must be"),
+    "methods twice": (["--methods=gradient,rise,gradient"],
+                      "--methods 'gradient,rise,gradient': gradient listed twice; must be"),
     "num_images 0": (["--num_images=0"], "--num_images 0: must be an int >= 1 (the first N images of the split), "
                                          "or unset for all"),
     "num_images -1": (["--num_images=-1"], "--num_images -1: must be an int >= 1"),
@@ -35,7 +35,8 @@ BAD_VALUES = {
     "mf_steps 0": (["--mf_steps=0"], "--mf_steps 0: must be an int >= 1"),
     "top_fraction 0": (["--top_fraction=0"], "--top_fraction 0.0: must be a number in (0, 1]"),
     "top_fraction 1.5": (["--top_fraction=1.5"], "--top_fraction 1.5: must be a number in (0, 1]"),
-    "pointing_tolerance -1": (["--pointing_tolerance=-1"], "--pointing_tolerance -1.0: must be a distance in pixels >= 0"),
+    "pointing_tolerance -1": (["--pointing_tolerance=-1"],
+                              "--pointing_tolerance -1.0: must be a distance in pixels >= 0"),
     "iou_threshold 5": (["--iou_threshold=5"], "--iou_threshold 5.0: must be a number in [0, 1]"),
     "overlay_images -3": (["--overlay_images=-3"], "--overlay_images -3: must be an int >= 0"),
     "method_hparams of a method not evaluated": (
