@@ -2,7 +2,7 @@
 before ``run.json`` is written and before any data is read or anything is explained.
 
 The checks are data, not code: ``EVALUATE_RULES`` is a table of (option, rule, allowed), where ``option`` is
-the dotted config key (``"num_images"``, or ``"settings.mf_steps"`` in a config with nested objects), ``rule``
+the dotted config key (``"num_images"``, or ``"settings.mf_steps"`` for a nested object's field), ``rule``
 a predicate ``rule(value, cfg) -> bool`` and ``allowed`` what the option accepts, in words (or a function of
 ``cfg`` giving them). A rule may also raise ``ValueError`` to give its reason. :func:`validate_args` applies the
 table and raises one ``ValueError`` listing every option that breaks its rule, each as
@@ -12,11 +12,16 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import explainers
-from metrics import CausalProtocol
+from core.blackbox import checkpoint_of
+from core.checkpoints import remote_scheme
+from explainers import ExplainerSpec, parse_spec
+from metrics import TARGET_RULES, make_protocol
 
 SEED_LIMIT = 2**31  # explainers take seeds in [0, 2**31)
 
@@ -62,45 +67,113 @@ def optional(rule: Callable[[Any, Any], bool]) -> Callable[[Any, Any], bool]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# evaluate.py
+# evaluate.py: how its --explainers and --ckpt read (evaluate.explainer_specs builds on these), then its table
 
 
-def listed_methods(methods: str | Sequence[str]) -> list[str]:
-    """``--methods`` as a list of names: comma-separated text or a list, blanks dropped."""
-    parts = methods.split(",") if isinstance(methods, str) else list(methods)
-    return [m.strip() for m in parts if isinstance(m, str) and m.strip()]
+def listed_specs(value: str | Sequence[ExplainerSpec] | None) -> list[ExplainerSpec]:
+    """``--explainers`` as a list of specs (explainers/specs.py): comma-separated names or a list of names and
+    ``{name, alias, checkpoint, **hparams}`` dicts; names stripped, blanks dropped."""
+    given = value.split(",") if isinstance(value, str) else list(value or [])
+    specs = [spec.strip() if isinstance(spec, str) else dict(spec) if isinstance(spec, Mapping) else spec
+             for spec in given]
+    return [spec for spec in specs if spec]
 
 
-def _methods_ok(value, cfg) -> bool:
-    names = listed_methods(value)
-    unknown = [m for m in names if m not in explainers.available()]
+def split_ckpt_entry(entry: str) -> tuple[str | None, str]:
+    """A ``--ckpt`` entry: ``NAME=PATH`` -> (NAME, PATH); a plain path (even one holding '=') -> (None, PATH)."""
+    wanted, sep, path = entry.partition("=")
+    if not sep or "/" in wanted or Path(entry).exists():
+        return None, entry
+    return wanted, path
+
+
+def ckpt_spec(entry: str) -> dict[str, str]:
+    """The explainer spec ``{name, checkpoint}`` of a ``--ckpt`` entry; a plain PATH is evaluated as the method
+    its checkpoint records (read with ``weights_only=True``; a URL is refused, nothing is downloaded)."""
+    wanted, path = split_ckpt_entry(entry)
+    return {"name": wanted or explainers.recorded_name(path), "checkpoint": path}
+
+
+def _spec_keys(value) -> list[str]:
+    """The keys (alias, else name) of the ``--explainers`` specs that parse; the explainers rule names the others."""
+    keys = []
+    for spec in listed_specs(value):
+        try:
+            keys.append(parse_spec(spec).key)
+        except (ValueError, TypeError):
+            pass
+    return keys
+
+
+def _explainers_ok(value, cfg) -> bool:
+    specs = listed_specs(value)
+    names = [parse_spec(spec).name for spec in specs]  # a dict without 'name' or a number: its own reason
+    unknown = [name for name in names if name not in explainers.available()]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}")
-    twice = sorted({m for m in names if names.count(m) > 1})
+    keys = _spec_keys(specs)
+    twice = sorted({key for key in keys if keys.count(key) > 1})
     if twice:
-        raise ValueError(f"{', '.join(twice)} listed twice")
-    return bool(names) or bool(cfg.get("ckpt"))
+        raise ValueError(f"{', '.join(twice)} listed twice (give each an 'alias')")
+    _local_files([parse_spec(spec).checkpoint for spec in specs if parse_spec(spec).checkpoint])
+    return bool(specs) or bool(cfg.get("ckpt"))
 
 
-def _hparams_keys_evaluated(value, cfg) -> bool:
-    return set(value) <= set(listed_methods(cfg.get("methods")))
+def _file_problem(path: str) -> str | None:
+    """Why a checkpoint or weights ``path`` cannot be read: a URL (nothing is downloaded) or no such file."""
+    scheme = remote_scheme(path)
+    if scheme is not None:
+        return f"{path} is a {scheme}:// URL (checkpoints are read from local files only: nothing is downloaded)"
+    return None if Path(path).is_file() else f"no such file {path}"
+
+
+def _local_files(paths: Sequence[str]) -> bool:
+    bad = [problem for problem in map(_file_problem, paths) if problem]
+    if bad:
+        raise ValueError("; ".join(bad))
+    return True
+
+
+def _ckpt_ok(value, cfg) -> bool:
+    return _local_files([split_ckpt_entry(entry)[1] for entry in value or []])
+
+
+def _blackbox_model_ok(value, cfg) -> bool:
+    path = checkpoint_of(str(value))
+    return _local_files([] if path is None else [path])
+
+
+def _weights_ok(value, cfg) -> bool:
+    # BlackBox reads the text "None" / "null" (how jsonargparse hands over a nested null) as null too
+    return _local_files([] if value in (None, "None", "null") else [str(value)])
+
+
+def _not_evaluated(cfg) -> list[str]:
+    """Keys of ``--method_hparams`` that name no explainer of this run (``--explainers`` keys, then the methods
+    of the ``--ckpt`` entries, whose recorded names are read only when needed)."""
+    unused = set(cfg.get("method_hparams") or {}) - set(_spec_keys(cfg.get("explainers")))
+    for entry in (cfg.get("ckpt") or []) if unused else []:
+        try:
+            unused.discard(ckpt_spec(entry)["name"])
+        except (OSError, ValueError, RuntimeError):  # a missing or refused file: the --ckpt rule names it
+            pass
+    return sorted(unused)
 
 
 def _hparams_allowed(cfg) -> str:
-    evaluated = listed_methods(cfg.get("methods"))
-    unused = sorted(set(cfg.get("method_hparams") or {}) - set(evaluated))
+    evaluated = _spec_keys(cfg.get("explainers"))
+    unused = _not_evaluated(cfg)
     one = len(unused) == 1
-    return (f"keyed by methods this run evaluates with --methods ({', '.join(evaluated) or 'none'}); "
-            f"{', '.join(unused)} {'is' if one else 'are'} not evaluated: drop {'it' if one else 'them'} "
-            "(a --method_hparams on the command line replaces the config file's whole dict; hyper-parameters of "
-            "a --ckpt explainer come from its checkpoint)")
+    return (f"keyed by explainers this run evaluates (--explainers: {', '.join(evaluated) or 'none'}, or a --ckpt "
+            f"method); {', '.join(unused)} {'is' if one else 'are'} not evaluated: drop {'it' if one else 'them'} "
+            "(a --method_hparams on the command line replaces the config file's whole dict)")
 
 
 def _protocol_ok(value, cfg) -> bool:
-    if isinstance(value, str):
-        return value in ("rise", "igos")
-    # A dict: CausalProtocol checks its own fields (steps, units, blur, substrates ...) and names the bad one.
-    CausalProtocol(**value)
+    # A preset name or a dict: make_protocol checks the preset and CausalProtocol its fields (steps, units, blur,
+    # substrates ...), naming the bad one. The image size only scales presets, so any size shows validity.
+    target = cfg.get("target")
+    make_protocol(value, 224, target=target if target in TARGET_RULES else None)
     return True
 
 
@@ -109,28 +182,39 @@ def _fractions_ok(value, cfg) -> bool:
             and list(value) == sorted(value))
 
 
+def _earlier_run(value, cfg) -> bool:
+    return (Path(value) / "run.json").is_file()
+
+
 EVALUATE_RULES: tuple[Rule, ...] = (
-    Rule("methods", _methods_ok,
-         lambda cfg: f"registry methods, comma-separated, each once (known: {', '.join(explainers.available())}), "
-                     "at least one unless --ckpt gives a trained explainer"),
-    Rule("method_hparams", _hparams_keys_evaluated, _hparams_allowed),
+    Rule("explainers", _explainers_ok,
+         lambda cfg: f"registry names (comma-separated, or a list of names and {{name, alias, checkpoint, ...}} "
+                     f"dicts), each key once (known: {', '.join(explainers.available())}), checkpoints local files, at "
+                     "least one explainer unless --ckpt gives a trained one"),
+    Rule("blackbox.init_args.model", _blackbox_model_ok,
+         "'timm:NAME', 'torchvision:NAME' or 'ckpt:PATH' of a local black-box checkpoint"),
+    Rule("blackbox.init_args.weights", _weights_ok, "a local weights file, or unset"),
+    Rule("ckpt", _ckpt_ok, "local trained-explainer checkpoint files, each PATH or NAME=PATH"),
+    Rule("method_hparams", lambda value, cfg: not _not_evaluated(cfg), _hparams_allowed),
     Rule("split", one_of("test", "val"), "'test' or 'val' (the datamodule's evaluation splits)"),
     Rule("num_images", optional(int_in(1)), "an int >= 1 (the first N images of the split), or unset for all"),
     Rule("batch_size", int_in(1), "an int >= 1"),
     Rule("num_workers", int_in(0), "an int >= 0"),
-    Rule("protocol", _protocol_ok, "'rise', 'igos' or a dict of valid CausalProtocol fields"),
-    Rule("target", one_of("predicted", "label"), "'predicted' or 'label'"),
-    Rule("mf_steps", int_in(1), "an int >= 1 (the number of steps of M_F's preserving curve)"),
-    Rule("pointing_tolerance", optional(number_in(0)),
+    Rule("settings.protocol", _protocol_ok, "'rise', 'igos' or a dict of valid CausalProtocol fields"),
+    Rule("target", one_of(*TARGET_RULES), " or ".join(repr(rule) for rule in TARGET_RULES)),
+    Rule("settings.mf_steps", int_in(1), "an int >= 1 (the number of steps of M_F's preserving curve)"),
+    Rule("settings.mf_eps", number_in(0), "a number >= 0 (images with q_O - q_F <= mf_eps are excluded from M_F)"),
+    Rule("settings.pointing_tolerance", optional(number_in(0)),
          "a distance in pixels >= 0, or unset for 15 px at 224 scaled to the image size"),
-    Rule("iou_threshold", number_in(0, 1), "a number in [0, 1] (threshold of the min-max normalised map)"),
-    Rule("top_fraction", number_in(0, 1, low_open=True), "a number in (0, 1] (the fraction of pixels kept)"),
+    Rule("settings.iou_threshold", number_in(0, 1), "a number in [0, 1] (threshold of the min-max normalised map)"),
+    Rule("settings.top_fraction", number_in(0, 1, low_open=True), "a number in (0, 1] (the fraction of pixels kept)"),
     Rule("max_forward_batch", int_in(1), "an int >= 1"),
     Rule("seed", int_in(0, SEED_LIMIT - 1), f"an int in [0, 2**31) = [0, {SEED_LIMIT})"),
     Rule("overlay_images", int_in(0), "an int >= 0 (0: no overlay figure)"),
     Rule("randomisation_images", int_in(0), "an int >= 0 (0: no randomisation check)"),
     Rule("randomisation_fractions", _fractions_ok, "a non-empty, non-decreasing list of numbers in (0, 1]"),
-    Rule("num_nodes", int_in(1), "an int >= 1"),
+    Rule("maps_from", optional(_earlier_run), "an earlier evaluate.py --out folder (holding run.json), or unset"),
+    Rule("trainer.num_nodes", int_in(1), "an int >= 1"),
 )
 
 
@@ -142,6 +226,8 @@ def problems(cfg, rules: Sequence[Rule] = EVALUATE_RULES) -> list[str]:
         if row.option not in cfg:
             continue
         value = cfg[row.option]
+        if hasattr(value, "as_dict"):  # a nested object's fields (e.g. --settings.protocol as a dict): a plain dict
+            value = value.as_dict()
         try:
             ok, reason = bool(row.rule(value, cfg)), ""
         except (ValueError, TypeError) as err:  # the rule's own reason, said first

@@ -18,11 +18,12 @@ import pickle
 from pathlib import Path
 
 import torch
+from pytorch_lightning.callbacks import Timer
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import WandbLogger as _LightningWandbLogger
 from pytorch_lightning.utilities import rank_zero_info
 
-from lightning_modules.blackbox import UnsafeCheckpointError, remote_scheme, safe_load
+from core.checkpoints import UnsafeCheckpointError, remote_scheme, safe_load
 
 LIGHTNING_CKPT_KEYWORDS = ("last", "best", "hpc")  # resolved by Lightning to a local file it finds itself
 
@@ -168,6 +169,9 @@ class SaliencyCLI(LightningCLI):
         if not self.trainer.is_global_zero:
             return
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}
+        timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
+        if timer is not None:  # its elapsed times are saved in checkpoints, so a resumed run counts them all
+            metrics.update({f"time/{stage}_seconds": timer.time_elapsed(stage) for stage in ("train", "validate")})
         path = Path(self.trainer.default_root_dir) / f"{subcommand}_metrics.json"
         path.write_text(json.dumps(metrics, indent=2, sort_keys=True))
         rank_zero_info(f"metrics written to {path}")

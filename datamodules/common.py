@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 BATCH_KEYS = ("image", "label", "mask", "boxes", "index")
@@ -77,11 +77,14 @@ def _quiet_bomb_warnings():
         yield
 
 
-def _size_problem(img: Image.Image) -> str | None:
+def _size_problem(img: Image.Image, max_pixels: int | None = None) -> str | None:
+    """Why the header's size is refused (more than ``max_pixels``, default :func:`max_image_pixels`), or None."""
     width, height = img.size
-    if width * height > max_image_pixels():
+    limit = max_image_pixels() if max_pixels is None else int(max_pixels)
+    if width * height > limit:
+        where = "PIL.Image.MAX_IMAGE_PIXELS" if max_pixels is None else "max_pixels"
         return (f"DecompressionBombError: its header claims {width} x {height} = {width * height:,} pixels, more "
-                f"than the limit of {max_image_pixels():,} (PIL.Image.MAX_IMAGE_PIXELS)")
+                f"than the limit of {limit:,} ({where})")
     return None
 
 
@@ -90,7 +93,7 @@ def is_image_file(name: str | os.PathLike) -> bool:
     return os.path.splitext(os.fspath(name))[1].lower() in IMAGE_EXTENSIONS
 
 
-def load_rgb(path: str | os.PathLike) -> Image.Image:
+def load_rgb(path: str | os.PathLike, orient: bool = False, max_pixels: int | None = None) -> Image.Image:
     """Decode an image file into an 8-bit RGB PIL image; raise ``BadImageError`` naming the file if it fails.
 
     Mode conversions (deliberately simple, like torchvision's default loader): grayscale ``L``/``1`` is
@@ -98,14 +101,20 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
     ``LA``, ``PA``, transparent palettes) is dropped, i.e. the stored colours are kept and *not* composited
     on a background; ``P`` maps through its palette; 16-bit grayscale keeps its 8 high bits (PIL's own
     conversion would clip it to white). Truncated files fail unless the caller has set
-    ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES``. An image whose header claims more than :func:`max_image_pixels`
-    (a decompression bomb) is refused before it is decoded.
+    ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES``.
+
+    ``orient`` applies the EXIF orientation tag first (the image as viewers show it; for users' photos).
+    ``max_pixels`` (default :func:`max_image_pixels`) refuses larger images before decoding them
+    (decompression bombs: a small file whose header claims e.g. 10^10 pixels); PIL itself refuses only above
+    twice ``Image.MAX_IMAGE_PIXELS``.
     """
     try:
         with _quiet_bomb_warnings(), Image.open(path) as img:
-            too_big = _size_problem(img)
+            too_big = _size_problem(img, max_pixels)
             if too_big:
                 raise BadImageError(f"{os.fspath(path)}: cannot decode image ({too_big})")
+            if orient:
+                img = ImageOps.exif_transpose(img)
             if img.mode.startswith("I;16"):
                 return Image.fromarray((np.asarray(img) >> 8).astype(np.uint8)).convert("RGB")
             if img.mode == "P" and isinstance(img.info.get("transparency"), bytes):
@@ -113,7 +122,7 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
             return img.convert("RGB")
     except BadImageError:
         raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # PIL's ways to say "corrupt"
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # PIL's corrupt-data signals
         raise BadImageError(f"{os.fspath(path)}: cannot decode image ({type(err).__name__}: {err})") from err
 
 

@@ -12,8 +12,8 @@ seed per image from ``(seed, index)``, runs ``_explain`` with the black box's st
 :func:`preserved_state`), with autograd available even inside Lightning's ``inference_mode`` loops
 when the method needs gradients, and counts every image that goes through the black box. Subclasses
 reach the black box only through :meth:`Explainer._logits` / :meth:`Explainer._forward` /
-:meth:`Explainer._class_probs` so the counting is uniform, and send at most ``max_forward_batch`` images
-through it at once (the single memory knob).
+:meth:`Explainer._class_probs` / :meth:`Explainer._features` so the counting is uniform (no explainer counts
+by hand), and send at most ``max_forward_batch`` images through it at once (the single memory knob).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from core.inputs import check_explained_batch, dtype_name, resolve_image_dtype
-from explainers.perturbation import derive_seeds, seeded_generator
+from core.seeding import derive_seeds
 
 # Module attributes holding hook handles (torch 2.x). `_full_backward_hooks` existed in older releases;
 # a missing attribute is skipped, so the list can name every spelling.
@@ -111,7 +111,8 @@ def rebatch(parts: Iterable[tuple[Tensor, ...]], size: int) -> Iterator[tuple[Te
         yield tuple(torch.cat(column) for column in zip(*pending))
 
 
-def _device_of(module: nn.Module) -> torch.device | None:
+def device_of(module: nn.Module) -> torch.device | None:
+    """The device of ``module``'s first parameter or buffer; None for a module that has neither."""
     for tensor in (*module.parameters(), *module.buffers()):
         return tensor.device
     return None
@@ -121,7 +122,7 @@ class Explainer:
     """Base class of every explainer: validation, per-image seeds, state guard, cost counting.
 
     Args:
-        blackbox: a :class:`lightning_modules.blackbox.BlackBox` (or any ``nn.Module`` with
+        blackbox: a :class:`core.blackbox.BlackBox` (or any ``nn.Module`` with
             ``logits(x)`` for x (B, 3, H, W) in [0, 1] and an int ``num_classes``).
         seed: run seed in [0, 2**31); image b's randomness comes from ``derive_seeds(seed, indices[b])``.
         max_forward_batch: the most images sent through the black box at once, in one forward (and its
@@ -132,11 +133,14 @@ class Explainer:
 
     Subclass convention (as scikit-learn's ``get_params``): store every keyword argument of ``__init__``
     under its own name, so :attr:`hparams` can report the full configuration next to every result.
-    Set ``needs_grad = True`` on methods that back-propagate through the black box.
+    Set ``needs_grad = True`` on methods that back-propagate through the black box. A *trained* method
+    (``trained = True``, e.g. the learned mask predictor) is built from the checkpoint of its training run by
+    :meth:`from_checkpoint`, which ``explainers.build(name, blackbox, checkpoint=PATH)`` calls.
     """
 
     name: ClassVar[str] = "explainer"  # set by @register
     needs_grad: ClassVar[bool] = False
+    trained: ClassVar[bool] = False
 
     def __init__(self, blackbox: nn.Module, *, seed: int = 0, max_forward_batch: int = 256,
                  image_dtype: str | torch.dtype = "float32", **hparams):
@@ -154,6 +158,12 @@ class Explainer:
         self.max_forward_batch = int(max_forward_batch)
         self.image_dtype = dtype_name(resolve_image_dtype(image_dtype))
         self.cost = Cost()
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint, blackbox: nn.Module | None = None, **hparams) -> "Explainer":
+        """A trained method from ``checkpoint`` (a path, read with ``weights_only=True``, or the loaded dict);
+        ``blackbox`` None rebuilds the black box the checkpoint records. Only trained methods implement it."""
+        raise TypeError(f"{cls.name!r} is not a trained method: build it without a checkpoint")
 
     # -- configuration ------------------------------------------------------------------------------
     @classmethod
@@ -204,7 +214,7 @@ class Explainer:
         """Raise ValueError on malformed inputs (``core.inputs``, shared with the metrics, plus the device);
         return the indices as a CPU int64 tensor (B,)."""
         if isinstance(images, Tensor):
-            device = _device_of(self.blackbox)
+            device = device_of(self.blackbox)
             if device is not None and device != images.device:
                 raise ValueError(f"images are on {images.device} but the black box is on {device}")
         batch = check_explained_batch(images, targets, int(self.blackbox.num_classes), image_dtype=self.image_dtype)
@@ -233,6 +243,13 @@ class Explainer:
 
             logits.register_hook(count_backward)
         return logits
+
+    def _features(self, x: Tensor) -> list[Tensor]:
+        """One feature pass of the black box: x (N, 3, H, W) in [0, 1] -> its feature maps (shallow to deep),
+        counted as N forwards. The caller keeps N <= max_forward_batch."""
+        features = self.blackbox.features(x)
+        self.cost.forwards += x.shape[0]
+        return features
 
     def _chunks(self, total: int, size: int | None = None) -> Iterator[slice]:
         """Consecutive slices covering range(total), each at most ``size`` (default max_forward_batch) long."""

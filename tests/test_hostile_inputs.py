@@ -25,15 +25,15 @@ import explainers
 from datamodules import (BadAnnotationWarning, BadImageError, BadImageWarning, ClutteredFashionMNIST,
                          COCODetection, ImageNetFolder, fashion_mnist)
 from datamodules.export import export_coco
-from lightning_modules.blackbox import (BlackBox, RemoteCheckpointError, UnsafeCheckpointError, blackbox_record,
-                                        create_network)
+from core.blackbox import BlackBox, blackbox_record, create_network
+from core.checkpoints import RemoteCheckpointError
 from metrics import causal_curves, explained_class, faithfulness_mf, pointing_game, pr_auc
 from metrics.causal import CausalProtocol
 
 EXPERIMENT = "configs/experiment/embedded_classifier.yaml"
 SMALL = ["--data.init_args.image_size=32", "--data.init_args.batch_size=8", "--data.init_args.num_workers=0",
          "--data.init_args.num_train=16", "--data.init_args.num_val=8", "--data.init_args.num_test=8",
-         "--model.init_args.model_kwargs={channels: [8, 16, 24, 32]}"]
+         "--model.init_args.blackbox.init_args.model_kwargs={channels: [8, 16, 24, 32]}"]
 TINY = dict(model="timm:resnet10t", num_classes=10, model_kwargs={"channels": [8, 16, 24, 32]})
 
 
@@ -97,49 +97,76 @@ def evil(tmp_path, monkeypatch):
     server.close()
 
 
-def _path_options(url: str, tiny_blackbox_path: Path):
+def _path_options(url: str, tiny_blackbox_path: Path, tmp_path: Path):
+    import explain
+    import export
     from lightning_modules.classifier import Classifier
-    from lightning_modules.feature_filter import FeatureFilter
     from lightning_modules.mask_predictor import MaskPredictor
+    from networks.feature_filter import FeatureFilter
 
+    local = BlackBox(f"ckpt:{tiny_blackbox_path}")
+    images = tmp_path / "images"
+    images.mkdir(exist_ok=True)
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(images / "a.png")
     return {
         "BlackBox('ckpt:URL')": lambda: BlackBox(f"ckpt:{url}/evil_record.pt"),
         "BlackBox(weights=URL)": lambda: BlackBox(**TINY, weights=f"{url}/evil.ckpt"),
-        "Classifier(weights=URL)": lambda: Classifier(model=TINY["model"], num_classes=10,
-                                                      model_kwargs=TINY["model_kwargs"], weights=f"{url}/evil.ckpt"),
-        "trained explainer checkpoint (evaluate.py --ckpt)": lambda: explainers.load_checkpoint(
-            f"{url}/evil.ckpt", BlackBox(f"ckpt:{tiny_blackbox_path}")),
-        "MaskPredictor(filter_checkpoint=URL)": lambda: MaskPredictor(blackbox=f"ckpt:{tiny_blackbox_path}",
+        "Classifier(weights=URL)": lambda: Classifier(BlackBox(**TINY), weights=f"{url}/evil.ckpt"),
+        "trained explainer checkpoint (evaluate.py --ckpt)": lambda: explainers.build(
+            "predictor_ct", local, checkpoint=f"{url}/evil.ckpt"),
+        "its recorded name (evaluate.py --ckpt PATH)": lambda: explainers.recorded_name(f"{url}/evil.ckpt"),
+        "MaskPredictor(filter_checkpoint=URL)": lambda: MaskPredictor(blackbox=local,
                                                                       filter_checkpoint=f"{url}/evil.ckpt"),
         "FeatureFilter.from_checkpoint(URL)": lambda: FeatureFilter.from_checkpoint(f"{url}/evil.ckpt"),
+        "explain.py --ckpt URL": lambda: explain.main(["--images", str(images), "--out", str(tmp_path / "maps"),
+                                                       "--ckpt", f"{url}/evil.ckpt"]),
+        "explain.py --blackbox ckpt:URL": lambda: explain.main(["--images", str(images), "--out", str(tmp_path / "maps"),
+                                                                "--method", "gradient", "--blackbox",
+                                                                f"ckpt:{url}/evil_record.pt"]),
+        "export.py --ckpt URL": lambda: export.main(["--ckpt", f"{url}/evil.ckpt", "--format", "onnx", "--out",
+                                                     str(tmp_path / "p.onnx")]),
     }
 
 
-@pytest.mark.parametrize("option", ["BlackBox('ckpt:URL')", "BlackBox(weights=URL)", "Classifier(weights=URL)",
-                                    "trained explainer checkpoint (evaluate.py --ckpt)",
-                                    "MaskPredictor(filter_checkpoint=URL)", "FeatureFilter.from_checkpoint(URL)"])
-def test_url_checkpoint_is_refused_by_every_loader(evil, tiny_blackbox_path, option):
+PATH_OPTIONS = ["BlackBox('ckpt:URL')", "BlackBox(weights=URL)", "Classifier(weights=URL)",
+                "trained explainer checkpoint (evaluate.py --ckpt)", "its recorded name (evaluate.py --ckpt PATH)",
+                "MaskPredictor(filter_checkpoint=URL)", "FeatureFilter.from_checkpoint(URL)", "explain.py --ckpt URL",
+                "explain.py --blackbox ckpt:URL", "export.py --ckpt URL"]
+
+
+@pytest.mark.parametrize("option", PATH_OPTIONS)
+def test_url_checkpoint_is_refused_by_every_loader(evil, tiny_blackbox_path, tmp_path, option):
     server, marker = evil
     with pytest.raises(RemoteCheckpointError, match=r"refusing to load http://127\.0\.0\.1:\d+/evil.*URL.*local"):
-        _path_options(server.url, tiny_blackbox_path)[option]()
+        _path_options(server.url, tiny_blackbox_path, tmp_path)[option]()
     assert not marker.exists() and server.requests == []  # nothing ran, nothing was even downloaded
 
 
 def _evaluate_args(blackbox: str, out: Path, *extra: str) -> list[str]:
-    return ["--blackbox", blackbox, "--data.class_path=datamodules.ClutteredFashionMNISTDataModule",
-            "--data.init_args.image_size=32", "--data.init_args.num_test=8", "--num_images=2", "--batch_size=2",
-            "--methods=gradient", "--mf_steps=4", "--wandb=false", f"--out={out}", *extra]
+    return ["--blackbox.class_path=core.blackbox.BlackBox", f"--blackbox.init_args.model={blackbox}",
+            "--data.class_path=datamodules.ClutteredFashionMNISTDataModule", "--data.init_args.image_size=32",
+            "--data.init_args.num_test=8", "--num_images=2", "--batch_size=2", "--explainers=gradient",
+            "--settings.mf_steps=4", "--wandb=false", f"--out={out}", *extra]
 
 
 def test_evaluate_refuses_url_blackbox_and_ckpt(evil, tiny_blackbox_path, tmp_path):
     import evaluate
 
     server, marker = evil
-    with pytest.raises(RemoteCheckpointError, match="evil.ckpt"):
-        evaluate.main(_evaluate_args(f"ckpt:{tiny_blackbox_path}", tmp_path / "a", f"--ckpt=[{server.url}/evil.ckpt]"))
-    with pytest.raises(RemoteCheckpointError, match="evil_record.pt"):
-        evaluate.main(_evaluate_args(f"ckpt:{server.url}/evil_record.pt", tmp_path / "b"))
+    url = f"{server.url}/evil.ckpt"
+    for entry in (url, f"predictor_ct_posthoc={url}"):  # refused by the option checks, before anything is read
+        with pytest.raises(ValueError, match=rf"--ckpt \['{re_escape(entry)}'\]: {re_escape(url)} is a http:// URL"):
+            evaluate.main(_evaluate_args(f"ckpt:{tiny_blackbox_path}", tmp_path / "a", f"--ckpt=[{entry}]"))
+    record = f"{server.url}/evil_record.pt"
+    with pytest.raises(ValueError, match=rf"--blackbox.init_args.model 'ckpt:{re_escape(record)}': {re_escape(record)} "
+                                         "is a http:// URL"):
+        evaluate.main(_evaluate_args(f"ckpt:{record}", tmp_path / "b"))
+    with pytest.raises(ValueError, match=rf"--blackbox.init_args.weights '{re_escape(url)}': {re_escape(url)} is a "
+                                         "http:// URL"):  # a weights file of a timm black box
+        evaluate.main(_evaluate_args(TINY["model"], tmp_path / "c", "--blackbox.init_args.num_classes=10",
+                                     f"--blackbox.init_args.weights={url}"))
     assert not marker.exists() and server.requests == []
+    assert not any((tmp_path / name).exists() for name in "abc")  # refused before the output folder
 
 
 def _train(args: list[str]) -> None:

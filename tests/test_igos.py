@@ -14,8 +14,9 @@ from torch.utils.data import DataLoader, Dataset
 
 import explainers
 import explainers.igos  # noqa: F401  registers igos_pp and igos
-from explainers.igos import BTV_SIGMA, NOISE_STD, bilateral_total_variation, bilateral_weights, total_variation
-from explainers.perturbation import derive_seeds, gaussian_blur, perturb, scaled_blur
+from explainers.igos import BTV_SIGMA, NOISE_STD, bilateral_total_variation, bilateral_weights, tv_norm
+from core.perturbation import gaussian_blur, perturb, scaled_blur
+from core.seeding import derive_seeds
 
 SIZE = 32
 REGION = (slice(8, 20), slice(12, 24))  # what the toy black box looks at
@@ -107,7 +108,7 @@ def test_defaults_grid_scaling_and_l1_rule():
 def test_noise_and_btv_sigma_use_the_black_box_own_std(tiny_blackbox_path):
     """The released code's normalised-unit constants (noise 0.2, BTV s = 0.01 = sigma^2) are converted with the
     black box's std: 0.25 for the embedded one, not ImageNet's 0.226 (issue 11 / 12)."""
-    from lightning_modules.blackbox import BlackBox
+    from core.blackbox import BlackBox
 
     embedded = BlackBox(f"ckpt:{tiny_blackbox_path}")  # std 0.25 per channel, like assets/embedded_blackbox.pt
     hp = explainers.build("igos_pp", embedded).hparams
@@ -179,8 +180,8 @@ def test_bilateral_weights_are_the_same_formula_in_both_directions():
 def test_total_variation_by_hand():
     mask = torch.tensor([[0.0, 1.0], [1.0, 1.0]]).view(1, 1, 2, 2)
     # vertical pairs: (0,1), (1,1) -> mean of squares 0.5; horizontal: (0,1), (1,1) -> 0.5.
-    assert total_variation(mask).item() == pytest.approx(1.0)
-    assert total_variation(mask, beta=1.0).item() == pytest.approx(1.0)
+    assert tv_norm(mask).item() == pytest.approx(1.0)
+    assert tv_norm(mask, beta=1.0).item() == pytest.approx(1.0)
 
 
 # ---------------------------------------------------------------------------------------------------------
