@@ -11,6 +11,7 @@ unless ``--allow_remote_ckpt true`` is given, and then it too loads with ``weigh
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import netrc
 import os
@@ -111,6 +112,25 @@ def ckpt_path_problem(path: str | None, allow_remote: bool = False) -> str | Non
     return None
 
 
+@contextlib.contextmanager
+def plain_build_errors():
+    """Re-raise the error behind jsonargparse's "Does not validate against any of the Union subtypes" message.
+
+    A class argument (``--model``, ``--blackbox``, a black box nested in a model) is a union with None, and an
+    exception while building it (a refused checkpoint, an insane black-box record) comes back wrapped in that
+    message, with the first subtype's own error chained as ``__cause__``: that error names the file and the
+    reason, and is what the user sees instead. Other errors pass unchanged."""
+    try:
+        yield
+    except ValueError as err:
+        cause = err
+        while "Union subtypes" in str(cause).split("\n", 1)[0] and cause.__cause__ is not None:
+            cause = cause.__cause__
+        if cause is err:
+            raise
+        raise cause from None
+
+
 def _refusal(path: str, err: Exception) -> str:
     return (f"--ckpt_path {path}: refusing to load it, it is not loadable with weights_only=True (it holds objects "
             f"other than tensors and plain containers; {str(err).splitlines()[0]})")
@@ -150,6 +170,10 @@ class SaliencyCLI(LightningCLI):
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
         kwargs["weights_only"] = True  # Lightning would unpickle anything from a URL otherwise
         return kwargs
+
+    def instantiate_classes(self) -> None:
+        with plain_build_errors():  # a refused checkpoint names the file, without the union-type noise
+            super().instantiate_classes()
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

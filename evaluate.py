@@ -30,7 +30,7 @@ import explainers
 from callbacks.figures import curves_figure, overlay_grid
 from callbacks.sanity import model_randomisation
 from cli_checks import ckpt_spec, listed_specs, validate_args
-from cli_utils import WandbLogger
+from cli_utils import WandbLogger, plain_build_errors
 from core.blackbox import BlackBox
 from datamodules import collate_samples
 from explainers import ExplainerSpec, build_explainer, explainer_keys, parse_spec
@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     validate_args(cfg)  # every value (explainer names too), before the output folder, data or black box are touched
     specs = explainer_specs(cfg)
     keys = explainer_keys(specs)
-    init = parser.instantiate(cfg)
+    with plain_build_errors():  # e.g. an insane black-box record: its own message, not jsonargparse's union noise
+        init = parser.instantiate(cfg)
     datamodule: pl.LightningDataModule = init.data
     blackbox: BlackBox = init.blackbox
     out = Path(cfg.out)
