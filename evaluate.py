@@ -29,7 +29,8 @@ from torch.utils.data import DataLoader, Subset
 import explainers
 from callbacks.figures import curves_figure, overlay_grid
 from callbacks.sanity import model_randomisation
-from cli_utils import WandbLogger
+from cli_checks import ckpt_spec, listed_specs, validate_args
+from cli_utils import WandbLogger, plain_build_errors
 from core.blackbox import BlackBox
 from datamodules import collate_samples
 from explainers import ExplainerSpec, build_explainer, explainer_keys, parse_spec
@@ -94,16 +95,8 @@ def build_parser() -> ArgumentParser:
 
 def explainer_specs(cfg) -> list[ExplainerSpec]:
     """The explainer list: ``--explainers`` (hyper-parameters from ``--method_hparams`` on top), then one
-    ``{name, checkpoint}`` per ``--ckpt``; every registry name is checked."""
-    given = cfg.explainers.split(",") if isinstance(cfg.explainers, str) else list(cfg.explainers)
-    specs = [spec.strip() if isinstance(spec, str) else dict(spec) for spec in given]
-    specs = [spec for spec in specs if spec]
-    unknown = [parse_spec(s).name for s in specs if parse_spec(s).name not in explainers.available()]
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(explainers.available())}")
-    for entry in cfg.ckpt:
-        wanted, path = split_ckpt_entry(entry)
-        specs.append({"name": wanted or explainers.recorded_name(path), "checkpoint": path})
+    ``{name, checkpoint}`` per ``--ckpt`` (names, keys and files are checked by :func:`cli_checks.validate_args`)."""
+    specs = listed_specs(cfg.explainers) + [ckpt_spec(entry) for entry in cfg.ckpt]
     overrides = {key: cfg.method_hparams.get(key, {}) for key in explainer_keys(specs)}
     return [_with_hparams(spec, overrides[key]) for spec, key in zip(specs, explainer_keys(specs))]
 
@@ -117,14 +110,6 @@ def _with_hparams(spec: ExplainerSpec, hparams: dict) -> ExplainerSpec:
 def given_hparams(spec: ExplainerSpec) -> dict:
     """The hyper-parameters a spec sets (not the defaults, not the checkpoint), as recorded in run.json."""
     return parse_spec(spec).hparams
-
-
-def split_ckpt_entry(entry: str) -> tuple[str | None, str]:
-    """``NAME=PATH`` -> (NAME, PATH); a plain path (even one holding '=') -> (None, PATH)."""
-    wanted, sep, path = entry.partition("=")
-    if not sep or "/" in wanted or Path(entry).exists():
-        return None, entry
-    return wanted, path
 
 
 def file_sha256(path: str | Path) -> str:
@@ -173,11 +158,11 @@ def check_run_header(out: Path, header: dict) -> None:
 def main(argv: list[str] | None = None) -> dict | None:
     parser = build_parser()
     cfg = parser.parse_args(argv)
-    if cfg.target not in TARGET_RULES:
-        raise ValueError(f"--target must be one of {TARGET_RULES}, got {cfg.target!r}")
+    validate_args(cfg)  # every value (explainer names too), before the output folder, data or black box are touched
     specs = explainer_specs(cfg)
     keys = explainer_keys(specs)
-    init = parser.instantiate(cfg)
+    with plain_build_errors():  # e.g. an insane black-box record: its own message, not jsonargparse's union noise
+        init = parser.instantiate(cfg)
     datamodule: pl.LightningDataModule = init.data
     blackbox: BlackBox = init.blackbox
     out = Path(cfg.out)

@@ -11,6 +11,7 @@ nothing is ever downloaded.
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -24,6 +25,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 EXPORT_FORMAT = "saliency-lab/blackbox/v1"
 CLASS_PATH = "core.blackbox.BlackBox"
+MAX_CLASSES = 100_000  # a record claiming more classes is corrupt (ImageNet-21k has 21,841)
 
 # Graph nodes giving stride-2..32 feature maps of torchvision CNNs, and their channels.
 TORCHVISION_FEATURE_NODES = {
@@ -70,14 +72,67 @@ def blackbox_record(model: str, net: nn.Module, num_classes: int, model_kwargs: 
             "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}}
 
 
+def checkpoint_of(model: str) -> str | None:
+    """The file a model spec names: PATH of ``"ckpt:PATH"`` or a bare path ending in ``.ckpt``/``.pt``; None for
+    ``"timm:NAME"`` / ``"torchvision:NAME"``."""
+    kind, _, name = model.partition(":")
+    if kind == "ckpt":
+        return name
+    if not name and model.endswith((".ckpt", ".pt")):
+        return model
+    return None
+
+
 def read_blackbox_record(path: str | os.PathLike) -> dict:
-    """The :func:`blackbox_record` of a classifier checkpoint or of a bare record file (``weights_only``)."""
+    """The :func:`blackbox_record` of a classifier checkpoint or of a bare record file (``weights_only``),
+    validated (:func:`check_blackbox_record`)."""
     obj = safe_load(path)
     record = obj.get("blackbox", obj) if isinstance(obj, dict) else None
     if not isinstance(record, dict) or record.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{path} is not a black-box checkpoint of this project (no '{EXPORT_FORMAT}' "
                          "record); for plain weights use model='timm:NAME', weights=PATH")
+    check_blackbox_record(record, path)
     return record
+
+
+def check_normalisation(mean, std, where: str) -> None:
+    """Three finite per-channel means and three finite, positive stds (a std of 0 or NaN gives NaN logits)."""
+    for name, values in (("mean", mean), ("std", std)):
+        try:
+            numbers = [float(v) for v in values]
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: {name} must be 3 numbers, got {values!r}") from None
+        if len(numbers) != 3 or not all(math.isfinite(v) for v in numbers):
+            raise ValueError(f"{where}: {name} must be 3 finite numbers (one per RGB channel), got {values!r}")
+        if name == "std" and not all(v > 0 for v in numbers):
+            raise ValueError(f"{where}: std must be positive (the input is divided by it), got {values!r}")
+
+
+def check_finite_weights(state_dict: dict, where: str) -> None:
+    """Every floating-point tensor of a state dict is finite (NaN weights give NaN logits everywhere)."""
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{where}: state dict entry {key!r} is a {type(value).__name__}, not a tensor")
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise ValueError(f"{where}: weights {key!r} contain NaN or Inf")
+
+
+def check_blackbox_record(record: dict, where) -> None:
+    """Raise ValueError naming ``where`` and the field when a black-box record is not sane: the model spec,
+    a class count in [2, MAX_CLASSES], finite mean and positive finite std, finite weights."""
+    model = record.get("model")
+    if not isinstance(model, str) or model.partition(":")[0] not in ("timm", "torchvision"):
+        raise ValueError(f"{where}: black-box record has model {model!r}, expected 'timm:NAME' or 'torchvision:NAME'")
+    classes = record.get("num_classes")
+    if isinstance(classes, bool) or not isinstance(classes, int) or not 2 <= classes <= MAX_CLASSES:
+        raise ValueError(f"{where}: black-box record has num_classes {classes!r}, expected an int in "
+                         f"[2, {MAX_CLASSES}]")
+    if not isinstance(record.get("model_kwargs") or {}, dict):
+        raise ValueError(f"{where}: black-box record's model_kwargs must be a dict")
+    check_normalisation(record.get("mean"), record.get("std"), str(where))
+    if not isinstance(record.get("state_dict"), dict):
+        raise ValueError(f"{where}: black-box record has no state_dict")
+    check_finite_weights(record["state_dict"], str(where))
 
 
 def _state_dict_from(obj: dict, path) -> dict:
@@ -130,11 +185,10 @@ class BlackBox(nn.Module):
         if feature_levels < 1:
             raise ValueError(f"feature_levels must be >= 1, got {feature_levels}")
         kind, _, name = model.partition(":")
-        if not name and (model.endswith(".ckpt") or model.endswith(".pt")):
-            kind, name = "ckpt", model
+        path = checkpoint_of(model)
         model_kwargs = dict(model_kwargs or {})
-        if kind == "ckpt":
-            record = read_blackbox_record(name)
+        if path is not None:
+            record = read_blackbox_record(path)
             kind, _, name = record["model"].partition(":")
             num_classes = record["num_classes"]
             model_kwargs = dict(record.get("model_kwargs") or {})
@@ -143,6 +197,7 @@ class BlackBox(nn.Module):
             state_dict = record["state_dict"]
         elif weights is not None:
             state_dict = _state_dict_from(safe_load(weights), weights)
+            check_finite_weights(state_dict, str(weights))
         else:
             state_dict = None
 
@@ -159,6 +214,7 @@ class BlackBox(nn.Module):
         self._select_levels(feature_levels)
         mean = tuple(mean or self._default_norm[0])
         std = tuple(std or self._default_norm[1])
+        check_normalisation(mean, std, f"black box {model}")
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)

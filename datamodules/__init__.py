@@ -3,11 +3,11 @@ boxes [list of (K,4) xyxy px], index (B,)}`` (see ``datamodules.common``)."""
 from .common import boxes_to_mask, collate_samples
 from .embedded import ClutteredFashionMNIST, ClutteredFashionMNISTDataModule
 from .scenes import Clutter
-from .coco import COCODataModule, COCODetection
+from .coco import BadAnnotationWarning, COCODataModule, COCODetection
 from .common import BadImageError, BadImageWarning
 from .imagenet import ImageNetDataModule, ImageNetFolder
 
-__all__ = ["Clutter", "ClutteredFashionMNIST", "ClutteredFashionMNISTDataModule", "boxes_to_mask",
+__all__ = ["BadAnnotationWarning", "Clutter", "ClutteredFashionMNIST", "ClutteredFashionMNISTDataModule", "boxes_to_mask",
            "collate_samples",
            "BadImageError", "BadImageWarning", "COCODataModule", "COCODetection", "ImageNetDataModule",
            "ImageNetFolder", "export_coco", "export_imagenet"]

@@ -19,6 +19,7 @@ from .common import SplitDataModule
 from .scenes import SPLIT_CODES, Clutter, render_scene
 
 _SPLIT_PERMUTATION_SEED = 20240601  # fixed: the train/val item split does not move with the scene seed
+_MAX_REJECTIONS = 64  # distractor draws before drawing among the other-class items directly
 
 
 class ClutteredFashionMNIST(Dataset):
@@ -62,6 +63,12 @@ class ClutteredFashionMNIST(Dataset):
             order = order[:val_items] if split == "val" else order[val_items:]
             images, labels = images[order], labels[order]
         self.items, self.labels = images, labels
+        if len(images) == 0:
+            raise ValueError(f"the {split} split has no Fashion-MNIST items (val_items={val_items})")
+        if self.clutter.distractors > 0 and len(np.unique(labels)) < 2:
+            raise ValueError(f"the {split} split holds items of class {int(labels[0])} only, and distractors are "
+                             "fragments of other classes: use more items or clutter.distractors=0")
+        self._other_items: dict[int, np.ndarray] = {}
         self.num_scenes = len(images) if num_scenes is None else int(num_scenes)
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = {} if cache else None
         if self.num_scenes <= 0:
@@ -74,10 +81,17 @@ class ClutteredFashionMNIST(Dataset):
         return np.random.default_rng([self.seed, SPLIT_CODES[self.split], index])
 
     def _other_class_item(self, rng: np.random.Generator, label: int) -> int:
-        while True:  # 10 balanced classes: ~1.1 draws on average
+        """A uniformly drawn item of another class. Rejection sampling (10 balanced classes: ~1.1 draws)
+        with a bound: after _MAX_REJECTIONS misses (a rare class among unbalanced labels) it draws among the
+        other-class items directly, so it never loops forever; balanced data never gets there (0.1^64)."""
+        for _ in range(_MAX_REJECTIONS):
             j = int(rng.integers(len(self.items)))
             if self.labels[j] != label:
                 return j
+        if label not in self._other_items:
+            self._other_items[label] = np.flatnonzero(self.labels != label)
+        others = self._other_items[label]  # never empty: construction checks that two classes are present
+        return int(others[rng.integers(len(others))])
 
     def layout(self, index: int) -> tuple[np.random.Generator, int, list[int]]:
         """The scene's generator (advanced past the draws made here), its item and its distractor items."""

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from core.inputs import check_explained_batch, dtype_name, resolve_image_dtype
 from core.seeding import derive_seeds
 
 # Module attributes holding hook handles (torch 2.x). `_full_backward_hooks` existed in older releases;
@@ -126,6 +127,8 @@ class Explainer:
         seed: run seed in [0, 2**31); image b's randomness comes from ``derive_seeds(seed, indices[b])``.
         max_forward_batch: the most images sent through the black box at once, in one forward (and its
             backward). Bounds memory; results do not depend on it beyond float rounding.
+        image_dtype: the dtype images must have ("float32"; "float16", "bfloat16" or "float64" only on
+            purpose, with a black box computing in it): any other dtype is refused (``core.inputs``).
         **hparams: the subclass's own keyword arguments; any left over here are unknown and refused.
 
     Subclass convention (as scikit-learn's ``get_params``): store every keyword argument of ``__init__``
@@ -139,7 +142,8 @@ class Explainer:
     needs_grad: ClassVar[bool] = False
     trained: ClassVar[bool] = False
 
-    def __init__(self, blackbox: nn.Module, *, seed: int = 0, max_forward_batch: int = 256, **hparams):
+    def __init__(self, blackbox: nn.Module, *, seed: int = 0, max_forward_batch: int = 256,
+                 image_dtype: str | torch.dtype = "float32", **hparams):
         if hparams:
             raise TypeError(f"{type(self).__name__} got unknown hyper-parameters {sorted(hparams)}; it accepts "
                             f"{sorted(self._hparam_names())}")
@@ -152,6 +156,7 @@ class Explainer:
         self.blackbox = blackbox
         self.seed = int(seed)
         self.max_forward_batch = int(max_forward_batch)
+        self.image_dtype = dtype_name(resolve_image_dtype(image_dtype))
         self.cost = Cost()
 
     @classmethod
@@ -163,7 +168,7 @@ class Explainer:
     # -- configuration ------------------------------------------------------------------------------
     @classmethod
     def _hparam_names(cls) -> list[str]:
-        names = ["seed", "max_forward_batch"]
+        names = ["seed", "max_forward_batch", "image_dtype"]
         for klass in cls.__mro__:
             if klass is Explainer or "__init__" not in vars(klass):
                 continue
@@ -206,35 +211,13 @@ class Explainer:
 
     # -- input validation ---------------------------------------------------------------------------
     def _check_inputs(self, images: Tensor, targets: Tensor, indices: Tensor | None) -> Tensor:
-        """Raise ValueError on malformed inputs; return the indices as a CPU int64 tensor (B,)."""
-        if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3:
-            shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-            raise ValueError(f"images must be a (B, 3, H, W) tensor, got {shape}")
-        if not images.is_floating_point():
-            raise ValueError(f"images must be floating point in [0, 1], got {images.dtype}")
-        batch = images.shape[0]
-        if batch == 0:
-            raise ValueError("images is an empty batch")
-        device = device_of(self.blackbox)
-        if device is not None and device != images.device:
-            raise ValueError(f"images are on {images.device} but the black box is on {device}")
-        if not torch.isfinite(images).all():
-            raise ValueError("images contain NaN or Inf")
-        low, high = images.min().item(), images.max().item()
-        if low < 0 or high > 1:
-            raise ValueError(f"images must lie in [0, 1] (pixel space, before normalisation); got [{low:.4g}, "
-                             f"{high:.4g}]")
-        if not isinstance(targets, Tensor) or targets.shape != (batch,):
-            shape = tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__
-            raise ValueError(f"targets must be a ({batch},) tensor, one class per image, got {shape}")
-        if targets.dtype != torch.long:
-            raise ValueError(f"targets must be torch.long, got {targets.dtype}")
-        if targets.device != images.device:
-            raise ValueError(f"targets are on {targets.device} but images on {images.device}")
-        classes = int(self.blackbox.num_classes)
-        if targets.min() < 0 or targets.max() >= classes:
-            raise ValueError(f"targets must lie in [0, {classes}) for this black box, got "
-                             f"[{targets.min().item()}, {targets.max().item()}]")
+        """Raise ValueError on malformed inputs (``core.inputs``, shared with the metrics, plus the device);
+        return the indices as a CPU int64 tensor (B,)."""
+        if isinstance(images, Tensor):
+            device = device_of(self.blackbox)
+            if device is not None and device != images.device:
+                raise ValueError(f"images are on {images.device} but the black box is on {device}")
+        batch = check_explained_batch(images, targets, int(self.blackbox.num_classes), image_dtype=self.image_dtype)
         if indices is None:
             return torch.arange(batch)
         indices = torch.as_tensor(indices)

@@ -53,10 +53,13 @@ Where we depart from the released code (github.com/khorrams/IGOS_pp) and why:
 - T = 15 iterations and n = 20 IG steps as the paper (the released main.py swaps the two arguments).
 - BTV weights: the same formula in both directions. The released code uses exp(-(mean_ch dI)^2 / s) for
   one direction and mean_ch exp(-dI^2 / s) for the other; both equal ours on grey edges.
-- sigma in [0, 1] pixel units: the released code divides the squared difference of ImageNet-normalised
-  images by s = 0.01, so s plays sigma^2: sigma_pixel = sqrt(0.01) * 0.226 (ImageNet's mean std) = 0.0226
-  (an edge of ~6/255 gets weight 1/e). Reading the paper's sigma = 0.01 literally gives 0.00226.
-- noise_std = 0.2 in normalised units * 0.226 = 0.045 in pixel units.
+- sigma and the noise in [0, 1] pixel units, converted from the released code's normalised units with the
+  black box's OWN std (its mean over the channels, s_bb; a model without a ``std`` is taken to use
+  ImageNet's, 0.226): the released code divides the squared difference of normalised images by s = 0.01, so
+  s plays sigma^2: sigma_pixel = sqrt(0.01) * s_bb (0.0226 for ImageNet's std, 0.025 for the embedded
+  black box's 0.25; an edge of ~6/255 gets weight 1/e). Reading the paper's sigma = 0.01 literally gives
+  a tenth of that.
+- noise_std = 0.2 in normalised units * s_bb (0.0452 for ImageNet's std, 0.05 for the embedded black box).
 - Bilinear upsampling with align_corners=False (the project's perturbation convention); the released code
   uses align_corners=True (UpsamplingBilinear2d).
 - Noise from per-image seeded generators instead of torch's global stream (batch independence).
@@ -88,12 +91,23 @@ REFERENCE_SIZE = 224
 FULL = "full"
 PAPER_RESOLUTIONS = (7, 14, 28, 56, FULL)  # the paper's; any int >= 2 is accepted
 OPTIMIZERS = ("line_search", "nag")
-# ImageNet's per-channel std averaged: converts the released code's normalised-unit constants to pixels.
-_NORMALISED_TO_PIXEL = (0.229 + 0.224 + 0.225) / 3
-NOISE_STD = round(0.2 * _NORMALISED_TO_PIXEL, 3)  # 0.045
-BTV_SIGMA = round(math.sqrt(0.01) * _NORMALISED_TO_PIXEL, 4)  # 0.0226
+# The released code's constants are in normalised units (image - mean) / std; they become [0, 1] pixel units
+# times the black box's own std (normalised_to_pixel). ImageNet's mean std serves models that declare none.
+NOISE_STD_NORMALISED = 0.2
+BTV_SIGMA_NORMALISED = math.sqrt(0.01)
+_IMAGENET_STD = (0.229 + 0.224 + 0.225) / 3
+NOISE_STD = NOISE_STD_NORMALISED * _IMAGENET_STD  # 0.0452: the pixel-unit default for an ImageNet black box
+BTV_SIGMA = BTV_SIGMA_NORMALISED * _IMAGENET_STD  # 0.0226
 
 Resolution = Union[int, str]
+
+
+def normalised_to_pixel(value: float, blackbox) -> float:
+    """A constant in the black box's normalised units -> [0, 1] pixel units: value * mean_c std_c of the
+    black box (``blackbox.std``; ImageNet's 0.226 for a model without one)."""
+    std = getattr(blackbox, "std", None)
+    scale = _IMAGENET_STD if std is None else float(torch.as_tensor(std, dtype=torch.float64).mean())
+    return value * scale
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -172,7 +186,7 @@ class _IntegratedGradientOptimizedSaliency(Explainer):
     _MASKS: ClassVar[int] = 1
 
     def __init__(self, blackbox, *, resolution: Resolution, scale_with_image: bool, iterations: int,
-                 ig_steps: int, l1: float | None, l2: float, noise_std: float, optimizer: str,
+                 ig_steps: int, l1: float | None, l2: float, noise_std: float | None, optimizer: str,
                  ls_alpha0: float, ls_shrink: float, ls_c: float, ls_min_alpha: float, nag_step: float | None,
                  blur_kernel: int, blur_sigma: float, model_grad_scale: float, **common):
         super().__init__(blackbox, **common)
@@ -187,6 +201,8 @@ class _IntegratedGradientOptimizedSaliency(Explainer):
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if (l1 is not None and l1 < 0) or l2 < 0:
             raise ValueError(f"l1 and l2 must be >= 0, got {l1}, {l2}")
+        if noise_std is None:
+            noise_std = normalised_to_pixel(NOISE_STD_NORMALISED, blackbox)
         if noise_std < 0:
             raise ValueError(f"noise_std must be >= 0, got {noise_std}")
         if optimizer not in OPTIMIZERS:
@@ -407,9 +423,11 @@ class IGOSPP(_IntegratedGradientOptimizedSaliency):
         l1: weight of mean|1 - Mx*My| (None: 1, or 10 when the grid is the full image resolution).
         l2: weight of the smoothness term R (20).
         btv_beta: beta, the exponent of TV and BTV (2).
-        btv_sigma: sigma of the bilateral weights in [0, 1] pixel units (0.0226; see module docstring).
+        btv_sigma: sigma of the bilateral weights in [0, 1] pixel units (None: sqrt(0.01) normalised units
+            times the black box's std, 0.0226 for ImageNet's; see module docstring).
         btv_mix: R = (1 - mix) * TV at r x r + mix * BTV at H x W (0.5 as the released code; 1 = pure BTV).
-        noise_std: std of the gaussian noise added to every IG point, pixel units (0.045 = 0.2 normalised).
+        noise_std: std of the gaussian noise added to every IG point, pixel units (None: 0.2 normalised
+            units times the black box's std, 0.0452 for ImageNet's).
         optimizer: "line_search" (default, Eq. 8) or "nag" (fixed step ``nag_step``, Nesterov momentum).
         ls_alpha0, ls_shrink, ls_c, ls_min_alpha: line search: first alpha (1000), shrink factor (0.2),
             sufficient-decrease constant c (1e-4), smallest alpha tried further (1e-5).
@@ -425,8 +443,8 @@ class IGOSPP(_IntegratedGradientOptimizedSaliency):
 
     def __init__(self, blackbox, *, resolution: Resolution = 28, scale_with_image: bool = True,
                  iterations: int = 15, ig_steps: int = 20, l1: float | None = None, l2: float = 20.0,
-                 btv_beta: float = 2.0, btv_sigma: float = BTV_SIGMA, btv_mix: float = 0.5,
-                 noise_std: float = NOISE_STD, optimizer: str = "line_search", ls_alpha0: float = 1000.0,
+                 btv_beta: float = 2.0, btv_sigma: float | None = None, btv_mix: float = 0.5,
+                 noise_std: float | None = None, optimizer: str = "line_search", ls_alpha0: float = 1000.0,
                  ls_shrink: float = 0.2, ls_c: float = 1e-4, ls_min_alpha: float = 1e-5,
                  nag_step: float | None = None, blur_kernel: int = 51, blur_sigma: float = 50.0,
                  model_grad_scale: float = 0.5, **common):
@@ -435,6 +453,8 @@ class IGOSPP(_IntegratedGradientOptimizedSaliency):
                          ls_alpha0=ls_alpha0, ls_shrink=ls_shrink, ls_c=ls_c, ls_min_alpha=ls_min_alpha,
                          nag_step=nag_step, blur_kernel=blur_kernel, blur_sigma=blur_sigma,
                          model_grad_scale=model_grad_scale, **common)
+        if btv_sigma is None:
+            btv_sigma = normalised_to_pixel(BTV_SIGMA_NORMALISED, blackbox)
         if btv_beta < 1 or btv_sigma <= 0 or not 0 <= btv_mix <= 1:
             raise ValueError(f"need btv_beta >= 1, btv_sigma > 0 and 0 <= btv_mix <= 1, got {btv_beta}, "
                              f"{btv_sigma}, {btv_mix}")
@@ -476,7 +496,7 @@ class IGOS(_IntegratedGradientOptimizedSaliency):
 
     def __init__(self, blackbox, *, resolution: Resolution = 28, scale_with_image: bool = True,
                  iterations: int = 15, ig_steps: int = 20, l1: float | None = None, l2: float = 20.0,
-                 tv_beta: float = 2.0, noise_std: float = NOISE_STD, optimizer: str = "line_search",
+                 tv_beta: float = 2.0, noise_std: float | None = None, optimizer: str = "line_search",
                  ls_alpha0: float = 1000.0, ls_shrink: float = 0.2, ls_c: float = 1e-4, ls_min_alpha: float = 1e-5,
                  nag_step: float | None = None, blur_kernel: int = 51, blur_sigma: float = 50.0,
                  model_grad_scale: float = 1.0, **common):

@@ -52,7 +52,7 @@ class MaskPredictorExplainer(Explainer):
         posthoc_blur_kernel, posthoc_blur_sigma: the blur the pixels are revealed into, given at 224 and
             scaled to the image (default: the strong blur M_F uses, kernel 51, sigma 50).
         filter_bias: b of the feature filter at inference (None: the trained value, 0).
-        seed, max_forward_batch: see :class:`Explainer` (the predictor itself is deterministic).
+        seed, max_forward_batch, image_dtype: see :class:`Explainer` (the predictor itself is deterministic).
     """
 
     trained = True
@@ -61,8 +61,8 @@ class MaskPredictorExplainer(Explainer):
 
     def __init__(self, blackbox, net, *, posthoc_points: int = 32, posthoc_eps: float = 1e-3,
                  posthoc_blur_kernel: int = 51, posthoc_blur_sigma: float = 50.0, filter_bias: float | None = None,
-                 seed: int = 0, max_forward_batch: int = 256):
-        super().__init__(blackbox, seed=seed, max_forward_batch=max_forward_batch)
+                 seed: int = 0, max_forward_batch: int = 256, image_dtype: str = "float32"):
+        super().__init__(blackbox, seed=seed, max_forward_batch=max_forward_batch, image_dtype=image_dtype)
         if net.controller.kind != self.controller:
             raise ValueError(f"{self.name!r} needs a predictor with the {self.controller!r} controller, got "
                              f"{net.controller.kind!r}")

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from core.blackbox import IMAGENET_MEAN
+from core.inputs import check_explained_batch, check_images, check_saliency, check_targets, num_classes_of
 from core.perturbation import gaussian_blur, make_substrate, perturb, scaled_blur
 
 Model = Callable[[Tensor], Tensor]
@@ -331,22 +332,17 @@ def _probability_curves(
             x = buffer[:stop - start]
             idx = torch.arange(start, stop, device=images.device) // num_points % batch
             probs = torch.softmax(model(x).float(), dim=-1)  # float: AMP logits may be half
+            if start == 0:  # a model that does not declare num_classes: check the targets against its output
+                check_targets(targets, batch, probs.shape[-1])
             out[start:stop] = probs.gather(1, targets[idx].unsqueeze(1)).squeeze(1)
     return out.view(num_curves, batch, num_points)
 
 
-def _check_inputs(images: Tensor, saliency: Tensor, targets: Tensor) -> None:
-    """Shape / value checks shared by the causal metrics; clear errors instead of broadcasting surprises."""
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
-    if saliency.ndim != 4 or saliency.shape[1] != 1 or saliency.shape[0] != images.shape[0]:
-        raise ValueError(f"saliency must be (B, 1, h, w) with B = {images.shape[0]}, "
-                         f"got {tuple(saliency.shape)}")
-    if targets.shape != (images.shape[0],) or targets.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"targets must be (B,) integer class indices, "
-                         f"got {tuple(targets.shape)} {targets.dtype}")
-    if not torch.isfinite(saliency).all():
-        raise ValueError("saliency contains NaN or inf")
+def _check_inputs(model: Model, images: Tensor, saliency: Tensor, targets: Tensor,
+                  image_dtype: str | torch.dtype) -> None:
+    """The shared input check (``core.inputs``: images, targets against the model's classes, saliency)."""
+    batch = check_explained_batch(images, targets, num_classes_of(model), image_dtype=image_dtype)
+    check_saliency(saliency, batch)
 
 
 def _substrate(spec: str | Tensor, images: Tensor, protocol: CausalProtocol) -> Tensor:
@@ -361,6 +357,8 @@ def causal_curves(
     targets: Tensor,
     protocol: CausalProtocol,
     return_curves: bool = True,
+    *,
+    image_dtype: str | torch.dtype = torch.float32,
 ) -> CausalResult:
     """Deletion and insertion curves and their areas (PROTOCOLS.md, "Causal curves").
 
@@ -382,11 +380,14 @@ def causal_curves(
             (see :func:`explained_class`), the same classes the explainer explained.
         protocol: the knobs.
         return_curves: keep the (B, n + 1) curves in the result (else None).
+        image_dtype: the images' dtype; anything but float32 only on purpose (``core.inputs``).
 
+    Inputs are checked first (``core.inputs``): NaN, out-of-[0, 1] (e.g. 0..255) or non-float32 images,
+    targets outside the model's classes and non-finite saliency are refused with a ValueError.
     Runs under ``torch.no_grad`` (works inside Lightning's inference mode) with exactly 2 (n + 1) B
     forwards, in chunks of ``protocol.max_forward_batch`` mixing images and steps.
     """
-    _check_inputs(images, saliency, targets)
+    _check_inputs(model, images, saliency, targets, image_dtype)
     unit_shape = images.shape[-2:] if protocol.units == "pixel" else (protocol.units,) * 2
     if protocol.units == "pixel" and saliency.shape[-2:] != images.shape[-2:]:
         raise ValueError(f"pixel units need saliency at the image size {tuple(images.shape[-2:])}, "
@@ -417,19 +418,22 @@ def causal_curves(
 
 def explained_class(
     model: Model, images: Tensor, labels: Tensor | None = None, rule: str = "predicted",
-    max_forward_batch: int = 256,
+    max_forward_batch: int = 256, *, image_dtype: str | torch.dtype = torch.float32,
 ) -> Tensor:
     """(B,) int64 explained class: the model's argmax on the clean images ("predicted") or ``labels``.
 
     Call it once per batch and pass the result to the explainers and to every metric, so all of them
-    explain and score the same class. "predicted" costs B forwards (in chunks, under no_grad).
+    explain and score the same class. "predicted" costs B forwards (in chunks, under no_grad). Images and
+    labels are checked first (``core.inputs``); labels are class indices in the model's range.
     """
+    if rule not in TARGET_RULES:
+        raise ValueError(f"rule must be one of {TARGET_RULES}, got {rule!r}")
+    batch = check_images(images, image_dtype=image_dtype)
     if rule == "label":
         if labels is None:
             raise ValueError('rule "label" needs labels')
-        return labels.long()
-    if rule != "predicted":
-        raise ValueError(f"rule must be one of {TARGET_RULES}, got {rule!r}")
+        check_targets(labels, batch, num_classes_of(model), name="labels", device=images.device)
+        return labels
     with torch.no_grad():
         return torch.cat([model(chunk).argmax(-1) for chunk in images.split(max_forward_batch)])
 
@@ -448,6 +452,8 @@ def faithfulness_mf(
     blur_sigma: float | None = None,
     eps: float = 1e-3,
     max_forward_batch: int = 256,
+    *,
+    image_dtype: str | torch.dtype = torch.float32,
 ) -> FaithfulnessResult:
     """Raw M_F in percent per image (PROTOCOLS.md, "M_F"; the distribution-guided paper's Eq. 9).
 
@@ -470,8 +476,9 @@ def faithfulness_mf(
         saliency: (B, 1, H, W) at the image size.
         blur_kernel, blur_sigma: the blur; default kernel 51, sigma 50 at 224 (the igos protocol's, strong
             enough that q_F is near chance), scaled with the image width W by ``scaled_blur``.
+        image_dtype: as in :func:`causal_curves` (inputs are checked the same way).
     """
-    _check_inputs(images, saliency, targets)
+    _check_inputs(model, images, saliency, targets, image_dtype)
     if saliency.shape[-2:] != images.shape[-2:]:
         raise ValueError("faithfulness_mf needs saliency at the image size")
     default_kernel, default_sigma = scaled_blur(MF_BLUR_KERNEL_224, MF_BLUR_SIGMA_224, images.shape[-1])

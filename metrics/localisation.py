@@ -14,22 +14,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from core.inputs import check_saliency
+
 # PROTOCOLS.md: pointing-game tolerance of 15 px at 224 x 224.
 POINTING_TOLERANCE_224 = 15.0
 
 
 def _at_gt_resolution(saliency: Tensor, gt_mask: Tensor) -> Tensor:
-    """Validate the pair and return saliency (B, 1, H, W) float at the ground truth's resolution."""
-    if saliency.ndim != 4 or saliency.shape[1] != 1:
-        raise ValueError(f"saliency must be (B, 1, h, w), got {tuple(saliency.shape)}")
-    if gt_mask.ndim != 4 or gt_mask.shape[1] != 1:
-        raise ValueError(f"gt_mask must be (B, 1, H, W), got {tuple(gt_mask.shape)}")
+    """Validate the pair (saliency through the shared ``core.inputs`` check) and return saliency
+    (B, 1, H, W) float at the ground truth's resolution."""
+    check_saliency(saliency)
+    if not isinstance(gt_mask, Tensor) or gt_mask.ndim != 4 or gt_mask.shape[1] != 1:
+        raise ValueError(f"gt_mask must be (B, 1, H, W), got {tuple(getattr(gt_mask, 'shape', ())) or type(gt_mask).__name__}")
     if saliency.shape[0] != gt_mask.shape[0]:
         raise ValueError(f"batch sizes differ: saliency {saliency.shape[0]}, gt_mask {gt_mask.shape[0]}")
     if gt_mask.dtype != torch.bool:
         raise ValueError(f"gt_mask must be bool, got {gt_mask.dtype}")
-    if not torch.isfinite(saliency).all():
-        raise ValueError("saliency contains NaN or inf")
     saliency = saliency.float()
     if saliency.shape[-2:] != gt_mask.shape[-2:]:
         saliency = F.interpolate(saliency, size=gt_mask.shape[-2:], mode="bilinear", align_corners=False)
@@ -94,6 +94,7 @@ def saliency_region(saliency: Tensor, threshold: float = 0.3, top_fraction: floa
     With ``top_fraction`` q in (0, 1]: keep the top ceil(q * H * W) pixels by saliency, equal values
     ordered row-major (stable), so R has exactly that many pixels; ``threshold`` is then unused.
     """
+    check_saliency(saliency)
     flat = saliency.flatten(1)
     if top_fraction is not None:
         if not 0 < top_fraction <= 1:

@@ -74,7 +74,7 @@ def test_model_randomisation_check_is_written_and_reused(tiny_blackbox, tmp_path
 
 
 def test_rerun_skips_finished_pairs_and_extends(tiny_blackbox, tmp_path):
-    evaluate.main(args_for(tiny_blackbox, tmp_path, "--explainers=gradient"))
+    evaluate.main(args_for(tiny_blackbox, tmp_path, "--explainers=gradient", "--method_hparams={}"))
     rows_before = (tmp_path / "rows" / "rows-rank0.jsonl").read_text().count("\n")
     evaluate.main(args_for(tiny_blackbox, tmp_path))  # adds rise, keeps gradient's rows
     rows = [json.loads(line) for line in (tmp_path / "rows" / "rows-rank0.jsonl").read_text().splitlines()]
@@ -83,9 +83,10 @@ def test_rerun_skips_finished_pairs_and_extends(tiny_blackbox, tmp_path):
 
 
 def test_rerun_with_other_settings_is_refused(tiny_blackbox, tmp_path):
-    evaluate.main(args_for(tiny_blackbox, tmp_path, "--explainers=gradient"))
+    evaluate.main(args_for(tiny_blackbox, tmp_path, "--explainers=gradient", "--method_hparams={}"))
     with pytest.raises(ValueError, match="other settings"):
-        evaluate.main(args_for(tiny_blackbox, tmp_path, "--explainers=gradient", "--settings.mf_steps=4"))
+        evaluate.main(args_for(tiny_blackbox, tmp_path, "--explainers=gradient", "--method_hparams={}",
+                               "--settings.mf_steps=4"))
 
 
 def test_unknown_method_lists_the_known_ones(tiny_blackbox, tmp_path):

@@ -105,6 +105,22 @@ def test_defaults_grid_scaling_and_l1_rule():
         absolute(torch.rand(1, 3, 4, 4), torch.zeros(1, dtype=torch.long))
 
 
+def test_noise_and_btv_sigma_use_the_black_box_own_std(tiny_blackbox_path):
+    """The released code's normalised-unit constants (noise 0.2, BTV s = 0.01 = sigma^2) are converted with the
+    black box's std: 0.25 for the embedded one, not ImageNet's 0.226 (issue 11 / 12)."""
+    from core.blackbox import BlackBox
+
+    embedded = BlackBox(f"ckpt:{tiny_blackbox_path}")  # std 0.25 per channel, like assets/embedded_blackbox.pt
+    hp = explainers.build("igos_pp", embedded).hparams
+    assert hp["noise_std"] == pytest.approx(0.2 * 0.25) and hp["btv_sigma"] == pytest.approx(0.1 * 0.25)
+    assert explainers.build("igos", embedded).hparams["noise_std"] == pytest.approx(0.05)
+    imagenet = BlackBox("timm:resnet10t", num_classes=3, model_kwargs={"channels": [8, 16, 24, 32]})
+    hp = explainers.build("igos_pp", imagenet).hparams
+    assert hp["noise_std"] == pytest.approx(0.2 * 0.226, abs=1e-6) and hp["btv_sigma"] == pytest.approx(0.0226, abs=1e-6)
+    given = explainers.build("igos_pp", embedded, noise_std=0.1, btv_sigma=0.03).hparams  # explicit: pixel units
+    assert (given["noise_std"], given["btv_sigma"]) == (0.1, 0.03)
+
+
 @pytest.mark.parametrize("name, bad, message", [
     ("igos_pp", {"resolution": 1}, "resolution"),
     ("igos_pp", {"resolution": "half"}, "resolution"),
