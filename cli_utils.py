@@ -16,6 +16,8 @@ from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import WandbLogger as _LightningWandbLogger
 from pytorch_lightning.utilities import rank_zero_info
 
+from core.files import atomic_write_json
+
 
 
 def wandb_has_credentials() -> bool:
@@ -92,7 +94,7 @@ class SaliencyCLI(LightningCLI):
         if timer is not None:  # its elapsed times are saved in checkpoints, so a resumed run counts them all
             metrics.update({f"time/{stage}_seconds": timer.time_elapsed(stage) for stage in ("train", "validate")})
         path = Path(self.trainer.default_root_dir) / f"{subcommand}_metrics.json"
-        path.write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        atomic_write_json(path, metrics, sort_keys=True)
         rank_zero_info(f"metrics written to {path}")
 
     def after_fit(self) -> None:
