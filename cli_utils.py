@@ -6,7 +6,6 @@ in ``RUN_DIR/config.yaml``, W&B files in ``RUN_DIR/wandb``.
 """
 from __future__ import annotations
 
-import json
 import netrc
 import os
 from pathlib import Path

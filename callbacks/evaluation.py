@@ -8,7 +8,6 @@ specs (:mod:`explainers.specs`), the same protocol factory (:func:`metrics.make_
 """
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
