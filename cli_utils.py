@@ -12,7 +12,6 @@ unless ``--allow_remote_ckpt true`` is given, and then it too loads with ``weigh
 from __future__ import annotations
 
 import contextlib
-import json
 import netrc
 import os
 import pickle
@@ -25,9 +24,9 @@ from pytorch_lightning.loggers import WandbLogger as _LightningWandbLogger
 from pytorch_lightning.utilities import rank_zero_info
 
 from core.checkpoints import UnsafeCheckpointError, remote_scheme, safe_load
+from core.files import atomic_write_json
 
 LIGHTNING_CKPT_KEYWORDS = ("last", "best", "hpc")  # resolved by Lightning to a local file it finds itself
-
 
 def wandb_has_credentials() -> bool:
     """True when W&B can log online: an API key in the environment or in ~/.netrc (``wandb login``)."""
@@ -197,7 +196,7 @@ class SaliencyCLI(LightningCLI):
         if timer is not None:  # its elapsed times are saved in checkpoints, so a resumed run counts them all
             metrics.update({f"time/{stage}_seconds": timer.time_elapsed(stage) for stage in ("train", "validate")})
         path = Path(self.trainer.default_root_dir) / f"{subcommand}_metrics.json"
-        path.write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        atomic_write_json(path, metrics, sort_keys=True)
         rank_zero_info(f"metrics written to {path}")
 
     def after_fit(self) -> None:

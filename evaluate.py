@@ -11,13 +11,19 @@ callbacks), ``settings`` (:class:`metrics.EvaluationSettings` with its nested ``
 Writes into DIR: results.json, results.csv (one row per image x method), summary.md, curves.png,
 overlays.png, report.html (all of these in one self-contained page) and the same as W&B tables and images.
 Rows are appended as they finish (DIR/rows/); the same command again skips finished (image, method) pairs
-and reports exactly what an uninterrupted run does.
+and reports exactly what an uninterrupted run does. Every row carries a key of what produced it (the method's
+full hyper-parameters, its checkpoint's content hash, the black box's content hash, the data and the
+protocol): a rerun with other settings computes again exactly the rows whose key changed and reuses the rest.
+One run at a time writes into DIR (DIR/.lock); every report file is written atomically.
 """
 from __future__ import annotations
 
 import csv
 import json
+import shutil
+import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Union
 
@@ -32,11 +38,13 @@ from callbacks.sanity import model_randomisation
 from cli_checks import ckpt_spec, listed_specs, validate_args
 from cli_utils import WandbLogger, plain_build_errors
 from core.blackbox import BlackBox
+from core.files import FolderLock, atomic_write, atomic_write_json, file_sha256
 from datamodules import collate_samples
 from explainers import ExplainerSpec, build_explainer, explainer_keys, parse_spec
 from lightning_modules.evaluation import EvaluationModule
 from metrics import TARGET_RULES, EvaluationSettings, RowStore, explained_class
-from metrics.report import dedupe, mean_curves, write_reports
+from metrics.report import mean_curves, write_reports
+from metrics.rows import RowSet, content_key
 from metrics.report_html import write_html_report
 
 # Trainer arguments evaluate.py sets itself (the rest, e.g. configs/trainer/*.yaml, come from the config).
@@ -112,47 +120,119 @@ def given_hparams(spec: ExplainerSpec) -> dict:
     return parse_spec(spec).hparams
 
 
-def file_sha256(path: str | Path) -> str:
-    import hashlib
+# Data-module arguments that change how images are loaded, never which images or what they hold.
+DATA_LOADING_ARGS = {"batch_size", "num_workers", "pin_memory", "persistent_workers"}
+VERSIONED_PACKAGES = ("torch", "torchvision", "pytorch-lightning", "timm", "torchmetrics", "captum", "grad-cam",
+                      "numpy", "jsonargparse")
 
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+
+def _plain(value):
+    """``value`` as plain JSON data (tuples -> lists, other objects -> str), as run.json records it."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def method_records(keys: list[str], specs: list[ExplainerSpec], methods: dict) -> dict[str, dict]:
+    """Per method key: its registry name, its full resolved hyper-parameters (``Explainer.hparams``, defaults
+    included) and its checkpoint (path and content hash) or None."""
+    records = {}
+    for key, spec in zip(keys, specs):
+        parsed = parse_spec(spec)
+        checkpoint = parsed.checkpoint and {"path": str(parsed.checkpoint), "sha256": file_sha256(parsed.checkpoint)}
+        records[key] = {"name": parsed.name, "hparams": _plain(methods[key].hparams), "checkpoint": checkpoint}
+    return records
+
+
+def row_keys(records: dict[str, dict], blackbox_sha256: str, data: dict, protocol: dict) -> tuple[dict, dict]:
+    """(explanation keys, row keys) per method (``metrics.rows.content_key``).
+
+    The explanation key identifies a map: the method's name and full hyper-parameters, its checkpoint's
+    content hash, the black box's content hash and the data record (what image an index is). The row key
+    adds the protocol (settings and explained-class rule) that scored the map. Left out on purpose, because
+    they change memory or speed and never a value: ``max_forward_batch`` and the data loading arguments
+    (:data:`DATA_LOADING_ARGS`); paths are left out where a content hash stands for them."""
+    data = {**data, "init_args": {k: v for k, v in data["init_args"].items() if k not in DATA_LOADING_ARGS}}
+    protocol = {**protocol, "protocol": {k: v for k, v in protocol["protocol"].items() if k != "max_forward_batch"}}
+    explanation, rows = {}, {}
+    for key, record in records.items():
+        what = {"name": record["name"],
+                "hparams": {k: v for k, v in record["hparams"].items() if k != "max_forward_batch"},
+                "checkpoint_sha256": (record["checkpoint"] or {}).get("sha256"),
+                "blackbox_sha256": blackbox_sha256, "data": data}
+        explanation[key] = content_key(what)
+        rows[key] = content_key({"explanation": explanation[key], "protocol": protocol})
+    return explanation, rows
+
+
+def package_versions() -> dict[str, str | None]:
+    versions = {"python": sys.version.split()[0]}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def git_commit() -> str | None:
+    """The project's commit (``+dirty`` when tracked files differ from it), None outside a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
 
 
 def reusable_maps(source: Path, header: dict) -> dict[str, tuple[Path, dict[int, dict]]]:
-    """The methods of ``header`` whose maps an earlier evaluation folder ``source`` saved with the same black box,
-    data, seed, hyper-parameters and checkpoint content: name -> (maps folder, {index: row})."""
+    """The methods of ``header`` whose maps an earlier evaluation folder ``source`` saved with the same
+    explanation key (method, full hyper-parameters, checkpoint content, black-box content, data):
+    name -> (maps folder, {index: the cost of its row})."""
     path = source / "run.json"
     if not path.is_file():
         raise ValueError(f"--maps_from {source}: no run.json there (not an evaluate.py --out folder)")
     before = json.loads(path.read_text())
-    same = all(before.get(k) == header[k] for k in ("blackbox", "data", "seed"))
     reuse = {}
-    for name, hparams in header["methods_hparams"].items():
-        if not (same and before.get("methods_hparams", {}).get(name) == hparams
-                and (before.get("checkpoints", {}).get(name) or {}).get("sha256")
-                == (header["checkpoints"].get(name) or {}).get("sha256")
-                and (source / "maps" / name).is_dir()):
+    for name, key in header["explanation_keys"].items():
+        if before.get("explanation_keys", {}).get(name) != key or not (source / "maps" / name).is_dir():
             continue
-        rows = {int(r["index"]): r for r in RowStore(source / "rows").read_all() if r["method"] == name}
-        reuse[name] = (source / "maps", rows)
+        rowset = RowStore(source / "rows").scan({name: before["row_keys"][name]})
+        reuse[name] = (source / "maps", {int(r["index"]): {k: r[k] for k in ("seconds", "forwards", "backwards")}
+                                         for r in rowset.of(name)})
     print(f"--maps_from {source}: scoring its saved maps of {sorted(reuse) or 'no method'}; explaining the rest")
     return reuse
 
 
-def check_run_header(out: Path, header: dict) -> None:
-    """A rerun must evaluate the same thing; otherwise its rows would be mixed with the old ones."""
+def _changes(before, now, prefix: str = "") -> list[str]:
+    """The leaves that differ between two JSON records, as 'a.b: old -> new'."""
+    if isinstance(before, dict) and isinstance(now, dict):
+        return [c for k in sorted(set(before) | set(now), key=str)
+                for c in _changes(before.get(k), now.get(k), f"{prefix}{k}.")]
+    return [] if before == now else [f"{prefix.rstrip('.')}: {before!r} -> {now!r}"]
+
+
+def note_rerun(out: Path, header: dict) -> None:
+    """Write run.json; on a rerun, say which methods' rows are computed again and why, and delete the saved
+    maps of every method whose explanation key changed (they were made by something else)."""
     path = out / "run.json"
-    if path.is_file():
-        before = json.loads(path.read_text())
-        changed = sorted(k for k in header if k not in ("methods_hparams", "checkpoints") and before.get(k) != header[k])
-        if changed:
-            raise ValueError(f"{out} holds an evaluation with other settings ({', '.join(changed)} differ); use "
-                             "another --out or delete the folder")
-    path.write_text(json.dumps(header, indent=2, default=str))
+    before = json.loads(path.read_text()) if path.is_file() else None
+    if before is not None and "row_keys" not in before:
+        print(f"{out}: its rows were written by a version without row keys; every row is computed again")
+    elif before is not None:
+        common = {k: before.get(k) for k in ("blackbox_sha256", "data", "protocol")}
+        for name, key in header["row_keys"].items():
+            if before.get("row_keys", {}).get(name) in (None, key):
+                continue  # a new method, or the same rows
+            why = _changes({**common, "method": before.get("methods", {}).get(name)},
+                           {**{k: header[k] for k in common}, "method": header["methods"][name]})
+            print(f"{out}: the rows of {name!r} are computed again (what produced them changed: "
+                  f"{'; '.join(why) or 'rows written before rows had keys'})")
+        for name, key in header["explanation_keys"].items():
+            if before.get("explanation_keys", {}).get(name) != key and (out / "maps" / name).is_dir():
+                shutil.rmtree(out / "maps" / name)
+    atomic_write_json(path, header, default=str)
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -179,42 +259,55 @@ def main(argv: list[str] | None = None) -> dict | None:
         raise ValueError(f"black box has {blackbox.num_classes} classes, the data {datamodule.num_classes}")
     common = {"seed": cfg.seed, "max_forward_batch": cfg.max_forward_batch}
     methods = {key: build_explainer(spec, blackbox, **common) for key, spec in zip(keys, specs)}
-    checkpoints = {key: parse_spec(spec).checkpoint for key, spec in zip(keys, specs) if parse_spec(spec).checkpoint}
     settings = init.settings.resolve(image_size, target=cfg.target, max_forward_batch=cfg.max_forward_batch)
     data_record = {"name": type(datamodule).__name__, "split": cfg.split,
-                   "init_args": json.loads(json.dumps(cfg.data.init_args.as_dict(), default=str))}
+                   "init_args": _plain(cfg.data.init_args.as_dict())}
     model = cfg.blackbox.init_args.model
-    header = {"protocol": settings.to_dict(image_size), "blackbox": model if model.startswith("ckpt") else blackbox.spec,
-              "data": data_record, "seed": cfg.seed,
-              "methods_hparams": {key: given_hparams(spec) for key, spec in zip(keys, specs)},
-              "checkpoints": {key: {"path": path, "sha256": file_sha256(path)} for key, path in checkpoints.items()}}
+    records = method_records(keys, specs, methods)
+    protocol = _plain(settings.to_dict(image_size))
+    blackbox_sha256 = blackbox.content_hash()
+    explanation_keys, keys_of_rows = row_keys(records, blackbox_sha256, data_record, protocol)
+    header = {"protocol": protocol, "blackbox": model if model.startswith("ckpt") else blackbox.spec,
+              "blackbox_sha256": blackbox_sha256, "data": data_record, "seed": cfg.seed, "methods": records,
+              "methods_hparams": {key: r["hparams"] for key, r in records.items()},
+              "checkpoints": {key: r["checkpoint"] for key, r in records.items() if r["checkpoint"]},
+              "explanation_keys": explanation_keys, "row_keys": keys_of_rows,
+              "versions": package_versions(), "git_commit": git_commit()}
 
     trainer = pl.Trainer(**{**cfg.trainer.as_dict(), **TRAINER_FIXED, "default_root_dir": str(out)})
+    # one run per folder: rank 0 holds the lock for the whole run (the DDP ranks it starts do not take it)
+    lock = FolderLock(out, "evaluate.py run")
     if trainer.is_global_zero:
-        check_run_header(out, header)
-    overlay = set(range(min(cfg.overlay_images, num_images)))
-    reuse = reusable_maps(Path(cfg.maps_from), header) if cfg.maps_from else {}
-    module = EvaluationModule(blackbox, methods, settings, cfg.target, out / "rows", out / "maps", overlay,
-                              save_all_maps=cfg.save_maps, reuse=reuse)
-    loader = DataLoader(subset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers,
-                        collate_fn=collate_samples)
-    trainer.test(module, dataloaders=loader, verbose=False)
-    trainer.strategy.barrier()
-    if not trainer.is_global_zero:
-        return None
-    rows = RowStore(out / "rows").read_all()
-    results = write_reports(rows, list(methods), header, out)
-    write_figures(rows, list(methods), subset, sorted(overlay), out)
-    randomisation = []
-    if cfg.randomisation_images > 0:
-        untrained = [(key, spec) for key, spec in zip(keys, specs) if not explainers.is_trained(parse_spec(spec).name)]
-        randomisation = randomisation_check(cfg, blackbox, untrained, subset, out)
-    # report.html: the results, figures and randomisation rows above in one self-contained page
-    write_html_report(results, out, randomisation)
-    if cfg.wandb:
-        log_to_wandb(cfg, out, results)
-    print((out / "summary.md").read_text())
-    return results
+        lock.acquire()
+    try:
+        if trainer.is_global_zero:
+            note_rerun(out, header)
+        overlay = set(range(min(cfg.overlay_images, num_images)))
+        reuse = reusable_maps(Path(cfg.maps_from), header) if cfg.maps_from else {}
+        module = EvaluationModule(blackbox, methods, settings, cfg.target, out / "rows", out / "maps", overlay,
+                                  save_all_maps=cfg.save_maps, reuse=reuse, row_keys=keys_of_rows)
+        loader = DataLoader(subset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers,
+                            collate_fn=collate_samples)
+        trainer.test(module, dataloaders=loader, verbose=False)
+        trainer.strategy.barrier()
+        if not trainer.is_global_zero:
+            return None
+        # the rows of this run's keys and images only: rows of other settings or beyond --num_images stay unread
+        rows = RowStore(out / "rows").scan(keys_of_rows, range(num_images))
+        results = write_reports(rows, list(methods), header, out)
+        write_figures(rows, list(methods), subset, sorted(overlay), out)
+        randomisation = []
+        if cfg.randomisation_images > 0:
+            untrained = [(key, spec) for key, spec in zip(keys, specs) if not explainers.is_trained(parse_spec(spec).name)]
+            randomisation = randomisation_check(cfg, blackbox, untrained, subset, out)
+        # report.html: the results, figures and randomisation rows above in one self-contained page
+        write_html_report(results, out, randomisation)
+        if cfg.wandb:
+            log_to_wandb(cfg, out, results)
+        print((out / "summary.md").read_text())
+        return results
+    finally:
+        lock.release()
 
 
 def randomisation_check(cfg, blackbox: BlackBox, methods: list[tuple[str, ExplainerSpec]], subset, out: Path) -> list[dict]:
@@ -225,7 +318,8 @@ def randomisation_check(cfg, blackbox: BlackBox, methods: list[tuple[str, Explai
     names = [key for key, _ in methods]
     settings = {"images": min(cfg.randomisation_images, len(subset)), "fractions": cfg.randomisation_fractions,
                 "methods": names, "seed": cfg.seed,
-                "hparams": json.loads(json.dumps({key: given_hparams(spec) for key, spec in methods}, default=str))}
+                "hparams": json.loads(json.dumps({key: given_hparams(spec) for key, spec in methods}, default=str)),
+                "blackbox_sha256": blackbox.content_hash()}  # a retrained black box at the same path is another
     path = out / "randomisation.json"
     if path.is_file() and json.loads(path.read_text()).get("settings") == settings:
         rows = json.loads(path.read_text())["rows"]
@@ -237,7 +331,7 @@ def randomisation_check(cfg, blackbox: BlackBox, methods: list[tuple[str, Explai
                   **given_hparams(spec)} for key, spec in methods]
         rows = model_randomisation(blackbox, specs, batch["image"], targets, fractions=[0.0, *cfg.randomisation_fractions],
                                    seed=cfg.seed, indices=batch["index"])
-        path.write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
+        atomic_write_json(path, {"settings": settings, "rows": rows})
     lines = ["", f"## Model randomisation ({settings['images']} images; Spearman rank correlation of each map with "
              "its map on the trained black box; below 0.5 = the map depends on the weights)", "",
              "| method | " + " | ".join(f"{f:.0%} of layers" for f in cfg.randomisation_fractions) + " |",
@@ -245,17 +339,16 @@ def randomisation_check(cfg, blackbox: BlackBox, methods: list[tuple[str, Explai
     for name in names:
         values = [r["spearman"] for r in rows if r["explainer"] == name and r["fraction"] > 0]
         lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
-    with open(out / "summary.md", "a") as f:
-        f.write("\n".join(lines) + "\n")
+    atomic_write(out / "summary.md", (out / "summary.md").read_text() + "\n".join(lines) + "\n")
     return rows
 
 
-def write_figures(rows: list[dict], methods: list[str], subset, overlay: list[int], out: Path) -> None:
+def write_figures(rows: RowSet, methods: list[str], subset, overlay: list[int], out: Path) -> None:
     import matplotlib.pyplot as plt
 
-    rows = dedupe(rows)
-    fig = curves_figure(torch.linspace(0, 1, len(rows[0]["deletion_curve"])), mean_curves(rows, methods))
-    fig.savefig(out / "curves.png", dpi=120, bbox_inches="tight")
+    curves = mean_curves(rows.rows(curves=True), methods)
+    fig = curves_figure(torch.linspace(0, 1, len(next(iter(curves.values()))[0])), curves)
+    atomic_write(out / "curves.png", lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png"))
     plt.close(fig)
     # A rerun with a larger --overlay_images finds rows whose maps were not saved: draw the images that have them.
     missing = [i for i in overlay if not all((out / "maps" / m / f"{i}.pt").is_file() for m in methods)]
@@ -268,7 +361,7 @@ def write_figures(rows: list[dict], methods: list[str], subset, overlay: list[in
         maps = {m: torch.stack([torch.load(out / "maps" / m / f"{i}.pt", weights_only=True) for i in overlay])
                 for m in methods}
         fig = overlay_grid(images, maps, [f"#{i}" for i in overlay])
-        fig.savefig(out / "overlays.png", dpi=120, bbox_inches="tight")
+        atomic_write(out / "overlays.png", lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png"))
         plt.close(fig)
 
 

@@ -42,6 +42,7 @@ from datamodules.image_files import (DEFAULT_MAX_PIXELS, ImageFiles, collate_fil
                                      read_class_names, recorded_class_names, recorded_input_size)
 from core.blackbox import BlackBox
 from core.checkpoints import safe_load
+from core.files import atomic_write_json
 from lightning_modules.explanation import ExplanationModule
 
 
@@ -129,7 +130,7 @@ def check_run(out: Path, header: dict) -> None:
         if changed:
             raise ValueError(f"{out} holds maps made with other settings ({', '.join(changed)} differ); use another "
                              "--out or delete the folder")
-    path.write_text(json.dumps(header, indent=2))
+    atomic_write_json(path, header)
 
 
 def main(argv: list[str] | None = None) -> dict | None:

@@ -8,7 +8,6 @@ specs (:mod:`explainers.specs`), the same protocol factory (:func:`metrics.make_
 """
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ from callbacks.base import ProbeSetCallback
 from callbacks.figures import curves_figure, overlay_grid
 from callbacks.meters import ScoreMeters
 from callbacks.probe import ProbeSet
+from core.files import atomic_write_json
 from explainers import ExplainerSpec, explainer_keys
 from metrics import TARGET_RULES, EvaluationSettings, make_protocol, score_saliency
 
@@ -166,7 +166,7 @@ class ExplainerEvaluation(ProbeSetCallback):
                   "num_images": self.num_images, "settings": settings.to_dict(probe.images.shape[-1]),
                   "explainers": {k: getattr(e, "hparams", None) for k, e in (self._explainers or {}).items()},
                   "results": self.last_results}
-        (folder / f"{stem}.json").write_text(json.dumps(record, indent=1, default=str, allow_nan=True))
+        atomic_write_json(folder / f"{stem}.json", record, indent=1, default=str, allow_nan=True)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 for kind, path in paths.items():

@@ -20,7 +20,6 @@ Bad files are collected on every process and named in ONE ``BadImageWarning`` at
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import warnings
@@ -34,6 +33,8 @@ from PIL import Image
 from pytorch_lightning.callbacks import BasePredictionWriter
 
 from callbacks.figures import overlay_image
+from core.files import append_lines as append_file_lines
+from core.files import atomic_write, atomic_write_json
 from datamodules.common import BadImageWarning
 from datamodules.image_files import ImageFile, inside, output_stem
 
@@ -65,19 +66,14 @@ def read_index(out: str | os.PathLike) -> dict[str, dict]:
 
 
 def append_lines(path: Path, entries: list[dict]) -> None:
-    """Append JSON lines under an exclusive lock (DDP processes share the file), flushed and fsynced."""
-    with open(path, "a", encoding="utf-8") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        f.write("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries))
-        f.flush()
-        os.fsync(f.fileno())
+    """Append JSON lines under an exclusive lock (DDP processes share the file), flushed and fsynced, after
+    cutting a torn last line left by a killed run (``core.files.append_lines``)."""
+    append_file_lines(path, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries).encode("utf-8"))
 
 
 def _replace(path: Path, save) -> None:
     """``save(tmp)`` then rename onto ``path``: readers never see a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, save)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -166,8 +162,7 @@ class ExplanationWriter(BasePredictionWriter):
         bad = self.skipped = sorted(set(_gather(self.bad)))
         if not trainer.is_global_zero:
             return
-        (self.out / SKIPPED).write_text(json.dumps([{"path": p, "problem": why} for p, why in bad], indent=2,
-                                                   ensure_ascii=False))
+        atomic_write_json(self.out / SKIPPED, [{"path": p, "problem": why} for p, why in bad], ensure_ascii=False)
         if bad:
             named = "; ".join(f"{p} ({why})" for p, why in bad[:_NAMED])
             more = f"; and {len(bad) - _NAMED} more" if len(bad) > _NAMED else ""

@@ -12,6 +12,8 @@ nothing is ever downloaded.
 from __future__ import annotations
 
 import math
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -273,6 +275,22 @@ class BlackBox(nn.Module):
         """A ``weights_only``-loadable record that ``BlackBox('ckpt:PATH')`` rebuilds this model from."""
         return blackbox_record(self.spec, self.net, self.num_classes, self.model_kwargs,
                                self.mean.flatten().tolist(), self.std.flatten().tolist())
+
+    def content_hash(self) -> str:
+        """Hex SHA-256 of what decides this black box's outputs: the architecture (spec, ``model_kwargs``,
+        classes, selected feature levels), the normalisation and every weight and buffer of ``net`` (name,
+        dtype, shape, bytes). Not the file path: a classifier retrained into the same path hashes differently,
+        and a copy of the same weights elsewhere hashes the same. Evaluation rows are keyed by it."""
+        digest = hashlib.sha256()
+        described = {"spec": self.spec, "model_kwargs": self.model_kwargs, "num_classes": self.num_classes,
+                     "feature_modules": list(self.feature_modules), "mean": self.mean.flatten().tolist(),
+                     "std": self.std.flatten().tolist()}
+        digest.update(json.dumps(described, sort_keys=True, default=str).encode())
+        for name, tensor in sorted(self.net.state_dict().items()):
+            tensor = tensor.detach().cpu().contiguous()
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.flatten().view(torch.uint8).numpy())
+        return digest.hexdigest()
 
     # -- computation --------------------------------------------------------------------------------
     def normalize(self, x: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,8 @@
 and scores the maps, writing one row per (image, method) as soon as it is done.
 
 Lightning then provides DDP sharding, progress bars and precision; the rows make the run resumable: a
-rerun reads them first and skips every finished (image, method) pair.
+rerun reads them first and skips every finished (image, method) pair whose row carries the method's current
+key (``metrics.rows``: what produced the row), so rows made with other settings are computed again.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Mapping
 import pytorch_lightning as pl
 import torch
 
+from core.files import atomic_write
 from metrics import EvaluationSettings, RowStore, explained_class, score_saliency
 
 
@@ -43,12 +45,15 @@ class EvaluationModule(pl.LightningModule):
         reuse: method name -> (maps folder, {dataset index: row}) of an earlier evaluation of that method with
             the same settings: its saved maps are scored instead of explaining again, and its rows' cost
             (seconds, forwards, backwards) is reported, so the result is what explaining anew would give.
+        row_keys: method name -> the key of what produces its rows (``metrics.rows.content_key``), written
+            into every row; only rows with that key count as done. None: rows without keys, any row counts.
     """
 
     def __init__(self, blackbox: torch.nn.Module, explainers: Mapping[str, object], settings: EvaluationSettings,
                  target_rule: str, row_dir: str | os.PathLike, map_dir: str | os.PathLike,
                  overlay_indices: set[int] = frozenset(), save_all_maps: bool = False,
-                 reuse: Mapping[str, tuple[Path, dict[int, dict]]] | None = None):
+                 reuse: Mapping[str, tuple[Path, dict[int, dict]]] | None = None,
+                 row_keys: Mapping[str, str] | None = None):
         super().__init__()
         self.blackbox = blackbox
         self.explainers = dict(explainers)
@@ -57,12 +62,13 @@ class EvaluationModule(pl.LightningModule):
         self.overlay_indices = set(overlay_indices)
         self.save_all_maps = save_all_maps
         self.reuse = dict(reuse or {})
+        self.row_keys = None if row_keys is None else dict(row_keys)
         self.store: RowStore | None = None
-        self.done: set[tuple[int, str]] = set()
+        self.done: dict[str, set[int]] = {}
 
     def on_test_start(self) -> None:
         self.store = RowStore(self.row_dir, self.global_rank)
-        self.done = self.store.finished()
+        self.done = self.store.finished(self.row_keys)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         with torch.inference_mode(False), torch.enable_grad():
@@ -73,7 +79,8 @@ class EvaluationModule(pl.LightningModule):
             targets = explained_class(self.blackbox, images, labels, self.target_rule,
                                       self.settings.protocol.max_forward_batch)
             for name, explainer in self.explainers.items():
-                todo = [j for j, i in enumerate(indices.tolist()) if (i, name) not in self.done]
+                done = self.done.get(name, ())
+                todo = [j for j, i in enumerate(indices.tolist()) if i not in done]
                 if todo:
                     self._explain_and_score(name, explainer, images, labels, targets, masks, indices,
                                             torch.tensor(todo, device=images.device))
@@ -109,17 +116,18 @@ class EvaluationModule(pl.LightningModule):
         scores = score_saliency(self.blackbox, images[sel], saliency, targets[sel], masks[sel], self.settings)
         rows = []
         for j, idx in enumerate(indices[sel].tolist()):
-            row = {"index": idx, "method": name, "label": int(labels[sel][j]), "target": int(targets[sel][j]),
-                   **costs[j]}
+            row = {"index": idx, "method": name, **({"key": self.row_keys[name]} if self.row_keys else {}),
+                   "label": int(labels[sel][j]), "target": int(targets[sel][j]), **costs[j]}
             row.update({k: _float(v[j]) for k, v in scores.values.items()})
             row["deletion_curve"] = scores.deletion_curve[j].tolist()
             row["insertion_curve"] = scores.insertion_curve[j].tolist()
             rows.append(row)
             if idx in self.overlay_indices or self.save_all_maps:
                 (self.map_dir / name).mkdir(parents=True, exist_ok=True)
-                torch.save(saliency[j].detach().cpu().clone(), self.map_dir / name / f"{idx}.pt")
+                saved = saliency[j].detach().cpu().clone()
+                atomic_write(self.map_dir / name / f"{idx}.pt", lambda tmp, saved=saved: torch.save(saved, tmp))
         self.store.append(rows)
-        self.done.update((r["index"], name) for r in rows)
+        self.done.setdefault(name, set()).update(r["index"] for r in rows)
 
 
 def _float(value: torch.Tensor) -> float:

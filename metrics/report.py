@@ -16,8 +16,9 @@ from typing import Any, Iterable
 
 import torch
 
+from core.files import atomic_write
 from metrics.causal import minmax_across_methods
-from metrics.rows import RowStore
+from metrics.rows import RowSet, RowStore
 from metrics.suite import METRIC_NAMES
 
 # results.json keys per method (issue contract) and the table columns, in order.
@@ -49,18 +50,30 @@ def dedupe(rows: Iterable[dict]) -> list[dict]:
 
 def add_normalized_mf(rows: list[dict], methods: list[str]) -> int:
     """Set ``mf_normalized`` on every row (NaN where excluded); returns the number of excluded images."""
-    by_index: dict[int, dict[str, dict]] = {}
+    raw: dict[str, dict[int, float]] = {m: {} for m in methods}
     for row in rows:
-        by_index.setdefault(int(row["index"]), {})[row["method"]] = row
-    complete = sorted(i for i, per in by_index.items() if all(m in per for m in methods))
+        if row["method"] in raw:
+            raw[row["method"]][int(row["index"])] = row["mf"]
+    normalised, excluded = normalized_mf(raw)
+    for row in rows:
+        value = normalised.get(row["method"], {}).get(int(row["index"]))
+        if value is not None:
+            row["mf_normalized"] = value
+    return excluded
+
+
+def normalized_mf(raw: dict[str, dict[int, float]]) -> tuple[dict[str, dict[int, float]], int]:
+    """Per-image min-max of M_F across the methods of ``raw`` (method -> {index: mf}), on the images every
+    method has: (method -> {index: mf_normalized (NaN where excluded)}, number of excluded images)."""
+    methods = list(raw)
+    complete = sorted(set.intersection(*(set(v) for v in raw.values()))) if methods else []
     if not complete:
-        return 0
-    raw = {m: torch.tensor([float(by_index[i][m]["mf"]) for i in complete]) for m in methods}
-    result = minmax_across_methods(raw) if len(methods) > 1 else None
-    for m in methods:
-        for j, i in enumerate(complete):
-            by_index[i][m]["mf_normalized"] = float(result.normalised[m][j]) if result else math.nan
-    return result.excluded if result else 0
+        return {}, 0
+    values = {m: torch.tensor([math.nan if raw[m][i] is None else float(raw[m][i]) for i in complete]) for m in methods}
+    result = minmax_across_methods(values) if len(methods) > 1 else None
+    normalised = {m: dict(zip(complete, result.normalised[m].tolist() if result else [math.nan] * len(complete)))
+                  for m in methods}
+    return normalised, result.excluded if result else 0
 
 
 def pointing_accuracy(rows: list[dict]) -> float | None:
@@ -76,30 +89,36 @@ def summarise(rows: list[dict], methods: list[str]) -> tuple[dict[str, dict[str,
     excluded_mf_norm = add_normalized_mf(rows, methods)
     summary, excluded = {}, {"mf_normalized_degenerate": excluded_mf_norm, "mf_degenerate": {}}
     for m in methods:
-        mine = [r for r in rows if r["method"] == m]
-        stats = {key: _nanmean([float(r[key]) for r in mine if not _missing(r.get(key))])
-                 for key in METRIC_NAMES + ("mf_normalized",)}
-        stats["pointing_game_hit_rate"] = stats["pointing_game"]
-        stats["pointing_game"] = pointing_accuracy(mine)
-        for key, src in (("seconds_per_image", "seconds"), ("forwards_per_image", "forwards"),
-                         ("backwards_per_image", "backwards")):
-            stats[key] = _nanmean([float(r[src]) for r in mine])
-        stats["images"] = len(mine)
-        summary[m] = {k: stats[k] for k in SUMMARY_KEYS + EXTRA_KEYS + ("images",)}
-        for key in ("mf", "deletion_norm", "insertion_norm"):
-            excluded.setdefault(f"{key}_degenerate", {})[m] = sum(1 for r in mine if _missing(r.get(key)))
+        summary[m] = method_summary([r for r in rows if r["method"] == m], m, excluded)
     return summary, excluded
 
 
-def mean_curves(rows: list[dict], methods: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Mean deletion and insertion curves per method, each (n+1,)."""
-    curves = {}
-    for m in methods:
-        mine = [r for r in rows if r["method"] == m]
-        if mine:
-            curves[m] = (torch.tensor([r["deletion_curve"] for r in mine]).mean(0),
-                         torch.tensor([r["insertion_curve"] for r in mine]).mean(0))
-    return curves
+def method_summary(mine: list[dict], m: str, excluded: dict[str, Any]) -> dict[str, Any]:
+    """The summary of one method's rows ``mine`` (``mf_normalized`` already set); adds its excluded-image
+    counts to ``excluded``. One method at a time, so a large evaluation holds one method's rows at most."""
+    stats = {key: _nanmean([float(r[key]) for r in mine if not _missing(r.get(key))])
+             for key in METRIC_NAMES + ("mf_normalized",)}
+    stats["pointing_game_hit_rate"] = stats["pointing_game"]
+    stats["pointing_game"] = pointing_accuracy(mine)
+    for key, src in (("seconds_per_image", "seconds"), ("forwards_per_image", "forwards"),
+                     ("backwards_per_image", "backwards")):
+        stats[key] = _nanmean([float(r[src]) for r in mine])
+    stats["images"] = len(mine)
+    for key in ("mf", "deletion_norm", "insertion_norm"):
+        excluded.setdefault(f"{key}_degenerate", {})[m] = sum(1 for r in mine if _missing(r.get(key)))
+    return {k: stats[k] for k in SUMMARY_KEYS + EXTRA_KEYS + ("images",)}
+
+
+def mean_curves(rows: Iterable[dict], methods: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Mean deletion and insertion curves per method, each (n+1,); ``rows`` is read once, as a stream."""
+    sums: dict[str, list] = {}
+    for r in rows:
+        if r["method"] in methods:
+            total = sums.setdefault(r["method"], [0, 0.0, 0.0])
+            total[0] += 1
+            total[1] = total[1] + torch.tensor(r["deletion_curve"], dtype=torch.float64)
+            total[2] = total[2] + torch.tensor(r["insertion_curve"], dtype=torch.float64)
+    return {m: ((sums[m][1] / sums[m][0]).float(), (sums[m][2] / sums[m][0]).float()) for m in methods if m in sums}
 
 
 def _json_safe(value):
@@ -112,12 +131,15 @@ def _json_safe(value):
     return value
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: row.get(k, math.nan) for k in CSV_COLUMNS})
+def write_csv(rows: Iterable[dict], path: Path) -> None:
+    def save(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: row.get(k, math.nan) for k in CSV_COLUMNS})
+
+    atomic_write(path, save)
 
 
 def _fmt(value, key: str) -> str:
@@ -157,16 +179,53 @@ def summary_markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_reports(rows: list[dict], methods: list[str], header: dict, out: Path) -> dict:
-    """Write results.csv, results.json and summary.md into ``out``; returns the results.json content."""
-    rows = dedupe(rows)
-    summary, excluded = summarise(rows, methods)
-    results = _json_safe({**header, "num_images": len({int(r["index"]) for r in rows}), "excluded": excluded,
-                          "methods": summary})
-    write_csv(rows, out / "results.csv")
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "summary.md").write_text(summary_markdown(results))
+class _ListedRows:
+    """A list of rows read like a :class:`metrics.rows.RowSet` (deduplicated, by method then index)."""
+
+    def __init__(self, rows: Iterable[dict]):
+        self._by_method: dict[str, list[dict]] = {}
+        for row in dedupe(rows):
+            self._by_method.setdefault(row["method"], []).append(row)
+
+    def of(self, method: str, curves: bool = False) -> Iterable[dict]:
+        return iter(self._by_method.get(method, []))
+
+    def indices(self, method: str | None = None) -> list[int]:
+        chosen = [method] if method is not None else list(self._by_method)
+        return sorted({int(r["index"]) for m in chosen for r in self._by_method.get(m, [])})
+
+
+def write_reports(rows: list[dict] | RowSet, methods: list[str], header: dict, out: Path) -> dict:
+    """Write results.csv, results.json and summary.md into ``out`` (each atomically); returns the results.json
+    content. ``rows``: the rows in a list, or a :class:`RowSet` of a rows folder, read one method at a time
+    without curves, so memory grows with one method's rows, not with the whole evaluation."""
+    source = rows if isinstance(rows, RowSet) else _ListedRows(rows)
+    raw = {m: {int(r["index"]): r["mf"] for r in source.of(m)} for m in methods}
+    normalised, excluded_mf_norm = normalized_mf(raw)
+    del raw
+    summary, excluded = {}, {"mf_normalized_degenerate": excluded_mf_norm, "mf_degenerate": {}}
+
+    def scored() -> Iterable[dict]:  # every row, by method then index, as the CSV lists them
+        for m in sorted(methods):
+            mine = [{**r, "mf_normalized": normalised.get(m, {}).get(int(r["index"]), math.nan)} for r in source.of(m)]
+            summary[m] = method_summary(mine, m, excluded)
+            yield from mine
+
+    write_csv(scored(), out / "results.csv")
+    images = set().union(*(set(int(i) for i in source.indices(m)) for m in methods)) if methods else set()
+    results = _json_safe({**header, "num_images": len(images), "excluded": excluded,
+                          "methods": {m: summary[m] for m in methods}})
+    atomic_write(out / "results.json", json.dumps(results, indent=2))
+    atomic_write(out / "summary.md", summary_markdown(results))
     return results
+
+
+def scan_evaluation(out: Path) -> RowSet:
+    """The rows of an ``evaluate.py`` folder that its last run reported: the row keys its run.json records
+    (every row of a folder written before rows had keys)."""
+    run = out / "run.json"
+    keys = json.loads(run.read_text()).get("row_keys") if run.is_file() else None
+    return RowStore(out / "rows").scan(keys)
 
 
 PAIRED_KEYS = ("deletion", "insertion", "deletion_norm", "insertion_norm", "mf", "mi", "pointing_game", "iou", "f1")
@@ -208,14 +267,13 @@ if __name__ == "__main__":  # python -m metrics.report OUT --compare A B
     parser.add_argument("--resamples", type=int, default=2000)
     args = parser.parse_args()
     a, b = args.compare
-    mine = RowStore(args.out / "rows").read_all()
-    rows = [r for r in mine if r["method"] == a]
+    mine = scan_evaluation(args.out)
+    rows = list(mine.of(a))
     if args.against is not None:  # B from another folder, renamed so that A and B may be one method
-        other = RowStore(args.against / "rows").read_all()
-        b_rows = [{**r, "method": f"{b}@{args.against.name}"} for r in other if r["method"] == b]
+        b_rows = [{**r, "method": f"{b}@{args.against.name}"} for r in scan_evaluation(args.against).of(b)]
         b = f"{b}@{args.against.name}"
     else:
-        b_rows = [r for r in mine if r["method"] == b]
+        b_rows = list(mine.of(b))
     rows += b_rows
     table = paired_difference(rows, a, b, resamples=args.resamples)
     print(f"{a}@{args.out.name} - {b} (mean over the images both have [95% bootstrap interval])")

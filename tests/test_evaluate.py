@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -82,11 +85,103 @@ def test_rerun_skips_finished_pairs_and_extends(tiny_blackbox, tmp_path):
     assert sum(r["method"] == "gradient" for r in rows) == 6
 
 
-def test_rerun_with_other_settings_is_refused(tiny_blackbox, tmp_path):
-    evaluate.main(args_for(tiny_blackbox, tmp_path, "--explainers=gradient", "--method_hparams={}"))
-    with pytest.raises(ValueError, match="other settings"):
-        evaluate.main(args_for(tiny_blackbox, tmp_path, "--explainers=gradient", "--method_hparams={}",
-                               "--settings.mf_steps=4"))
+@pytest.fixture
+def explained(monkeypatch):
+    """Method name -> images explained, counted at the explainer contract."""
+    counts: dict[str, int] = {}
+    original = explainers.Explainer.__call__
+
+    def counting(self, images, *args, **kwargs):
+        counts[self.name] = counts.get(self.name, 0) + images.shape[0]
+        return original(self, images, *args, **kwargs)
+
+    monkeypatch.setattr(explainers.Explainer, "__call__", counting)
+    return counts
+
+
+def _rise(n_masks):
+    return f"--method_hparams={{rise: {{n_masks: {n_masks}}}}}"
+
+
+def test_rerun_with_other_hyper_parameters_recomputes_exactly_their_rows(tiny_blackbox, tmp_path, explained):
+    """Issue 11's story: RISE with n_masks 8, then 32 (500 in the issue) into the same --out. Before, the old
+    rows were reused and forwards_per_image mixed both; now RISE's rows are computed again, gradient's reused."""
+    first = evaluate.main(args_for(tiny_blackbox, tmp_path, "--num_images=4", _rise(8)))
+    assert explained == {"gradient": 4, "rise": 4}
+    explained.clear()
+    results = evaluate.main(args_for(tiny_blackbox, tmp_path, "--num_images=4", _rise(32)))
+    assert explained == {"rise": 4}  # the unrelated method is not computed again
+    assert results["methods"]["rise"]["forwards_per_image"] == 32 and results["num_images"] == 4
+    saved = json.loads((tmp_path / "results.json").read_text())
+    rise = saved["methods_hparams"]["rise"]  # the full resolved hyper-parameters, defaults included
+    assert rise["n_masks"] == 32 and rise["grid_size"] == 7 and rise["seed"] == 0
+    assert saved["methods_hparams"]["gradient"]["channel_reduction"] == "abs_max"
+    assert len(saved["blackbox_sha256"]) == 64 and torch.__version__.startswith(saved["versions"]["torch"])
+    assert "git_commit" in saved and saved["row_keys"]["rise"] != saved["row_keys"]["gradient"]
+    rows = [json.loads(line) for line in (tmp_path / "rows" / "rows-rank0.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and saved["row_keys"]["gradient"] == first["row_keys"]["gradient"]
+    assert sorted(r["key"] for r in rows if r["method"] == "rise") == sorted(
+        [first["row_keys"]["rise"]] * 4 + [saved["row_keys"]["rise"]] * 4)
+    explained.clear()
+    back = evaluate.main(args_for(tiny_blackbox, tmp_path, "--num_images=4", _rise(8)))  # n_masks 8 rows kept
+    assert explained == {} and back["methods"]["rise"]["forwards_per_image"] == 8
+
+
+def test_rerun_with_a_retrained_blackbox_at_the_same_path_recomputes(tiny_blackbox_path, tmp_path, explained):
+    path = tmp_path / "blackbox.pt"
+    shutil.copy(tiny_blackbox_path, path)
+    out = tmp_path / "out"
+    first = evaluate.main(args_for(f"ckpt:{path}", out, "--num_images=3", "--explainers=gradient", "--method_hparams={}"))
+    record = torch.load(path, weights_only=True)  # "retrained": other weights, same architecture, same path
+    record["state_dict"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in record["state_dict"].items()}
+    torch.save(record, path)
+    explained.clear()
+    second = evaluate.main(args_for(f"ckpt:{path}", out, "--num_images=3", "--explainers=gradient", "--method_hparams={}"))
+    assert explained == {"gradient": 3}
+    assert second["blackbox_sha256"] != first["blackbox_sha256"] and second["blackbox"] == first["blackbox"]
+
+
+def test_rerun_with_a_retrained_checkpoint_at_the_same_path_recomputes(tiny_blackbox, tiny_predictor_path, tmp_path,
+                                                                      explained):
+    path = tmp_path / "predictor.ckpt"
+    shutil.copy(tiny_predictor_path, path)
+    args = ["--num_images=2", "--explainers=gradient", "--method_hparams={}", f"--ckpt=[{path}]"]
+    first = evaluate.main(args_for(tiny_blackbox, tmp_path / "out", *args))
+    (name,) = set(first["methods"]) - {"gradient"}
+    checkpoint = torch.load(path, weights_only=True)
+    weight = next(k for k, v in checkpoint["state_dict"].items() if k.startswith("net.") and v.is_floating_point())
+    checkpoint["state_dict"][weight] = checkpoint["state_dict"][weight] * 1.5
+    torch.save(checkpoint, path)
+    explained.clear()
+    second = evaluate.main(args_for(tiny_blackbox, tmp_path / "out", *args))
+    assert explained == {name: 2}
+    assert second["checkpoints"][name]["sha256"] != first["checkpoints"][name]["sha256"]
+
+
+def test_torn_last_row_then_resume_keeps_every_row(tiny_blackbox, tmp_path, explained):
+    """A kill during an append leaves half a line; the resumed run must not glue its next row onto it."""
+    evaluate.main(args_for(tiny_blackbox, tmp_path, "--num_images=4", "--explainers=gradient", "--method_hparams={}"))
+    path = tmp_path / "rows" / "rows-rank0.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:2]) + lines[2][: len(lines[2]) // 2])  # rows 2 and 3 lost, row 2 torn
+    explained.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = evaluate.main(args_for(tiny_blackbox, tmp_path, "--num_images=4", "--explainers=gradient", "--method_hparams={}"))
+    assert explained == {"gradient": 2} and results["num_images"] == 4  # before: 3, row 2 glued onto the torn line
+    rows = [json.loads(line) for line in path.read_text().splitlines()]  # every line readable
+    assert sorted(r["index"] for r in rows) == [0, 1, 2, 3]
+    assert any("torn last line" in str(w.message) for w in caught)
+
+
+def test_second_run_on_the_same_out_is_refused(tiny_blackbox, tmp_path):
+    from core.files import FolderBusyError, FolderLock
+
+    with FolderLock(tmp_path):  # another evaluate.py holds the folder
+        with pytest.raises(FolderBusyError, match=rf"{tmp_path} is in use by another .*pid {os.getpid()}"):
+            evaluate.main(args_for(tiny_blackbox, tmp_path, "--num_images=2", "--explainers=gradient", "--method_hparams={}"))
+    assert not (tmp_path / "rows").exists()
+    evaluate.main(args_for(tiny_blackbox, tmp_path, "--num_images=2", "--explainers=gradient", "--method_hparams={}"))  # free again
 
 
 def test_unknown_method_lists_the_known_ones(tiny_blackbox, tmp_path):
