@@ -3,7 +3,8 @@
 - :mod:`core.blackbox` — ``BlackBox``, the only door to a classifier (owns its normalisation);
 - :mod:`core.perturbation` — phi(I, M, A) = I * M + A * (1 - M) and its substrates;
 - :mod:`core.seeding` — per-image seeds, so nothing depends on batch size or process count;
-- :mod:`core.checkpoints` — ``safe_load`` (``weights_only=True``).
+- :mod:`core.checkpoints` — ``safe_load`` (``weights_only=True``);
+- :mod:`core.timing` — wall-clock seconds measured after a device synchronise.
 
 Import from the modules (``from core.blackbox import BlackBox``). Nothing is re-exported here on purpose:
 ``python -m core.blackbox CKPT OUT --half`` runs that module as ``__main__``, and a package that had already

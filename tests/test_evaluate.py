@@ -66,11 +66,12 @@ def test_model_randomisation_check_is_written_and_reused(tiny_blackbox, tmp_path
     assert len(by_key[("rise", 1.0)]["per_image"]) == 3 and by_key[("rise", 1.0)]["layers"] > 0
     assert "## Model randomisation" in (tmp_path / "summary.md").read_text()
 
-    import callbacks.sanity
+    import lightning_modules.evaluation
 
-    monkeypatch.setattr(callbacks.sanity, "model_randomisation", lambda *a, **k: pytest.fail("not reused"))
-    evaluate.main(args)  # same settings: the saved check is reused
+    monkeypatch.setattr(lightning_modules.evaluation, "randomisation_rows", lambda *a, **k: pytest.fail("not reused"))
+    evaluate.main(args)  # same settings: the saved rows are reused
     assert (tmp_path / "summary.md").read_text().count("## Model randomisation") == 1
+    assert json.loads((tmp_path / "randomisation.json").read_text()) == saved
 
 
 def test_rerun_skips_finished_pairs_and_extends(tiny_blackbox, tmp_path):
@@ -140,8 +141,18 @@ def test_killed_run_resumes_to_the_same_results(tiny_blackbox, tmp_path, repo_ro
 @pytest.mark.slow
 def test_two_processes_give_the_numbers_of_one(tiny_blackbox, tmp_path, repo_root):
     one, two = tmp_path / "one", tmp_path / "two"
-    assert _run(args_for(tiny_blackbox, one), cwd=repo_root).wait(timeout=600) == 0
-    assert _run(args_for(tiny_blackbox, two, "--trainer=configs/trainer/cpu_ddp.yaml"), cwd=repo_root).wait(timeout=600) == 0
+    check = ["--randomisation_images=5", "--randomisation_fractions=[0.5, 1.0]"]  # in the Trainer stage, sharded
+    assert _run(args_for(tiny_blackbox, one, *check), cwd=repo_root).wait(timeout=600) == 0
+    assert _run(args_for(tiny_blackbox, two, *check, "--trainer=configs/trainer/cpu_ddp.yaml"),
+                cwd=repo_root).wait(timeout=600) == 0
+    assert {p.name for p in (two / "randomisation").iterdir()} == {"rows-rank0.jsonl", "rows-rank1.jsonl"}
+    table_one = json.loads((one / "randomisation.json").read_text())["rows"]
+    table_two = json.loads((two / "randomisation.json").read_text())["rows"]
+    assert [(r["explainer"], r["fraction"], r["images"]) for r in table_two] == \
+        [(r["explainer"], r["fraction"], 5) for r in table_one]
+    for a_row, b_row in zip(table_one, table_two):
+        assert b_row["per_image"] == pytest.approx(a_row["per_image"], abs=1e-4, nan_ok=True), a_row["explainer"]
+        assert b_row["spearman"] == pytest.approx(a_row["spearman"], abs=1e-4, nan_ok=True)
     a = json.loads((one / "results.json").read_text())
     b = json.loads((two / "results.json").read_text())
     assert a["num_images"] == b["num_images"] == 6
