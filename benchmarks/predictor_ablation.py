@@ -7,7 +7,7 @@ variant on the *test* split (``--split test``, several training seeds).
         --baselines rise,igos_pp --baseline_images igos_pp=100 --out outputs/claims/faithful
 
 With several ``--seeds`` every variant is trained once per seed (``seed_everything``: initialisation and batch
-order), its row is the mean ± sd over seeds, and the paired intervals compare each seed and the seed-averaged
+order; the predictor's ``draw_seed``: its per-image substrate and game draws), its row is the mean ± sd over seeds, and the paired intervals compare each seed and the seed-averaged
 per-image scores with each baseline on the images both scored. ``--baseline_images`` evaluates a costly baseline
 on the first N images only (the variants are paired with it on those).
 

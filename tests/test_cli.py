@@ -117,8 +117,7 @@ def test_every_training_config_refreshes_last_ckpt_unconditionally(config):
 
 @pytest.mark.slow
 def test_uninterrupted_fit_leaves_the_final_step_in_last_ckpt(repo_root, tmp_path):
-    proc = run_train(repo_root, "fit", "--config", EXPERIMENT, *SMALL, f"--run_dir={tmp_path}", "--trainer.max_epochs=3",
-                     "--trainer.logger=false")
+    proc = run_train(repo_root, "fit", "--config", EXPERIMENT, *SMALL, f"--run_dir={tmp_path}", "--trainer.max_epochs=3")
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["global_step"] == 12 and state["epoch"] == 2  # 3 epochs x 32 scenes / 8

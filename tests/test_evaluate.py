@@ -228,3 +228,26 @@ def test_saved_maps_are_scored_under_another_protocol(tiny_blackbox, tmp_path):
     changed = evaluate.main(args_for(tiny_blackbox, tmp_path / "changed", "--method_hparams={rise: {n_masks: 16}}",
                                      f"--maps_from={first}"))
     assert changed["methods"]["rise"]["forwards_per_image"] == 16
+
+
+def test_predictor_claims_over_training_seeds_is_runnable(repo_root, monkeypatch):
+    """benchmarks/predictor_claims.py: its evaluate.py and train.py commands parse, and its table is mean ± sd."""
+    from benchmarks.predictor_claims import evaluate_command, seed_table, train_command
+
+    monkeypatch.chdir(repo_root)
+    command = evaluate_command(1, Path("outputs/x"), 20)
+    cfg = evaluate.build_parser().parse_args(command[2:])
+    specs = evaluate.explainer_specs(cfg)
+    assert [s if isinstance(s, str) else s["name"] for s in specs] == [
+        "gradcam", "predictor_ct", "predictor_ct_posthoc", "predictor_bt", "mgnet"]
+    assert specs[3]["checkpoint"] == "outputs/x/seed1/bt/checkpoints/last.ckpt" and cfg.num_images == 20
+    train = train_command("bt", 2, Path("outputs/x"), Path("filter.ckpt"))
+    proc = subprocess.run([sys.executable, *train[1:], "--print_config"], cwd=repo_root, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    printed = yaml.safe_load(proc.stdout)
+    assert printed["seed_everything"] == 2 and printed["model"]["init_args"]["draw_seed"] == 2
+    assert printed["data"]["init_args"]["seed"] == 0  # the scenes stay the same for every training seed
+    table = seed_table([{"methods": {"a": {"deletion": 0.1, "mf": 20.0}}},
+                        {"methods": {"a": {"deletion": 0.3, "mf": None}}}], keys=("deletion", "mf"))
+    assert table == {"a": {"deletion": "0.200 ± 0.141", "mf": "20.0"}}
