@@ -34,17 +34,18 @@ from torch.utils.data import DataLoader, Subset
 
 import explainers
 from callbacks.figures import curves_figure, overlay_grid
-from callbacks.sanity import model_randomisation
+from callbacks.sanity import explainer_factories
 from cli_checks import ckpt_spec, listed_specs, validate_args
 from cli_utils import WandbLogger, plain_build_errors
 from core.blackbox import BlackBox
 from core.files import FolderLock, atomic_write, atomic_write_json, file_sha256
 from datamodules import collate_samples
 from explainers import ExplainerSpec, build_explainer, explainer_keys, parse_spec
-from lightning_modules.evaluation import EvaluationModule
-from metrics import TARGET_RULES, EvaluationSettings, RowStore, explained_class
+from lightning_modules.evaluation import EvaluationModule, RandomisationCheck
+from metrics import TARGET_RULES, EvaluationSettings, RowStore
 from metrics.report import mean_curves, write_reports
 from metrics.rows import RowSet, content_key
+from metrics.sanity import check_fractions, randomisation_table
 from metrics.report_html import write_html_report
 
 # Trainer arguments evaluate.py sets itself (the rest, e.g. configs/trainer/*.yaml, come from the config).
@@ -81,8 +82,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of every stochastic method")
     parser.add_argument("--overlay_images", type=int, default=8)
     parser.add_argument("--randomisation_images", type=int, default=0,
-                        help="also run the cascading model-randomisation check (callbacks/sanity.py) of every "
-                             "untrained explainer on the first N images (0: off); writes randomisation.json")
+                        help="also run the cascading model-randomisation check (metrics/sanity.py) of every "
+                             "untrained explainer on the first N images (0: off), inside the evaluation stage "
+                             "(sharded over the processes, on their devices); writes randomisation.json")
     parser.add_argument("--randomisation_fractions", type=list[float], default=[0.5],
                         help="fractions of the black box's layers re-initialised, counted from the output")
     parser.add_argument("--save_maps", type=bool, default=False,
@@ -284,8 +286,12 @@ def main(argv: list[str] | None = None) -> dict | None:
             note_rerun(out, header)
         overlay = set(range(min(cfg.overlay_images, num_images)))
         reuse = reusable_maps(Path(cfg.maps_from), header) if cfg.maps_from else {}
+        untrained = [(key, spec) for key, spec in zip(keys, specs) if not explainers.is_trained(parse_spec(spec).name)]
+        check = (randomisation_settings(cfg, untrained, subset, out, blackbox_sha256)
+                 if cfg.randomisation_images > 0 else None)
         module = EvaluationModule(blackbox, methods, settings, cfg.target, out / "rows", out / "maps", overlay,
-                                  save_all_maps=cfg.save_maps, reuse=reuse, row_keys=keys_of_rows)
+                                  save_all_maps=cfg.save_maps, reuse=reuse, row_keys=keys_of_rows,
+                                  randomisation=check)
         loader = DataLoader(subset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers,
                             collate_fn=collate_samples)
         trainer.test(module, dataloaders=loader, verbose=False)
@@ -296,10 +302,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         rows = RowStore(out / "rows").scan(keys_of_rows, range(num_images))
         results = write_reports(rows, list(methods), header, out)
         write_figures(rows, list(methods), subset, sorted(overlay), out)
-        randomisation = []
-        if cfg.randomisation_images > 0:
-            untrained = [(key, spec) for key, spec in zip(keys, specs) if not explainers.is_trained(parse_spec(spec).name)]
-            randomisation = randomisation_check(cfg, blackbox, untrained, subset, out)
+        randomisation = randomisation_report(check, [key for key, _ in untrained], out) if check else []
         # report.html: the results, figures and randomisation rows above in one self-contained page
         write_html_report(results, out, randomisation)
         if cfg.wandb:
@@ -310,37 +313,41 @@ def main(argv: list[str] | None = None) -> dict | None:
         lock.release()
 
 
-def randomisation_check(cfg, blackbox: BlackBox, methods: list[tuple[str, ExplainerSpec]], subset, out: Path) -> list[dict]:
-    """Cascading model randomisation (Adebayo et al.) of the untrained methods ``(key, spec)`` on the first
-    ``--randomisation_images`` images; rows in randomisation.json and a table appended to summary.md.
-    Reused when randomisation.json exists with the same settings (the check costs 1 + len(fractions)
-    explanations per image and method)."""
-    names = [key for key, _ in methods]
-    settings = {"images": min(cfg.randomisation_images, len(subset)), "fractions": cfg.randomisation_fractions,
-                "methods": names, "seed": cfg.seed,
-                "hparams": json.loads(json.dumps({key: given_hparams(spec) for key, spec in methods}, default=str)),
-                "blackbox_sha256": blackbox.content_hash()}  # a retrained black box at the same path is another
-    path = out / "randomisation.json"
-    if path.is_file() and json.loads(path.read_text()).get("settings") == settings:
-        rows = json.loads(path.read_text())["rows"]
-    else:
-        batch = collate_samples([subset[i] for i in range(settings["images"])])
-        targets = explained_class(blackbox, batch["image"], batch["label"], cfg.target, cfg.max_forward_batch)
-        common = {"seed": cfg.seed, "max_forward_batch": cfg.max_forward_batch}
-        specs = [{"alias": key, **({"name": spec} if isinstance(spec, str) else dict(spec)), **common,
-                  **given_hparams(spec)} for key, spec in methods]
-        rows = model_randomisation(blackbox, specs, batch["image"], targets, fractions=[0.0, *cfg.randomisation_fractions],
-                                   seed=cfg.seed, indices=batch["index"])
-        atomic_write_json(path, {"settings": settings, "rows": rows})
+def randomisation_settings(cfg, methods: list[tuple[str, ExplainerSpec]], subset, out: Path,
+                           blackbox_sha256: str) -> RandomisationCheck:
+    """The cascading model randomisation (Adebayo et al.) of the untrained methods ``(key, spec)`` on the first
+    ``--randomisation_images`` images, as the evaluation module runs it in its test step. Each row records the
+    fractions, seed, hyper-parameters and black-box content hash it was made with: a rerun reuses the rows that
+    match (the check costs 1 + len(fractions) explanations per image and method) and recomputes the rest."""
+    fractions = [0.0, *check_fractions(cfg.randomisation_fractions)]
+    common = {"seed": cfg.seed, "max_forward_batch": cfg.max_forward_batch}
+    specs = [(key, {"alias": key, **({"name": spec} if isinstance(spec, str) else dict(spec)), **given_hparams(spec)})
+             for key, spec in methods]
+    records = {key: json.loads(json.dumps({"fractions": fractions, "seed": cfg.seed, "hparams": given_hparams(spec),
+                                           "blackbox_sha256": blackbox_sha256}, default=str))
+               for key, spec in methods}
+    indices = {int(subset[i]["index"]) for i in range(min(cfg.randomisation_images, len(subset)))}
+    return RandomisationCheck(explainer_factories([spec for _, spec in specs], **common), indices, fractions,
+                              cfg.seed, out / "randomisation", records)
+
+
+def randomisation_report(check: RandomisationCheck, names: list[str], out: Path) -> list[dict]:
+    """Rank 0, after the stage: the rows of every process (:func:`metrics.sanity.randomisation_table`) into
+    randomisation.json and a table appended to summary.md; returns the table's rows."""
+    rows = [r for r in RowStore(check.row_dir).records() if check.current(r)]
+    table = randomisation_table(rows, names, check.fractions)
+    settings = {"images": len(check.indices), "fractions": list(check.fractions[1:]), "methods": names,
+                "seed": check.seed, "hparams": {name: check.records[name]["hparams"] for name in names}}
+    atomic_write_json(out / "randomisation.json", {"settings": settings, "rows": table}, indent=2)
     lines = ["", f"## Model randomisation ({settings['images']} images; Spearman rank correlation of each map with "
              "its map on the trained black box; below 0.5 = the map depends on the weights)", "",
-             "| method | " + " | ".join(f"{f:.0%} of layers" for f in cfg.randomisation_fractions) + " |",
-             "|---|" + "---|" * len(cfg.randomisation_fractions)]
+             "| method | " + " | ".join(f"{f:.0%} of layers" for f in settings["fractions"]) + " |",
+             "|---|" + "---|" * len(settings["fractions"])]
     for name in names:
-        values = [r["spearman"] for r in rows if r["explainer"] == name and r["fraction"] > 0]
+        values = [r["spearman"] for r in table if r["explainer"] == name and r["step"] > 0]
         lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
     atomic_write(out / "summary.md", (out / "summary.md").read_text() + "\n".join(lines) + "\n")
-    return rows
+    return table
 
 
 def write_figures(rows: RowSet, methods: list[str], subset, overlay: list[int], out: Path) -> None:

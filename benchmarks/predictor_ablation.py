@@ -7,7 +7,7 @@ variant on the *test* split (``--split test``, several training seeds).
         --baselines rise,igos_pp --baseline_images igos_pp=100 --out outputs/claims/faithful
 
 With several ``--seeds`` every variant is trained once per seed (``seed_everything``: initialisation and batch
-order), its row is the mean ± sd over seeds, and the paired intervals compare each seed and the seed-averaged
+order; the predictor's ``draw_seed``: its per-image substrate and game draws), its row is the mean ± sd over seeds, and the paired intervals compare each seed and the seed-averaged
 per-image scores with each baseline on the images both scored. ``--baseline_images`` evaluates a costly baseline
 on the first N images only (the variants are paired with it on those).
 
@@ -147,9 +147,9 @@ def train(name: str, out: Path, filter_ckpt: Path, blackbox: str, seed: int = 0)
     """The run folder of variant ``name`` trained with ``seed`` (trained first unless it finished before)."""
     kind, overrides = VARIANTS[name]
     run_dir = out / (name if seed == 0 else f"{name}_seed{seed}")
-    # seed_everything: initialisation and batch order. The predictor's per-image draws keep their seed: Lightning
-    # refuses a model `seed` that differs from the data module's (which fixes the scenes themselves).
-    seeding = [] if seed == 0 else [f"--seed_everything={seed}"]
+    # seed_everything: initialisation and batch order; draw_seed: the predictor's per-image substrate and game
+    # draws. The data module's seed stays: it fixes the scenes themselves, the same for every training seed.
+    seeding = [] if seed == 0 else [f"--seed_everything={seed}", f"--model.init_args.draw_seed={seed}"]
     if "teacher" in name:
         make_teacher(blackbox)
     if not (ROOT / run_dir / "fit_metrics.json").is_file():

@@ -20,6 +20,16 @@ from metrics import explained_class
 STAGE_KEYS = {"validate": "val", "test": "test"}  # Lightning stage -> the namespace of logged names
 
 
+def gather_rows(rows: list[dict]) -> list[dict]:
+    """Every rank's rows (plain dicts), in rank order, on every rank: a collective under DDP (every rank
+    must call it, also with no rows); the rows themselves on a single process."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return list(rows)
+    parts: list[list[dict] | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, list(rows))
+    return [row for part in parts for row in part]
+
+
 @contextlib.contextmanager
 def autograd_enabled() -> Iterator[None]:
     """Lift Lightning's ``inference_mode`` / ``no_grad`` of validation and test loops: explainers need

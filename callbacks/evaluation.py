@@ -2,13 +2,13 @@
 
 :class:`ExplainerEvaluation` is the in-training view of what ``evaluate.py`` reports: the same explainer
 specs (:mod:`explainers.specs`), the same protocol factory (:func:`metrics.make_protocol`), the same metrics
-(:func:`metrics.score_saliency`), on a few images. Its parts live beside it: the probe set
-(:mod:`callbacks.probe`), the callback skeleton (:mod:`callbacks.base`), the accumulators
-(:mod:`callbacks.meters`) and the figures (:mod:`callbacks.figures`).
+(:func:`metrics.score_saliency`) and the same aggregation (:func:`metrics.report.summarise` of the per-image
+rows), on a few images. Its parts live beside it: the probe set (:mod:`callbacks.probe`), the callback
+skeleton (:mod:`callbacks.base`) and the figures (:mod:`callbacks.figures`).
 """
 from __future__ import annotations
 
-import time
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,28 +18,32 @@ import torch
 from pytorch_lightning.loggers import WandbLogger
 from torch import Tensor
 
-from callbacks.base import ProbeSetCallback
+from callbacks.base import ProbeSetCallback, gather_rows
 from callbacks.figures import curves_figure, overlay_grid
-from callbacks.meters import ScoreMeters
 from callbacks.probe import ProbeSet
 from core.files import atomic_write_json
+from core.timing import timed
 from explainers import ExplainerSpec, explainer_keys
 from metrics import TARGET_RULES, EvaluationSettings, make_protocol, score_saliency
+from metrics.report import image_rows, mean_curves, summarise
 
 
 class ExplainerEvaluation(ProbeSetCallback):
     """Explain a fixed probe set with every explainer at validation / test end; log metrics and figures.
 
-    Logged with ``pl_module.log`` (epoch level, ``sync_dist=False``: the values are already reduced over
-    ranks by torchmetrics, every rank logs the same number) as ``{prefix}/{val|test}/{explainer}/{metric}``:
-    the means over images of ``deletion``, ``insertion``, ``deletion_norm`` and ``insertion_norm`` (PROTOCOLS.md,
-    "Normalised causal scores"; ``*_norm_excluded`` counts the images whose curve was too flat), ``mf`` (raw,
-    percent), ``mi`` (percent),
-    ``pointing_game`` (accuracy over the classes evaluated) and ``pointing_game_hit_rate``, ``iou``, ``f1``,
-    ``iou_top``, ``f1_top``, ``iou_pixel``, ``f1_pixel``; an image whose value is NaN (no ground truth, the
-    M_F guard) is left out of that mean only; ``mf_excluded`` counts M_F's guard; ``images`` the images
-    scored; ``forwards_per_image``, ``backwards_per_image`` and ``seconds_per_image`` the explainer's cost.
-    The last values are kept in :attr:`last_results` ({explainer: {metric: float}}).
+    Logged with ``pl_module.log`` (epoch level, ``sync_dist=False``: every rank aggregates the rows of all
+    ranks, so every rank logs the same number) as ``{prefix}/{val|test}/{explainer}/{metric}``: the per-image
+    rows of all ranks go through :func:`metrics.report.summarise`, the aggregation ``evaluate.py`` reports, so
+    each name means what it means in ``results.json``: ``deletion``, ``insertion``, ``deletion_norm``,
+    ``insertion_norm`` (PROTOCOLS.md, "Normalised causal scores"), ``mf`` (raw, percent), ``mf_normalized``
+    (per-image min-max across the explainers), ``mi`` (percent), ``pointing_game`` (mean over the annotated
+    classes, as TorchRay) and ``pointing_game_hit_rate`` (over images), ``iou``, ``f1``, ``iou_top``,
+    ``f1_top``, ``iou_pixel``, ``f1_pixel``; an image whose value is NaN (no ground truth, the M_F guard, a
+    flat curve) is left out of that mean only, and counted: ``mf_excluded``, ``deletion_norm_excluded``,
+    ``insertion_norm_excluded`` and ``no_ground_truth`` (images without ground truth, left out of the
+    localisation metrics; warned about once per evaluation). ``images`` counts the images scored;
+    ``forwards_per_image``, ``backwards_per_image`` and ``seconds_per_image`` (after a device synchronise)
+    the explainer's cost. The last values are kept in :attr:`last_results` ({explainer: {metric: float}}).
 
     Rank 0 also draws an overlay grid (its own probe images, at most ``overlay_images``) and the mean
     deletion / insertion curves of every explainer, saves them and a JSON record (protocol, target rule,
@@ -47,7 +51,7 @@ class ExplainerEvaluation(ProbeSetCallback):
     name, and sends the images to every ``WandbLogger``.
 
     The black box is ``getattr(pl_module, blackbox_attr)``. Under DDP rank r explains the probe images at
-    positions p % world_size == r; the means and curves are summed over ranks before anything is logged.
+    positions p % world_size == r; the rows are gathered over ranks before anything is aggregated.
 
     Args:
         explainers: explainer specs (:mod:`explainers.specs`): registry names, ``{"name": ..., "alias": key
@@ -112,34 +116,42 @@ class ExplainerEvaluation(ProbeSetCallback):
                  probe: ProbeSet) -> None:
         settings = self.settings(probe.images.shape[-1])
         targets = self.explained_classes(blackbox, probe, self.target)
-        results, curves, overlays = {}, {}, {}
+        rows, overlays = [], {}
         for key, explainer in self.explainers(pl_module, blackbox).items():
-            meters = ScoreMeters(settings.protocol.steps, blackbox.num_classes, probe.images.device)
-            overlays[key] = self._explain_and_score(explainer, blackbox, probe, targets, settings, meters)
-            results[key], curves[key] = meters.compute()
+            overlays[key] = self._explain_and_score(key, explainer, blackbox, probe, targets, settings, rows)
+        rows = gather_rows(rows)  # a collective: every rank, in the same order
+        keys = list(self.specs)
+        summary, excluded = summarise(rows, keys, warn=trainer.is_global_zero)
+        results = {}
+        for key in keys:
+            values = {k: math.nan if v is None else float(v) for k, v in summary[key].items()}
+            for name in ("mf", "deletion_norm", "insertion_norm"):
+                values[f"{name}_excluded"] = float(excluded[f"{name}_degenerate"][key])
+            values["no_ground_truth"] = float(excluded["no_ground_truth"])
+            results[key] = values
         self.last_results = results
         for key, values in results.items():
             for metric, value in values.items():
                 pl_module.log(self.name(stage, key, metric), value, on_step=False, on_epoch=True, sync_dist=False)
         if trainer.is_global_zero:
             fractions = torch.linspace(0, 1, settings.protocol.steps + 1)
-            self._write_outputs(trainer, stage, probe, targets, overlays, curves, fractions, settings)
+            self._write_outputs(trainer, stage, probe, targets, overlays, mean_curves(rows, keys), fractions, settings)
 
-    def _explain_and_score(self, explainer: Any, blackbox: torch.nn.Module, probe: ProbeSet, targets: Tensor,
-                           settings: EvaluationSettings, meters: ScoreMeters) -> Tensor:
-        """Explain and score the probe share in chunks of ``batch_size``; return the first
-        ``overlay_images`` maps (N',1,H,W) for the overlay grid."""
+    def _explain_and_score(self, key: str, explainer: Any, blackbox: torch.nn.Module, probe: ProbeSet,
+                           targets: Tensor, settings: EvaluationSettings, rows: list[dict]) -> Tensor:
+        """Explain and score the probe share in chunks of ``batch_size``, adding one row per image to ``rows``
+        (:func:`metrics.report.image_rows`); return the first ``overlay_images`` maps (N',1,H,W) for the grid."""
         kept = []
         for start in range(0, len(probe), self.batch_size):
             part = slice(start, start + self.batch_size)
             images, classes = probe.images[part], targets[part]
-            began = time.perf_counter()
-            saliency = explainer(images, classes, probe.indices[part])
-            if saliency.device.type == "cuda":  # kernels are asynchronous: wait before reading the clock
-                torch.cuda.synchronize(saliency.device)
-            seconds = time.perf_counter() - began
+            saliency, seconds = timed(lambda: explainer(images, classes, probe.indices[part]), images.device)
             scores = score_saliency(blackbox, images, saliency, classes, probe.masks[part], settings)
-            meters.update(scores, classes, probe.masks[part], getattr(explainer, "cost", None), seconds)
+            count, cost = len(images), getattr(explainer, "cost", None)
+            # NaN = "not counted" (an explainer without ``cost``): the aggregation leaves it out.
+            per_image = {"seconds": seconds / count, "forwards": getattr(cost, "forwards", math.nan) / count,
+                         "backwards": getattr(cost, "backwards", math.nan) / count}
+            rows += image_rows(key, probe.indices[part], probe.labels[part], classes, scores, [per_image] * count)
             if start < self.overlay_images:
                 kept.append(saliency.detach().cpu())
         if not kept:

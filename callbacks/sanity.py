@@ -10,58 +10,33 @@ with :func:`rank_correlation`.
 """
 from __future__ import annotations
 
-import copy
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 import torch.nn as nn
 from torch import Tensor
-from torchmetrics.aggregation import MeanMetric
-from torchmetrics.functional.regression import spearman_corrcoef
 
-from callbacks.base import ProbeSetCallback, autograd_enabled
+from callbacks.base import ProbeSetCallback, gather_rows
 from callbacks.probe import ProbeSet
 from explainers import ExplainerSpec, build_explainer, explainer_keys
 from metrics import TARGET_RULES
-
-DEFAULT_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
-
-
-def parameterised_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every submodule with parameters of its own and a ``reset_parameters()``, in
-    registration order — input to output for the timm / torchvision CNNs we wrap.
-
-    Parameters held by modules without ``reset_parameters`` (e.g. a layer-scale gamma) are not
-    re-initialised; for the CNNs of this project every parameter lives in a conv, linear or norm layer.
-    """
-    return [(name, m) for name, m in module.named_modules()
-            if callable(getattr(m, "reset_parameters", None)) and next(m.parameters(recurse=False), None) is not None]
+from metrics.sanity import (  # noqa: F401  (re-exported: the check's parts, for callers of callbacks.sanity)
+    DEFAULT_FRACTIONS,
+    check_fractions,
+    parameterised_layers,
+    randomisation_rows,
+    randomisation_table,
+    randomise_layers,
+    rank_correlation,
+)
 
 
-def randomise_layers(layers: Sequence[tuple[str, nn.Module]], start: int, stop: int, seed: int) -> None:
-    """``reset_parameters()`` of ``layers[start:stop]``; layer i is drawn from seed ``seed + i`` so its new
-    weights do not depend on where a cascade step begins. The global RNG state is left as it was."""
-    for position in range(start, stop):
-        module = layers[position][1]
-        device = next(module.parameters()).device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed + position)
-            module.reset_parameters()
-
-
-def rank_correlation(maps: Tensor, reference: Tensor) -> Tensor:
-    """(B,) Spearman rank correlation between each map (B,1,H,W) and its reference (B,1,H,W), in [-1, 1].
-
-    Ties get their average rank (torchmetrics). A constant map has no ranking: its correlation is NaN
-    (torchmetrics would report 0).
-    """
-    flat, ref = maps.detach().flatten(1).double(), reference.detach().flatten(1).double()
-    rho = spearman_corrcoef(flat.T, ref.T).reshape(-1)  # columns are images
-    constant = (flat.amax(1) == flat.amin(1)) | (ref.amax(1) == ref.amin(1))
-    return rho.float().masked_fill(constant, math.nan)
+def explainer_factories(explainers: Sequence[ExplainerSpec], **common: Any) -> dict[str, Any]:
+    """key -> ``blackbox -> explainer`` of each spec (registry names, spec dicts or factories), built with the
+    keyword arguments ``common`` (e.g. seed) under the spec's own."""
+    return {key: (lambda model, spec=spec: build_explainer(spec, model, **common))
+            for key, spec in zip(explainer_keys(explainers), explainers)}
 
 
 def model_randomisation(
@@ -74,48 +49,24 @@ def model_randomisation(
     seed: int = 0,
     indices: Tensor | None = None,
 ) -> list[dict[str, Any]]:
-    """Cascading model randomisation: how the maps change as the top layers are re-initialised.
-
-    A deep copy of ``blackbox`` is randomised step by step: at step s the top ``round(fractions[s] * L)``
-    of its L parameterised layers (:func:`parameterised_layers`, counted from the output) have been
-    re-initialised with their ``reset_parameters()`` (PyTorch's default init, not the architecture's own
-    init scheme). After each step every explainer is rebuilt on the copy and explains ``targets`` — the
-    classes explained on the trained model, kept fixed — and each map is compared with its map from the
-    trained model by :func:`rank_correlation` on the raw maps. ``blackbox`` itself is not touched.
+    """Cascading model randomisation of ``explainers`` on one batch, aggregated: :func:`metrics.sanity.
+    randomisation_rows` then :func:`metrics.sanity.randomisation_table` (see them for the procedure).
 
     Args:
-        blackbox: a :class:`BlackBox` (its ``.net``'s layers are randomised).
+        blackbox: a :class:`BlackBox` (its ``.net``'s layers are randomised in a copy; it is not touched).
         explainers: registry names, ``{"name": ..., "alias": ..., **hparams}`` dicts or factories
             ``blackbox -> explainer``. Not built explainers: they are bound to their black box.
-        images: (B,3,H,W) in [0,1]. targets: (B,) long. indices: (B,) dataset indices (per-image seeds).
-        fractions: non-decreasing fractions in [0, 1] of layers randomised at each step.
-        seed: of the re-initialisation.
+        images: (B,3,H,W) in [0,1]. targets: (B,) long. indices: (B,) dataset indices (default 0..B-1).
+        fractions: non-decreasing fractions in [0, 1] of layers randomised at each step. seed: of the init.
 
     Returns:
-        One row per (step, explainer): ``{"step", "fraction", "layers"`` (number randomised), ``"layer"``
-        (the lowest layer randomised so far, "" for none), ``"explainer", "spearman"`` (mean over images,
-        NaN ignored), ``"per_image"`` (list of B floats)``}``.
+        One row per (step, explainer): ``{"step", "fraction", "layers", "layer", "explainer", "spearman"``
+        (mean over images, NaN ignored), ``"images", "per_image"`` (list of B floats)``}``.
     """
-    if any(not 0 <= f <= 1 for f in fractions) or list(fractions) != sorted(fractions):
-        raise ValueError(f"fractions must be non-decreasing values in [0, 1], got {list(fractions)}")
-    specs = dict(zip(explainer_keys(explainers), explainers))
-    with autograd_enabled():  # deep copies made under inference mode would be unusable by autograd
-        model = copy.deepcopy(blackbox)
-        images, targets = images.clone(), targets.clone()
-        layers = parameterised_layers(getattr(model, "net", model))[::-1]  # top (output) layer first
-        original = {key: build_explainer(spec, model)(images, targets, indices) for key, spec in specs.items()}
-        rows, randomised = [], 0
-        for step, fraction in enumerate(fractions):
-            count = round(fraction * len(layers))
-            randomise_layers(layers, randomised, count, seed)
-            randomised = count
-            for key, spec in specs.items():
-                maps = build_explainer(spec, model)(images, targets, indices) if count else original[key]
-                rho = rank_correlation(maps, original[key])
-                rows.append({"step": step, "fraction": float(fraction), "layers": count,
-                             "layer": layers[count - 1][0] if count else "", "explainer": key,
-                             "spearman": torch.nanmean(rho).item(), "per_image": rho.tolist()})
-    return rows
+    fractions = check_fractions(fractions)
+    indices = torch.arange(len(images), device=images.device) if indices is None else indices
+    rows = randomisation_rows(blackbox, explainer_factories(explainers), images, targets, indices, fractions, seed)
+    return randomisation_table(rows, explainer_keys(explainers), fractions)
 
 
 class ModelRandomisationCheck(ProbeSetCallback):
@@ -123,9 +74,10 @@ class ModelRandomisationCheck(ProbeSetCallback):
 
     Logs ``{prefix}/{val|test}/randomisation/{explainer}/spearman_{ppp}`` — the mean over the probe images
     of the rank correlation after randomising ppp% of the layers (``spearman_000`` is 1 for a
-    deterministic method). Means are reduced over ranks (each rank checks its share of the probe images).
-    Keeps :attr:`last_results` ({explainer: {fraction: mean}}) and this rank's :attr:`last_rows` (the rows
-    of :func:`model_randomisation`, with per-image values).
+    deterministic method). Each rank checks its share of the probe images; the per-image rows of all ranks
+    are gathered and aggregated by :func:`metrics.sanity.randomisation_table`, as in ``evaluate.py``.
+    Keeps :attr:`last_results` ({explainer: {fraction: mean}}) and :attr:`last_rows` (the table, with
+    per-image values of every rank).
 
     Args:
         explainers: as :func:`model_randomisation` ("self" is not supported: a trained mask predictor is
@@ -154,7 +106,7 @@ class ModelRandomisationCheck(ProbeSetCallback):
             raise ValueError(f"target must be one of {TARGET_RULES}, got {target!r}")
         self.keys = explainer_keys(explainers)
         self.explainers = list(explainers)
-        self.fractions = tuple(float(f) for f in fractions)
+        self.fractions = tuple(check_fractions(fractions))
         self.seed = seed
         self.target = target
         self.last_results: dict[str, dict[float, float]] = {}
@@ -165,17 +117,14 @@ class ModelRandomisationCheck(ProbeSetCallback):
         rows = []
         if len(probe):
             targets = self.explained_classes(blackbox, probe, self.target)
-            rows = model_randomisation(blackbox, self.explainers, probe.images, targets, fractions=self.fractions,
-                                       seed=self.seed, indices=probe.indices)
-        per_image = {(row["explainer"], row["step"]): row["per_image"] for row in rows}
-        results: dict[str, dict[float, float]] = {}
-        # Every rank walks the same (explainer, step) grid: compute() is a collective under DDP.
-        for key in self.keys:
-            results[key] = {}
-            for step, fraction in enumerate(self.fractions):
-                mean = MeanMetric(nan_strategy="ignore").to(probe.images.device)
-                mean.update(torch.tensor(per_image.get((key, step), [math.nan]), device=probe.images.device))
-                results[key][fraction] = float(mean.compute())
-                pl_module.log(self.name(stage, "randomisation", key, f"spearman_{round(fraction * 100):03d}"),
-                              results[key][fraction], on_step=False, on_epoch=True, sync_dist=False)
-        self.last_results, self.last_rows = results, rows
+            rows = randomisation_rows(blackbox, explainer_factories(self.explainers), probe.images, targets,
+                                      probe.indices, self.fractions, self.seed)
+        # Every rank's rows on every rank (a collective: each rank calls it, even with no images), then the
+        # aggregation evaluate.py uses: every rank logs the number one process would.
+        table = randomisation_table(gather_rows(rows), self.keys, self.fractions)
+        results: dict[str, dict[float, float]] = {key: {} for key in self.keys}
+        for row in table:
+            results[row["explainer"]][row["fraction"]] = row["spearman"]
+            pl_module.log(self.name(stage, "randomisation", row["explainer"], f"spearman_{round(row['fraction'] * 100):03d}"),
+                          row["spearman"], on_step=False, on_epoch=True, sync_dist=False)
+        self.last_results, self.last_rows = results, table

@@ -5,6 +5,7 @@
 - :mod:`core.seeding` — per-image seeds, so nothing depends on batch size or process count;
 - :mod:`core.checkpoints` — ``safe_load`` (``weights_only=True``, local files only);
 - :mod:`core.inputs` — the one input check of explainers and metrics (shape, dtype, finite, [0, 1], targets).
+- :mod:`core.timing` — wall-clock seconds measured after a device synchronise.
 
 Import from the modules (``from core.blackbox import BlackBox``). Nothing is re-exported here on purpose:
 ``python -m core.blackbox CKPT OUT --half`` runs that module as ``__main__``, and a package that had already

@@ -4,20 +4,55 @@ and scores the maps, writing one row per (image, method) as soon as it is done.
 Lightning then provides DDP sharding, progress bars and precision; the rows make the run resumable: a
 rerun reads them first and skips every finished (image, method) pair whose row carries the method's current
 key (``metrics.rows``: what produced the row), so rows made with other settings are computed again.
+
+The model-randomisation check (:mod:`metrics.sanity`) runs in the same test step when asked for
+(:class:`RandomisationCheck`): each process checks the images of its own shard, on its device, against a
+randomised copy of the black box, and writes per-image rows like the metric rows, which ``evaluate.py``
+aggregates after the stage.
 """
 from __future__ import annotations
 
-import math
+import dataclasses
 import os
-import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import pytorch_lightning as pl
 import torch
 
 from core.files import atomic_write
+from core.timing import timed
 from metrics import EvaluationSettings, RowStore, explained_class, score_saliency
+from metrics.report import image_rows
+from metrics.sanity import randomisation_rows
+
+
+@dataclasses.dataclass
+class RandomisationCheck:
+    """What the test step's model-randomisation check does (:func:`metrics.sanity.randomisation_rows`).
+
+    Attributes:
+        factories: method -> ``blackbox -> explainer`` (rebuilt on each randomised copy).
+        indices: the dataset indices checked (the first images of the split).
+        fractions: non-decreasing fractions of layers randomised at each step (0.0 first: the trained model).
+        seed: of the re-initialisation.
+        row_dir: where the per-image rows go (a ``RowStore``, one file per process).
+        records: method -> what each of its rows records as ``settings``; a rerun reuses exactly the rows
+            whose record is the current one, and recomputes the others.
+    """
+
+    factories: Mapping[str, Callable[[torch.nn.Module], Any]]
+    indices: set[int]
+    fractions: Sequence[float]
+    seed: int
+    row_dir: str | os.PathLike
+    records: Mapping[str, dict]
+
+    def current(self, row: Mapping) -> bool:
+        """Whether a stored row was made with these settings (and its image is still checked)."""
+        return (row.get("explainer") in self.records and row.get("settings") == self.records[row["explainer"]]
+                and int(row["index"]) in self.indices)
 
 
 def check_batch(images: torch.Tensor, indices: torch.Tensor) -> None:
@@ -47,13 +82,18 @@ class EvaluationModule(pl.LightningModule):
             (seconds, forwards, backwards) is reported, so the result is what explaining anew would give.
         row_keys: method name -> the key of what produces its rows (``metrics.rows.content_key``), written
             into every row; only rows with that key count as done. None: rows without keys, any row counts.
+        randomisation: also run the model-randomisation check on its images (None: not).
+
+    ``seconds`` of a row is the explainer's wall time per image of its batch, read after a device
+    synchronise (:func:`core.timing.timed`).
     """
 
     def __init__(self, blackbox: torch.nn.Module, explainers: Mapping[str, object], settings: EvaluationSettings,
                  target_rule: str, row_dir: str | os.PathLike, map_dir: str | os.PathLike,
                  overlay_indices: set[int] = frozenset(), save_all_maps: bool = False,
                  reuse: Mapping[str, tuple[Path, dict[int, dict]]] | None = None,
-                 row_keys: Mapping[str, str] | None = None):
+                 row_keys: Mapping[str, str] | None = None,
+                 randomisation: RandomisationCheck | None = None):
         super().__init__()
         self.blackbox = blackbox
         self.explainers = dict(explainers)
@@ -65,10 +105,17 @@ class EvaluationModule(pl.LightningModule):
         self.row_keys = None if row_keys is None else dict(row_keys)
         self.store: RowStore | None = None
         self.done: dict[str, set[int]] = {}
+        self.randomisation = randomisation
+        self.randomisation_store: RowStore | None = None
+        self.randomised: set[tuple[int, str, int]] = set()  # (index, method, step) with a current row
 
     def on_test_start(self) -> None:
         self.store = RowStore(self.row_dir, self.global_rank)
         self.done = self.store.finished(self.row_keys)
+        if self.randomisation is not None:
+            self.randomisation_store = RowStore(self.randomisation.row_dir, self.global_rank)
+            self.randomised = {(int(r["index"]), r["explainer"], int(r["step"]))
+                               for r in self.randomisation_store.records() if self.randomisation.current(r)}
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         with torch.inference_mode(False), torch.enable_grad():
@@ -84,6 +131,25 @@ class EvaluationModule(pl.LightningModule):
                 if todo:
                     self._explain_and_score(name, explainer, images, labels, targets, masks, indices,
                                             torch.tensor(todo, device=images.device))
+            if self.randomisation is not None:
+                self._randomisation_check(images, targets, indices)
+
+    def _randomisation_check(self, images, targets, indices) -> None:
+        """Rows of the model-randomisation check of this batch's checked images that have no current row."""
+        check = self.randomisation
+        steps = range(len(check.fractions))
+        for name, factory in check.factories.items():
+            todo = [j for j, i in enumerate(indices.tolist()) if i in check.indices
+                    and any((i, name, step) not in self.randomised for step in steps)]
+            if not todo:
+                continue
+            sel = torch.tensor(todo, device=images.device)
+            rows = randomisation_rows(self.blackbox, {name: factory}, images[sel], targets[sel], indices[sel],
+                                      check.fractions, check.seed)
+            for row in rows:
+                row["settings"] = check.records[name]
+            self.randomisation_store.append(rows)
+            self.randomised.update((r["index"], name, r["step"]) for r in rows)
 
     def _saliency(self, name, explainer, images, targets, indices) -> tuple[torch.Tensor, list[dict]]:
         """Maps (B,1,H,W) and each image's cost {seconds, forwards, backwards}: saved maps of an earlier
@@ -97,9 +163,8 @@ class EvaluationModule(pl.LightningModule):
                 costs[j] = {k: source[i][k] for k in ("seconds", "forwards", "backwards")}
         fresh = torch.tensor([j for j, s in enumerate(saved) if not s], dtype=torch.long, device=images.device)
         if len(fresh):
-            start = time.perf_counter()
-            computed = explainer(images[fresh], targets[fresh], indices[fresh])
-            seconds = (time.perf_counter() - start) / len(fresh)
+            computed, seconds = timed(lambda: explainer(images[fresh], targets[fresh], indices[fresh]), images.device)
+            seconds /= len(fresh)
             cost = explainer.cost
             for k, j in enumerate(fresh.tolist()):
                 maps[j] = computed[k]
@@ -114,22 +179,14 @@ class EvaluationModule(pl.LightningModule):
             raise ValueError(f"method {name!r} returned NaN/Inf saliency for dataset indices "
                              f"{indices[sel][bad].tolist()}")
         scores = score_saliency(self.blackbox, images[sel], saliency, targets[sel], masks[sel], self.settings)
-        rows = []
+        rows = image_rows(name, indices[sel], labels[sel], targets[sel], scores, costs)
+        if self.row_keys:
+            for row in rows:
+                row["key"] = self.row_keys[name]
         for j, idx in enumerate(indices[sel].tolist()):
-            row = {"index": idx, "method": name, **({"key": self.row_keys[name]} if self.row_keys else {}),
-                   "label": int(labels[sel][j]), "target": int(targets[sel][j]), **costs[j]}
-            row.update({k: _float(v[j]) for k, v in scores.values.items()})
-            row["deletion_curve"] = scores.deletion_curve[j].tolist()
-            row["insertion_curve"] = scores.insertion_curve[j].tolist()
-            rows.append(row)
             if idx in self.overlay_indices or self.save_all_maps:
                 (self.map_dir / name).mkdir(parents=True, exist_ok=True)
                 saved = saliency[j].detach().cpu().clone()
                 atomic_write(self.map_dir / name / f"{idx}.pt", lambda tmp, saved=saved: torch.save(saved, tmp))
         self.store.append(rows)
         self.done.setdefault(name, set()).update(r["index"] for r in rows)
-
-
-def _float(value: torch.Tensor) -> float:
-    value = float(value)
-    return value if math.isfinite(value) else math.nan

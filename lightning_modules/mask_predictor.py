@@ -206,7 +206,11 @@ class MaskPredictor(FrozenBlackBoxModule):
             (Dabkowski's scale). tv_border: weight of their border penalty (sum of squared edge values).
         lr, lr_step_epochs, lr_gamma, weight_decay: Adam, learning rate x ``lr_gamma`` every
             ``lr_step_epochs`` epochs (the paper: 1e-2, halved every 3 epochs).
-        seed: per-image substrate draws. channels_last: see :class:`FrozenBlackBoxModule`.
+        draw_seed: the per-image substrate and game draws (with the epoch and the dataset index). Not called
+            ``seed``: Lightning merges the model's and the datamodule's hyper-parameters and refuses two
+            different ``seed`` values, so a model ``seed`` could only ever equal the data's (the scenes') and a
+            second training seed would change ``seed_everything`` alone.
+        channels_last: see :class:`FrozenBlackBoxModule`.
         posthoc, posthoc_points, filter_bias: inference options of :meth:`as_explainer` and of the
             explainer rebuilt from checkpoints (post-hoc tuning; the filter's confidence bias b).
         histogram_bins: bins of the mask histogram (:attr:`mask_distribution`).
@@ -251,7 +255,7 @@ class MaskPredictor(FrozenBlackBoxModule):
         lr_step_epochs: int = 3,
         lr_gamma: float = 0.5,
         weight_decay: float = 0.0,
-        seed: int = 0,
+        draw_seed: int = 0,
         channels_last: bool = False,
         posthoc: bool = False,
         posthoc_points: int = 32,
@@ -307,14 +311,14 @@ class MaskPredictor(FrozenBlackBoxModule):
     # -- the loss -----------------------------------------------------------------------------------
     def substrate(self, images: Tensor, index: Tensor, epoch: int) -> Tensor:
         """A (B, 3, H, W): per image blur (probability blur_prob) or random colour + noise, drawn from
-        (seed, epoch, dataset index)."""
+        (draw_seed, epoch, dataset index)."""
         hp = self.hparams
-        use_blur = (per_image_uniforms(hp.seed, epoch, STREAM_SUBSTRATE, index)[:, 0] < hp.blur_prob)
+        use_blur = (per_image_uniforms(hp.draw_seed, epoch, STREAM_SUBSTRATE, index)[:, 0] < hp.blur_prob)
         kernel, sigma = scaled_blur(hp.blur_kernel, hp.blur_sigma, images.shape[-1])
         substrate = gaussian_blur(images, kernel, sigma).to(images.dtype) if use_blur.any() else torch.empty_like(images)
         colour = (~use_blur).nonzero().flatten()
         if colour.numel():
-            run_seed = (hp.seed * 1_000_003 + epoch + 1) % 2**31  # a different stream per epoch
+            run_seed = (hp.draw_seed * 1_000_003 + epoch + 1) % 2**31  # a different stream per epoch
             seeds = derive_seeds(run_seed, index.cpu()[colour])
             rows = colour.to(images.device)
             substrate[rows] = random_colour_noise(images[rows], seeds, hp.noise_std).to(images.dtype)
@@ -332,7 +336,7 @@ class MaskPredictor(FrozenBlackBoxModule):
             if name == "mean":
                 fill = self.blackbox.mean.to(images.dtype).expand_as(part)
             elif name == "random":
-                run_seed = (hp.seed * 1_000_003 + epoch + 1 + 7919) % 2**31  # not the CE term's colours
+                run_seed = (hp.draw_seed * 1_000_003 + epoch + 1 + 7919) % 2**31  # not the CE term's colours
                 fill = random_colour_noise(part, derive_seeds(run_seed, index.cpu()[rows.cpu()]), hp.noise_std)
             else:
                 kernel, sigma = hp.blur_kernel, hp.blur_sigma
@@ -353,8 +357,8 @@ class MaskPredictor(FrozenBlackBoxModule):
         """The deletion and insertion images of the game (those with a non-zero weight), one batch each;
         ``mask`` (B, 1, H, W) is M upsampled to the image."""
         hp = self.hparams
-        draws = per_image_uniforms(hp.seed, epoch, STREAM_GAME, index, 2).to(images.device) ** hp.game_fraction_power
-        picks = per_image_uniforms(hp.seed, epoch, STREAM_GAME_SUBSTRATE, index, 3)
+        draws = per_image_uniforms(hp.draw_seed, epoch, STREAM_GAME, index, 2).to(images.device) ** hp.game_fraction_power
+        picks = per_image_uniforms(hp.draw_seed, epoch, STREAM_GAME_SUBSTRATE, index, 3)
         batches = []
         for weight, column, deletion in ((hp.deletion_weight, 0, True), (hp.insertion_weight, 1, False)):
             if not weight:

@@ -26,7 +26,7 @@ from metrics.causal import (
     normalised_area,
 )
 from metrics.rows import RowStore
-from metrics.suite import METRIC_NAMES, EvaluationSettings, SaliencyScores, score_saliency
+from metrics.suite import LOCALISATION_NAMES, METRIC_NAMES, EvaluationSettings, SaliencyScores, score_saliency
 from metrics.localisation import (
     default_pointing_tolerance,
     iou_f1,
@@ -37,6 +37,7 @@ from metrics.localisation import (
 )
 
 __all__ = [
+    "LOCALISATION_NAMES",
     "METRIC_NAMES",
     "PROTOCOL_PRESETS",
     "TARGET_RULES",

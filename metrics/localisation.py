@@ -72,7 +72,8 @@ def pointing_game(saliency: Tensor, gt_mask: Tensor, tolerance: float) -> Tensor
     The point is the argmax of the saliency at the ground truth's resolution, the first maximum in
     row-major order. Hit if some ground-truth pixel q has Euclidean distance ||q - point|| < tolerance,
     in pixels; the point itself always counts, so tolerance 0 means "the point is a ground-truth pixel".
-    Images without ground truth are misses. Computed from one (B, H, W) distance map, no pixel loops.
+    An image without ground truth returns False here; :func:`metrics.score_saliency` reports it as NaN (not
+    evaluated, counted apart). Computed from one (B, H, W) distance map, no pixel loops.
     """
     if tolerance < 0:
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")

@@ -1,16 +1,21 @@
 """From per-image rows to the reported numbers: ``results.json``, ``results.csv`` and ``summary.md``.
 
-A row is one (image, method) pair: ``index``, ``method``, ``label``, ``target``, every name of
-``metrics.METRIC_NAMES``, ``seconds``, ``forwards``, ``backwards`` and the two curves. Aggregation needs
-every method's rows at once (the normalised M_F is a per-image min-max across methods), so it runs after
-all rows are written, and it depends on nothing but the rows: an interrupted and resumed evaluation
+A row is one (image, method) pair (:func:`image_rows`): ``index``, ``method``, ``label``, ``target``, every
+name of ``metrics.METRIC_NAMES``, ``seconds``, ``forwards``, ``backwards`` and the two curves. Aggregation
+needs every method's rows at once (the normalised M_F is a per-image min-max across methods), so it runs
+after all rows are written, and it depends on nothing but the rows: an interrupted and resumed evaluation
 reports exactly what an uninterrupted one does.
+
+:func:`summarise` is the one aggregation of the project: ``evaluate.py`` (through :func:`write_reports`) and
+the training callback ``callbacks.ExplainerEvaluation`` (on the rows of its probe set, gathered over ranks)
+both call it, so one metric name carries one number whichever path produced it.
 """
 from __future__ import annotations
 
 import csv
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -19,7 +24,7 @@ import torch
 from core.files import atomic_write
 from metrics.causal import minmax_across_methods
 from metrics.rows import RowSet, RowStore
-from metrics.suite import METRIC_NAMES
+from metrics.suite import LOCALISATION_NAMES, METRIC_NAMES, SaliencyScores
 
 # results.json keys per method (issue contract) and the table columns, in order.
 SUMMARY_KEYS = ("deletion", "insertion", "deletion_norm", "insertion_norm", "mf", "mf_normalized", "mi", "pointing_game", "iou", "f1",
@@ -76,21 +81,69 @@ def normalized_mf(raw: dict[str, dict[int, float]]) -> tuple[dict[str, dict[int,
     return normalised, result.excluded if result else 0
 
 
+def image_rows(method: str, indices: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor,
+               scores: SaliencyScores, costs: list[dict]) -> list[dict]:
+    """The rows of one scored batch of ``method``: dataset ``indices``, annotated ``labels`` and explained
+    ``targets`` (B,) each, the :func:`metrics.score_saliency` ``scores`` and each image's cost {seconds,
+    forwards, backwards}. Values are plain floats, NaN where undefined (also for +-inf)."""
+    rows = []
+    for j, index in enumerate(indices.tolist()):
+        row = {"index": int(index), "method": method, "label": int(labels[j]), "target": int(targets[j]), **costs[j]}
+        row.update({k: _float(v[j]) for k, v in scores.values.items()})
+        row["deletion_curve"] = scores.deletion_curve[j].tolist()
+        row["insertion_curve"] = scores.insertion_curve[j].tolist()
+        rows.append(row)
+    return rows
+
+
+def _float(value) -> float:
+    value = float(value)
+    return value if math.isfinite(value) else math.nan
+
+
 def pointing_accuracy(rows: list[dict]) -> float | None:
-    """Mean over the evaluated (ground-truth) classes of hits / (hits + misses) (PROTOCOLS.md)."""
+    """The pointing game as TorchRay reports it (PROTOCOLS.md): per annotated class (the row's ``label``),
+    hits / (hits + misses) over its images, then the mean over the classes with at least one evaluated image.
+    Images without ground truth (``pointing_game`` NaN) are not evaluated. The plain hit rate over images is
+    the summary's ``pointing_game_hit_rate``."""
     per_class: dict[int, list[float]] = {}
     for row in rows:
-        per_class.setdefault(int(row["label"]), []).append(float(row["pointing_game"]))
+        if not _missing(row.get("pointing_game")):
+            per_class.setdefault(int(row["label"]), []).append(float(row["pointing_game"]))
     return _nanmean([sum(v) / len(v) for v in per_class.values()]) if per_class else None
 
 
-def summarise(rows: list[dict], methods: list[str]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """Per-method means (``SUMMARY_KEYS`` + ``EXTRA_KEYS``) and the excluded-image counts."""
+def without_ground_truth(rows: Iterable[dict]) -> list[int]:
+    """Dataset indices of the images scored without ground truth (their localisation metrics are NaN)."""
+    return sorted({int(r["index"]) for r in rows if _missing(r.get("pointing_game"))})
+
+
+def summarise(rows: list[dict], methods: list[str], warn: bool = True
+              ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Per-method means (``SUMMARY_KEYS`` + ``EXTRA_KEYS`` + ``images``) and the excluded-image counts.
+
+    Every mean is over the images where the value is defined: M_F's guard, flat curves (``*_norm``) and
+    images without ground truth (every name of ``LOCALISATION_NAMES``) are left out of that mean and
+    counted in the second dict (``no_ground_truth``: images; ``{key}_degenerate``: per method). With
+    ``warn``, images without ground truth are warned about once, with their count.
+    """
     excluded_mf_norm = add_normalized_mf(rows, methods)
-    summary, excluded = {}, {"mf_normalized_degenerate": excluded_mf_norm, "mf_degenerate": {}}
+    no_gt = without_ground_truth(r for r in rows if r["method"] in methods)
+    excluded = excluded_counts(no_gt, excluded_mf_norm, warn)
+    summary = {}
     for m in methods:
         summary[m] = method_summary([r for r in rows if r["method"] == m], m, excluded)
     return summary, excluded
+
+
+def excluded_counts(no_gt: list[int], mf_normalized_degenerate: int, warn: bool) -> dict[str, Any]:
+    """The excluded-image counts every aggregation starts from (``method_summary`` adds the per-method ones);
+    with ``warn``, the images without ground truth are warned about once, with their count."""
+    if warn and no_gt:
+        warnings.warn(f"{len(no_gt)} image(s) have no ground truth (empty mask), e.g. dataset indices {no_gt[:5]}: "
+                      f"their localisation metrics ({', '.join(LOCALISATION_NAMES)}) are excluded from the means "
+                      "and counted as excluded 'no_ground_truth'", stacklevel=3)
+    return {"no_ground_truth": len(no_gt), "mf_normalized_degenerate": mf_normalized_degenerate, "mf_degenerate": {}}
 
 
 def method_summary(mine: list[dict], m: str, excluded: dict[str, Any]) -> dict[str, Any]:
@@ -172,9 +225,10 @@ def summary_markdown(results: dict) -> str:
               f"(0 = ideal deletion, 1 = ideal insertion; images with |v_0 - v_n| <= {causal.get('norm_eps', 0.05)} "
               "excluded). "
               f"mf: raw M_F (%), {protocol['mf_steps']} steps; mf_normalized: per-image min-max across the "
-              f"methods above. mi: PR area (%) against the ground-truth mask. pointing_game: mean over classes, "
-              f"tolerance {protocol['pointing_tolerance']:.1f} px. iou/f1: map >= {protocol['iou_threshold']} "
-              f"after min-max; iou_top/f1_top: top {protocol['top_fraction']:.0%} of pixels. "
+              f"methods above. mi: PR area (%) against the ground-truth mask. pointing_game: mean over the annotated "
+              f"classes of the hit rate (pointing_game_hit_rate: over images), tolerance {protocol['pointing_tolerance']:.1f} px. iou/f1: map >= {protocol['iou_threshold']} "
+              f"after min-max; iou_top/f1_top: top {protocol['top_fraction']:.0%} of pixels. Images without ground "
+              "truth (no_ground_truth) are left out of mi, pointing_game, iou and f1. "
               f"Excluded images: {json.dumps(results['excluded'])}.", ""]
     return "\n".join(lines)
 
@@ -203,15 +257,21 @@ def write_reports(rows: list[dict] | RowSet, methods: list[str], header: dict, o
     raw = {m: {int(r["index"]): r["mf"] for r in source.of(m)} for m in methods}
     normalised, excluded_mf_norm = normalized_mf(raw)
     del raw
-    summary, excluded = {}, {"mf_normalized_degenerate": excluded_mf_norm, "mf_degenerate": {}}
+    no_gt: set[int] = set()
 
-    def scored() -> Iterable[dict]:  # every row, by method then index, as the CSV lists them
+    def scored(m: str) -> list[dict]:
+        return [{**r, "mf_normalized": normalised.get(m, {}).get(int(r["index"]), math.nan)} for r in source.of(m)]
+
+    def csv_rows() -> Iterable[dict]:  # every row, by method then index; notes the images without ground truth
         for m in sorted(methods):
-            mine = [{**r, "mf_normalized": normalised.get(m, {}).get(int(r["index"]), math.nan)} for r in source.of(m)]
-            summary[m] = method_summary(mine, m, excluded)
+            mine = scored(m)
+            no_gt.update(without_ground_truth(mine))
             yield from mine
 
-    write_csv(scored(), out / "results.csv")
+    write_csv(csv_rows(), out / "results.csv")
+    # then the same aggregation as summarise(), re-reading one method's rows at a time
+    excluded = excluded_counts(sorted(no_gt), excluded_mf_norm, warn=True)
+    summary = {m: method_summary(scored(m), m, excluded) for m in sorted(methods)}
     images = set().union(*(set(int(i) for i in source.indices(m)) for m in methods)) if methods else set()
     results = _json_safe({**header, "num_images": len(images), "excluded": excluded,
                           "methods": {m: summary[m] for m in methods}})

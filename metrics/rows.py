@@ -81,6 +81,16 @@ class RowStore:
         rowset = self.scan(keys)
         return {m: set(rowset.indices(m).tolist()) for m in rowset.methods()}
 
+    def records(self) -> list[dict]:
+        """Every complete line of every process's file, parsed, in write order, with no selection and no
+        deduplication: for row files that are not per-(image, method) metric rows (the model-randomisation
+        check's rows, one per image, method and step)."""
+        found = []
+        for path in self.files():
+            with open(path, "rb") as f:
+                found += [json.loads(line) for line in f if line.endswith(b"\n") and line.strip()]
+        return found
+
     def read_all(self, keys: Mapping[str, str] | None = None, indices: Container[int] | None = None,
                  curves: bool = True) -> list[dict]:
         """Every selected row in memory (sorted by method, then index). Fine for small evaluations; large ones

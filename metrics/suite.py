@@ -19,6 +19,8 @@ from metrics.localisation import default_pointing_tolerance, iou_f1, iou_f1_pixe
 # (the normalised areas can leave [0, 1] a little when a curve is not monotone).
 METRIC_NAMES = ("deletion", "insertion", "deletion_norm", "insertion_norm", "mf", "mi", "pointing_game", "iou", "f1",
                 "iou_top", "f1_top", "iou_pixel", "f1_pixel")
+# The metrics measured against the ground truth: NaN for an image without any (PROTOCOLS.md; counted apart).
+LOCALISATION_NAMES = ("mi", "pointing_game", "iou", "f1", "iou_top", "f1_top", "iou_pixel", "f1_pixel")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +84,11 @@ class SaliencyScores(NamedTuple):
 def score_saliency(model: Model, images: Tensor, saliency: Tensor, targets: Tensor, gt_mask: Tensor,
                    settings: EvaluationSettings) -> SaliencyScores:
     """All metrics of ``saliency`` (B,1,H,W) for ``images`` (B,3,H,W) in [0,1], explained ``targets`` (B,)
-    and ground truth ``gt_mask`` (B,1,H,W) bool."""
+    and ground truth ``gt_mask`` (B,1,H,W) bool.
+
+    An image whose ``gt_mask`` is empty (no boxes file, invalid boxes) has no localisation score: its
+    ``LOCALISATION_NAMES`` are NaN, not 0, so the aggregation (:func:`metrics.report.summarise`) leaves it out
+    of those means and counts it, instead of scoring it a miss."""
     protocol = settings._resolved()
     with torch.no_grad():
         curves = causal_curves(model, images, saliency, targets, protocol)
@@ -99,5 +105,7 @@ def score_saliency(model: Model, images: Tensor, saliency: Tensor, targets: Tens
         "pointing_game": hits.float(), "iou": iou, "f1": f1, "iou_top": iou_top, "f1_top": f1_top,
         "iou_pixel": iou_px, "f1_pixel": f1_px,
     }
+    has_gt = gt_mask.flatten(1).any(1)
+    values.update({k: torch.where(has_gt, values[k].float(), torch.nan) for k in LOCALISATION_NAMES})
     return SaliencyScores({k: v.detach().float() for k, v in values.items()}, curves.deletion_curve,
                           curves.insertion_curve, curves.fractions)

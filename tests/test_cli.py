@@ -9,8 +9,9 @@ import time
 
 import pytest
 import torch
+import yaml
 
-from tests.conftest import subprocess_env
+from tests.conftest import ROOT, subprocess_env
 
 EXPERIMENT = "configs/experiment/embedded_classifier.yaml"
 SMALL = ["--data.init_args.image_size=32", "--data.init_args.batch_size=8", "--data.init_args.num_workers=0",
@@ -84,3 +85,39 @@ def test_two_process_ddp_on_cpu(repo_root, tmp_path):
     assert "MEMBER: 2/2" in out or "distributed_backend=gloo" in out
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["global_step"] == 2  # 32 scenes / (8 per batch x 2 processes)
+
+
+def checkpoint_callbacks(path, entries=None):
+    """Every ModelCheckpoint's init_args in a config's trainer.callbacks (following file references)."""
+    if entries is None:
+        entries = ((yaml.safe_load(path.read_text()) or {}).get("trainer") or {}).get("callbacks") or []
+    if isinstance(entries, str):
+        return checkpoint_callbacks(path.parent / entries, yaml.safe_load((path.parent / entries).read_text()))
+    if isinstance(entries, dict):
+        entries = [entries]
+    found = []
+    for entry in entries:
+        if isinstance(entry, str):
+            target = path.parent / entry
+            found += checkpoint_callbacks(target, yaml.safe_load(target.read_text()))
+        elif str(entry.get("class_path", "")).endswith("ModelCheckpoint"):
+            found.append(entry.get("init_args") or {})
+    return found
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs" / "experiment").glob("*.yaml")
+                                          if "model" in (yaml.safe_load(p.read_text()) or {})))
+def test_every_training_config_refreshes_last_ckpt_unconditionally(config):
+    """A monitored ModelCheckpoint writes last.ckpt only when the metric improves (a stale last.ckpt); every
+    training config needs an unmonitored one with save_last, and no monitored one may write last.ckpt."""
+    found = checkpoint_callbacks(ROOT / "configs" / "experiment" / config)
+    assert not [c for c in found if c.get("save_last") and c.get("monitor")], config
+    assert [c for c in found if c.get("save_last") and not c.get("monitor") and c.get("save_top_k", 1) != 0], config
+
+
+@pytest.mark.slow
+def test_uninterrupted_fit_leaves_the_final_step_in_last_ckpt(repo_root, tmp_path):
+    proc = run_train(repo_root, "fit", "--config", EXPERIMENT, *SMALL, f"--run_dir={tmp_path}", "--trainer.max_epochs=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["global_step"] == 12 and state["epoch"] == 2  # 3 epochs x 32 scenes / 8

@@ -69,11 +69,12 @@ def test_model_randomisation_check_is_written_and_reused(tiny_blackbox, tmp_path
     assert len(by_key[("rise", 1.0)]["per_image"]) == 3 and by_key[("rise", 1.0)]["layers"] > 0
     assert "## Model randomisation" in (tmp_path / "summary.md").read_text()
 
-    import callbacks.sanity
+    import lightning_modules.evaluation
 
-    monkeypatch.setattr(callbacks.sanity, "model_randomisation", lambda *a, **k: pytest.fail("not reused"))
-    evaluate.main(args)  # same settings: the saved check is reused
+    monkeypatch.setattr(lightning_modules.evaluation, "randomisation_rows", lambda *a, **k: pytest.fail("not reused"))
+    evaluate.main(args)  # same settings: the saved rows are reused
     assert (tmp_path / "summary.md").read_text().count("## Model randomisation") == 1
+    assert json.loads((tmp_path / "randomisation.json").read_text()) == saved
 
 
 def test_rerun_skips_finished_pairs_and_extends(tiny_blackbox, tmp_path):
@@ -236,8 +237,18 @@ def test_killed_run_resumes_to_the_same_results(tiny_blackbox, tmp_path, repo_ro
 @pytest.mark.slow
 def test_two_processes_give_the_numbers_of_one(tiny_blackbox, tmp_path, repo_root):
     one, two = tmp_path / "one", tmp_path / "two"
-    assert _run(args_for(tiny_blackbox, one), cwd=repo_root).wait(timeout=600) == 0
-    assert _run(args_for(tiny_blackbox, two, "--trainer=configs/trainer/cpu_ddp.yaml"), cwd=repo_root).wait(timeout=600) == 0
+    check = ["--randomisation_images=5", "--randomisation_fractions=[0.5, 1.0]"]  # in the Trainer stage, sharded
+    assert _run(args_for(tiny_blackbox, one, *check), cwd=repo_root).wait(timeout=600) == 0
+    assert _run(args_for(tiny_blackbox, two, *check, "--trainer=configs/trainer/cpu_ddp.yaml"),
+                cwd=repo_root).wait(timeout=600) == 0
+    assert {p.name for p in (two / "randomisation").iterdir()} == {"rows-rank0.jsonl", "rows-rank1.jsonl"}
+    table_one = json.loads((one / "randomisation.json").read_text())["rows"]
+    table_two = json.loads((two / "randomisation.json").read_text())["rows"]
+    assert [(r["explainer"], r["fraction"], r["images"]) for r in table_two] == \
+        [(r["explainer"], r["fraction"], 5) for r in table_one]
+    for a_row, b_row in zip(table_one, table_two):
+        assert b_row["per_image"] == pytest.approx(a_row["per_image"], abs=1e-4, nan_ok=True), a_row["explainer"]
+        assert b_row["spearman"] == pytest.approx(a_row["spearman"], abs=1e-4, nan_ok=True)
     a = json.loads((one / "results.json").read_text())
     b = json.loads((two / "results.json").read_text())
     assert a["num_images"] == b["num_images"] == 6
@@ -313,3 +324,26 @@ def test_saved_maps_are_scored_under_another_protocol(tiny_blackbox, tmp_path):
     changed = evaluate.main(args_for(tiny_blackbox, tmp_path / "changed", "--method_hparams={rise: {n_masks: 16}}",
                                      f"--maps_from={first}"))
     assert changed["methods"]["rise"]["forwards_per_image"] == 16
+
+
+def test_predictor_claims_over_training_seeds_is_runnable(repo_root, monkeypatch):
+    """benchmarks/predictor_claims.py: its evaluate.py and train.py commands parse, and its table is mean ± sd."""
+    from benchmarks.predictor_claims import evaluate_command, seed_table, train_command
+
+    monkeypatch.chdir(repo_root)
+    command = evaluate_command(1, Path("outputs/x"), 20)
+    cfg = evaluate.build_parser().parse_args(command[2:])
+    specs = evaluate.explainer_specs(cfg)
+    assert [s if isinstance(s, str) else s["name"] for s in specs] == [
+        "gradcam", "predictor_ct", "predictor_ct_posthoc", "predictor_bt", "mgnet"]
+    assert specs[3]["checkpoint"] == "outputs/x/seed1/bt/checkpoints/last.ckpt" and cfg.num_images == 20
+    train = train_command("bt", 2, Path("outputs/x"), Path("filter.ckpt"))
+    proc = subprocess.run([sys.executable, *train[1:], "--print_config"], cwd=repo_root, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    printed = yaml.safe_load(proc.stdout)
+    assert printed["seed_everything"] == 2 and printed["model"]["init_args"]["draw_seed"] == 2
+    assert printed["data"]["init_args"]["seed"] == 0  # the scenes stay the same for every training seed
+    table = seed_table([{"methods": {"a": {"deletion": 0.1, "mf": 20.0}}},
+                        {"methods": {"a": {"deletion": 0.3, "mf": None}}}], keys=("deletion", "mf"))
+    assert table == {"a": {"deletion": "0.200 ± 0.141", "mf": "20.0"}}

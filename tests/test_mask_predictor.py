@@ -224,6 +224,16 @@ def test_substrates_are_per_image_and_mixed(tiny_blackbox_path, scenes):
     assert 0.25 < blurred.float().mean() < 0.75
 
 
+def test_draw_seed_changes_the_draws_and_does_not_collide_with_the_data_seed(tiny_blackbox_path, scenes):
+    images, index = scenes["image"], scenes["index"]
+    first = predictor(tiny_blackbox_path, draw_seed=0).substrate(images, index, epoch=0)
+    assert torch.equal(first, predictor(tiny_blackbox_path, draw_seed=0).substrate(images, index, epoch=0))
+    assert not torch.equal(first, predictor(tiny_blackbox_path, draw_seed=1).substrate(images, index, epoch=0))
+    # Lightning merges the model's and the datamodule's hyper-parameters and refuses one name with two values:
+    # the datamodule's `seed` (the scenes) and the model's draw seed must not share a name.
+    assert "seed" not in predictor(tiny_blackbox_path, draw_seed=1).hparams
+
+
 DABKOWSKI_CODE = {"class_loss": "hinge", "tv_reduction": "sum", "tv_border": 0.3}
 
 
@@ -493,6 +503,26 @@ def test_fast_dev_run_of_the_embedded_predictor_configs(repo_root, tiny_blackbox
                                                 *embedded_data(), "--trainer.fast_dev_run=true"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "eval" / "val_epoch000.json").is_file()
+
+
+@pytest.mark.slow
+def test_uninterrupted_fit_ends_in_last_ckpt_and_repeats_exactly(repo_root, tiny_blackbox_path, embedded_filter,
+                                                                 tmp_path):
+    """The predictor config as it is (its callbacks, deterministic, seeded workers) under training seed 1: last.ckpt
+    holds the final step, and a second run of the same command gives the same weights bit for bit."""
+    states = []
+    for run in ("first", "second"):
+        run_dir = tmp_path / run
+        proc = run_train(repo_root, *predictor_args(
+            "embedded_predictor_ct", tiny_blackbox_path, embedded_filter, run_dir, *embedded_data(num_train=16, batch=8),
+            "--trainer.max_epochs=2", "--trainer.limit_val_batches=1", "--seed_everything=1",
+            "--model.init_args.draw_seed=1"))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        states.append(torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True))
+    assert states[0]["global_step"] == 4  # 2 epochs x 2 steps
+    assert states[0]["hyper_parameters"]["draw_seed"] == 1
+    weights = states[0]["state_dict"]
+    assert weights and all(torch.equal(weights[k], states[1]["state_dict"][k]) for k in weights)
 
 
 RESUME_TRAINER = """trainer:
