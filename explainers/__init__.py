@@ -11,7 +11,7 @@ from explainers.base import Cost, Explainer, preserved_state
 from explainers.registry import available, build, load_checkpoint, register, register_checkpoint_loader
 
 # Imported for their @register side effect: every module listed here is a registered method.
-from explainers import cam, gradients, iassa, igos, rise  # noqa: E402,F401  isort: skip
+from explainers import cam, finv, gradients, iassa, igos, lime, mpert, rise, xpert  # noqa: E402,F401  isort: skip
 
 __all__ = ["Cost", "Explainer", "available", "build", "load_checkpoint", "preserved_state", "register",
            "register_checkpoint_loader"]
