@@ -44,6 +44,10 @@ def build_parser() -> ArgumentParser:
                         help="checkpoints of trained explainers, each evaluated as a method: PATH (the recorded "
                              "explainer) or NAME=PATH (a variant of it, e.g. predictor_ct_posthoc=PATH)")
     parser.add_argument("--num_images", type=int | None, default=None, help="the first N images of the split")
+    parser.add_argument("--method_num_images", type=dict[str, int], default={},
+                        help="per-method image counts below --num_images, e.g. {igos_pp: 100}: that method explains "
+                             "only the first N images (slow per-image optimisers); mf_normalized then uses the "
+                             "images every method explained")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--num_workers", type=int, default=0)
     parser.add_argument("--protocol", type=str | dict[str, Any], default="rise",
@@ -62,6 +66,10 @@ def build_parser() -> ArgumentParser:
                              "--methods explainer on the first N images (0: off); writes randomisation.json")
     parser.add_argument("--randomisation_fractions", type=list[float], default=[0.5],
                         help="fractions of the black box's layers re-initialised, counted from the output")
+    parser.add_argument("--label_randomisation_blackbox", type=str | None, default=None,
+                        help="with --randomisation_images: also the label-randomisation check (Adebayo et al.) "
+                             "against this black box trained on shuffled labels ('ckpt:PATH', e.g. from "
+                             "configs/experiment/embedded_classifier_shuffled.yaml)")
     parser.add_argument("--out", type=str, default="outputs/evaluation")
     parser.add_argument("--accelerator", type=str, default="cpu")
     parser.add_argument("--devices", type=int | str, default=1)
@@ -115,7 +123,9 @@ def check_run_header(out: Path, header: dict) -> None:
     path = out / "run.json"
     if path.is_file():
         before = json.loads(path.read_text())
-        changed = sorted(k for k in header if k != "methods_hparams" and before.get(k) != header[k])
+        # Hyper-parameters and per-method image counts may change: rows are per (image, method) and stay valid.
+        changed = sorted(k for k in header if k not in ("methods_hparams", "method_num_images")
+                         and before.get(k) != header[k])
         if changed:
             raise ValueError(f"{out} holds an evaluation with other settings ({', '.join(changed)} differ); use "
                              "another --out or delete the folder")
@@ -126,6 +136,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser = build_parser()
     cfg = parser.parse_args(argv)
     names = method_names(cfg.methods)
+    if cfg.label_randomisation_blackbox and cfg.randomisation_images < 1:
+        raise ValueError("--label_randomisation_blackbox needs --randomisation_images N > 0 (the images checked)")
     init = parser.instantiate_classes(cfg)
     datamodule: pl.LightningDataModule = init.data
     out = Path(cfg.out)
@@ -142,6 +154,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     if blackbox.num_classes != getattr(datamodule, "num_classes", blackbox.num_classes):
         raise ValueError(f"black box has {blackbox.num_classes} classes, the data {datamodule.num_classes}")
     methods = build_explainers(cfg, blackbox, names)
+    unknown = sorted(set(cfg.method_num_images) - set(methods))
+    if unknown or any(n < 1 for n in cfg.method_num_images.values()):
+        raise ValueError(f"--method_num_images must map evaluated methods to counts >= 1; got {cfg.method_num_images}"
+                         f" (not evaluated: {unknown})")
     protocol = make_protocol(cfg.protocol, image_size, cfg.max_forward_batch, cfg.target)
     settings = EvaluationSettings(protocol, mf_steps=cfg.mf_steps, pointing_tolerance=cfg.pointing_tolerance,
                                   iou_threshold=cfg.iou_threshold, top_fraction=cfg.top_fraction)
@@ -149,15 +165,17 @@ def main(argv: list[str] | None = None) -> dict | None:
                    "init_args": json.loads(json.dumps(cfg.data.init_args.as_dict(), default=str))}
     header = {"protocol": settings.to_dict(image_size), "blackbox": blackbox.spec if not cfg.blackbox.startswith("ckpt")
               else cfg.blackbox, "data": data_record, "seed": cfg.seed,
-              "methods_hparams": {n: cfg.method_hparams.get(n, {}) for n in methods}}
+              "methods_hparams": {n: cfg.method_hparams.get(n, {}) for n in methods},
+              "method_num_images": {n: min(k, num_images) for n, k in cfg.method_num_images.items()}}
 
     trainer = pl.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy,
                          num_nodes=cfg.num_nodes, logger=False, enable_checkpointing=False,
                          inference_mode=False, enable_model_summary=False, default_root_dir=str(out))
     if trainer.is_global_zero:
         check_run_header(out, header)
-    overlay = set(range(min(cfg.overlay_images, num_images)))
-    module = EvaluationModule(blackbox, methods, settings, cfg.target, out / "rows", out / "maps", overlay)
+    overlay = set(range(min(cfg.overlay_images, num_images, *cfg.method_num_images.values())))
+    module = EvaluationModule(blackbox, methods, settings, cfg.target, out / "rows", out / "maps", overlay,
+                              image_limits=cfg.method_num_images)
     loader = DataLoader(subset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers,
                         collate_fn=collate_samples)
     trainer.test(module, dataloaders=loader, verbose=False)
@@ -176,19 +194,21 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 
 def randomisation_check(cfg, blackbox: BlackBox, names: list[str], subset, out: Path) -> list[dict]:
-    """Cascading model randomisation (Adebayo et al.) of the registry methods on the first
-    ``--randomisation_images`` images; rows in randomisation.json and a table appended to summary.md.
-    Reused when randomisation.json exists with the same settings (the check costs 1 + len(fractions)
-    explanations per image and method)."""
-    from callbacks.sanity import model_randomisation
+    """Sanity checks (Adebayo et al.) of the registry methods on the first ``--randomisation_images`` images:
+    cascading model randomisation and, with ``--label_randomisation_blackbox``, label randomisation (the maps on
+    a black box trained on shuffled labels). Rows in randomisation.json (``rows``: model, ``label_rows``:
+    label) and one table appended to summary.md. Reused when randomisation.json exists with the same settings
+    (each check costs one explanation per image, method and black box)."""
+    from callbacks.sanity import label_randomisation, model_randomisation
     from metrics import explained_class
 
     settings = {"images": min(cfg.randomisation_images, len(subset)), "fractions": cfg.randomisation_fractions,
-                "methods": names, "seed": cfg.seed,
+                "methods": names, "seed": cfg.seed, "label_blackbox": cfg.label_randomisation_blackbox,
                 "hparams": json.loads(json.dumps({n: cfg.method_hparams.get(n, {}) for n in names}, default=str))}
     path = out / "randomisation.json"
-    if path.is_file() and json.loads(path.read_text()).get("settings") == settings:
-        rows = json.loads(path.read_text())["rows"]
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    if saved.get("settings") == settings:
+        rows, label_rows = saved["rows"], saved.get("label_rows", [])
     else:
         batch = collate_samples([subset[i] for i in range(settings["images"])])
         targets = explained_class(blackbox, batch["image"], batch["label"], cfg.target, cfg.max_forward_batch)
@@ -196,13 +216,21 @@ def randomisation_check(cfg, blackbox: BlackBox, names: list[str], subset, out: 
                   **cfg.method_hparams.get(n, {})} for n in names]
         rows = model_randomisation(blackbox, specs, batch["image"], targets, fractions=[0.0, *cfg.randomisation_fractions],
                                    seed=cfg.seed, indices=batch["index"])
-        path.write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
-    lines = ["", f"## Model randomisation ({settings['images']} images; Spearman rank correlation of each map with "
-             "its map on the trained black box; below 0.5 = the map depends on the weights)", "",
-             "| method | " + " | ".join(f"{f:.0%} of layers" for f in cfg.randomisation_fractions) + " |",
-             "|---|" + "---|" * len(cfg.randomisation_fractions)]
+        label_rows = []
+        if cfg.label_randomisation_blackbox:
+            shuffled = BlackBox(cfg.label_randomisation_blackbox).to(batch["image"].device)
+            label_rows = label_randomisation(blackbox, shuffled, specs, batch["image"], targets, indices=batch["index"])
+        path.write_text(json.dumps({"settings": settings, "rows": rows, "label_rows": label_rows}, indent=2))
+    label = {r["explainer"]: r["spearman"] for r in label_rows}
+    columns = [f"{f:.0%} of layers" for f in cfg.randomisation_fractions] + (["shuffled labels"] if label else [])
+    title = "Model randomisation" + (" and label randomisation" if label else "")
+    lines = ["", f"## {title} ({settings['images']} images; Spearman rank correlation of each map with its map on "
+             "the trained black box; below 0.5 = the map depends on the weights"
+             + (" / on the labels the model learned" if label else "") + ")", "",
+             "| method | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for name in names:
         values = [r["spearman"] for r in rows if r["explainer"] == name and r["fraction"] > 0]
+        values += [label[name]] if label else []
         lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
     with open(out / "summary.md", "a") as f:
         f.write("\n".join(lines) + "\n")

@@ -2,6 +2,7 @@
 
 from callbacks.evaluation import ExplainerEvaluation
 from callbacks.figures import curves_figure, overlay_grid
-from callbacks.sanity import ModelRandomisationCheck, model_randomisation
+from callbacks.sanity import LabelRandomisationCheck, ModelRandomisationCheck, label_randomisation, model_randomisation
 
-__all__ = ["ExplainerEvaluation", "ModelRandomisationCheck", "curves_figure", "model_randomisation", "overlay_grid"]
+__all__ = ["ExplainerEvaluation", "LabelRandomisationCheck", "ModelRandomisationCheck", "curves_figure",
+           "label_randomisation", "model_randomisation", "overlay_grid"]

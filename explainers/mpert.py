@@ -10,8 +10,8 @@ paper's Eq. 5 with the blur perturbation:
 p_c is the softmax probability of the explained class; up is bilinear upsampling to H x W; g_{sigma_m}
 smooths the upsampled mask (the paper's "blurring the upsampled mask"); tau is an integer jitter of the
 image, uniform in [0, jitter)^2 per iteration, and eps ~ N(0, mask_noise^2) per cell per iteration (the
-expectation of Eq. 5 is estimated by one draw per iteration, as stochastic gradient). The regularisers act on
-m itself (no noise). After each Adam step m is clamped to [0, 1]. Output saliency = 1 - M (without noise or
+expectation of Eq. 5 is estimated by one draw per iteration, as stochastic gradient; the clamp of the noisy
+mask passes the gradient straight through). The regularisers act on m itself (no noise). After each Adam step m is clamped to [0, 1]. Output saliency = 1 - M (without noise or
 jitter), (B, 1, H, W) in [0, 1]: high where deleting the image removes the evidence for class c.
 
 The paper's settings (Sec. 4), our defaults at 224 px: Adam, learning rate 0.1, 300 iterations, a 28 x 28
@@ -80,6 +80,12 @@ def total_variation_sum(masks: Tensor, beta: float) -> Tensor:
     vertical = (masks[..., 1:, :] - masks[..., :-1, :]).abs().pow(beta).flatten(1).sum(1)
     horizontal = (masks[..., :, 1:] - masks[..., :, :-1]).abs().pow(beta).flatten(1).sum(1)
     return vertical + horizontal
+
+
+def class_probability(logits: Tensor, targets: Tensor) -> Tensor:
+    """p_c (N,) from logits (N, K), the softmax taken in float64 so that a confident black box (a logit margin
+    above ~17, where float32 rounds p_c to exactly 1) still has a gradient (returned in the logits' dtype)."""
+    return logits.double().softmax(dim=1).gather(1, targets[:, None]).squeeze(1).to(logits.dtype)
 
 
 def jitter_images(images: Tensor, shifts: Tensor, pad: int) -> Tensor:
@@ -210,8 +216,12 @@ class MeaningfulPerturbation(Explainer):
                    targets: Tensor, l1: float, tv: float) -> Tensor:
         """L (N,) of masks (N, 1, h, w) for their images: regularisers + p_c of the jittered deletion."""
         size = tuple(images.shape[-2:])
-        perturbed = perturb(jitter_images(images, shifts, pad), self.render((masks + noise).clamp(0, 1), size),
+        noisy = masks + noise
+        # Clamp the value, not the gradient: torch's clamp has zero gradient *at* its bounds, which would
+        # freeze the cells of a mask that starts at 1 (straight-through: the step's clamp keeps m in [0, 1]).
+        noisy = noisy - (noisy - noisy.clamp(0, 1)).detach()
+        perturbed = perturb(jitter_images(images, shifts, pad), self.render(noisy, size),
                             jitter_images(blurred, shifts, pad))
-        probs = self._logits(perturbed).softmax(dim=1).gather(1, targets[:, None]).squeeze(1)
+        probs = class_probability(self._logits(perturbed), targets)
         regulariser = l1 * (1 - masks).abs().flatten(1).sum(1) + tv * total_variation_sum(masks, self.tv_beta)
         return regulariser + probs

@@ -73,17 +73,20 @@ class EvaluationModule(pl.LightningModule):
         target_rule: "predicted" (the black box's class on the clean image) or "label".
         row_dir: where the rows go (``RowStore``).
         map_dir: where the maps of ``overlay_indices`` are saved (``METHOD/INDEX.pt``) for the figures.
+        image_limits: method name -> N: that method explains only the images with dataset index < N (the
+            first N of the split), e.g. the slow per-image optimisers of a large comparison.
     """
 
     def __init__(self, blackbox: torch.nn.Module, explainers: Mapping[str, object], settings: EvaluationSettings,
                  target_rule: str, row_dir: str | os.PathLike, map_dir: str | os.PathLike,
-                 overlay_indices: set[int] = frozenset()):
+                 overlay_indices: set[int] = frozenset(), image_limits: Mapping[str, int] | None = None):
         super().__init__()
         self.blackbox = blackbox
         self.explainers = dict(explainers)
         self.settings, self.target_rule = settings, target_rule
         self.row_dir, self.map_dir = Path(row_dir), Path(map_dir)
         self.overlay_indices = set(overlay_indices)
+        self.image_limits = dict(image_limits or {})
         self.store: RowStore | None = None
         self.done: set[tuple[int, str]] = set()
 
@@ -100,7 +103,8 @@ class EvaluationModule(pl.LightningModule):
             targets = explained_class(self.blackbox, images, labels, self.target_rule,
                                       self.settings.protocol.max_forward_batch)
             for name, explainer in self.explainers.items():
-                todo = [j for j, i in enumerate(indices.tolist()) if (i, name) not in self.done]
+                limit = self.image_limits.get(name, math.inf)
+                todo = [j for j, i in enumerate(indices.tolist()) if (i, name) not in self.done and i < limit]
                 if todo:
                     self._explain_and_score(name, explainer, images, labels, targets, masks, indices,
                                             torch.tensor(todo, device=images.device))

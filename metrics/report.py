@@ -42,9 +42,11 @@ def dedupe(rows: Iterable[dict]) -> list[dict]:
 
 
 def add_normalized_mf(rows: list[dict], methods: list[str]) -> int:
-    """Set ``mf_normalized`` on every row (NaN where excluded); returns the number of excluded images."""
+    """Set ``mf_normalized`` on every row (NaN where excluded, and on images some method did not explain:
+    the min-max runs over the images every method has); returns the number of excluded images."""
     by_index: dict[int, dict[str, dict]] = {}
     for row in rows:
+        row["mf_normalized"] = math.nan
         by_index.setdefault(int(row["index"]), {})[row["method"]] = row
     complete = sorted(i for i, per in by_index.items() if all(m in per for m in methods))
     if not complete:
@@ -117,6 +119,8 @@ def _fmt(value, key: str) -> str:
         return "–"
     if key in ("forwards_per_image", "backwards_per_image"):
         return f"{value:.0f}"
+    if key == "images":
+        return f"{value:d}"
     if key == "seconds_per_image":
         return f"{value:.3f}"
     if key in ("mf", "mi"):
@@ -126,7 +130,7 @@ def _fmt(value, key: str) -> str:
 
 def summary_markdown(results: dict) -> str:
     """A table per black box: method x every reported number, with the protocol underneath."""
-    keys = SUMMARY_KEYS + ("iou_top", "f1_top")
+    keys = SUMMARY_KEYS + ("iou_top", "f1_top", "images")
     lines = [f"## {results['blackbox']} — {results['num_images']} images of {results['data'].get('name', 'data')}"
              f" ({results['data'].get('split', '')})", "",
              "| method | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
@@ -139,7 +143,7 @@ def summary_markdown(results: dict) -> str:
               f"insertion substrate {causal['insertion_substrate']} (blur kernel {causal['blur_kernel']}, "
               f"sigma {causal['blur_sigma']:.2f}), explained class: {causal['target']}. "
               f"mf: raw M_F (%), {protocol['mf_steps']} steps; mf_normalized: per-image min-max across the "
-              f"methods above. mi: PR area (%) against the ground-truth mask. pointing_game: mean over classes, "
+              f"methods above, on the images every method explained. mi: PR area (%) against the ground-truth mask. pointing_game: mean over classes, "
               f"tolerance {protocol['pointing_tolerance']:.1f} px. iou/f1: map >= {protocol['iou_threshold']} "
               f"after min-max; iou_top/f1_top: top {protocol['top_fraction']:.0%} of pixels. "
               f"Excluded images: {json.dumps(results['excluded'])}.", ""]
