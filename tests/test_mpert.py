@@ -10,7 +10,10 @@ from explainers.mpert import jitter_images, scaled_grid, total_variation_sum
 from explainers.perturbation import gaussian_blur, perturb, scaled_blur
 from tests.test_igos import REGION, SIZE, RegionBox, scenes
 
-TOY = {"iterations": 60, "resolution": 8, "scale_with_image": False, "mask_noise": 0.0, "jitter": 0, "seed": 0}
+# On an 8 x 8 grid of the toy: an L1 price that makes deleting everything cost 0.13 (the paper's weights are
+# given for 28 x 28 sums) and a light TV, so the region (3 x 3 cells) is worth deleting on its own.
+TOY = {"iterations": 60, "resolution": 8, "scale_with_image": False, "mask_noise": 0.0, "jitter": 0, "seed": 0,
+       "l1": 2e-3, "tv": 1e-3}
 BLUR = scaled_blur(61, 10.0, SIZE)  # MPert's sigma_0 = 10 px at 224 (kernel 2 * 30 + 1), at SIZE
 
 
@@ -47,7 +50,8 @@ def test_the_mask_moves_toward_deleting_the_evidence():
     with torch.no_grad():
         before = model.logits(images).softmax(1)[:, 0]
         after = model.logits(perturb(images, kept, blurred)).softmax(1)[:, 0]
-    assert (before > 0.99).all() and (after < 0.5).all(), (before, after)
+    # The toy is confident (p_c ~0.92, its offset lies halfway to the blurred image); the deletion flips it.
+    assert (before > 0.9).all() and (after < 0.2).all(), (before, after)
 
 
 def test_l1_limits_what_is_deleted():
@@ -59,12 +63,14 @@ def test_l1_limits_what_is_deleted():
 
 def test_tv_makes_the_mask_smoother():
     grid = (8, 8)
-    _, rough_explainer, _, rough = run(tv=0.0, l1=1e-3)
-    _, smooth_explainer, _, smooth = run(tv=1.0, l1=1e-3)
-    # Compare the TV of the optimised cell masks (before the final smoothing), recovered at grid resolution.
+    _, _, _, rough = run(tv=0.0)
+    _, _, _, smooth = run(tv=0.03)
+    # The TV of the deletions, measured on the 8 x 8 grid of the optimised masks (cell means of the maps).
     def grid_tv(saliency):
         return total_variation_sum(torch.nn.functional.adaptive_avg_pool2d(1 - saliency, grid), 2.0)
-    assert (grid_tv(smooth) < grid_tv(rough)).all()
+    assert (grid_tv(smooth) < 0.5 * grid_tv(rough)).all()
+    within, outside = inside(smooth)
+    assert (within > outside).all(), "a smoother deletion still centred on the evidence"
 
 
 def test_total_variation_sum_and_scaled_weights():
@@ -94,16 +100,16 @@ def test_jitter_shifts_without_wrapping():
 
 
 def test_cost_noise_and_jitter_are_per_image():
-    model = RegionBox(offset=0.5)
+    images = scenes(4)
+    model = toy_box(images)  # a black box the deletion can move (p_c of RegionBox(0.5) is saturated at 1)
     explainer = explainers.build("mpert", model, iterations=5, resolution=4, scale_with_image=False,
                                  max_forward_batch=3)
-    images = scenes(4)
     targets = torch.zeros(4, dtype=torch.long)
     together = explainer(images, targets, torch.tensor([5, 6, 7, 8]))
     assert (explainer.cost.forwards, explainer.cost.backwards) == (5 * 4, 5 * 4)
     assert model.rows == [3, 1] * 5  # chunks of max_forward_batch, one forward (and backward) per iteration
     alone = explainer(images[2:3], targets[2:3], torch.tensor([7]))
-    assert torch.allclose(together[2:3], alone, atol=1e-5)
+    assert together.std() > 0.1 and torch.allclose(together[2:3], alone, atol=1e-5)
     other_seed = explainers.build("mpert", model, iterations=5, resolution=4, scale_with_image=False, seed=1)
     assert not torch.equal(other_seed(images, targets, torch.tensor([5, 6, 7, 8])), together)
 
