@@ -154,7 +154,8 @@ class LIME(Explainer):
         self.last_segments = segments
         maps = []
         for b, seed in enumerate(seeds.tolist()):
-            lime = CaptumLime(lambda x: self._logits(x).softmax(dim=1), interpretable_model=SkLearnRidge(alpha=self.alpha),
+            lime = CaptumLime(lambda x: self._logits(x).softmax(dim=1),
+                              interpretable_model=SkLearnRidge(alpha=self.alpha),
                               similarity_func=cosine_kernel(self.kernel_width),
                               perturb_func=seeded_sampler(seeded_generator(images.device, seed), self.keep_prob))
             attribution = lime.attribute(images[b:b + 1], baselines=baselines[b:b + 1], target=int(targets[b]),

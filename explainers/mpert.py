@@ -11,8 +11,9 @@ p_c is the softmax probability of the explained class; up is bilinear upsampling
 smooths the upsampled mask (the paper's "blurring the upsampled mask"); tau is an integer jitter of the
 image, uniform in [0, jitter)^2 per iteration, and eps ~ N(0, mask_noise^2) per cell per iteration (the
 expectation of Eq. 5 is estimated by one draw per iteration, as stochastic gradient; the clamp of the noisy
-mask passes the gradient straight through). The regularisers act on m itself (no noise). After each Adam step m is clamped to [0, 1]. Output saliency = 1 - M (without noise or
-jitter), (B, 1, H, W) in [0, 1]: high where deleting the image removes the evidence for class c.
+mask passes the gradient straight through). The regularisers act on m itself (no noise). After each Adam step
+m is clamped to [0, 1]. Output saliency = 1 - M (without noise or jitter), (B, 1, H, W) in [0, 1]: high where
+deleting the image removes the evidence for class c.
 
 The paper's settings (Sec. 4), our defaults at 224 px: Adam, learning rate 0.1, 300 iterations, a 28 x 28
 mask (upsampled x 8), lambda_1 = 1e-4, lambda_2 = 1e-2, beta = 3, sigma_m = 5, jitter tau = 4 px and the blur

@@ -12,11 +12,14 @@ R_a = 0 exactly for a binary mask of area a; lambda_t = area_weight * area_growt
 as the optimisation proceeds.
 
 Smooth masks (Sec. 3.2): m is generated from parameters p on a grid of step s pixels (points at the cell
-centres) by a smooth max over the gaussian-weighted neighbours,
+centres) by a smooth max over the kernel-weighted neighbours,
 
-    m(u) = smax_{v, T} g_sigma(u - v) p(v),    smax_{i, T} c_i = sum_i c_i exp(c_i / T) / sum_j exp(c_j / T),
+    m(u) = smax_{v, T} k_sigma(u - v) p(v),    smax_{i, T} c_i = sum_i c_i exp(c_i / T) / sum_j exp(c_j / T),
 
-so a mask is a union of smooth blobs of scale sigma with flat tops; p is clamped to [0, 1] after each step.
+with the flat-top kernel k_sigma(d) = exp(-2 (|d| / sigma - 1/2)_+^2) (1 within sigma / 2 of a point, then a
+gaussian fall-off; the kernel of the authors' released implementation), so a mask is a union of smooth blobs
+of scale sigma with flat tops and p = 1 everywhere gives m = 1 everywhere; p is clamped to [0, 1] after each
+step.
 
 Perturbation (Sec. 3.3): the blur pyramid. Level l = 0..L-1 is the image blurred with
 sigma_l = max_blur * (1 - l / (L-1)) (level L-1 is the image itself), built with the shared
@@ -27,12 +30,25 @@ with max_blur, and intermediate values blur less.
 Output saliency (B, 1, H, W) = sum_a m_a, in [0, len(areas)] (METHODS.md §4); every area's mask of the last
 call is kept in :attr:`last_masks` (B, len(areas), H, W).
 
-Defaults at 224 px (paper and seed): areas {0.05, 0.1, 0.2}, 300 iterations (the seed's setting; the released
-code uses 800), step s = 7 px, sigma = 21 px, T = 0.05, L = 8 levels, max_blur = 20 px, lambda_0 = 300 growing
-x 1.0035 per iteration, SGD with learning rate 0.01, momentum 0.9 and dampening 0.9 (torch.optim), jitter =
-a horizontal flip of the perturbed image on every other iteration, p initialised to 1. Pixel lengths (s,
-sigma, max_blur) scale with the image side (s = 2, sigma = 6 and max_blur = 5.7 px at 64), so the parameter
-grid keeps its 32 x 32 points and the masks cover the same fraction of the image at any size.
+Defaults at 224 px (paper and seed): areas {0.05, 0.1, 0.2}, 300 iterations (the seed's setting), step s = 7 px,
+sigma = 21 px, T = 0.05, L = 8 levels, max_blur = 20 px, lambda_0 = 300, SGD with momentum 0.9 and dampening
+0.9 (torch.optim), jitter = a horizontal flip of the perturbed image on every other iteration, p initialised
+to 1. The released code runs 800 iterations at learning rate 0.01 with lambda growing x 1.0035 per iteration
+(to ~4,900). Ours, measured on the toys of tests/test_xpert.py: in 300 iterations that schedule stops a
+third of the way (lambda x 2.9) with the masks' off parts still at ~0.05-0.1 (areas ~5 points too large);
+compressed into 300 iterations (learning rate 0.01 * 800 / 300 = 0.0267, growth 1.0035^(800/300)) the areas
+land within ~1 point, but the 10% mask on evidence covering 14% of the image stays 1.1 points too large (the
+reward pulls it outward). The seed asks for the area within 1%, so our default growth is 1.0035^(1600/300) =
+1.01881 per iteration: lambda from 300 to ~80,000 (the released code's growth over 1,600 steps), where the
+three areas hold within 0.2 points and the masks still find the evidence. ``iterations=800, lr=0.01,
+area_growth=1.0035`` is the released code's schedule.
+
+lambda weighs a reward in logits: lambda_0 = 300 suits ImageNet classifiers (logit gaps of tens). The embedded
+black box (label smoothing, ~5 logits between an image and its blur) needs a smaller lambda_0, or the penalty
+shrinks every mask to wherever the generator's ties put it before the reward can move it:
+configs/experiment/embedded_claims_table1.yaml sets lambda from 3 to ~80,000 (chosen on validation images).
+Pixel lengths (s, sigma, max_blur) scale with the image side (s = 2, sigma = 6 and max_blur = 5.7 px at 64),
+so the parameter grid keeps its 32 x 32 points and the masks cover the same fraction of the image at any size.
 
 Deliberate deviations, and why:
 
@@ -41,7 +57,7 @@ Deliberate deviations, and why:
   products of non-negative factors is exactly separable, so the two agree in the limit T -> 0 and differ by
   the softness of the max only. It needs 2K instead of K^2 neighbour terms per pixel
   (K = 2 ceil(3 sigma / s) + 1 = 19), which is what keeps batches of masks in memory.
-- Neighbours farther than 3 sigma are ignored (their weight is below 0.011).
+- Neighbours farther than 3 sigma are ignored (their weight is below 4e-6).
 - Reward: the class logit (the released code's default); the paper writes the network's output score.
 
 Batching: the masks of every (image, area) pair are rows of one parameter tensor of one optimiser (SGD is
@@ -64,14 +80,17 @@ from explainers.registry import register
 
 REFERENCE_SIZE = 224
 _NEIGHBOUR_SIGMAS = 3.0
+# The released code's schedule: 800 SGD steps at this learning rate, lambda growing by this factor per step.
+RELEASED_LR, RELEASED_GROWTH = 0.01, 1.0035
 
 
 def axis_neighbours(length: int, step: float, sigma: float) -> tuple[Tensor, Tensor]:
     """Grid points near each pixel of an axis: (index (length, K) long, weight (length, K)).
 
     Points sit at (j + 0.5) * step for j in [0, ceil(length / step)); pixel p (centre p + 0.5) sees the K =
-    2R + 1 points around its own cell, R = ceil(3 sigma / step), with weight exp(-d^2 / (2 sigma^2)), and 0 for
-    points outside the grid (their index is clamped to a valid one).
+    2R + 1 points around its own cell, R = ceil(3 sigma / step), with the flat-top weight
+    exp(-2 (|d| / sigma - 1/2)_+^2) at distance d, and 0 for points outside the grid (their index is clamped to
+    a valid one).
     """
     points = math.ceil(length / step)
     radius = math.ceil(_NEIGHBOUR_SIGMAS * sigma / step)
@@ -80,7 +99,7 @@ def axis_neighbours(length: int, step: float, sigma: float) -> tuple[Tensor, Ten
     index = own[:, None] + torch.arange(-radius, radius + 1)[None, :]
     inside = (index >= 0) & (index < points)
     distance = centre[:, None] - (index.double() + 0.5) * step
-    weight = torch.exp(-distance.pow(2) / (2 * sigma ** 2)) * inside
+    weight = torch.exp(-2 * (distance.abs() / sigma - 0.5).clamp_min(0).pow(2)) * inside
     return index.clamp(0, points - 1), weight.float()
 
 
@@ -162,8 +181,9 @@ class ExtremalPerturbation(Explainer):
         temperature: T of the smooth max (0.05).
         levels: L, blur-pyramid levels (8).
         max_blur: sigma of the strongest blur at 224 px (20), scaled to the image.
-        area_weight, area_growth: lambda_0 (300) and its factor per iteration (1.0035).
-        lr, momentum, dampening: torch.optim.SGD's (0.01, 0.9, 0.9).
+        area_weight, area_growth: lambda_0 (300) and its factor per iteration (1.0035^(1600/300) = 1.01881,
+            module docstring).
+        lr, momentum, dampening: torch.optim.SGD's (0.01 * 800 / 300 = 0.0267, 0.9, 0.9).
         jitter: flip the perturbed image horizontally on every other iteration (True).
         seed, max_forward_batch: see :class:`explainers.base.Explainer` (the method draws no random numbers).
 
@@ -174,7 +194,8 @@ class ExtremalPerturbation(Explainer):
 
     def __init__(self, blackbox, *, areas: Sequence[float] = (0.05, 0.1, 0.2), iterations: int = 300,
                  step: float = 7.0, sigma: float = 21.0, temperature: float = 0.05, levels: int = 8,
-                 max_blur: float = 20.0, area_weight: float = 300.0, area_growth: float = 1.0035, lr: float = 0.01,
+                 max_blur: float = 20.0, area_weight: float = 300.0,
+                 area_growth: float = RELEASED_GROWTH ** (1600 / 300), lr: float = RELEASED_LR * 800 / 300,
                  momentum: float = 0.9, dampening: float = 0.9, jitter: bool = True, **common):
         super().__init__(blackbox, **common)
         areas = tuple(float(a) for a in areas)

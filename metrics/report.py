@@ -143,7 +143,8 @@ def summary_markdown(results: dict) -> str:
               f"insertion substrate {causal['insertion_substrate']} (blur kernel {causal['blur_kernel']}, "
               f"sigma {causal['blur_sigma']:.2f}), explained class: {causal['target']}. "
               f"mf: raw M_F (%), {protocol['mf_steps']} steps; mf_normalized: per-image min-max across the "
-              f"methods above, on the images every method explained. mi: PR area (%) against the ground-truth mask. pointing_game: mean over classes, "
+              f"methods above, on the images every method explained. mi: PR area (%) against the ground-truth "
+              f"mask. pointing_game: mean over classes, "
               f"tolerance {protocol['pointing_tolerance']:.1f} px. iou/f1: map >= {protocol['iou_threshold']} "
               f"after min-max; iou_top/f1_top: top {protocol['top_fraction']:.0%} of pixels. "
               f"Excluded images: {json.dumps(results['excluded'])}.", ""]

@@ -2,23 +2,54 @@
 evidence, and the pieces (smooth-max generator, blur pyramid, ranking penalty) match their definitions."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 import explainers
 from explainers.perturbation import gaussian_blur
-from explainers.xpert import SmoothMaskGenerator, area_penalty, axis_neighbours, blur_pyramid, pyramid_perturb, smooth_max
+from explainers.xpert import (SmoothMaskGenerator, area_penalty, axis_neighbours, blur_pyramid, pyramid_perturb,
+                               smooth_max)
 from tests.test_igos import REGION, SIZE, RegionBox, scenes
 
 AREAS = (0.05, 0.1, 0.2)
 
 
+class TextureBox(nn.Module):
+    """Class 0's logit = gain * mean over REGION of |x_0 - 3x3 box(x_0)| (the fine detail of channel 0); class 1's
+    = 0. Blur removes the detail, so every pixel of REGION is evidence (a flat bright region would only be
+    evidence along its edges)."""
+
+    num_classes = 2
+
+    def __init__(self, gain: float = 60.0):
+        super().__init__()
+        self.register_buffer("kernel", torch.full((1, 1, 3, 3), 1 / 9))
+        self.gain = gain
+
+    def logits(self, x):
+        detail = (x[:, :1] - F.conv2d(x[:, :1], self.kernel, padding=1)).abs()
+        score = self.gain * detail[:, 0, REGION[0], REGION[1]].mean(dim=(1, 2))
+        return torch.stack([score, torch.zeros_like(score)], dim=1)
+
+
+def textured(count: int) -> torch.Tensor:
+    """scenes() with a 1-px checkerboard (0.1 / 0.9) in REGION of channel 0: the TextureBox's evidence."""
+    images = scenes(count)
+    rows, cols = torch.meshgrid(torch.arange(SIZE), torch.arange(SIZE), indexing="ij")
+    checker = ((rows + cols) % 2).float()[REGION]
+    images[:, 0, REGION[0], REGION[1]] = 0.1 + 0.8 * checker
+    return images
+
+
 @pytest.fixture(scope="module")
 def explained():
     """The toy explained at the defaults (300 iterations, areas {0.05, 0.1, 0.2})."""
-    images = scenes(2)
-    explainer = explainers.build("xpert", RegionBox(0.5))
-    saliency = explainer(images, torch.zeros(2, dtype=torch.long))
+    explainer = explainers.build("xpert", TextureBox())
+    saliency = explainer(textured(2), torch.zeros(2, dtype=torch.long))
     return explainer, saliency
 
 
@@ -27,7 +58,7 @@ def test_area_constraint_holds_within_one_percent_at_each_area(explained):
     assert explainer.areas == AREAS and explainer.iterations == 300
     masks = explainer.last_masks
     assert masks.shape == (2, 3, SIZE, SIZE) and masks.min() >= 0 and masks.max() <= 1
-    areas = masks.flatten(2).mean(2)
+    areas = masks.flatten(2).mean(2)  # the paper's area: sum(m) / |image|
     assert torch.allclose(areas, torch.tensor(AREAS).expand(2, -1), atol=0.01), areas
     assert torch.allclose(saliency[:, 0], masks.sum(1))
 
@@ -37,24 +68,27 @@ def test_masks_preserve_the_evidence(explained):
     region = torch.zeros(SIZE, SIZE, dtype=torch.bool)
     region[REGION] = True
     masks = explainer.last_masks
-    # The region covers 19% of the image: the two smaller masks should lie almost entirely inside it.
+    # The region covers 14% of the image: the 5% and 10% masks should lie almost entirely inside it.
     inside = (masks[:, :2] * region).flatten(2).sum(2) / masks[:, :2].flatten(2).sum(2)
     assert (inside > 0.8).all(), inside
+    # And the 20% mask covers most of it.
+    assert ((masks[:, 2] * region).flatten(1).sum(1) / region.sum() > 0.6).all()
 
 
 def test_smooth_masks_and_their_generator():
     generate = SmoothMaskGenerator((32, 32), step=2.0, sigma=6.0, temperature=0.05)
     assert generate.grid == (16, 16)
     full = generate(torch.ones(1, 1, 16, 16))
-    assert full.min() > 0.95 and full.max() <= 1  # flat top: the nearest point is within step / sqrt(2)
+    # Flat top: every pixel has points within sigma / 2 (the smooth max averages in the lower neighbours a little).
+    assert full.min() > 0.98 and full.max() <= 1
     single = torch.zeros(1, 1, 16, 16)
-    single[..., 8, 8] = 1.0  # one point at pixel centre (17, 17)
+    single[..., 8, 8] = 1.0  # one point at (17, 17): between pixels 16 and 17 (centres 16.5, 17.5)
     bump = generate(single)[0, 0]
-    assert bump.argmax() == 17 * 32 + 17 and bump[17, 17] == pytest.approx(1.0, abs=1e-6)
-    # Far from the point the mask follows the gaussian g(d) = exp(-d^2 / (2 sigma^2)) along an axis.
-    assert bump[17, 17 + 6].item() == pytest.approx(torch.exp(torch.tensor(-0.5)).item(), abs=1e-3)
+    # Flat within sigma / 2 = 3 px of the point along an axis (pixels 14..19), then exp(-2 (d / sigma - 1/2)^2).
+    assert torch.allclose(bump[17, 14:20], torch.ones(6), atol=1e-6) and bump[17, 20] < 0.99
+    assert bump[17, 23].item() == pytest.approx(math.exp(-2 * (6.5 / 6 - 0.5) ** 2), abs=1e-3)  # d = 6.5
     index, weight = axis_neighbours(10, 2.0, 1.0)
-    assert index.shape == (10, 2 * 2 + 1) and (weight[:, 2] > 0.8).all() and weight[0, 0] == 0  # off-grid
+    assert index.shape == (10, 2 * 2 + 1) and (weight[:, 2] == 1).all() and weight[0, 0] == 0  # off-grid
     values = torch.tensor([0.1, 0.9, 0.2])
     assert smooth_max(values, 1e-3).item() == pytest.approx(0.9, abs=1e-4)
     assert smooth_max(values, 1e3).item() == pytest.approx(values.mean().item(), abs=1e-3)
