@@ -11,6 +11,7 @@ import netrc
 import os
 from pathlib import Path
 
+from pytorch_lightning.callbacks import Timer
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import WandbLogger as _LightningWandbLogger
 from pytorch_lightning.utilities import rank_zero_info
@@ -87,6 +88,9 @@ class SaliencyCLI(LightningCLI):
         if not self.trainer.is_global_zero:
             return
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}
+        timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
+        if timer is not None:  # its elapsed times are saved in checkpoints, so a resumed run counts them all
+            metrics.update({f"time/{stage}_seconds": timer.time_elapsed(stage) for stage in ("train", "validate")})
         path = Path(self.trainer.default_root_dir) / f"{subcommand}_metrics.json"
         path.write_text(json.dumps(metrics, indent=2, sort_keys=True))
         rank_zero_info(f"metrics written to {path}")

@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from core.blackbox import read_blackbox_record
+
 CLASSIFIER_CONFIG = "configs/experiment/embedded_classifier.yaml"
 FILTER_CONFIG = "configs/experiment/embedded_filter.yaml"
 PREDICTOR_CONFIGS = {"predictor_ct": "configs/experiment/embedded_predictor_ct.yaml",
@@ -58,8 +60,6 @@ def train_stage(config: str, run_dir: Path, extra: list[str] = ()) -> dict:
 
 def classifier_stage(out: Path, record: Path, train: bool, overrides: list[str]) -> tuple[float, Path]:
     """(test accuracy, black-box checkpoint): a black-box record, tested, or a freshly trained classifier."""
-    from lightning_modules.blackbox import read_blackbox_record
-
     run_dir = out / "classifier"
     if train or not record.is_file():
         accuracy = train_stage(CLASSIFIER_CONFIG, run_dir, overrides)["test/acc"]
@@ -67,10 +67,11 @@ def classifier_stage(out: Path, record: Path, train: bool, overrides: list[str])
     if not (run_dir / "test_metrics.json").is_file():
         print(f"[demo] classifier: testing the black box {record} (train one anew: --train_classifier)")
         arch = read_blackbox_record(record)  # the record's architecture, whatever the config says
+        blackbox = "--model.init_args.blackbox.init_args"
         _call([sys.executable, "train.py", "test", "--config", CLASSIFIER_CONFIG, f"--run_dir={run_dir}",
-               f"--model.init_args.model={arch['model']}", f"--model.init_args.num_classes={arch['num_classes']}",
-               f"--model.init_args.model_kwargs={json.dumps(arch['model_kwargs'])}",
-               f"--model.init_args.mean={json.dumps(arch['mean'])}", f"--model.init_args.std={json.dumps(arch['std'])}",
+               f"{blackbox}.model={arch['model']}", f"{blackbox}.num_classes={arch['num_classes']}",
+               f"{blackbox}.model_kwargs={json.dumps(arch['model_kwargs'])}",
+               f"{blackbox}.mean={json.dumps(arch['mean'])}", f"{blackbox}.std={json.dumps(arch['std'])}",
                f"--model.init_args.weights={record}", *overrides])
     return json.loads((run_dir / "test_metrics.json").read_text())["test/acc"], record
 
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
                            args.train_classifier, overrides)
     print(f"\n[demo] embedded black box: test accuracy {accuracy:.2%} on the embedded test split")
     print(f"[demo] checkpoint: {ckpt}  (BlackBox('ckpt:{ckpt}'))\n")
-    blackbox = f"--model.init_args.blackbox=ckpt:{ckpt}"
+    blackbox = f"--model.init_args.blackbox.init_args.model=ckpt:{ckpt}"
 
     filter_dir = args.out / "filter"
     timed("filter", train_stage, FILTER_CONFIG, filter_dir, [blackbox, *overrides])
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     extra = [] if args.num_images is None else [f"--num_images={args.num_images}"]
     ckpts = [str(path) for path in predictors.values()]
     ckpts.append(f"predictor_ct_posthoc={predictors['predictor_ct']}")  # CT with post-hoc tuning, same weights
-    timed("evaluation", _call, [sys.executable, "evaluate.py", "--config", EVALUATE_CONFIG, f"--blackbox=ckpt:{ckpt}",
+    timed("evaluation", _call, [sys.executable, "evaluate.py", "--config", EVALUATE_CONFIG, f"--blackbox.init_args.model=ckpt:{ckpt}",
                                 f"--out={evaluation}", f"--ckpt={json.dumps(ckpts)}", *extra,
                                 *shlex.split(args.evaluate_args)])
 

@@ -9,8 +9,8 @@ from typing import Callable
 
 import torch
 
+from core.blackbox import BlackBox
 from datamodules import ClutteredFashionMNIST
-from lightning_modules.blackbox import BlackBox
 
 DEMO_CKPT = Path(__file__).resolve().parents[1] / "assets" / "embedded_blackbox.pt"
 

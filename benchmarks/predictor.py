@@ -28,6 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import DEMO_CKPT, embedded_batch  # noqa: E402
+from core.blackbox import BlackBox  # noqa: E402
 from lightning_modules.mask_predictor import MaskPredictor  # noqa: E402
 
 
@@ -37,16 +38,14 @@ CLASSIFIER_CONFIG = Path(__file__).resolve().parents[1] / "configs/model/embedde
 def build(mode: str) -> MaskPredictor:
     """The predictor on the demo's black box, or on random weights of the architecture its config names."""
     if DEMO_CKPT.is_file():
-        spec, kwargs = f"ckpt:{DEMO_CKPT}", {}
+        blackbox = BlackBox(f"ckpt:{DEMO_CKPT}")
     else:
         import yaml
 
-        args = yaml.safe_load(CLASSIFIER_CONFIG.read_text())["init_args"]
-        spec = args["model"]
-        kwargs = {"num_classes": args["num_classes"], "blackbox_kwargs": args.get("model_kwargs")}
+        blackbox = BlackBox.from_config(yaml.safe_load(CLASSIFIER_CONFIG.read_text())["init_args"]["blackbox"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the untrained-filter warning
-        return MaskPredictor(blackbox=spec, filter_checkpoint=None, mode=mode, **kwargs)
+        return MaskPredictor(blackbox=blackbox, filter_checkpoint=None, mode=mode)
 
 
 def alternate(first, second, repeats: int) -> tuple[float, float]:

@@ -74,6 +74,31 @@ def overlay_grid(images: Tensor, maps: Mapping[str, Tensor], titles: Sequence[st
     return figure
 
 
+def overlay_image(image: Tensor, saliency: Tensor) -> Tensor:
+    """One overlay as pixels, drawn as a cell of :func:`overlay_grid` is: the ``jet`` heat map of the
+    min-max normalised ``saliency`` at alpha 0.5 over a grey copy of the image, at the image's full size.
+
+    Args:
+        image: (H, W, 3) uint8 (a decoded file) or (3, H, W) float in [0, 1].
+        saliency: (H, W) or (1, H, W) at the image's size; any range, higher = more salient.
+    Returns: (H, W, 3) uint8 RGB.
+    """
+    from matplotlib import colormaps
+
+    pixels = image.float().div(255) if image.dtype == torch.uint8 else image.detach().float().permute(1, 2, 0)
+    if saliency.shape[-2:] != pixels.shape[:2]:
+        raise ValueError(f"saliency {tuple(saliency.shape)} does not match the image {tuple(pixels.shape)}")
+    heat = _normalise(saliency.reshape(1, 1, *saliency.shape[-2:]))[0].cpu()
+    cmap = colormaps[OVERLAY_CMAP]
+    # the colour map's own lookup table (cmap.N entries, as imshow uses), indexed: a few bytes per pixel
+    # where calling cmap on the map would hold 32 (float64 RGBA) for a multi-megapixel photo
+    table = torch.from_numpy(cmap(torch.linspace(0, 1, cmap.N).numpy())[:, :3]).float()
+    colour = table[(heat * (cmap.N - 1)).round().long()]
+    grey = pixels.clamp(0, 1).mean(-1, keepdim=True).cpu()
+    blended = OVERLAY_ALPHA * colour + (1 - OVERLAY_ALPHA) * grey
+    return blended.mul(255).round().clamp(0, 255).to(torch.uint8)
+
+
 def curves_figure(fractions: Tensor, mean_curves: Mapping[str, tuple[Tensor, Tensor]]) -> Figure:
     """Two panels, deletion and insertion: the mean curve of each method against the fraction of units.
 

@@ -23,15 +23,10 @@ from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
 from torchmetrics.functional.regression import spearman_corrcoef
 
-from callbacks.evaluation import (
-    TARGET_RULES,
-    ExplainerSpec,
-    ProbeSet,
-    ProbeSetCallback,
-    autograd_enabled,
-    build_explainer,
-    explainer_keys,
-)
+from callbacks.base import ProbeSetCallback, autograd_enabled
+from callbacks.probe import ProbeSet
+from explainers import ExplainerSpec, build_explainer, explainer_keys
+from metrics import TARGET_RULES
 
 DEFAULT_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -179,7 +174,7 @@ class ModelRandomisationCheck(ProbeSetCallback):
             per explainer and step.
         fractions, seed: as :func:`model_randomisation`.
         target: explained class, "predicted" (on the trained black box) or "label".
-        stages, every_n_epochs, blackbox_attr, prefix: see :class:`callbacks.evaluation.ProbeSetCallback`.
+        stages, every_n_epochs, blackbox_attr, prefix: see :class:`callbacks.base.ProbeSetCallback`.
     """
 
     def __init__(
@@ -265,7 +260,7 @@ class LabelRandomisationCheck(ProbeSetCallback):
 
     def shuffled(self, device: torch.device) -> nn.Module:
         if self._shuffled is None:
-            from lightning_modules.blackbox import BlackBox
+            from core.blackbox import BlackBox
 
             self._shuffled = BlackBox(self.shuffled_spec)
         return self._shuffled.to(device)

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 BATCH_KEYS = ("image", "label", "mask", "boxes", "index")
@@ -65,7 +65,7 @@ def is_image_file(name: str | os.PathLike) -> bool:
     return os.path.splitext(os.fspath(name))[1].lower() in IMAGE_EXTENSIONS
 
 
-def load_rgb(path: str | os.PathLike) -> Image.Image:
+def load_rgb(path: str | os.PathLike, orient: bool = False, max_pixels: int | None = None) -> Image.Image:
     """Decode an image file into an 8-bit RGB PIL image; raise ``BadImageError`` naming the file if it fails.
 
     Mode conversions (deliberately simple, like torchvision's default loader): grayscale ``L``/``1`` is
@@ -74,15 +74,24 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
     on a background; ``P`` maps through its palette; 16-bit grayscale keeps its 8 high bits (PIL's own
     conversion would clip it to white). Truncated files fail unless the caller has set
     ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES``.
+
+    ``orient`` applies the EXIF orientation tag first (the image as viewers show it; for users' photos).
+    ``max_pixels`` refuses larger images before decoding them (decompression bombs: a small file that
+    claims e.g. 10^10 pixels); PIL itself refuses only above twice ``Image.MAX_IMAGE_PIXELS``.
     """
     try:
         with Image.open(path) as img:
+            if max_pixels is not None and img.width * img.height > max_pixels:
+                raise Image.DecompressionBombError(f"{img.width}x{img.height} pixels, more than max_pixels="
+                                                   f"{max_pixels}")
+            if orient:
+                img = ImageOps.exif_transpose(img)
             if img.mode.startswith("I;16"):
                 return Image.fromarray((np.asarray(img) >> 8).astype(np.uint8)).convert("RGB")
             if img.mode == "P" and isinstance(img.info.get("transparency"), bytes):
                 img = img.convert("RGBA")  # PIL warns when converting such palettes straight to RGB
             return img.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as err:  # PIL signals corrupt data with all three
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # PIL's corrupt-data signals
         raise BadImageError(f"{os.fspath(path)}: cannot decode image ({type(err).__name__}: {err})") from err
 
 

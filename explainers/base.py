@@ -12,8 +12,8 @@ seed per image from ``(seed, index)``, runs ``_explain`` with the black box's st
 :func:`preserved_state`), with autograd available even inside Lightning's ``inference_mode`` loops
 when the method needs gradients, and counts every image that goes through the black box. Subclasses
 reach the black box only through :meth:`Explainer._logits` / :meth:`Explainer._forward` /
-:meth:`Explainer._class_probs` so the counting is uniform, and send at most ``max_forward_batch`` images
-through it at once (the single memory knob).
+:meth:`Explainer._class_probs` / :meth:`Explainer._features` so the counting is uniform (no explainer counts
+by hand), and send at most ``max_forward_batch`` images through it at once (the single memory knob).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from explainers.perturbation import derive_seeds, seeded_generator
+from core.seeding import derive_seeds
 
 # Module attributes holding hook handles (torch 2.x). `_full_backward_hooks` existed in older releases;
 # a missing attribute is skipped, so the list can name every spelling.
@@ -110,7 +110,8 @@ def rebatch(parts: Iterable[tuple[Tensor, ...]], size: int) -> Iterator[tuple[Te
         yield tuple(torch.cat(column) for column in zip(*pending))
 
 
-def _device_of(module: nn.Module) -> torch.device | None:
+def device_of(module: nn.Module) -> torch.device | None:
+    """The device of ``module``'s first parameter or buffer; None for a module that has neither."""
     for tensor in (*module.parameters(), *module.buffers()):
         return tensor.device
     return None
@@ -120,7 +121,7 @@ class Explainer:
     """Base class of every explainer: validation, per-image seeds, state guard, cost counting.
 
     Args:
-        blackbox: a :class:`lightning_modules.blackbox.BlackBox` (or any ``nn.Module`` with
+        blackbox: a :class:`core.blackbox.BlackBox` (or any ``nn.Module`` with
             ``logits(x)`` for x (B, 3, H, W) in [0, 1] and an int ``num_classes``).
         seed: run seed in [0, 2**31); image b's randomness comes from ``derive_seeds(seed, indices[b])``.
         max_forward_batch: the most images sent through the black box at once, in one forward (and its
@@ -129,11 +130,14 @@ class Explainer:
 
     Subclass convention (as scikit-learn's ``get_params``): store every keyword argument of ``__init__``
     under its own name, so :attr:`hparams` can report the full configuration next to every result.
-    Set ``needs_grad = True`` on methods that back-propagate through the black box.
+    Set ``needs_grad = True`` on methods that back-propagate through the black box. A *trained* method
+    (``trained = True``, e.g. the learned mask predictor) is built from the checkpoint of its training run by
+    :meth:`from_checkpoint`, which ``explainers.build(name, blackbox, checkpoint=PATH)`` calls.
     """
 
     name: ClassVar[str] = "explainer"  # set by @register
     needs_grad: ClassVar[bool] = False
+    trained: ClassVar[bool] = False
 
     def __init__(self, blackbox: nn.Module, *, seed: int = 0, max_forward_batch: int = 256, **hparams):
         if hparams:
@@ -149,6 +153,12 @@ class Explainer:
         self.seed = int(seed)
         self.max_forward_batch = int(max_forward_batch)
         self.cost = Cost()
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint, blackbox: nn.Module | None = None, **hparams) -> "Explainer":
+        """A trained method from ``checkpoint`` (a path, read with ``weights_only=True``, or the loaded dict);
+        ``blackbox`` None rebuilds the black box the checkpoint records. Only trained methods implement it."""
+        raise TypeError(f"{cls.name!r} is not a trained method: build it without a checkpoint")
 
     # -- configuration ------------------------------------------------------------------------------
     @classmethod
@@ -205,7 +215,7 @@ class Explainer:
         batch = images.shape[0]
         if batch == 0:
             raise ValueError("images is an empty batch")
-        device = _device_of(self.blackbox)
+        device = device_of(self.blackbox)
         if device is not None and device != images.device:
             raise ValueError(f"images are on {images.device} but the black box is on {device}")
         if not torch.isfinite(images).all():

@@ -30,23 +30,16 @@ from torch import Tensor
 
 from explainers.base import Explainer
 from explainers.registry import register
-from lightning_modules.blackbox import TORCHVISION_FEATURE_NODES
 
 
 def cam_target_layer_name(blackbox: nn.Module) -> str:
-    """Name, within ``blackbox.net``, of the module whose output is the deepest selected feature level.
-
-    timm: the ``module`` entry of ``net.feature_info`` at that level (``layer4`` for ResNets);
-    torchvision: the feature-extraction node in ``TORCHVISION_FEATURE_NODES`` (e.g. ``inception5b``).
-    """
-    kind, _, name = getattr(blackbox, "spec", "").partition(":")
-    level = blackbox.feature_indices[-1]
-    if kind == "timm":
-        return blackbox.net.feature_info[level]["module"]
-    if kind == "torchvision":
-        return TORCHVISION_FEATURE_NODES[name][0][level]
-    raise ValueError(f"cannot locate the last feature level of black box {getattr(blackbox, 'spec', blackbox)!r}; "
-                     "pass target_layer='name.of.module.in.blackbox.net'")
+    """Name, within ``blackbox.net``, of the module whose output is the deepest selected feature level
+    (``BlackBox.feature_modules[-1]``: ``layer4`` for ResNets, ``inception5b`` for GoogLeNet)."""
+    modules = getattr(blackbox, "feature_modules", None)
+    if not modules:
+        raise ValueError(f"cannot locate the last feature level of black box {getattr(blackbox, 'spec', blackbox)!r}; "
+                         "pass target_layer='name.of.module.in.blackbox.net'")
+    return modules[-1]
 
 
 class _CountedLogits(nn.Module):

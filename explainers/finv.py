@@ -52,9 +52,9 @@ import math
 import torch
 from torch import Tensor
 
+from core.perturbation import gaussian_blur, perturb, scaled_blur
 from explainers.base import Explainer
-from explainers.igos import upsample
-from explainers.perturbation import gaussian_blur, perturb, scaled_blur
+from explainers.igos import resize_masks
 from explainers.registry import register
 
 
@@ -128,7 +128,7 @@ class FeatureInversion(Explainer):
         background = gaussian_blur(images, kernel, sigma)
         guide, reference = self._clean_features(images)
         foreground = self._invert(images, background, guide, reference)
-        return upsample(self._discriminate(images, background, guide, foreground, targets), size)
+        return resize_masks(self._discriminate(images, background, guide, foreground, targets), size)
 
     def _clean_features(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """(guide maps (B, C, h, w), reference features f_L(x)) of the clean images: one forward each."""
@@ -163,7 +163,7 @@ class FeatureInversion(Explainer):
         errors = guide.new_zeros(guide.shape[0], self.inversion_iterations + self.record_errors)
 
         def error_of(masks: Tensor, part: slice) -> Tensor:
-            features = self._features(perturb(images[part], upsample(masks, size), background[part]))
+            features = self._features(perturb(images[part], resize_masks(masks, size), background[part]))
             return feature_error(features[self.target_level], reference[part])
 
         def loss(masks: Tensor, part: slice, iteration: int) -> Tensor:
@@ -187,7 +187,7 @@ class FeatureInversion(Explainer):
         def loss(gates: Tensor, part: slice, iteration: int) -> Tensor:
             kept = foreground[part] * gates
             rest = foreground[part] * (1 - gates)
-            x = perturb(images[part].repeat(2, 1, 1, 1), upsample(torch.cat([kept, rest]), size),
+            x = perturb(images[part].repeat(2, 1, 1, 1), resize_masks(torch.cat([kept, rest]), size),
                         background[part].repeat(2, 1, 1, 1))
             classes = targets[part].repeat(2)
             probs = self._logits(x).softmax(dim=1).gather(1, classes[:, None]).squeeze(1)

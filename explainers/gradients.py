@@ -16,8 +16,9 @@ from captum.attr import IntegratedGradients as CaptumIntegratedGradients
 from captum.attr import Saliency
 from torch import Tensor
 
-from explainers.base import Explainer, seeded_generator
-from explainers.perturbation import make_substrate, scaled_blur
+from core.perturbation import make_substrate, scaled_blur
+from core.seeding import seeded_generator
+from explainers.base import Explainer
 from explainers.registry import register
 
 CHANNEL_REDUCTIONS = ("abs_max", "abs_sum", "sum")

@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from core.perturbation import make_substrate, perturb, scaled_blur
 from explainers.base import Explainer, rebatch
-from explainers.perturbation import make_substrate, perturb, scaled_blur
 from explainers.registry import register
 
 REFERENCE_SIZE = 224  # the image side at which window, stride, their decays and the grid cap are given
@@ -427,13 +427,11 @@ class IASSA(Explainer):
         fits the memory budget, the full attention matrix A, reused by every iteration."""
         if self.attention == "none":
             return None, None
-        extractor = self.feature_extractor or self.blackbox.features
+        extractor = self.feature_extractor or self._features  # the black box's own pass is counted
         size = tuple(images.shape[-2:])
         grid, phis = None, []
         for part in self._chunks(images.shape[0]):
             maps = list(extractor(images[part]))
-            if self.feature_extractor is None:
-                self.cost.forwards += images[part].shape[0]
             if grid is None:
                 grid = attention_grid([tuple(m.shape[-2:]) for m in maps], size, self.grid_cap, self.reference_size)
             phis.append(lrpf_features(maps, grid))

@@ -65,7 +65,7 @@ Small images: hyper-parameters are given at 224 px. ``resolution`` r (default 28
 max(2, round(r * side / 224)) cells per side when ``scale_with_image`` (the rule of
 :meth:`metrics.CausalProtocol.igos`, so a 28 grid keeps 8 px cells: 8 x 8 at 64 px); "full" is one cell per
 pixel. ``scale_with_image=False`` takes r as an absolute number of cells. The blur (kernel 51, sigma 50 at
-224) is scaled by :func:`explainers.perturbation.scaled_blur` (15 / 14.3 at 64). L1 defaults to 1, or 10
+224) is scaled by :func:`core.perturbation.scaled_blur` (15 / 14.3 at 64). L1 defaults to 1, or 10
 when the grid is the full image resolution (METHODS.md: 10 at r = 224).
 """
 
@@ -79,8 +79,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from explainers.base import Explainer, seeded_generator
-from explainers.perturbation import gaussian_blur, scaled_blur
+from core.perturbation import gaussian_blur, scaled_blur
+from core.seeding import seeded_generator
+from explainers.base import Explainer
 from explainers.registry import register
 
 REFERENCE_SIZE = 224
@@ -99,10 +100,12 @@ Resolution = Union[int, str]
 # Regularisers (pure functions, per image)
 
 
-def total_variation(masks: Tensor, beta: float = 2.0) -> Tensor:
+def tv_norm(masks: Tensor, beta: float = 2.0) -> Tensor:
     """TV of masks (N, C, h, w) -> (N,): mean |vertical diff|^beta + mean |horizontal diff|^beta.
 
-    Means over all pairs (the released ``tv_norm``), so the value does not grow with the resolution.
+    Means over all pairs (the released ``tv_norm``, hence the name), so the value does not grow with the
+    resolution. (Not ``lightning_modules.mask_predictor.total_variation``: that one is Dabkowski's squared
+    smoothness with a border term.)
     """
     vertical = (masks[..., 1:, :] - masks[..., :-1, :]).abs().pow(beta).flatten(1).mean(1)
     horizontal = (masks[..., :, 1:] - masks[..., :, :-1]).abs().pow(beta).flatten(1).mean(1)
@@ -132,8 +135,12 @@ def bilateral_total_variation(masks: Tensor, weights: tuple[Tensor, Tensor], bet
     return vertical.flatten(1).mean(1) + horizontal.flatten(1).mean(1)
 
 
-def upsample(masks: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinear upsampling (align_corners=False) of masks (N, C, h, w) to size; identity at full resolution."""
+def resize_masks(masks: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear upsampling (align_corners=False) of masks (N, C, h, w) to size; identity at full resolution.
+
+    Plain ``F.interpolate``, not ``networks.mask_generator.upsample``: that one computes the same values by a
+    channels-last layout that is faster for one-channel maps but may differ in the last float bit.
+    """
     if tuple(masks.shape[-2:]) == tuple(size):
         return masks
     return F.interpolate(masks, size=size, mode="bilinear", align_corners=False)
@@ -272,7 +279,7 @@ class _IntegratedGradientOptimizedSaliency(Explainer):
                 previous, theta = theta, masks - (self.nag_step or self.ls_alpha0) * direction
                 masks = (theta + momentum * (theta - previous)).clamp(0, 1)
         self.last_trials = trials
-        return 1 - upsample(self._final_mask(masks), size)
+        return 1 - resize_masks(self._final_mask(masks), size)
 
     def _direction(self, batch: _Batch, masks: Tensor) -> Tensor:
         """Total gradient (Eq. 6): model_grad_scale * IG of the model terms + gradient of the regulariser."""
@@ -349,7 +356,7 @@ class _IntegratedGradientOptimizedSaliency(Explainer):
         """
         # Upsample each mask of the chunk once, then gather per row (rows of one image are consecutive).
         owners, inverse = torch.unique_consecutive(slot, return_inverse=True)
-        up = upsample(masks[owners], batch.size)[inverse]  # (N, MASKS, H, W)
+        up = resize_masks(masks[owners], batch.size)[inverse]  # (N, MASKS, H, W)
         uses = uses[:, :, None, None]
         # prod_j (1 - u_j + u_j * M_j): exactly M_j where used, 1 where not.
         mask = (1 - uses + uses * up).prod(dim=1, keepdim=True) * fraction.to(up.dtype).view(-1, 1, 1, 1)
@@ -440,11 +447,11 @@ class IGOSPP(_IntegratedGradientOptimizedSaliency):
 
     def _regulariser(self, batch: _Batch, masks: Tensor, ids: Tensor) -> Tensor:
         combined = masks.prod(dim=1, keepdim=True)  # Mx * My at r x r, as the released code
-        smooth = (1 - self.btv_mix) * total_variation(combined, self.btv_beta)
+        smooth = (1 - self.btv_mix) * tv_norm(combined, self.btv_beta)
         if batch.weights is not None:
             rows = ids.to(masks.device)
             weights = (batch.weights[0][rows], batch.weights[1][rows])
-            smooth = smooth + self.btv_mix * bilateral_total_variation(upsample(combined, batch.size), weights,
+            smooth = smooth + self.btv_mix * bilateral_total_variation(resize_masks(combined, batch.size), weights,
                                                                        self.btv_beta)
         return batch.l1 * (1 - combined).abs().flatten(1).mean(1) + self.l2 * smooth
 
@@ -483,7 +490,7 @@ class IGOS(_IntegratedGradientOptimizedSaliency):
         self.tv_beta = float(tv_beta)
 
     def _regulariser(self, batch: _Batch, masks: Tensor, ids: Tensor) -> Tensor:
-        return batch.l1 * (1 - masks).abs().flatten(1).mean(1) + self.l2 * total_variation(masks, self.tv_beta)
+        return batch.l1 * (1 - masks).abs().flatten(1).mean(1) + self.l2 * tv_norm(masks, self.tv_beta)
 
     def _final_mask(self, masks: Tensor) -> Tensor:
         return masks

@@ -27,7 +27,7 @@ RISE's grid); SLIC's pre-smoothing ``slic_sigma`` is in pixels (1 at 224) and is
 
 Substrates: "segment_mean" (default: each superpixel filled with its own mean colour, lime_image's
 ``hide_color=None``), "mean" (ImageNet's mean colour), "zero", "blur" (the image blurred, sigma 10 px at
-224, scaled), all from or beside the shared :mod:`explainers.perturbation` substrates.
+224, scaled), all from or beside the shared :mod:`core.perturbation` substrates.
 
 Cost per image: ``n_samples`` forwards, no backward.
 """
@@ -41,8 +41,9 @@ from captum._utils.models.linear_model import SkLearnRidge
 from captum.attr import Lime as CaptumLime
 from torch import Tensor
 
-from explainers.base import Explainer, seeded_generator
-from explainers.perturbation import make_substrate, scaled_blur
+from core.perturbation import make_substrate, scaled_blur
+from core.seeding import seeded_generator
+from explainers.base import Explainer
 from explainers.registry import register
 
 REFERENCE_SIZE = 224

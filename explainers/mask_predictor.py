@@ -1,12 +1,12 @@
-"""The trained mask predictor as an explainer, and the loaders of its checkpoints.
+"""The trained mask predictor as an explainer: four registered methods built from checkpoints.
 
-``explainers.load_checkpoint(path, blackbox)`` rebuilds a predictor trained by
-:class:`lightning_modules.mask_predictor.MaskPredictor` from the checkpoint's ``"explainer"`` record —
-registered names ``predictor_ct``, ``predictor_bt``, ``mgnet`` and ``predictor_ct_posthoc`` (CT with
-post-hoc tuning) — with ``torch.load(weights_only=True)``; the checkpoint does not hold the black box,
-the caller passes it (:func:`load_predictor` builds it from the recorded spec when not given).
-:func:`load_predictor` also switches post-hoc tuning on or off for any checkpoint, e.g. to evaluate
-``predictor_ct`` and ``predictor_ct_posthoc`` from one training run.
+``explainers.build(name, blackbox, checkpoint=PATH)`` rebuilds a predictor trained by
+:class:`lightning_modules.mask_predictor.MaskPredictor` from the checkpoint's ``"explainer"`` record with
+``torch.load(weights_only=True)``: ``predictor_ct``, ``predictor_bt``, ``mgnet`` (the controller must be
+the checkpoint's) and ``predictor_ct_posthoc`` (CT with post-hoc tuning, from a CT checkpoint), so one
+training run gives both ``predictor_ct`` and ``predictor_ct_posthoc``. The checkpoint does not hold the
+black box's weights, only its config: the caller passes the black box, or None to rebuild the recorded one.
+The networks come from :mod:`networks` (plain ``nn.Module``s), never from the LightningModule.
 
 Saliency = the predictor's mask M^d for the explained class, upsampled bilinearly to the image: one pass of
 the black box's feature extractor plus the generator (``cost.forwards`` = 1 per image).
@@ -21,36 +21,33 @@ per image.
 """
 from __future__ import annotations
 
-import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from explainers.base import Explainer, rebatch
-from explainers.perturbation import gaussian_blur, scaled_blur
-from explainers.registry import register_checkpoint_loader
+from core.blackbox import BlackBox
+from core.checkpoints import safe_load
+from core.perturbation import gaussian_blur, scaled_blur
+from explainers.base import Explainer, device_of, rebatch
+from explainers.registry import register
+from networks.mask_generator import MaskPredictorNet
 
-PREDICTOR_NAMES = ("predictor_ct", "predictor_bt", "mgnet", "predictor_ct_posthoc")
 EXPLAINER_FORMAT = "saliency-lab/mask-predictor/v1"
 NET_PREFIX = "net."
-_BASE_NAMES = {"ct": "predictor_ct", "bt": "predictor_bt", "none": "mgnet"}
-
-
-def explainer_name(controller: str, posthoc: bool = False) -> str:
-    """Registry name of a predictor: ``predictor_ct`` / ``predictor_bt`` / ``mgnet``, + ``_posthoc`` if tuned."""
-    return _BASE_NAMES[controller] + ("_posthoc" if posthoc else "")
 
 
 class MaskPredictorExplainer(Explainer):
-    """A trained :class:`lightning_modules.mask_generator.MaskPredictorNet` behind the explainer contract.
+    """A trained :class:`networks.mask_generator.MaskPredictorNet` behind the explainer contract.
+
+    Subclasses fix the controller (``"ct"``, ``"bt"``, ``"none"``) and whether post-hoc tuning is applied;
+    each is one registered name (:func:`predictor_class`).
 
     Args:
         blackbox: the black box the predictor was trained on.
         net: the predictor network (kept by reference: a LightningModule's live network explains with its
-            current weights).
-        name: the name results are reported under (``explainer_name``).
-        posthoc: apply post-hoc tuning (see the module docstring).
+            current weights); its controller must be the class's.
         posthoc_points: n, the measured ranks of post-hoc tuning. posthoc_eps: its epsilon.
         posthoc_blur_kernel, posthoc_blur_sigma: the blur the pixels are revealed into, given at 224 and
             scaled to the image (default: the strong blur M_F uses, kernel 51, sigma 50).
@@ -58,18 +55,27 @@ class MaskPredictorExplainer(Explainer):
         seed, max_forward_batch: see :class:`Explainer` (the predictor itself is deterministic).
     """
 
-    def __init__(self, blackbox, net, name: str = "predictor_ct", *, posthoc: bool = False,
-                 posthoc_points: int = 32, posthoc_eps: float = 1e-3, posthoc_blur_kernel: int = 51,
-                 posthoc_blur_sigma: float = 50.0, filter_bias: float | None = None, seed: int = 0,
-                 max_forward_batch: int = 256):
+    trained = True
+    controller: ClassVar[str] = ""
+    posthoc: ClassVar[bool] = False  # apply post-hoc tuning (see the module docstring)
+
+    def __init__(self, blackbox, net, *, posthoc_points: int = 32, posthoc_eps: float = 1e-3,
+                 posthoc_blur_kernel: int = 51, posthoc_blur_sigma: float = 50.0, filter_bias: float | None = None,
+                 seed: int = 0, max_forward_batch: int = 256):
         super().__init__(blackbox, seed=seed, max_forward_batch=max_forward_batch)
+        if net.controller.kind != self.controller:
+            raise ValueError(f"{self.name!r} needs a predictor with the {self.controller!r} controller, got "
+                             f"{net.controller.kind!r}")
         if posthoc_points < 1:
             raise ValueError(f"posthoc_points must be >= 1, got {posthoc_points}")
         self.net = net
-        self.name = name
-        self.posthoc, self.posthoc_points, self.posthoc_eps = bool(posthoc), int(posthoc_points), float(posthoc_eps)
+        self.posthoc_points, self.posthoc_eps = int(posthoc_points), float(posthoc_eps)
         self.posthoc_blur_kernel, self.posthoc_blur_sigma = int(posthoc_blur_kernel), float(posthoc_blur_sigma)
         self.filter_bias = filter_bias
+
+    @property
+    def hparams(self) -> dict:
+        return {**super().hparams, "posthoc": self.posthoc}
 
     def _explain(self, images: Tensor, targets: Tensor, seeds: Tensor) -> Tensor:
         modes = [(m, m.training) for m in self.net.modules()]
@@ -80,8 +86,7 @@ class MaskPredictorExplainer(Explainer):
         try:
             maps = []
             for part in self._chunks(images.shape[0]):
-                features = self.blackbox.features(images[part])
-                self.cost.forwards += images[part].shape[0]
+                features = self._features(images[part])
                 maps.append(self.net.mask(features, targets[part], images.shape[-2:]).float())
             saliency = torch.cat(maps)
         finally:
@@ -125,9 +130,75 @@ class MaskPredictorExplainer(Explainer):
         tuned = flat.gather(1, order) * factor
         return torch.empty_like(flat).scatter_(1, order, tuned).view_as(saliency)
 
+    # -- checkpoints --------------------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, checkpoint, blackbox=None, **options) -> "MaskPredictorExplainer":
+        """This method from a predictor checkpoint (a path, read with ``weights_only=True``, or its dict).
 
-# ---------------------------------------------------------------------------------------------------------
-# Checkpoints
+        ``blackbox`` None builds the black box from the recorded config; ``options`` override the recorded
+        inference options (``posthoc_points``, ``filter_bias``, ...).
+        """
+        where = "the checkpoint" if isinstance(checkpoint, Mapping) else str(checkpoint)
+        loaded = checkpoint if isinstance(checkpoint, Mapping) else safe_load(checkpoint)
+        record = loaded.get("explainer") or {}
+        if record.get("format") != EXPLAINER_FORMAT:
+            raise ValueError(f"{where} is not a mask-predictor checkpoint (explainer format {record.get('format')!r})")
+        net = MaskPredictorNet.from_config(record["net"])
+        if net.controller.kind != cls.controller:
+            raise ValueError(f"{where} holds a {record.get('name')!r} explainer, which cannot be loaded as {cls.name!r}")
+        net.load_state_dict({k[len(NET_PREFIX):]: v for k, v in loaded["state_dict"].items() if k.startswith(NET_PREFIX)})
+        if blackbox is None:
+            blackbox = BlackBox.from_config(record["blackbox"])
+        _check_fit(net, blackbox, where)
+        net.to(device_of(blackbox) or torch.device("cpu")).eval()
+        recorded = {k: v for k, v in record.get("inference", {}).items() if k != "posthoc"}  # the class decides
+        return cls(blackbox, net, **{**recorded, **options})
+
+
+@register("predictor_ct")
+class PredictorCT(MaskPredictorExplainer):
+    """The learned predictor with the CT controller (the paper's method)."""
+
+    controller = "ct"
+
+
+@register("predictor_ct_posthoc")
+class PredictorCTPosthoc(PredictorCT):
+    """The CT predictor with post-hoc tuning (from the same checkpoint as ``predictor_ct``)."""
+
+    posthoc = True
+
+
+@register("predictor_bt")
+class PredictorBT(MaskPredictorExplainer):
+    """The learned predictor with the BT controller."""
+
+    controller = "bt"
+
+
+@register("mgnet")
+class MGNet(MaskPredictorExplainer):
+    """The MGnet baseline (Dabkowski & Gal): the ratio head, no distribution controller."""
+
+    controller = "none"
+
+
+_CLASSES = {(cls.controller, cls.posthoc): cls for cls in (PredictorCT, PredictorCTPosthoc, PredictorBT, MGNet)}
+
+
+def predictor_class(controller: str, posthoc: bool = False) -> type[MaskPredictorExplainer]:
+    """The registered predictor method of a controller (``"ct"``, ``"bt"``, ``"none"``), with or without
+    post-hoc tuning (registered for CT: ``predictor_ct_posthoc``)."""
+    key = (controller, bool(posthoc))
+    if key not in _CLASSES:
+        raise ValueError(f"no registered predictor for controller {controller!r} with posthoc={bool(posthoc)}; "
+                         "post-hoc tuning is registered for CT only (predictor_ct_posthoc)")
+    return _CLASSES[key]
+
+
+def explainer_name(controller: str, posthoc: bool = False) -> str:
+    """Registry name of a predictor: ``predictor_ct`` / ``predictor_bt`` / ``mgnet`` / ``predictor_ct_posthoc``."""
+    return predictor_class(controller, posthoc).name
 
 
 def _check_fit(net, blackbox, where: str) -> None:
@@ -135,53 +206,3 @@ def _check_fit(net, blackbox, where: str) -> None:
     if channels != net.generator.feature_channels or int(blackbox.num_classes) != net.num_classes:
         raise ValueError(f"{where} was trained for a black box with feature channels {net.generator.feature_channels} "
                          f"and {net.num_classes} classes; the given one has {channels} and {blackbox.num_classes}")
-
-
-def _device_of(module) -> torch.device:
-    for tensor in (*module.parameters(), *module.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
-def from_checkpoint(checkpoint: dict, path: str, blackbox=None, posthoc: bool | None = None,
-                    **inference) -> MaskPredictorExplainer:
-    """A :class:`MaskPredictorExplainer` from a loaded predictor checkpoint.
-
-    ``blackbox`` None builds it from the recorded spec; ``posthoc`` None keeps the recorded choice;
-    ``inference`` overrides other recorded inference options (``posthoc_points``, ``filter_bias``, ...).
-    """
-    from lightning_modules.blackbox import BlackBox
-    from lightning_modules.mask_generator import MaskPredictorNet
-
-    record = checkpoint.get("explainer") or {}
-    if record.get("format") != EXPLAINER_FORMAT:
-        raise ValueError(f"{path} is not a mask-predictor checkpoint (explainer format {record.get('format')!r})")
-    net = MaskPredictorNet.from_config(record["net"])
-    state = {k[len(NET_PREFIX):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(NET_PREFIX)}
-    net.load_state_dict(state)
-    if blackbox is None:
-        blackbox = BlackBox(**record["blackbox"])
-    _check_fit(net, blackbox, path)
-    net.to(_device_of(blackbox)).eval()
-    options = {**record.get("inference", {}), **inference}
-    if posthoc is not None:
-        options["posthoc"] = bool(posthoc)
-    name = explainer_name(net.controller.kind, options.get("posthoc", False))
-    return MaskPredictorExplainer(blackbox, net, name, **options)
-
-
-def load_predictor(path: str, blackbox=None, posthoc: bool | None = None, **inference) -> tuple[str, MaskPredictorExplainer]:
-    """(name, explainer) from a predictor checkpoint at ``path`` (``weights_only=True``); see
-    :func:`from_checkpoint` for the arguments. The name follows the controller and ``posthoc``."""
-    from lightning_modules.blackbox import safe_load
-
-    explainer = from_checkpoint(safe_load(path), str(path), blackbox, posthoc, **inference)
-    return explainer.name, explainer
-
-
-def _loader(checkpoint: dict, path: str, blackbox, *, name: str) -> MaskPredictorExplainer:
-    return from_checkpoint(checkpoint, path, blackbox, posthoc=name.endswith("_posthoc"))
-
-
-for _name in PREDICTOR_NAMES:
-    register_checkpoint_loader(_name)(functools.partial(_loader, name=_name))

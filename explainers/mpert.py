@@ -23,7 +23,7 @@ Deliberate deviations, and why:
 
 - Blur perturbation: the paper writes a spatially varying blur, Phi(x, m)(u) = (g_{sigma_0 (1 - m(u))} * x)(u);
   we blend the image with one blurred copy through the shared perturbation operator
-  (:func:`explainers.perturbation.perturb`), which equals it at m in {0, 1} and is what every other method and
+  (:func:`core.perturbation.perturb`), which equals it at m in {0, 1} and is what every other method and
   metric of the project uses.
 - Initialisation: the paper starts from the smallest centred circle that suppresses the score by 99%, found
   by a search costing extra forwards; we start from m = 1 (nothing deleted) and let the deletion grow where
@@ -52,9 +52,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from explainers.base import Explainer, seeded_generator
-from explainers.igos import upsample
-from explainers.perturbation import gaussian_blur, perturb, scaled_blur
+from core.perturbation import gaussian_blur, perturb, scaled_blur
+from core.seeding import seeded_generator
+from explainers.base import Explainer
+from explainers.igos import resize_masks
 from explainers.registry import register
 
 REFERENCE_SIZE = 224
@@ -175,7 +176,7 @@ class MeaningfulPerturbation(Explainer):
     # -- the method ---------------------------------------------------------------------------------
     def render(self, masks: Tensor, size: tuple[int, int]) -> Tensor:
         """M = g_{sigma_m} * up(masks): (N, 1, h, w) -> (N, 1, H, W) in [0, 1]."""
-        full = upsample(masks, size)
+        full = resize_masks(masks, size)
         if self.mask_sigma == 0:
             return full
         kernel, sigma = scaled_blur(2 * math.ceil(3 * self.mask_sigma) + 1, self.mask_sigma, min(size))

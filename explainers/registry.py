@@ -1,4 +1,8 @@
-"""Name -> explainer class registry: ``@register("rise")``, ``build("rise", blackbox, n_masks=4000)``.
+"""Name -> explainer class registry, the one list of every method, trained predictors included.
+
+    @register("rise")                                               # a class decorator
+    explainers.build("rise", blackbox, n_masks=4000)                # a method
+    explainers.build("predictor_ct", blackbox, checkpoint=PATH)     # a trained method, from its checkpoint
 
 Config files and the evaluation loop refer to explainers by name only; adding a method is one decorated
 class plus an import in ``explainers/__init__.py`` (which is also what the conformance tests iterate over).
@@ -6,10 +10,12 @@ class plus an import in ``explainers/__init__.py`` (which is also what the confo
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
 
 import torch.nn as nn
 
+from core.checkpoints import safe_load
 from explainers.base import Explainer
 
 _REGISTRY: dict[str, type[Explainer]] = {}
@@ -34,59 +40,54 @@ def register(name: str) -> Callable[[type[Explainer]], type[Explainer]]:
 
 
 def available() -> list[str]:
-    """Sorted names of every registered explainer."""
+    """Sorted names of every registered explainer (the trained ones included)."""
     return sorted(_REGISTRY)
 
 
-def build(name: str, blackbox: nn.Module, **hparams) -> Explainer:
+def is_trained(name: str) -> bool:
+    """Whether ``name`` is a trained method, built from a checkpoint."""
+    return _lookup(name).trained
+
+
+def build(name: str, blackbox: nn.Module | None, *, checkpoint: str | os.PathLike | Mapping | None = None,
+          **hparams) -> Explainer:
     """Instantiate the explainer registered as ``name`` on ``blackbox`` with keyword ``hparams``.
 
+    A trained method needs ``checkpoint`` (the path of its training run's checkpoint, read with
+    ``weights_only=True``); for it, ``blackbox`` None rebuilds the black box the checkpoint records, and
+    ``hparams`` override its recorded inference options. Any other method refuses a checkpoint.
+
     Raises:
-        ValueError: unknown name (the message lists the known ones).
+        ValueError: unknown name (the message lists the known ones), or a checkpoint missing / not expected /
+            of another method.
         TypeError: a hyper-parameter the explainer does not take (the message lists those it takes).
     """
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown explainer {name!r}; available: {', '.join(available())}")
-    return _REGISTRY[name](blackbox, **hparams)
+    cls = _lookup(name)
+    if cls.trained:
+        if checkpoint is None:
+            raise ValueError(f"{name!r} is a trained method: build it with checkpoint=PATH (a checkpoint of its "
+                             "training run)")
+        return cls.from_checkpoint(checkpoint, blackbox, **hparams)
+    if checkpoint is not None:
+        raise ValueError(f"{name!r} is not a trained method: it takes no checkpoint (got {checkpoint})")
+    return cls(blackbox, **hparams)
 
 
-# Trained explainers (e.g. the learned mask predictor) live in checkpoints: each checkpoint carries an
-# ``"explainer"`` record {"name": registry name, ...}, and the module that defines the method registers a
-# loader for that name.
-_CHECKPOINT_LOADERS: dict[str, Callable[[dict, str, nn.Module], Explainer]] = {}
-
-
-def register_checkpoint_loader(name: str):
-    """Decorator: ``loader(checkpoint: dict, path: str, blackbox) -> Explainer`` for checkpoints of ``name``."""
-
-    def decorate(loader):
-        _CHECKPOINT_LOADERS[name] = loader
-        return loader
-
-    return decorate
-
-
-def load_checkpoint(path: str, blackbox: nn.Module, name: str | None = None) -> tuple[str, Explainer]:
-    """(name, explainer) from a trained explainer's checkpoint, read with ``weights_only=True``.
-
-    ``name`` asks for a variant of the recorded explainer that the same weights give (e.g.
-    ``predictor_ct_posthoc`` from a ``predictor_ct`` checkpoint); None keeps the recorded one.
+def recorded_name(checkpoint: str | os.PathLike) -> str:
+    """The registry name a trained explainer's checkpoint records (its ``"explainer"`` record), read with
+    ``weights_only=True``.
 
     Raises:
-        ValueError: the file carries no ``"explainer"`` record, one no registered loader handles, or one
-            that cannot give the requested ``name``.
+        ValueError: the file carries no ``"explainer"`` record with a ``"name"``.
     """
-    from lightning_modules.blackbox import safe_load
-
-    checkpoint = safe_load(path)
-    record = checkpoint.get("explainer") if isinstance(checkpoint, dict) else None
+    loaded = safe_load(checkpoint)
+    record = loaded.get("explainer") if isinstance(loaded, dict) else None
     if not isinstance(record, dict) or "name" not in record:
-        raise ValueError(f"{path} is not a trained-explainer checkpoint (no 'explainer' record with a 'name')")
-    wanted = name or record["name"]
-    if wanted not in _CHECKPOINT_LOADERS:
-        known = ", ".join(sorted(_CHECKPOINT_LOADERS)) or "none registered"
-        raise ValueError(f"{path}: no loader gives a {wanted!r} explainer (loaders: {known})")
-    explainer = _CHECKPOINT_LOADERS[wanted](checkpoint, path, blackbox)
-    if getattr(explainer, "name", wanted) != wanted:
-        raise ValueError(f"{path} holds a {record['name']!r} explainer, which cannot be loaded as {wanted!r}")
-    return wanted, explainer
+        raise ValueError(f"{checkpoint} is not a trained-explainer checkpoint (no 'explainer' record with a 'name')")
+    return str(record["name"])
+
+
+def _lookup(name: str) -> type[Explainer]:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown explainer {name!r}; available: {', '.join(available())}")
+    return _REGISTRY[name]

@@ -7,7 +7,13 @@ Saliency of class c at pixel u (paper Eq. 6, with E[M(u)] = p):
 M_i: an s x s binary grid, each cell kept with probability p, bilinearly upsampled to (s+1)*C x (s+1)*C
 (C = ceil(H / s) the cell size) and cropped to H x W at a random offset in [0, C) per axis (the paper's
 recipe: the shift makes the masks smooth but not aligned to one grid). phi is the perturbation operator
-of :mod:`explainers.perturbation`; with the default black substrate it is the paper's I * M_i.
+of :mod:`core.perturbation`.
+
+Masking colour. The paper writes I * M_i, but the released code multiplies the *normalised* image by the
+mask, so a masked pixel becomes 0 after normalisation: the black box's mean colour in pixel space. We follow
+the released code by default (``substrate="mean"`` with the black box's own normalisation mean); the
+paper's literal black (``"zero"``) stays an option. On the embedded black box the two differ measurably
+(deletion 0.091 with the mean colour against 0.107 with black on 8 images; the reference code: 0.080).
 """
 
 from __future__ import annotations
@@ -18,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from explainers.base import Explainer, rebatch, seeded_generator
-from explainers.perturbation import make_substrate, perturb, scaled_blur
+from core.perturbation import make_substrate, perturb, scaled_blur
+from core.seeding import seeded_generator
+from explainers.base import Explainer, rebatch
 from explainers.registry import register
 
 # Masks drawn from one generator. Fixed (not tied to max_forward_batch or B) because it is part of the
@@ -72,11 +79,13 @@ class RISE(Explainer):
             fraction of the image at any size; lower s for images under ~4*s px, where cells get to a few
             pixels and the bilinear ramps dominate.
         keep_prob: p, the probability that a cell is kept (paper: 0.5).
-        substrate: what replaces the masked-out pixels: "zero" (default, the paper's I * M), "mean"
-            (``mean_colour``) or "blur" (the image blurred, see below).
+        substrate: what replaces the masked-out pixels: "mean" (default: ``mean_colour``, as the released
+            code's masking of the normalised image), "zero" (the paper's literal I * M) or "blur" (the image
+            blurred, see below).
         blur_kernel, blur_sigma: the "blur" substrate at 224 px (default: the RISE insertion blur, 11 / 5),
-            scaled to the image by :func:`explainers.perturbation.scaled_blur`.
-        mean_colour: per-channel colour in [0, 1] of "mean" (default ImageNet's mean).
+            scaled to the image by :func:`core.perturbation.scaled_blur`.
+        mean_colour: per-channel colour in [0, 1] of "mean" (default: the black box's normalisation mean,
+            ``blackbox.mean``; ImageNet's mean for a model without one).
         seed, max_forward_batch: see :class:`explainers.base.Explainer`.
 
     Randomness and memory: image b's masks come in streams of ``MASKS_PER_STREAM``; stream k is drawn
@@ -89,7 +98,7 @@ class RISE(Explainer):
     """
 
     def __init__(self, blackbox, *, n_masks: int = 8000, grid_size: int = 7, keep_prob: float = 0.5,
-                 substrate: str = "zero", blur_kernel: int = 11, blur_sigma: float = 5.0,
+                 substrate: str = "mean", blur_kernel: int = 11, blur_sigma: float = 5.0,
                  mean_colour: tuple[float, float, float] | None = None, **common):
         super().__init__(blackbox, **common)
         if n_masks < 1 or grid_size < 1:
@@ -118,7 +127,14 @@ class RISE(Explainer):
 
     def _substrate(self, images: Tensor) -> Tensor:
         kernel, sigma = scaled_blur(self.blur_kernel, self.blur_sigma, min(images.shape[-2:]))
-        return make_substrate(self.substrate, images, blur_kernel=kernel, blur_sigma=sigma, mean=self.mean_colour)
+        return make_substrate(self.substrate, images, blur_kernel=kernel, blur_sigma=sigma, mean=self._mean_colour())
+
+    def _mean_colour(self) -> tuple[float, ...] | None:
+        """The "mean" colour: ``mean_colour`` if given, else the black box's normalisation mean (None: ImageNet's)."""
+        if self.mean_colour is not None:
+            return tuple(self.mean_colour)
+        mean = getattr(self.blackbox, "mean", None)
+        return tuple(torch.as_tensor(mean).flatten().tolist()) if mean is not None else None
 
     def _draws(self, seeds: Tensor, size: tuple[int, int], images: Tensor):
         """Yield (owner (n,) CPU long, grids (n, 1, s, s), shifts (n, 2)) per (stream, image), in that order."""

@@ -23,8 +23,8 @@ step.
 
 Perturbation (Sec. 3.3): the blur pyramid. Level l = 0..L-1 is the image blurred with
 sigma_l = max_blur * (1 - l / (L-1)) (level L-1 is the image itself), built with the shared
-:func:`explainers.perturbation.gaussian_blur`; Phi(x, m)(u) interpolates linearly between the two levels
-around m(u) * (L-1) with :func:`explainers.perturbation.perturb`, so m = 1 keeps the image, m = 0 blurs it
+:func:`core.perturbation.gaussian_blur`; Phi(x, m)(u) interpolates linearly between the two levels
+around m(u) * (L-1) with :func:`core.perturbation.perturb`, so m = 1 keeps the image, m = 0 blurs it
 with max_blur, and intermediate values blur less.
 
 Output saliency (B, 1, H, W) = sum_a m_a, in [0, len(areas)] (METHODS.md §4); every area's mask of the last
@@ -74,8 +74,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from core.perturbation import gaussian_blur, perturb
 from explainers.base import Explainer
-from explainers.perturbation import gaussian_blur, perturb
 from explainers.registry import register
 
 REFERENCE_SIZE = 224

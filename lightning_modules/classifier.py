@@ -1,42 +1,40 @@
 """Training the embedded black box: a small timm CNN classifying cluttered Fashion-MNIST scenes.
 
-Its checkpoints carry a ``"blackbox"`` record (``blackbox_record``) so that ``BlackBox("ckpt:PATH")``
-rebuilds the frozen classifier from any of them with ``torch.load(weights_only=True)``.
+The classifier arrives as a :class:`BlackBox` (in configs ``class_path: core.blackbox.BlackBox`` with the
+architecture, the number of classes and the normalisation in ``init_args``), the same object every other
+module takes; this module is the one place that trains its network. Its checkpoints carry a ``"blackbox"``
+record (``BlackBox.export_record``) so that ``BlackBox("ckpt:PATH")`` rebuilds the frozen classifier from any
+of them with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
-
-from typing import Sequence
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 import torchmetrics
 
-from .blackbox import blackbox_record, create_network, read_blackbox_record
+from core.blackbox import BlackBox, read_blackbox_record
 
 
 class Classifier(pl.LightningModule):
-    """Cross-entropy training of ``create_network(model)`` on batches ``{image (B,3,H,W) in [0,1], label (B,)}``.
+    """Cross-entropy training of ``blackbox.net`` on batches ``{image (B,3,H,W) in [0,1], label (B,)}``.
 
     Args:
-        model: ``"timm:NAME"`` or ``"torchvision:NAME"``.
-        num_classes: classes of the data.
-        model_kwargs: constructor keywords (e.g. ``{"channels": [32, 64, 128, 256]}`` for a narrow ResNet).
-        mean, std: input normalisation, stored with the black box.
+        blackbox: the classifier to train: architecture (``"timm:NAME"`` or ``"torchvision:NAME"``, constructor
+            keywords such as ``{"channels": [32, 64, 128, 256]}``), classes and input normalisation, stored with
+            the record. Its network is unfrozen here and follows this module's train / eval mode (a
+            :class:`BlackBox` on its own always stays frozen and in eval mode).
         lr, weight_decay: AdamW; the learning rate follows a one-cycle schedule over the whole run.
         label_smoothing: of the cross-entropy.
         hflip: random horizontal flips of training images (per image, from the global seeded RNG).
         weights: start from the network of this black-box record or classifier checkpoint (read with
-            ``weights_only=True``), e.g. to test the committed embedded black box with ``train.py test``.
+            ``weights_only=True``, checked to be this architecture), e.g. to test the committed embedded black
+            box with ``train.py test``.
     """
 
     def __init__(
         self,
-        model: str = "timm:resnet10t",
-        num_classes: int = 10,
-        model_kwargs: dict | None = None,
-        mean: Sequence[float] = (0.5, 0.5, 0.5),
-        std: Sequence[float] = (0.25, 0.25, 0.25),
+        blackbox: BlackBox,
         lr: float = 3e-3,
         weight_decay: float = 0.05,
         label_smoothing: float = 0.1,
@@ -44,29 +42,44 @@ class Classifier(pl.LightningModule):
         weights: str | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters()
-        self.net = create_network(model, num_classes, model_kwargs)
+        self.save_hyperparameters(ignore=["blackbox"])
+        self.blackbox = blackbox if isinstance(blackbox, BlackBox) else BlackBox.from_config(blackbox)
+        self.hparams["blackbox"] = self.blackbox.config()
+        self._hparams_initial["blackbox"] = self.blackbox.config()
+        self.blackbox.net.requires_grad_(True)
         if weights is not None:
             self._load_weights(weights)
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        num_classes = self.blackbox.num_classes
         self.accuracy = torch.nn.ModuleDict({
             split: torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro")
             for split in ("train_", "val", "test")})  # "train" is a reserved ModuleDict attribute name
 
+    @property
+    def net(self) -> torch.nn.Module:
+        """The network being trained (``blackbox.net``)."""
+        return self.blackbox.net
+
+    def train(self, mode: bool = True) -> "Classifier":
+        super().train(mode)
+        self.blackbox.net.train(mode)  # BlackBox.train() keeps it in eval mode; here it trains
+        return self
+
     def _load_weights(self, path: str) -> None:
         record = read_blackbox_record(path)
-        hp = self.hparams
-        mine = (hp.model, hp.num_classes, dict(hp.model_kwargs or {}), list(hp.mean), list(hp.std))
+        box = self.blackbox
+        mine = (box.spec, box.num_classes, dict(box.model_kwargs or {}), box.mean.flatten(), box.std.flatten())
         theirs = (record["model"], record["num_classes"], record["model_kwargs"], record["mean"], record["std"])
-        if [str(v) for v in mine] != [str(v) for v in theirs]:
+        same = [str(a) == str(b) for a, b in zip(mine[:3], theirs[:3])]
+        same += [torch.allclose(a, torch.tensor(b, dtype=a.dtype)) for a, b in zip(mine[3:], theirs[3:])]
+        if not all(same):
+            mine = (*mine[:3], mine[3].tolist(), mine[4].tolist())
             raise ValueError(f"weights {path} are of another classifier: (model, num_classes, model_kwargs, mean, "
                              f"std) = {theirs}, this one is {mine}")
         self.net.load_state_dict(record["state_dict"])
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B,3,H,W) in [0,1] -> logits (B,K)."""
-        return self.net((images - self.mean) / self.std)
+        """images (B,3,H,W) in [0,1] -> logits (B,K) (the black box's own normalisation)."""
+        return self.blackbox.logits(images)
 
     def _augment(self, images: torch.Tensor) -> torch.Tensor:
         if not self.hparams.hflip:
@@ -103,5 +116,4 @@ class Classifier(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        hp = self.hparams
-        checkpoint["blackbox"] = blackbox_record(hp.model, self.net, hp.num_classes, hp.model_kwargs, hp.mean, hp.std)
+        checkpoint["blackbox"] = self.blackbox.export_record()

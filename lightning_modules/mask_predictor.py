@@ -9,6 +9,25 @@ Optional constraint terms, off by default for the predictor:
          + area_weight * mean((M + 5e-4) ** area_power)          (area_power 1: plain mean(M))
          + tv_weight * TV(M)                                      (mean squared neighbour differences)
          + bg_weight * mean(p_c(phi(I, 1 - M, A)) ** bg_power)    (destroy the class when M is inverted)
+         + deletion_weight * mean(p_c(phi(I, 1 - T_f(M), A_del)))     (the deletion game, below)
+         + insertion_weight * mean(1 - p_c(phi(I, T_g(M), A_ins)))    (the insertion game)
+         + teacher_weight * (1 - mean_b pearson(M^d_b, ranks of the teacher map_b))   (a costly explainer's maps)
+
+The deletion / insertion game (ours, not in the paper; off by default). The causal metrics rank pixels by M
+and measure p_c as the top fraction f of them is removed (deletion) or revealed (insertion); their areas are
+the means over f in [0, 1]. T_f(M) is a soft indicator of the top fraction f of each image's pixels,
+sigmoid((M - t_f) / (tau * std(M))) with t_f the (1 - f) quantile of M (no gradient through t_f or the std),
+so the two terms, with f and g drawn uniformly per image and step, are unbiased estimates of (smoothed)
+deletion and insertion areas, differentiable through the pixels near the threshold. Unlike the CE term,
+they only depend on the ranking of M, which is all the metrics read. A_del and A_ins are drawn per image from
+``deletion_substrates`` / ``insertion_substrates`` ("mean": the black box's normalisation mean colour,
+"blur": the training blur, "strong_blur": kernel 51 / sigma 50 at 224 (the igos protocol's and M_F's),
+"random": a random colour + noise). With ``game_protocols`` the game is played under the causal metrics' own
+protocols instead (per image one preset: its ranking units -- pixels or grid cells -- and its substrates).
+
+The teacher term (ours, off by default) regresses the mask onto the pixel ranks of maps that a costly explainer
+(e.g. RISE) computed once on the first training images (``lightning_modules.teacher``); images without a
+teacher map do not contribute to it.
 
 ``mode="mgnet"`` is Dabkowski & Gal's real-time saliency (the MGnet baseline): the two-channel ratio head
 M = |a| / (|a| + |b|) and Eq. 2 of the distribution-guided paper with their code's weights as defaults —
@@ -24,19 +43,20 @@ Masks: M^d is predicted at the first feature level's resolution (56 x 56 at 224)
 BT masks are unbounded above; the perturbation clamps them to [0, 1] (the explanation keeps the raw values).
 
 Checkpoints hold the generator, controller and (frozen) filter weights and an ``"explainer"`` record;
-``explainers.load_checkpoint(path, blackbox)`` rebuilds the explainer from them. The black box's weights
-are not stored: its spec (``blackbox`` & co.) is.
+``explainers.build(name, blackbox, checkpoint=path)`` rebuilds the explainer from them. The black box's
+weights are not stored: its config (``BlackBox.config()``) is.
 
-Logged: ``{train,val}/loss`` and each term (``ce``, ``area``, ``tv``, ``bg``), ``{train,val}/mask_mean``,
+Logged: ``{train,val}/loss`` and each term (``ce``, ``area``, ``tv``, ``bg``, ``game_deletion``,
+``game_insertion``, ``teacher``), ``{train,val}/mask_mean``,
 ``val/mask_skewness`` (pooled over every mask value of the validation set), ``val/mask_skewness_per_image``,
-``val/mask_std``; a histogram of the validation mask values every validation (W&B histogram + PNG under
-``{run_dir}/eval/``). Add ``ExplainerEvaluation(explainers=["self"])`` for M_F, M_I, pointing game,
-deletion, insertion and overlays (it calls :meth:`MaskPredictor.as_explainer`).
+``val/mask_std``. The distribution of the validation mask values is kept in :attr:`MaskPredictor.mask_distribution`
+for ``callbacks.MaskHistogram`` (W&B histogram + PNG under ``{run_dir}/eval/``). Add
+``ExplainerEvaluation(explainers=["self"])`` for M_F, M_I, pointing game, deletion, insertion and overlays
+(it calls :meth:`MaskPredictor.as_explainer`).
 """
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -44,12 +64,16 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import Tensor
 
-from explainers.mask_predictor import EXPLAINER_FORMAT, MaskPredictorExplainer, explainer_name
-from explainers.perturbation import NOISE_STD, derive_seeds, gaussian_blur, perturb, random_colour_noise, scaled_blur
-from lightning_modules.controllers import skewness
-from lightning_modules.feature_filter import (STREAM_SUBSTRATE, FrozenBlackBoxModule, load_filter,
-                                              per_image_uniforms)
-from lightning_modules.mask_generator import MaskPredictorNet, generator_widths, upsample
+from core.blackbox import BlackBox
+from core.perturbation import NOISE_STD, gaussian_blur, make_substrate, perturb, random_colour_noise, scaled_blur
+from core.seeding import derive_seeds, per_image_uniforms
+from explainers.mask_predictor import EXPLAINER_FORMAT, MaskPredictorExplainer, explainer_name, predictor_class
+from lightning_modules.feature_filter import STREAM_SUBSTRATE, FrozenBlackBoxModule
+from lightning_modules.teacher import load_teacher_maps, rank_targets
+from metrics import TARGET_RULES, CausalProtocol
+from networks.controllers import skewness
+from networks.feature_filter import load_filter
+from networks.mask_generator import MaskPredictorNet, generator_widths, upsample
 
 MODES = {"ct": "ct", "bt": "bt", "mgnet": "none"}  # mode -> controller
 # Loss weights by mode (None in the constructor = these). MGnet: Dabkowski & Gal's code defaults.
@@ -59,6 +83,10 @@ LOSS_DEFAULTS = {
     "mgnet": {"ce_weight": 0.3, "area_weight": 8.0, "area_power": 0.3, "tv_weight": 0.5, "bg_weight": 1.0},
 }
 AREA_EPS = 5e-4  # Dabkowski's (M + eps) ** power: a finite gradient at M = 0
+GAME_SUBSTRATES = ("mean", "blur", "strong_blur", "random")
+GAME_PROTOCOLS = ("rise", "igos")  # the presets of metrics.CausalProtocol
+STRONG_BLUR_224 = (51, 50.0)  # the igos protocol's blur (and M_F's), kernel and sigma at 224 px
+STREAM_GAME, STREAM_GAME_SUBSTRATE = 4, 5  # per-image draws of the game (see feature_filter's streams)
 BT_HISTOGRAM_UPPER = 4.0  # BT values (standard-normal tail) beyond this land in the last bin
 
 
@@ -74,6 +102,22 @@ def total_variation(mask: Tensor, reduction: str = "mean", border: float = 0.0) 
     if reduction == "sum":
         return (dy.sum(1) + dx.sum(1) + border * edges.sum(1)) / 2
     return dy.mean(1) + dx.mean(1) + border * edges.mean(1)
+
+
+def top_fraction_mask(mask: Tensor, fractions: Tensor, temperature: float) -> Tensor:
+    """Soft indicator (B, 1, H, W) in (0, 1) of the top ``fractions[b]`` (B,) of image b's pixels by ``mask``.
+
+    sigmoid((M - t) / (temperature * std(M))), t the midpoint between the k-th and (k + 1)-th largest values of
+    the image, k = round(f * N) clamped to [1, N - 1]; t and std carry no gradient, so the gradient moves the
+    pixels near the threshold (up when revealing them helps). Ties count as above the threshold by half.
+    """
+    flat = mask.flatten(1).float()
+    count = flat.shape[1]
+    ordered = flat.detach().sort(dim=1, descending=True).values
+    k = (fractions.to(flat.device).float() * count).round().long().clamp(1, count - 1).view(-1, 1)
+    threshold = (ordered.gather(1, k - 1) + ordered.gather(1, k)) / 2
+    scale = temperature * flat.detach().std(1, keepdim=True).clamp_min(1e-6)
+    return torch.sigmoid((flat - threshold) / scale).view_as(mask)
 
 
 def hinge_loss(logits: Tensor, targets: Tensor, confidence: float, preserve: bool) -> Tensor:
@@ -123,14 +167,15 @@ class MaskPredictor(FrozenBlackBoxModule):
     """Stage-2 LightningModule: a :class:`MaskPredictorNet` trained through a frozen black box.
 
     Args:
-        blackbox, blackbox_weights, num_classes, blackbox_kwargs, feature_levels: the black box (see
-            :class:`lightning_modules.blackbox.BlackBox`); only its spec goes into checkpoints.
+        blackbox: the frozen :class:`core.blackbox.BlackBox`; only its config goes into checkpoints.
         filter_checkpoint: the stage-1 checkpoint of :class:`FeatureFilterModule` (None: an untrained
             random filter, with a warning — for tests).
         mode: ``"ct"``, ``"bt"`` or ``"mgnet"``.
         eta, h, trainable_controller: CT's parameters (METHODS.md: 1.5, 2.5, fixed).
         widths, width_ratio: generator block widths (default: the paper's preset for ResNet-50 / VGG-19 /
-            GoogLeNet, half the skip channels otherwise; see ``mask_generator.generator_widths``).
+            GoogLeNet, half the skip channels otherwise; see ``networks.mask_generator.generator_widths``).
+        extra_upsamples: x2 upsampling blocks after the generator's last skip level (0: the paper's mask at
+            the first feature level's stride, 4; 1: stride 2; see ``networks.mask_generator.MaskGenerator``).
         target: explained class in training: ``"predicted"`` (the black box's argmax on the clean image, as
             at evaluation) or ``"label"``.
         blur_prob: probability of the blur substrate (else random colour + noise).
@@ -138,6 +183,19 @@ class MaskPredictor(FrozenBlackBoxModule):
             image size. noise_std: of the random-colour substrate, in pixel units.
         ce_weight, area_weight, area_power, tv_weight, bg_weight: loss terms (None: :data:`LOSS_DEFAULTS`
             of the mode). bg_power: exponent of the destroy term (probability form).
+        deletion_weight, insertion_weight: weights of the deletion / insertion game (module docstring; 0: off,
+            each costs one more black-box pass of the batch). game_temperature: tau of the soft top fraction,
+            relative to each mask's std. deletion_substrates, insertion_substrates: the substrates the game
+            draws from, per image (:data:`GAME_SUBSTRATES`).
+        game_protocols: causal-metric presets (``"rise"``, ``"igos"``; see ``metrics.CausalProtocol``): when
+            given, each image plays the game under one of them, drawn per image, with that preset's ranking
+            units and substrates instead of the pixels and the substrates above.
+        game_ranking: what the game's soft top fraction thresholds, per unit (pixel or pooled cell): ``"logit"``
+            (log M - log(1 - M): exactly the metric's order of M, without CT's saturation near 0 and 1, so the
+            gradient also orders the low-saliency regions; BT's unbounded mask is used as it is) or ``"mask"``
+            (M itself).
+        teacher_maps, teacher_weight: a file of ``python -m lightning_modules.teacher`` and the weight of the
+            teacher term (module docstring).
         class_loss: ``"probability"`` (CE / p_c as above) or ``"hinge"`` (Dabkowski's logit-margin hinges,
             preserve confidence 1, destroy confidence 5, weighted by ce_weight and bg_weight).
         tv_reduction: ``"mean"`` of the squared differences, or ``"sum"`` over the mask / 2 per image
@@ -147,23 +205,20 @@ class MaskPredictor(FrozenBlackBoxModule):
         seed: per-image substrate draws. channels_last: see :class:`FrozenBlackBoxModule`.
         posthoc, posthoc_points, filter_bias: inference options of :meth:`as_explainer` and of the
             explainer rebuilt from checkpoints (post-hoc tuning; the filter's confidence bias b).
-        histogram_bins: bins of the logged mask histogram.
+        histogram_bins: bins of the mask histogram (:attr:`mask_distribution`).
     """
 
     def __init__(
         self,
-        blackbox: str = "ckpt:assets/embedded_blackbox.pt",
+        blackbox: BlackBox,
         filter_checkpoint: str | None = "outputs/demo/filter/checkpoints/last.ckpt",
-        blackbox_weights: str | None = None,
-        num_classes: int | None = None,
-        blackbox_kwargs: dict | None = None,
-        feature_levels: int = 4,
         mode: str = "ct",
         eta: float = 1.5,
         h: float = 2.5,
         trainable_controller: bool = False,
         widths: Sequence[int] | None = None,
         width_ratio: float | None = None,
+        extra_upsamples: int = 0,
         target: str = "predicted",
         blur_prob: float = 0.5,
         blur_kernel: int = 21,
@@ -175,6 +230,15 @@ class MaskPredictor(FrozenBlackBoxModule):
         tv_weight: float | None = None,
         bg_weight: float | None = None,
         bg_power: float = 1.0,
+        deletion_weight: float = 0.0,
+        insertion_weight: float = 0.0,
+        game_temperature: float = 0.05,
+        deletion_substrates: Sequence[str] = ("mean",),
+        insertion_substrates: Sequence[str] = ("blur",),
+        game_protocols: Sequence[str] = (),
+        game_ranking: str = "logit",
+        teacher_maps: str | None = None,
+        teacher_weight: float = 0.0,
         class_loss: str = "probability",
         tv_reduction: str = "mean",
         tv_border: float = 0.0,
@@ -192,26 +256,45 @@ class MaskPredictor(FrozenBlackBoxModule):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
-        if target not in ("predicted", "label"):
-            raise ValueError(f"target must be 'predicted' or 'label', got {target!r}")
+        if target not in TARGET_RULES:
+            raise ValueError(f"target must be one of {TARGET_RULES}, got {target!r}")
         if class_loss not in ("probability", "hinge") or tv_reduction not in ("mean", "sum"):
             raise ValueError(f"class_loss must be 'probability' or 'hinge' and tv_reduction 'mean' or 'sum', got "
                              f"{class_loss!r}, {tv_reduction!r}")
         if not 0 <= blur_prob <= 1:
             raise ValueError(f"blur_prob must be in [0, 1], got {blur_prob}")
-        self.save_hyperparameters()
+        for name, choices in (("deletion_substrates", deletion_substrates), ("insertion_substrates", insertion_substrates)):
+            unknown = sorted(set(choices) - set(GAME_SUBSTRATES))
+            if not choices or unknown:
+                raise ValueError(f"{name} must be a non-empty list of {GAME_SUBSTRATES}, got {list(choices)}")
+        if game_ranking not in ("logit", "mask"):
+            raise ValueError(f"game_ranking must be 'logit' or 'mask', got {game_ranking!r}")
+        unknown = sorted(set(game_protocols) - set(GAME_PROTOCOLS))
+        if unknown:
+            raise ValueError(f"game_protocols must be presets of {GAME_PROTOCOLS}, got {list(game_protocols)}")
+        if deletion_weight < 0 or insertion_weight < 0 or game_temperature <= 0:
+            raise ValueError(f"the game needs weights >= 0 and game_temperature > 0, got {deletion_weight}, "
+                             f"{insertion_weight}, {game_temperature}")
+        self.save_hyperparameters(ignore=["blackbox"])
         given = {"ce_weight": ce_weight, "area_weight": area_weight, "area_power": area_power,
                  "tv_weight": tv_weight, "bg_weight": bg_weight}
         self.weights = {k: float(LOSS_DEFAULTS[mode][k] if v is None else v) for k, v in given.items()}
-        self.blackbox = self._build_blackbox(blackbox, blackbox_weights, num_classes, blackbox_kwargs, feature_levels)
+        self._set_blackbox(blackbox)
         channels = self.blackbox.feature_channels
         self.net = MaskPredictorNet(channels, self.blackbox.num_classes,
                                     generator_widths(self.blackbox.spec, channels, widths, width_ratio),
-                                    MODES[mode], eta, h, trainable_controller)
+                                    MODES[mode], eta, h, trainable_controller,
+                                    extra_upsamples=extra_upsamples)
         self.net.filter.load_state_dict(load_filter(filter_checkpoint, self.blackbox).state_dict())
         self.net.filter.bias = 0.0  # b = 0 in training; filter_bias applies at inference
         upper = BT_HISTOGRAM_UPPER if mode == "bt" else 1.0
         self.mask_stats = MaskDistribution(histogram_bins, upper)
+        self.mask_distribution: dict[str, Tensor] | None = None  # of the last validation / test epoch
+        if bool(teacher_weight) != bool(teacher_maps):
+            raise ValueError("teacher_weight and teacher_maps go together: give both or neither")
+        self._teacher = load_teacher_maps(teacher_maps) if teacher_maps else None
+        self._teacher_rows = {int(i): row for row, i in enumerate(self._teacher["indices"].tolist())} if teacher_maps else {}
+        self._teacher_ranks: dict[tuple[int, int], Tensor] = {}  # by mask size, made on first use
 
     # -- the loss -----------------------------------------------------------------------------------
     def substrate(self, images: Tensor, index: Tensor, epoch: int) -> Tensor:
@@ -220,7 +303,6 @@ class MaskPredictor(FrozenBlackBoxModule):
         hp = self.hparams
         use_blur = (per_image_uniforms(hp.seed, epoch, STREAM_SUBSTRATE, index)[:, 0] < hp.blur_prob)
         kernel, sigma = scaled_blur(hp.blur_kernel, hp.blur_sigma, images.shape[-1])
-        # .to(images.dtype): under bf16 autocast the blur's conv returns bf16
         substrate = gaussian_blur(images, kernel, sigma).to(images.dtype) if use_blur.any() else torch.empty_like(images)
         colour = (~use_blur).nonzero().flatten()
         if colour.numel():
@@ -229,6 +311,95 @@ class MaskPredictor(FrozenBlackBoxModule):
             rows = colour.to(images.device)
             substrate[rows] = random_colour_noise(images[rows], seeds, hp.noise_std).to(images.dtype)
         return substrate
+
+    def game_substrate(self, images: Tensor, choices: Sequence[str], draws: Tensor, index: Tensor,
+                       epoch: int) -> Tensor:
+        """A (B, 3, H, W): image b's substrate is ``choices[floor(draws[b] * len(choices))]`` (draws (B,) in [0, 1))."""
+        hp = self.hparams
+        which = (draws * len(choices)).long().clamp_max(len(choices) - 1).tolist()
+        substrate = torch.empty_like(images)
+        for name in set(choices[w] for w in which):
+            rows = torch.tensor([b for b, w in enumerate(which) if choices[w] == name], device=images.device)
+            part = images[rows]
+            if name == "mean":
+                fill = self.blackbox.mean.to(images.dtype).expand_as(part)
+            elif name == "random":
+                run_seed = (hp.seed * 1_000_003 + epoch + 1 + 7919) % 2**31  # not the CE term's colours
+                fill = random_colour_noise(part, derive_seeds(run_seed, index.cpu()[rows.cpu()]), hp.noise_std)
+            else:
+                kernel, sigma = hp.blur_kernel, hp.blur_sigma
+                if name == "strong_blur":
+                    kernel, sigma = STRONG_BLUR_224
+                fill = gaussian_blur(part, *scaled_blur(kernel, sigma, images.shape[-1]))
+            substrate[rows] = fill.to(images.dtype)
+        return substrate
+
+    def ranking_scores(self, mask: Tensor) -> Tensor:
+        """What the game thresholds for ``mask`` values (pixels or pooled cells): see ``game_ranking``."""
+        if self.hparams.game_ranking == "mask" or self.hparams.mode == "bt":
+            return mask
+        bounded = mask.float().clamp(1e-30, 1 - 1e-7)
+        return torch.log(bounded) - torch.log1p(-bounded)
+
+    def game_images(self, images: Tensor, mask: Tensor, index: Tensor, epoch: int) -> list[Tensor]:
+        """The deletion and insertion images of the game (those with a non-zero weight), one batch each;
+        ``mask`` (B, 1, H, W) is M upsampled to the image."""
+        hp = self.hparams
+        draws = per_image_uniforms(hp.seed, epoch, STREAM_GAME, index, 2).to(images.device)
+        picks = per_image_uniforms(hp.seed, epoch, STREAM_GAME_SUBSTRATE, index, 3)
+        batches = []
+        for weight, column, deletion in ((hp.deletion_weight, 0, True), (hp.insertion_weight, 1, False)):
+            if not weight:
+                continue
+            if hp.game_protocols:
+                soft, substrate = self.protocol_game(images, mask, draws[:, column], picks[:, 2], deletion)
+            else:
+                soft = top_fraction_mask(self.ranking_scores(mask), draws[:, column], hp.game_temperature)
+                choices = list(hp.deletion_substrates if deletion else hp.insertion_substrates)
+                substrate = self.game_substrate(images, choices, picks[:, column], index, epoch)
+            batches.append(perturb(images, 1 - soft if deletion else soft, substrate))
+        return batches
+
+    def protocol_game(self, images: Tensor, mask: Tensor, fractions: Tensor, picks: Tensor,
+                      deletion: bool) -> tuple[Tensor, Tensor]:
+        """The game under causal-metric protocols: image b draws a preset of ``game_protocols`` (``picks[b]``
+        in [0, 1)) and its top ``fractions[b]`` is soft-selected over that preset's ranking units (pixels, or
+        cells of its grid, upsampled as the preset does) and replaced by that preset's deletion or insertion
+        substrate. Returns (soft top-fraction mask (B, 1, H, W), substrate (B, 3, H, W))."""
+        names = list(self.hparams.game_protocols)
+        which = (picks * len(names)).long().clamp_max(len(names) - 1).tolist()
+        soft, substrate = torch.empty_like(mask, dtype=torch.float32), torch.empty_like(images)
+        for name in sorted(set(names[w] for w in which)):
+            rows = torch.tensor([b for b, w in enumerate(which) if names[w] == name], device=images.device)
+            protocol = getattr(CausalProtocol, name)(images.shape[-1])
+            if protocol.units == "pixel":
+                part = top_fraction_mask(self.ranking_scores(mask[rows]), fractions[rows], self.hparams.game_temperature)
+            else:  # cells ranked like the metric ranks them: by the mean of M over each cell
+                cells = self.ranking_scores(F.adaptive_avg_pool2d(mask[rows].float(), protocol.units))
+                part = F.interpolate(top_fraction_mask(cells, fractions[rows], self.hparams.game_temperature),
+                                     size=images.shape[-2:], mode=protocol.upsample,
+                                     align_corners=False if protocol.upsample == "bilinear" else None)
+            soft[rows] = part
+            spec = protocol.deletion_substrate if deletion else protocol.insertion_substrate
+            substrate[rows] = make_substrate(spec, images[rows], blur_kernel=protocol.blur_kernel,
+                                             blur_sigma=protocol.blur_sigma, mean=protocol.mean).to(images.dtype)
+        return soft, substrate
+
+    def teacher_term(self, mask_low: Tensor, index: Tensor) -> Tensor:
+        """1 - mean Pearson correlation of the game's ranking scores of M^d (``ranking_scores``: logit(M) for CT,
+        so that the near-zero background is ordered too, as the teacher orders it) with the teacher's
+        standardised pixel ranks, over the batch images that have a teacher map (0 when none has)."""
+        size = tuple(mask_low.shape[-2:])
+        if size not in self._teacher_ranks:
+            self._teacher_ranks[size] = rank_targets(self._teacher["maps"], size)
+        rows = [(b, self._teacher_rows[i]) for b, i in enumerate(index.tolist()) if i in self._teacher_rows]
+        if not rows:
+            return mask_low.sum() * 0.0
+        batch_rows, teacher_rows = (torch.tensor(r) for r in zip(*rows))
+        student = self.ranking_scores(mask_low[batch_rows.to(mask_low.device)].float()).flatten(1)
+        student = (student - student.mean(1, keepdim=True)) / student.std(1, unbiased=False, keepdim=True).clamp_min(1e-6)
+        target = self._teacher_ranks[size][teacher_rows].to(student.device).flatten(1)
+        return 1 - (student * target).mean(1).mean()
 
     def compute_loss(self, images: Tensor, features: Sequence[Tensor], targets: Tensor, index: Tensor,
                      epoch: int) -> tuple[Tensor, dict[str, Tensor], Tensor]:
@@ -241,6 +412,7 @@ class MaskPredictor(FrozenBlackBoxModule):
         batch = [perturb(images, keep, substrate)]
         if w["bg_weight"]:
             batch.append(perturb(images, 1 - keep, substrate))
+        batch += self.game_images(images, mask, index, epoch)
         x = torch.cat(batch)
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -258,11 +430,22 @@ class MaskPredictor(FrozenBlackBoxModule):
             loss = loss + w["tv_weight"] * terms["tv"]
         if w["bg_weight"]:
             if hinge:
-                terms["bg"] = hinge_loss(logits[size:], targets, 5.0, preserve=False)
+                terms["bg"] = hinge_loss(logits[size:2 * size], targets, 5.0, preserve=False)
             else:
-                p_c = logits[size:].softmax(1).gather(1, targets[:, None]).squeeze(1)
+                p_c = logits[size:2 * size].softmax(1).gather(1, targets[:, None]).squeeze(1)
                 terms["bg"] = p_c.pow(self.hparams.bg_power).mean()
             loss = loss + w["bg_weight"] * terms["bg"]
+        game = logits[size * (2 if w["bg_weight"] else 1):]
+        for name, weight in (("game_deletion", self.hparams.deletion_weight),
+                             ("game_insertion", self.hparams.insertion_weight)):
+            if weight:
+                p_c = game[:size].softmax(1).gather(1, targets[:, None]).squeeze(1)
+                game = game[size:]
+                terms[name] = p_c.mean() if name == "game_deletion" else (1 - p_c).mean()
+                loss = loss + weight * terms[name]
+        if self.hparams.teacher_weight:
+            terms["teacher"] = self.teacher_term(mask_low, index)
+            loss = loss + self.hparams.teacher_weight * terms["teacher"]
         return loss, terms, mask_low
 
     def _step(self, batch: dict, split: str) -> tuple[Tensor, Tensor]:
@@ -311,36 +494,7 @@ class MaskPredictor(FrozenBlackBoxModule):
             return
         for name in ("skewness", "skewness_per_image", "std"):
             self.log(f"{split}/mask_{name}", stats[name].float(), on_epoch=True, sync_dist=False)
-        if self.trainer.is_global_zero:
-            self._write_histogram(split, stats)
-
-    def _write_histogram(self, split: str, stats: dict[str, Tensor]) -> None:
-        """PNG under {run_dir}/eval/ (always) and a W&B histogram + image (when a WandbLogger is attached)."""
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
-        counts, edges = stats["hist"].cpu().numpy(), stats["edges"].cpu().numpy()
-        figure = Figure(figsize=(4.5, 3), layout="constrained")
-        FigureCanvasAgg(figure)
-        axis = figure.subplots()
-        axis.bar(edges[:-1], counts / max(counts.sum(), 1), width=edges[1] - edges[0], align="edge")
-        axis.set_xlabel("mask value" + (f" (> {edges[-1]:g} in the last bin)" if self.hparams.mode == "bt" else ""))
-        axis.set_ylabel("fraction")
-        axis.set_title(f"{explainer_name(MODES[self.hparams.mode])} epoch {self.current_epoch}: "
-                       f"skewness {float(stats['skewness']):.2f}", fontsize=9)
-        folder = Path(self.trainer.default_root_dir) / "eval"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{split}_mask_histogram_epoch{self.current_epoch:03d}.png"
-        figure.savefig(path, dpi=100)
-        from pytorch_lightning.loggers import WandbLogger
-
-        for logger in self.trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                import wandb
-
-                logger.log_metrics({f"{split}/mask_histogram": wandb.Histogram(np_histogram=(counts, edges))},
-                                   step=self.global_step)
-                logger.log_image(key=f"{split}/mask_histogram_png", images=[str(path)], step=self.global_step)
+        self.mask_distribution = stats  # drawn and sent to W&B by callbacks.MaskHistogram
 
     # -- the explainer ------------------------------------------------------------------------------
     def inference_options(self) -> dict:
@@ -355,14 +509,12 @@ class MaskPredictor(FrozenBlackBoxModule):
         """This predictor (live weights) behind the explainer contract; ``overrides`` change the inference
         options (``posthoc``, ``posthoc_points``, ``filter_bias``, ``max_forward_batch``...)."""
         options = {**self.inference_options(), **overrides}
-        name = explainer_name(MODES[self.hparams.mode], options.get("posthoc", False))
-        return MaskPredictorExplainer(self.blackbox, self.net, name, **options)
+        cls = predictor_class(MODES[self.hparams.mode], options.pop("posthoc", False))
+        return cls(self.blackbox, self.net, **options)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        hp = self.hparams
         checkpoint["explainer"] = {
             "format": EXPLAINER_FORMAT, "name": self.explainer_name(), "net": self.net.config(),
-            "blackbox": {"model": hp.blackbox, "num_classes": hp.num_classes, "weights": hp.blackbox_weights,
-                         "model_kwargs": dict(hp.blackbox_kwargs or {}), "feature_levels": hp.feature_levels},
-            "inference": self.inference_options(), "loss_weights": dict(self.weights)}
+            "blackbox": self.blackbox.config(), "inference": self.inference_options(),
+            "loss_weights": dict(self.weights)}

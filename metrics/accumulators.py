@@ -84,6 +84,20 @@ class CausalMetric(_MeanOfValues):
         return result
 
 
+class ValueMean(_MeanOfValues):
+    """Mean over images of one named per-image value, NaN excluded and counted (e.g. ``deletion_norm``,
+    whose degenerate curves are NaN). update(values (B,)); compute() -> {name, "count", "excluded"}."""
+
+    higher_is_better = None
+
+    def __init__(self, name: str, **kwargs) -> None:
+        super().__init__((name,), **kwargs)
+        self.name = name
+
+    def update(self, values: Tensor) -> None:
+        self._accumulate({self.name: values})
+
+
 class FaithfulnessMetric(_MeanOfValues):
     """Mean M_F over valid images; ``excluded`` counts the images the q_O - q_F guard dropped.
 

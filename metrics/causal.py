@@ -12,24 +12,28 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from explainers.perturbation import IMAGENET_MEAN, gaussian_blur, make_substrate, perturb, scaled_blur
+from core.blackbox import IMAGENET_MEAN
+from core.perturbation import gaussian_blur, make_substrate, perturb, scaled_blur
 
 Model = Callable[[Tensor], Tensor]
 _CURVE_SUBSTRATES = ("mean", "zero", "blur")
 _UPSAMPLE_MODES = ("nearest", "bilinear")
-_TARGET_RULES = ("predicted", "label")
+# The rules that choose the explained class (the one list the whole project validates against).
+TARGET_RULES = ("predicted", "label")
 # M_F's blur (no value given in PROTOCOLS.md): the strong blur of the igos protocol (kernel 51, sigma 50
 # at 224), scaled with the image size like every other blur. M_F divides by q_O - q_F, so the blurred
 # image must lose the class: the training blur (variance 10 at 224) leaves small images classifiable
 # (measured on the embedded black box: q_F ~ q_O, M_F in the thousands of percent, many images excluded).
 MF_BLUR_KERNEL_224 = 51
 MF_BLUR_SIGMA_224 = 50.0
+# PROTOCOLS.md, "Normalised causal scores": curves whose end points differ by at most this are excluded.
+NORM_EPS = 0.05
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,10 +52,12 @@ class CausalProtocol:
         max_forward_batch: the most perturbed images sent through the model at once (memory knob; not
             part of the metric's definition, results do not depend on it).
         mean: the per-channel colour of the "mean" substrate (the dataset's mean colour).
+        norm_eps: the normalised scores (:func:`normalised_area`) exclude an image whose curve end points
+            differ by at most this (|v_0 - v_n| <= eps).
     The defaults equal :meth:`rise` at 224 x 224.
     """
 
-    units: str | int = "pixel"
+    units: int | str = "pixel"
     steps: int = 224
     deletion_substrate: str | Tensor = "mean"
     insertion_substrate: str | Tensor = "blur"
@@ -61,6 +67,7 @@ class CausalProtocol:
     target: str = "predicted"
     max_forward_batch: int = 256
     mean: tuple[float, ...] = IMAGENET_MEAN
+    norm_eps: float = NORM_EPS
 
     def __post_init__(self) -> None:
         unit_ok = self.units == "pixel" or (
@@ -78,21 +85,23 @@ class CausalProtocol:
             raise ValueError(f"blur_sigma must be > 0, got {self.blur_sigma!r}")
         if self.upsample not in _UPSAMPLE_MODES:
             raise ValueError(f"upsample must be one of {_UPSAMPLE_MODES}, got {self.upsample!r}")
-        if self.target not in _TARGET_RULES:
-            raise ValueError(f"target must be one of {_TARGET_RULES}, got {self.target!r}")
+        if self.target not in TARGET_RULES:
+            raise ValueError(f"target must be one of {TARGET_RULES}, got {self.target!r}")
         if not isinstance(self.max_forward_batch, int) or self.max_forward_batch < 1:
             raise ValueError(f"max_forward_batch must be an int >= 1, got {self.max_forward_batch!r}")
         mean = tuple(float(v) for v in self.mean)
         if len(mean) != 3 or not all(0.0 <= v <= 1.0 for v in mean):
             raise ValueError(f"mean must be 3 values in [0, 1], got {self.mean!r}")
         object.__setattr__(self, "mean", mean)  # frozen: normalise a list / tensor to a tuple
+        if not 0 <= self.norm_eps < 1:
+            raise ValueError(f"norm_eps must be in [0, 1), got {self.norm_eps!r}")
 
     @classmethod
     def rise(cls, image_size: int, **overrides: Any) -> CausalProtocol:
         """RISE's protocol: pixel units, n = image_size, deletion -> mean colour, insertion -> blur.
 
         The blur (kernel 11, sigma 5 at 224) is scaled to ``image_size`` by
-        :func:`explainers.perturbation.scaled_blur` (3 / 1.43 at 64). Any field can be overridden.
+        :func:`core.perturbation.scaled_blur` (3 / 1.43 at 64). Any field can be overridden.
         """
         kernel, sigma = scaled_blur(11, 5.0, image_size)
         fields = dict(units="pixel", steps=image_size, deletion_substrate="mean",
@@ -123,6 +132,40 @@ class CausalProtocol:
         return record
 
 
+PROTOCOL_PRESETS: dict[str, Callable[..., CausalProtocol]] = {"rise": CausalProtocol.rise, "igos": CausalProtocol.igos}
+ProtocolSpec = Union[CausalProtocol, str, Mapping[str, Any]]
+
+
+def make_protocol(spec: ProtocolSpec, image_size: int, *, target: str | None = None,
+                  max_forward_batch: int | None = None) -> CausalProtocol:
+    """The deletion / insertion protocol at ``image_size``: the one factory of every caller.
+
+    ``spec`` is a preset name (:data:`PROTOCOL_PRESETS`: "rise", "igos", scaled to ``image_size``), a dict
+    of :class:`CausalProtocol` fields (with an optional ``"preset"`` entry naming the preset they override;
+    without it the fields override the class defaults, which are RISE at 224), or a ready
+    :class:`CausalProtocol`. ``target`` (the explained-class rule) and ``max_forward_batch``, when given,
+    are the caller's and replace the spec's; a dict that names another target is refused.
+    """
+    given = {k: v for k, v in (("target", target), ("max_forward_batch", max_forward_batch)) if v is not None}
+    if isinstance(spec, CausalProtocol):
+        return dataclasses.replace(spec, **given)
+    if isinstance(spec, str):
+        spec = {"preset": spec}
+    if not isinstance(spec, Mapping):
+        raise TypeError(f"a protocol is a preset name, a dict of CausalProtocol fields or a CausalProtocol, got "
+                        f"{type(spec).__name__}")
+    fields = dict(spec)
+    preset = fields.pop("preset", None)
+    if target is not None and fields.get("target", target) != target:
+        raise ValueError(f"protocol target {fields['target']!r} contradicts the explained-class rule {target!r}")
+    fields.update(given)
+    if preset is None:
+        return CausalProtocol(**fields)
+    if preset not in PROTOCOL_PRESETS:
+        raise ValueError(f"unknown protocol preset {preset!r}; known: {sorted(PROTOCOL_PRESETS)}")
+    return PROTOCOL_PRESETS[preset](image_size, **fields)
+
+
 def _check_substrate_spec(name: str, spec: str | Tensor) -> None:
     """Protocol-time check of a substrate; the shape against the images is checked at call time."""
     if isinstance(spec, Tensor):
@@ -142,6 +185,8 @@ class CausalResult(NamedTuple):
     fractions: (n + 1,) the x axis k / n (the nominal fraction of units changed; the exact fraction at
         step k is ceil(k U / n) / U).
     forwards: model forward passes used, 2 * (n + 1) * B.
+    deletion_norm, insertion_norm: (B,) the normalised areas of :func:`normalised_area` (NaN where the
+        curve's end points are too close); None when not computed.
     """
 
     deletion: Tensor
@@ -150,6 +195,8 @@ class CausalResult(NamedTuple):
     insertion_curve: Tensor | None
     fractions: Tensor
     forwards: int
+    deletion_norm: Tensor | None = None
+    insertion_norm: Tensor | None = None
 
 
 class FaithfulnessResult(NamedTuple):
@@ -212,6 +259,25 @@ def trapezoid_area(curve: Tensor) -> Tensor:
     return (curve.sum(-1) - (curve[..., 0] + curve[..., -1]) / 2) / steps
 
 
+def normalised_area(curve: Tensor, start_at_zero: bool, eps: float = NORM_EPS) -> Tensor:
+    """(B,) area of (B, n + 1) curves rescaled by their own end points (PROTOCOLS.md, "Normalised causal
+    scores"), so a curve's start and end (what the substrates leave of the class) do not count, only how fast
+    the ranking moves it from one to the other.
+
+    With A the trapezoid area, v_0 and v_n the end points:
+    deletion (``start_at_zero`` False): (A - v_n) / (v_0 - v_n): 0 when the class vanishes at the first step
+    (ideal), 1 when it survives until the last (lower is better);
+    insertion (``start_at_zero`` True): (A - v_0) / (v_n - v_0): 1 when the class appears at the first step
+    (ideal), 0 when only at the last (higher is better).
+    NaN where |v_0 - v_n| <= eps: such a curve says nothing about the ranking (count these as excluded).
+    """
+    area, first, last = trapezoid_area(curve), curve[..., 0], curve[..., -1]
+    start, end = (first, last) if start_at_zero else (last, first)
+    span = end - start
+    valid = span.abs() > eps
+    return torch.where(valid, (area - start) / torch.where(valid, span, torch.ones_like(span)), torch.nan)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The one curve loop
 
@@ -258,7 +324,7 @@ def _probability_curves(
                 if keep.shape[-2:] != images.shape[-2:]:
                     keep = F.interpolate(keep, size=images.shape[-2:], mode=upsample,
                                          align_corners=False if upsample == "bilinear" else None)
-                # lerp(A, I, M) = A + M (I - A): exact at M in {0, 1} (see explainers.perturbation.perturb)
+                # lerp(A, I, M) = A + M (I - A): exact at M in {0, 1} (see core.perturbation.perturb)
                 torch.lerp(curves[curve][0][b].expand(k1 - k0, -1, -1, -1), images[b].expand(k1 - k0, -1, -1, -1),
                            keep, out=buffer[row - start:row - start + k1 - k0])
                 row += k1 - k0
@@ -302,7 +368,8 @@ def causal_curves(
     step k changes the top ceil(k U / n) units, k = 0..n:
     deletion  x_k = phi(I, keep = not changed, A_del), starting from I;
     insertion x_k = phi(I, keep = changed, A_ins), starting from A_ins;
-    curves d_k = p_c(x_k), i_k = p_c(x_k); areas by the trapezoid rule (sum_k v_k - v_0/2 - v_n/2) / n.
+    curves d_k = p_c(x_k), i_k = p_c(x_k); areas by the trapezoid rule (sum_k v_k - v_0/2 - v_n/2) / n,
+    and the normalised areas of :func:`normalised_area` (``deletion_norm``, ``insertion_norm``).
     Grid units: S is average-pooled to r x r (adaptive_avg_pool2d) and each cell's 0/1 keep value is
     upsampled to pixels with ``protocol.upsample``. (For H not divisible by r, the pooling windows and the
     nearest-upsampled cells may differ by a pixel at cell borders; r dividing H avoids it.)
@@ -343,6 +410,8 @@ def causal_curves(
         insertion_curve=insertion_curve if return_curves else None,
         fractions=torch.arange(protocol.steps + 1, device=images.device) / protocol.steps,
         forwards=2 * counts.numel() * images.shape[0],
+        deletion_norm=normalised_area(deletion_curve, start_at_zero=False, eps=protocol.norm_eps),
+        insertion_norm=normalised_area(insertion_curve, start_at_zero=True, eps=protocol.norm_eps),
     )
 
 
@@ -360,7 +429,7 @@ def explained_class(
             raise ValueError('rule "label" needs labels')
         return labels.long()
     if rule != "predicted":
-        raise ValueError(f"rule must be one of {_TARGET_RULES}, got {rule!r}")
+        raise ValueError(f"rule must be one of {TARGET_RULES}, got {rule!r}")
     with torch.no_grad():
         return torch.cat([model(chunk).argmax(-1) for chunk in images.split(max_forward_batch)])
 

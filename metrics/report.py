@@ -17,14 +17,20 @@ from typing import Any, Iterable
 import torch
 
 from metrics.causal import minmax_across_methods
+from metrics.rows import RowStore
 from metrics.suite import METRIC_NAMES
 
 # results.json keys per method (issue contract) and the table columns, in order.
-SUMMARY_KEYS = ("deletion", "insertion", "mf", "mf_normalized", "mi", "pointing_game", "iou", "f1",
+SUMMARY_KEYS = ("deletion", "insertion", "deletion_norm", "insertion_norm", "mf", "mf_normalized", "mi", "pointing_game", "iou", "f1",
                 "seconds_per_image", "forwards_per_image", "backwards_per_image")
 EXTRA_KEYS = ("pointing_game_hit_rate", "iou_top", "f1_top", "iou_pixel", "f1_pixel")
 CSV_COLUMNS = ("index", "method", "label", "target", *METRIC_NAMES, "mf_normalized", "seconds", "forwards",
                "backwards")
+
+
+def _missing(value) -> bool:
+    """A value that is not there: absent (rows written before the metric existed), None or NaN."""
+    return value is None or math.isnan(float(value))
 
 
 def _nanmean(values: list[float]) -> float | None:
@@ -73,7 +79,8 @@ def summarise(rows: list[dict], methods: list[str]) -> tuple[dict[str, dict[str,
     summary, excluded = {}, {"mf_normalized_degenerate": excluded_mf_norm, "mf_degenerate": {}}
     for m in methods:
         mine = [r for r in rows if r["method"] == m]
-        stats = {key: _nanmean([float(r[key]) for r in mine]) for key in METRIC_NAMES + ("mf_normalized",)}
+        stats = {key: _nanmean([float(r[key]) for r in mine if not _missing(r.get(key))])
+                 for key in METRIC_NAMES + ("mf_normalized",)}
         stats["pointing_game_hit_rate"] = stats["pointing_game"]
         stats["pointing_game"] = pointing_accuracy(mine)
         for key, src in (("seconds_per_image", "seconds"), ("forwards_per_image", "forwards"),
@@ -81,7 +88,8 @@ def summarise(rows: list[dict], methods: list[str]) -> tuple[dict[str, dict[str,
             stats[key] = _nanmean([float(r[src]) for r in mine])
         stats["images"] = len(mine)
         summary[m] = {k: stats[k] for k in SUMMARY_KEYS + EXTRA_KEYS + ("images",)}
-        excluded["mf_degenerate"][m] = sum(1 for r in mine if math.isnan(float(r["mf"])))
+        for key in ("mf", "deletion_norm", "insertion_norm"):
+            excluded.setdefault(f"{key}_degenerate", {})[m] = sum(1 for r in mine if _missing(r.get(key)))
     return summary, excluded
 
 
@@ -141,7 +149,10 @@ def summary_markdown(results: dict) -> str:
     lines += ["", "deletion/insertion: area under the probability curve (trapezoid over [0,1]), units "
               f"{causal['units']}, {causal['steps']} steps, deletion substrate {causal['deletion_substrate']}, "
               f"insertion substrate {causal['insertion_substrate']} (blur kernel {causal['blur_kernel']}, "
-              f"sigma {causal['blur_sigma']:.2f}), explained class: {causal['target']}. "
+              f"sigma {causal['blur_sigma']:.2f}), explained class: {causal['target']}. deletion_norm/insertion_norm: "
+              "the same areas rescaled by each curve's end points, (A - v_n)/(v_0 - v_n) and (A - v_0)/(v_n - v_0) "
+              f"(0 = ideal deletion, 1 = ideal insertion; images with |v_0 - v_n| <= {causal.get('norm_eps', 0.05)} "
+              "excluded). "
               f"mf: raw M_F (%), {protocol['mf_steps']} steps; mf_normalized: per-image min-max across the "
               f"methods above, on the images every method explained. mi: PR area (%) against the ground-truth "
               f"mask. pointing_game: mean over classes, "
@@ -163,7 +174,7 @@ def write_reports(rows: list[dict], methods: list[str], header: dict, out: Path)
     return results
 
 
-PAIRED_KEYS = ("deletion", "insertion", "mf", "mi", "pointing_game", "iou", "f1")
+PAIRED_KEYS = ("deletion", "insertion", "deletion_norm", "insertion_norm", "mf", "mi", "pointing_game", "iou", "f1")
 
 
 def paired_difference(rows: list[dict], a: str, b: str, keys: Iterable[str] = PAIRED_KEYS,
@@ -192,8 +203,6 @@ def paired_difference(rows: list[dict], a: str, b: str, keys: Iterable[str] = PA
 
 if __name__ == "__main__":  # python -m metrics.report OUT --compare A B
     import argparse
-
-    from lightning_modules.evaluation import RowStore
 
     parser = argparse.ArgumentParser(description="Paired comparison of two methods of an evaluate.py output "
                                                  "folder: " + paired_difference.__doc__)

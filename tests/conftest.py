@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[1]  # on sys.path through pyproject's pytest pythonpath = ["."]
 os.environ["HF_HUB_OFFLINE"] = "1"       # any attempt to reach a model hub fails loudly
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -32,11 +30,38 @@ def subprocess_env() -> dict:
 @pytest.fixture(scope="session")
 def tiny_blackbox_path(tmp_path_factory) -> Path:
     """A random-weight 10-class narrow resnet10t saved as a project black-box record (``ckpt:PATH``)."""
-    from lightning_modules.blackbox import blackbox_record, create_network
+    from core.blackbox import blackbox_record, create_network
 
     torch.manual_seed(0)
     kwargs = {"channels": [8, 16, 24, 32]}
     net = create_network("timm:resnet10t", 10, kwargs)
     path = tmp_path_factory.mktemp("bb") / "tiny.pt"
     torch.save(blackbox_record("timm:resnet10t", net, 10, kwargs, (0.5,) * 3, (0.25,) * 3), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_predictor_path(tiny_blackbox_path, tmp_path_factory) -> Path:
+    """A CT mask-predictor checkpoint on the tiny black box, as ``MaskPredictor`` saves it (random weights,
+    batch-norm statistics perturbed so that no layer is an identity: enough for loading and export tests)."""
+    import warnings
+
+    from core.blackbox import BlackBox
+    from lightning_modules.mask_predictor import MaskPredictor
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # untrained filter
+        model = MaskPredictor(blackbox=BlackBox(f"ckpt:{tiny_blackbox_path}"), filter_checkpoint=None, mode="ct")
+    with torch.no_grad():
+        for module in model.net.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 2.0)
+    checkpoint = {"state_dict": model.state_dict()}
+    model.on_save_checkpoint(checkpoint)
+    path = tmp_path_factory.mktemp("predictor") / "predictor.ckpt"
+    torch.save(checkpoint, path)
     return path

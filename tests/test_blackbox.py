@@ -7,10 +7,12 @@ import pytest
 import timm
 import torch
 
-from lightning_modules.blackbox import BlackBox, UnsafeCheckpointError, blackbox_record, create_network
+from core.blackbox import BlackBox, blackbox_record, create_network
+from core.checkpoints import UnsafeCheckpointError
 from lightning_modules.classifier import Classifier
 
 TINY = dict(model="timm:resnet10t", num_classes=5, model_kwargs={"channels": [8, 16, 24, 32]})
+NORM = dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))  # the embedded classifier's normalisation
 
 
 @pytest.fixture(scope="module")
@@ -81,10 +83,10 @@ def test_pretrained_weights_from_a_local_file(tmp_path):
 
 
 def test_rebuilds_from_classifier_checkpoint_and_export(tmp_path):
-    clf = Classifier(model=TINY["model"], num_classes=5, model_kwargs=TINY["model_kwargs"]).eval()
+    clf = Classifier(BlackBox(**TINY, **NORM)).eval()
     x = torch.rand(2, 3, 32, 32)
     ckpt = {"state_dict": clf.state_dict(), "epoch": 3,
-            "blackbox": blackbox_record(TINY["model"], clf.net, 5, TINY["model_kwargs"], clf.hparams.mean, clf.hparams.std)}
+            "blackbox": blackbox_record(TINY["model"], clf.net, 5, TINY["model_kwargs"], NORM["mean"], NORM["std"])}
     torch.save(ckpt, tmp_path / "clf.ckpt")
     box = BlackBox(f"ckpt:{tmp_path / 'clf.ckpt'}")
     assert box.num_classes == 5 and torch.allclose(box(x), clf(x), atol=1e-5)
@@ -93,18 +95,16 @@ def test_rebuilds_from_classifier_checkpoint_and_export(tmp_path):
     torch.save({"state_dict": clf.state_dict()}, tmp_path / "plain.ckpt")
     with pytest.raises(ValueError, match="not a black-box checkpoint"):
         BlackBox(f"ckpt:{tmp_path / 'plain.ckpt'}")
-    from lightning_modules.blackbox import export_blackbox
+    from core.blackbox import export_blackbox
 
     export_blackbox(tmp_path / "clf.ckpt", tmp_path / "half.pt", half=True)  # the committed assets/ record
     assert all(v.dtype != torch.float32 for v in torch.load(tmp_path / "half.pt", weights_only=True)["state_dict"].values())
     assert torch.allclose(BlackBox(f"ckpt:{tmp_path / 'half.pt'}")(x), clf(x), atol=2e-2)
     # the committed embedded black box is tested by `train.py test` through Classifier(weights=record)
-    again = Classifier(model=TINY["model"], num_classes=5, model_kwargs=TINY["model_kwargs"],
-                       weights=str(tmp_path / "box.pt")).eval()
+    again = Classifier(BlackBox(**TINY, **NORM), weights=str(tmp_path / "box.pt")).eval()
     assert torch.allclose(again(x), clf(x), atol=1e-5)
     with pytest.raises(ValueError, match="another classifier"):
-        Classifier(model=TINY["model"], num_classes=5, model_kwargs=TINY["model_kwargs"], std=(0.3, 0.3, 0.3),
-                   weights=str(tmp_path / "box.pt"))
+        Classifier(BlackBox(**TINY, mean=NORM["mean"], std=(0.3, 0.3, 0.3)), weights=str(tmp_path / "box.pt"))
 
 
 class _Payload:
@@ -136,3 +136,5 @@ def test_clear_errors_for_bad_specs(tmp_path):
         BlackBox(f"ckpt:{tmp_path / 'missing.ckpt'}")
     with pytest.raises(ValueError, match="feature levels"):
         BlackBox(**TINY, feature_levels=9)
+    # a command-line null that jsonargparse hands over as text is read as the null it was (random weights)
+    assert BlackBox(**TINY, weights="None").config()["init_args"]["weights"] is None

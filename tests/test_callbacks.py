@@ -19,16 +19,17 @@ from callbacks import (
     model_randomisation,
     overlay_grid,
 )
-from callbacks.evaluation import collect_probe
+from callbacks.probe import collect_probe
 from datamodules.common import collate_samples
-from lightning_modules.blackbox import BlackBox
+from core.blackbox import BlackBox
 
 SIZE, CLASSES, ITEMS = 32, 4, 8
 RISE = {"name": "rise", "n_masks": 32, "max_forward_batch": 64}
 UNIT_METRICS = ("deletion", "insertion", "pointing_game", "pointing_game_hit_rate", "iou", "f1", "iou_top",
                 "f1_top", "iou_pixel", "f1_pixel")  # in [0, 1]
 PERCENT_METRICS = ("mi",)
-COUNTS = ("images", "mf_excluded", "forwards_per_image", "backwards_per_image", "seconds_per_image", "mf")
+COUNTS = ("images", "mf_excluded", "forwards_per_image", "backwards_per_image", "seconds_per_image", "mf",
+          "deletion_norm", "insertion_norm", "deletion_norm_excluded", "insertion_norm_excluded")
 
 
 class Scenes(Dataset):

@@ -15,7 +15,7 @@ from tests.conftest import subprocess_env
 EXPERIMENT = "configs/experiment/embedded_classifier.yaml"
 SMALL = ["--data.init_args.image_size=32", "--data.init_args.batch_size=8", "--data.init_args.num_workers=0",
          "--data.init_args.num_train=32", "--data.init_args.num_val=16", "--data.init_args.num_test=16",
-         "--model.init_args.model_kwargs={channels: [8, 16, 24, 32]}"]
+         "--model.init_args.blackbox.init_args.model_kwargs={channels: [8, 16, 24, 32]}"]
 
 
 def run_train(repo_root, *args, timeout=300):

@@ -16,8 +16,8 @@ TINY_DATA = ("--data.init_args.image_size=32 --data.init_args.batch_size=8 --dat
              "--data.init_args.cache=false")
 TRAIN = (f"{TINY_DATA} --trainer.max_epochs=1 --trainer.limit_train_batches=2 --trainer.limit_val_batches=1 "
          "--trainer.limit_test_batches=1")
-EVALUATE = (f"{TINY_DATA} --methods=rise,gradient --method_hparams='{{rise: {{n_masks: 16}}}}' --batch_size=4 "
-            "--mf_steps=4 --wandb=false")
+EVALUATE = (f"{TINY_DATA} --explainers=rise,gradient --method_hparams='{{rise: {{n_masks: 16}}}}' --batch_size=4 "
+            "--settings.mf_steps=4 --wandb=false")
 
 
 def run_demo(repo_root, out, blackbox):

@@ -6,14 +6,17 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import evaluate
+import explainers
 from lightning_modules.evaluation import check_batch
+from metrics import EvaluationSettings
 from tests.conftest import subprocess_env
-
 
 
 @pytest.fixture(scope="module")
@@ -22,11 +25,12 @@ def tiny_blackbox(tiny_blackbox_path):
 
 
 def args_for(blackbox, out, *extra):
-    return ["--blackbox", blackbox, "--data.class_path=datamodules.ClutteredFashionMNISTDataModule",
+    return ["--blackbox.class_path=core.blackbox.BlackBox", f"--blackbox.init_args.model={blackbox}",
+            "--data.class_path=datamodules.ClutteredFashionMNISTDataModule",
             "--data.init_args.image_size=32", "--data.init_args.num_test=64", "--num_images=6", "--batch_size=4",
-            "--methods=gradient,rise", "--method_hparams={rise: {n_masks: 32}}", "--mf_steps=8",
-            "--protocol={units: 8, steps: 8, deletion_substrate: blur, insertion_substrate: blur, blur_kernel: 5,"
-            " blur_sigma: 2.0}", "--overlay_images=3", "--wandb=false", f"--out={out}", *extra]
+            "--explainers=gradient,rise", "--method_hparams={rise: {n_masks: 32}}", "--settings.mf_steps=8",
+            "--settings.protocol={units: 8, steps: 8, deletion_substrate: blur, insertion_substrate: blur, "
+            "blur_kernel: 5, blur_sigma: 2.0}", "--overlay_images=3", "--wandb=false", f"--out={out}", *extra]
 
 
 def test_writes_every_output(tiny_blackbox, tmp_path):
@@ -38,12 +42,14 @@ def test_writes_every_output(tiny_blackbox, tmp_path):
     assert set(saved) >= {"protocol", "blackbox", "data", "num_images", "excluded", "methods"}
     assert saved["num_images"] == 6 and list(saved["methods"]) == ["gradient", "rise"]
     for stats in saved["methods"].values():
-        assert set(stats) >= {"deletion", "insertion", "mf", "mf_normalized", "mi", "pointing_game", "iou", "f1",
+        assert set(stats) >= {"deletion", "insertion", "deletion_norm", "insertion_norm", "mf", "mf_normalized", "mi",
+                              "pointing_game", "iou", "f1",
                               "seconds_per_image", "forwards_per_image", "backwards_per_image"}
         assert 0 <= stats["deletion"] <= 1 and 0 <= stats["insertion"] <= 1 and 0 <= stats["mi"] <= 100
     assert saved["methods"]["rise"]["forwards_per_image"] == 32
     assert saved["methods"]["gradient"]["backwards_per_image"] >= 1
     assert saved["protocol"]["protocol"]["units"] == 8
+    assert set(saved["excluded"]["deletion_norm_degenerate"]) == {"gradient", "rise"}
     lines = (tmp_path / "results.csv").read_text().splitlines()
     assert len(lines) == 1 + 6 * 2 and lines[0].startswith("index,method,label,target,deletion")
     assert "| rise |" in (tmp_path / "summary.md").read_text()
@@ -68,7 +74,7 @@ def test_model_randomisation_check_is_written_and_reused(tiny_blackbox, tmp_path
 
 
 def test_rerun_skips_finished_pairs_and_extends(tiny_blackbox, tmp_path):
-    evaluate.main(args_for(tiny_blackbox, tmp_path, "--methods=gradient"))
+    evaluate.main(args_for(tiny_blackbox, tmp_path, "--explainers=gradient"))
     rows_before = (tmp_path / "rows" / "rows-rank0.jsonl").read_text().count("\n")
     evaluate.main(args_for(tiny_blackbox, tmp_path))  # adds rise, keeps gradient's rows
     rows = [json.loads(line) for line in (tmp_path / "rows" / "rows-rank0.jsonl").read_text().splitlines()]
@@ -77,14 +83,14 @@ def test_rerun_skips_finished_pairs_and_extends(tiny_blackbox, tmp_path):
 
 
 def test_rerun_with_other_settings_is_refused(tiny_blackbox, tmp_path):
-    evaluate.main(args_for(tiny_blackbox, tmp_path, "--methods=gradient"))
+    evaluate.main(args_for(tiny_blackbox, tmp_path, "--explainers=gradient"))
     with pytest.raises(ValueError, match="other settings"):
-        evaluate.main(args_for(tiny_blackbox, tmp_path, "--methods=gradient", "--mf_steps=4"))
+        evaluate.main(args_for(tiny_blackbox, tmp_path, "--explainers=gradient", "--settings.mf_steps=4"))
 
 
 def test_unknown_method_lists_the_known_ones(tiny_blackbox, tmp_path):
     with pytest.raises(ValueError, match=r"unknown method.*known: .*gradcam"):
-        evaluate.main(args_for(tiny_blackbox, tmp_path, "--methods=gradient,no_such_method"))
+        evaluate.main(args_for(tiny_blackbox, tmp_path, "--explainers=gradient,no_such_method"))
 
 
 def test_bad_images_are_named():
@@ -135,7 +141,7 @@ def test_killed_run_resumes_to_the_same_results(tiny_blackbox, tmp_path, repo_ro
 def test_two_processes_give_the_numbers_of_one(tiny_blackbox, tmp_path, repo_root):
     one, two = tmp_path / "one", tmp_path / "two"
     assert _run(args_for(tiny_blackbox, one), cwd=repo_root).wait(timeout=600) == 0
-    assert _run(args_for(tiny_blackbox, two, "--strategy=ddp", "--devices=2"), cwd=repo_root).wait(timeout=600) == 0
+    assert _run(args_for(tiny_blackbox, two, "--trainer=configs/trainer/cpu_ddp.yaml"), cwd=repo_root).wait(timeout=600) == 0
     a = json.loads((one / "results.json").read_text())
     b = json.loads((two / "results.json").read_text())
     assert a["num_images"] == b["num_images"] == 6
@@ -163,3 +169,51 @@ def test_wandb_tables_and_images_are_logged(tiny_blackbox, tmp_path, monkeypatch
     assert columns[:2] == ["index", "method"] and len(data) == 12
     assert [row[0] for row in logged["evaluation/summary"][1]] == ["gradient", "rise"]
     assert [str(p).rsplit("/", 1)[-1] for p in logged["evaluation/figures"]] == ["curves.png", "overlays.png"]
+
+
+EVALUATE_CONFIGS = sorted(path.name for path in (Path(__file__).parents[1] / "configs" / "experiment").glob("*.yaml")
+                          if "run_dir" not in yaml.safe_load(path.read_text()))  # train.py experiments have one
+
+
+@pytest.mark.parametrize("config", EVALUATE_CONFIGS)
+def test_every_evaluate_config_parses_into_its_objects(repo_root, config):
+    """Each evaluate.py experiment (the README's commands) parses, with a configs/trainer/*.yaml on top, into a
+    black box spec, explainer specs the registry knows and a protocol that resolves."""
+    cfg = evaluate.build_parser().parse_args(["--config", str(repo_root / "configs" / "experiment" / config),
+                                              "--trainer", str(repo_root / "configs" / "trainer" / "cpu_ddp.yaml")])
+    assert cfg.blackbox.class_path == "core.blackbox.BlackBox" and cfg.blackbox.init_args.model
+    assert cfg.trainer.devices == 2 and cfg.trainer.strategy == "ddp"
+    specs = evaluate.explainer_specs(cfg)
+    assert len(specs) >= 2 and all(explainers.parse_spec(s).name in explainers.available() for s in specs)
+    settings = EvaluationSettings(**cfg.settings.as_dict()).resolve(64, target=cfg.target)
+    assert settings.protocol.target == cfg.target and settings.protocol.steps >= 1
+
+
+def test_saved_maps_are_scored_under_another_protocol(tiny_blackbox, tmp_path):
+    """--save_maps then --maps_from: the second run explains nothing again, reports the first run's cost, and
+    gives exactly what explaining anew under that protocol gives."""
+    first, second, direct = tmp_path / "first", tmp_path / "second", tmp_path / "direct"
+    evaluate.main(args_for(tiny_blackbox, first, "--save_maps=true"))
+    assert len(list((first / "maps" / "rise").glob("*.pt"))) == 6
+    other = "--settings.protocol={units: pixel, steps: 4, deletion_substrate: mean, insertion_substrate: blur, blur_kernel: 3, blur_sigma: 1.0}"
+    calls = []
+    original = explainers.Explainer.__call__
+
+    def counting(self, *args, **kwargs):
+        calls.append(self.name)
+        return original(self, *args, **kwargs)
+
+    explainers.Explainer.__call__ = counting
+    try:
+        reused = evaluate.main(args_for(tiny_blackbox, second, other, f"--maps_from={first}"))
+    finally:
+        explainers.Explainer.__call__ = original
+    assert calls == []  # every map came from the first run
+    fresh = evaluate.main(args_for(tiny_blackbox, direct, other))
+    for method in ("gradient", "rise"):
+        for key in ("deletion", "insertion", "mi", "forwards_per_image", "backwards_per_image"):
+            assert reused["methods"][method][key] == pytest.approx(fresh["methods"][method][key]), (method, key)
+    # other hyper-parameters: nothing is reused
+    changed = evaluate.main(args_for(tiny_blackbox, tmp_path / "changed", "--method_hparams={rise: {n_masks: 16}}",
+                                     f"--maps_from={first}"))
+    assert changed["methods"]["rise"]["forwards_per_image"] == 16

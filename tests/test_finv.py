@@ -7,7 +7,7 @@ import torch
 
 import explainers
 from explainers.finv import feature_error, guide_maps, guided_mask
-from lightning_modules.blackbox import BlackBox
+from core.blackbox import BlackBox
 
 
 @pytest.fixture(scope="module")

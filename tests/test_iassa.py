@@ -14,7 +14,7 @@ import torch.nn as nn
 import evaluate
 import explainers
 import explainers.iassa as iassa  # registers "iassa" (also when explainers/__init__ does not import it)
-from lightning_modules.blackbox import BlackBox, blackbox_record, create_network
+from core.blackbox import BlackBox, blackbox_record, create_network
 
 TINY = dict(model="timm:resnet10t", model_kwargs={"channels": [8, 16, 24, 32]})
 FAST = dict(window=120.0, stride=60.0, tol=0.0)  # 25 windows per round at 48 px
@@ -250,13 +250,14 @@ def test_evaluate_on_an_embedded_coco_export(tmp_path):
     torch.save(blackbox_record(TINY["model"], net, 10, TINY["model_kwargs"], (0.5,) * 3, (0.25,) * 3), record)
     out = tmp_path / "eval"
     evaluate.main([
-        f"--blackbox=ckpt:{record}", "--data.class_path=datamodules.COCODataModule",
+        "--blackbox.class_path=core.blackbox.BlackBox", f"--blackbox.init_args.model=ckpt:{record}",
+        "--data.class_path=datamodules.COCODataModule",
         f"--data.init_args.image_dir_val={tmp_path / 'coco' / 'images'}",
         f"--data.init_args.annotations_val={annotations}",
-        "--data.init_args.image_size=32", "--data.init_args.num_workers=0", "--split=val", "--methods=iassa",
-        "--method_hparams={iassa: {window: 120, stride: 60, iterations: 2, tol: 0}}", "--batch_size=4", "--mf_steps=4",
-        "--protocol={units: 8, steps: 4, deletion_substrate: blur, insertion_substrate: blur, blur_kernel: 5,"
-        " blur_sigma: 2.0}", "--overlay_images=0", "--wandb=false", f"--out={out}"])
+        "--data.init_args.image_size=32", "--data.init_args.num_workers=0", "--split=val", "--explainers=iassa",
+        "--method_hparams={iassa: {window: 120, stride: 60, iterations: 2, tol: 0}}", "--batch_size=4",
+        "--settings.mf_steps=4", "--settings.protocol={units: 8, steps: 4, deletion_substrate: blur, "
+        "insertion_substrate: blur, blur_kernel: 5, blur_sigma: 2.0}", "--overlay_images=0", "--wandb=false", f"--out={out}"])
     results = json.loads((out / "results.json").read_text())
     assert results["num_images"] == 4 and results["data"]["name"] == "COCODataModule"
     stats = results["methods"]["iassa"]

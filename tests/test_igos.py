@@ -14,8 +14,9 @@ from torch.utils.data import DataLoader, Dataset
 
 import explainers
 import explainers.igos  # noqa: F401  registers igos_pp and igos
-from explainers.igos import BTV_SIGMA, NOISE_STD, bilateral_total_variation, bilateral_weights, total_variation
-from explainers.perturbation import derive_seeds, gaussian_blur, perturb, scaled_blur
+from explainers.igos import BTV_SIGMA, NOISE_STD, bilateral_total_variation, bilateral_weights, tv_norm
+from core.perturbation import gaussian_blur, perturb, scaled_blur
+from core.seeding import derive_seeds
 
 SIZE = 32
 REGION = (slice(8, 20), slice(12, 24))  # what the toy black box looks at
@@ -163,8 +164,8 @@ def test_bilateral_weights_are_the_same_formula_in_both_directions():
 def test_total_variation_by_hand():
     mask = torch.tensor([[0.0, 1.0], [1.0, 1.0]]).view(1, 1, 2, 2)
     # vertical pairs: (0,1), (1,1) -> mean of squares 0.5; horizontal: (0,1), (1,1) -> 0.5.
-    assert total_variation(mask).item() == pytest.approx(1.0)
-    assert total_variation(mask, beta=1.0).item() == pytest.approx(1.0)
+    assert tv_norm(mask).item() == pytest.approx(1.0)
+    assert tv_norm(mask, beta=1.0).item() == pytest.approx(1.0)
 
 
 # ---------------------------------------------------------------------------------------------------------

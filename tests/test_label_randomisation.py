@@ -13,7 +13,7 @@ import evaluate
 from callbacks import LabelRandomisationCheck, label_randomisation
 from datamodules import ClutteredFashionMNISTDataModule
 from datamodules.common import collate_samples
-from lightning_modules.blackbox import BlackBox, blackbox_record, create_network
+from core.blackbox import BlackBox, blackbox_record, create_network
 from tests.test_callbacks import CLASSES, InputGradient, Scenes, TinyModule, scenes_loader
 from tests.test_evaluate import args_for
 

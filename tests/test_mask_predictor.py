@@ -16,14 +16,16 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import explainers
+from core.blackbox import BlackBox
+from core.seeding import per_image_uniforms
 from datamodules import ClutteredFashionMNIST, collate_samples
-from explainers.mask_predictor import load_predictor
-from lightning_modules.blackbox import BlackBox
-from lightning_modules.controllers import CTController, make_controller, skewness, standardise
-from lightning_modules.feature_filter import FeatureFilter, FeatureFilterModule, per_image_uniforms
-from lightning_modules.mask_generator import (GENERATOR_PRESETS, PRESET_RATIOS, MaskGenerator, MaskPredictorNet,
-                                              derive_widths, generator_widths, upsample)
-from lightning_modules.mask_predictor import MaskDistribution, MaskPredictor, hinge_loss, total_variation
+from lightning_modules.feature_filter import FeatureFilterModule
+from lightning_modules.mask_predictor import (MaskDistribution, MaskPredictor, hinge_loss, top_fraction_mask,
+                                              total_variation)
+from networks.controllers import CTController, make_controller, skewness, standardise
+from networks.feature_filter import FeatureFilter
+from networks.mask_generator import (GENERATOR_PRESETS, PRESET_RATIOS, MaskGenerator, MaskPredictorNet, derive_widths,
+                                     generator_widths, upsample)
 from tests.conftest import subprocess_env
 
 SIZE = 32
@@ -43,7 +45,7 @@ def predictor(path, mode="ct", **kwargs) -> MaskPredictor:
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # untrained filter
-        return MaskPredictor(blackbox=f"ckpt:{path}", filter_checkpoint=None, mode=mode, **kwargs)
+        return MaskPredictor(blackbox=BlackBox(f"ckpt:{path}"), filter_checkpoint=None, mode=mode, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -86,6 +88,11 @@ def test_predictor_net_on_a_real_black_box(tiny_blackbox_path, scenes):
         rebuilt = MaskPredictorNet.from_config(net.config())
         rebuilt.load_state_dict(net.state_dict())
         assert torch.equal(rebuilt.eval()(features, scenes["label"]), net.eval()(features, scenes["label"]))
+    finer = MaskPredictorNet(blackbox.feature_channels, 10, [16, 16, 16], "ct", extra_upsamples=1)
+    assert finer.raw(features, scenes["label"]).shape == (8, 1, SIZE // 2, SIZE // 2)  # stride 2
+    rebuilt = MaskPredictorNet.from_config(finer.config())
+    rebuilt.load_state_dict(finer.state_dict())
+    assert torch.equal(rebuilt.eval()(features, scenes["label"]), finer.eval()(features, scenes["label"]))
 
 
 def test_upsample_equals_interpolate_in_values_and_gradients():
@@ -188,14 +195,14 @@ def test_per_image_draws_do_not_depend_on_the_batch():
 
 
 def test_filter_checkpoint_record_and_loading(tiny_blackbox_path, tmp_path):
-    module = FeatureFilterModule(blackbox=f"ckpt:{tiny_blackbox_path}")
+    module = FeatureFilterModule(blackbox=BlackBox(f"ckpt:{tiny_blackbox_path}"))
     checkpoint = {"state_dict": module.state_dict()}
     module.on_save_checkpoint(checkpoint)
     assert not any(k.startswith("blackbox.") for k in checkpoint["state_dict"])
     torch.save(checkpoint, tmp_path / "filter.ckpt")
     filt, record = FeatureFilter.from_checkpoint(str(tmp_path / "filter.ckpt"))
     assert torch.equal(filt.embedding, module.filter.embedding) and record["channels"] == 32
-    model = MaskPredictor(blackbox=f"ckpt:{tiny_blackbox_path}", filter_checkpoint=str(tmp_path / "filter.ckpt"))
+    model = MaskPredictor(blackbox=BlackBox(f"ckpt:{tiny_blackbox_path}"), filter_checkpoint=str(tmp_path / "filter.ckpt"))
     assert torch.equal(model.net.filter.embedding, module.filter.embedding)
     assert not model.net.filter.embedding.requires_grad
 
@@ -220,8 +227,16 @@ def test_substrates_are_per_image_and_mixed(tiny_blackbox_path, scenes):
 DABKOWSKI_CODE = {"class_loss": "hinge", "tv_reduction": "sum", "tv_border": 0.3}
 
 
-@pytest.mark.parametrize("mode, options", [("ct", {}), ("bt", {}), ("mgnet", {}), ("mgnet", DABKOWSKI_CODE)],
-                         ids=["ct", "bt", "mgnet", "mgnet-hinge"])
+GAME = {"deletion_weight": 1.0, "insertion_weight": 1.0, "deletion_substrates": ["mean", "random"],
+        "insertion_substrates": ["blur", "strong_blur"]}
+
+
+PROTOCOL_GAME = {"deletion_weight": 1.0, "insertion_weight": 1.0, "game_protocols": ["rise", "igos"]}
+
+
+@pytest.mark.parametrize("mode, options", [("ct", {}), ("bt", {}), ("mgnet", {}), ("mgnet", DABKOWSKI_CODE),
+                                           ("ct", GAME), ("mgnet", GAME), ("ct", PROTOCOL_GAME)],
+                         ids=["ct", "bt", "mgnet", "mgnet-hinge", "ct-game", "mgnet-game", "ct-protocol-game"])
 def test_loss_decreases_on_a_tiny_batch(tiny_blackbox_path, scenes, mode, options):
     model = predictor(tiny_blackbox_path, mode, **options)
     model.train()
@@ -237,8 +252,59 @@ def test_loss_decreases_on_a_tiny_batch(tiny_blackbox_path, scenes, mode, option
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.005, losses
-    assert set(terms) == ({"ce", "area", "tv", "bg"} if mode == "mgnet" else {"ce"})
+    game = {"game_deletion", "game_insertion"} if options in (GAME, PROTOCOL_GAME) else set()
+    assert set(terms) == ({"ce", "area", "tv", "bg"} if mode == "mgnet" else {"ce"}) | game
     assert not any(p.grad is not None for p in model.blackbox.parameters())
+
+
+def test_top_fraction_mask_selects_the_top_pixels_softly():
+    mask = torch.arange(100.0).view(1, 1, 10, 10).repeat(3, 1, 1, 1)
+    soft = top_fraction_mask(mask, torch.tensor([0.1, 0.5, 0.9]), temperature=0.01)
+    hard = soft > 0.5
+    assert hard.flatten(1).sum(1).tolist() == [10, 50, 90]  # exactly the top fraction
+    assert bool(hard[0].flatten()[90:].all()) and not bool(hard[0].flatten()[:90].any())  # the largest values
+    warm = top_fraction_mask(mask, torch.tensor([0.5, 0.5, 0.5]), temperature=1.0)
+    assert 0.2 < warm[0].flatten()[49].item() < 0.5 < warm[0].flatten()[50].item() < 0.8  # soft near the threshold
+    mask.requires_grad_(True)
+    top_fraction_mask(mask, torch.tensor([0.5, 0.5, 0.5]), 0.1).sum().backward()
+    assert mask.grad.flatten(1)[:, 45:55].abs().min() > 0 and mask.grad.flatten(1)[:, 0].abs().max() < 1e-6
+
+
+def test_game_substrates_are_per_image(tiny_blackbox_path, scenes):
+    model = predictor(tiny_blackbox_path, **GAME)
+    images, index = scenes["image"], scenes["index"]
+    draws = torch.linspace(0, 0.99, 8)
+    together = model.game_substrate(images, ["mean", "blur", "strong_blur", "random"], draws, index, 0)
+    alone = torch.cat([model.game_substrate(images[i:i + 1], ["mean", "blur", "strong_blur", "random"], draws[i:i + 1],
+                                            index[i:i + 1], 0) for i in range(8)])
+    torch.testing.assert_close(together, alone)
+    torch.testing.assert_close(together[0], model.blackbox.mean[0].expand(3, SIZE, SIZE))  # draws < 1/4: the mean
+    assert together.min() >= 0 and together.max() <= 1
+    with pytest.raises(ValueError, match="deletion_substrates"):
+        predictor(tiny_blackbox_path, deletion_substrates=["noise"])
+    with pytest.raises(ValueError, match="game_protocols"):
+        predictor(tiny_blackbox_path, game_protocols=["mine"])
+
+
+def test_protocol_game_perturbs_like_the_causal_metric(tiny_blackbox_path, scenes):
+    """Under the igos preset the game's hard limit (temperature -> 0) removes exactly the top cells of the
+    metric's grid, upsampled bilinearly, into the preset's blur."""
+    from metrics import CausalProtocol
+    from metrics.causal import rank_units, unit_scores
+
+    model = predictor(tiny_blackbox_path, **PROTOCOL_GAME, game_temperature=1e-4)
+    images = scenes["image"]
+    mask = torch.rand(8, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    fractions = torch.full((8,), 0.25)
+    soft, substrate = model.protocol_game(images, mask, fractions, torch.full((8,), 0.9), deletion=True)
+    protocol = CausalProtocol.igos(SIZE)
+    grid = protocol.units
+    top = rank_units(unit_scores(mask, grid)) < round(0.25 * grid * grid)
+    expected = F.interpolate(top.view(8, 1, grid, grid).float(), size=(SIZE, SIZE), mode="bilinear",
+                             align_corners=False)
+    torch.testing.assert_close(soft, expected, atol=1e-3, rtol=0)
+    torch.testing.assert_close(substrate, model.game_substrate(images, ["strong_blur"], torch.zeros(8),
+                                                               scenes["index"], 0), atol=1e-5, rtol=0)
 
 
 def test_hinge_and_smoothness_terms():
@@ -284,7 +350,7 @@ def _fit_briefly(model, scenes, tmp_path, steps=2):
 
 
 @pytest.mark.parametrize("mode, name", [("ct", "predictor_ct"), ("bt", "predictor_bt"), ("mgnet", "mgnet")])
-def test_checkpoint_round_trip_through_load_checkpoint(tiny_blackbox_path, scenes, tmp_path, mode, name):
+def test_checkpoint_round_trip_through_the_registry(tiny_blackbox_path, scenes, tmp_path, mode, name):
     model = predictor(tiny_blackbox_path, mode)
     trainer = _fit_briefly(model, scenes, tmp_path)
     path = tmp_path / "predictor.ckpt"
@@ -293,20 +359,22 @@ def test_checkpoint_round_trip_through_load_checkpoint(tiny_blackbox_path, scene
     assert raw["explainer"]["name"] == name
     assert not any(k.startswith("blackbox.") for k in raw["state_dict"]), "black-box weights were stored"
     blackbox = BlackBox(f"ckpt:{tiny_blackbox_path}")
-    loaded_name, explainer = explainers.load_checkpoint(str(path), blackbox)
+    loaded_name = explainers.recorded_name(str(path))
+    explainer = explainers.build(loaded_name, blackbox, checkpoint=str(path))
     assert loaded_name == name
     images, index = scenes["image"], scenes["index"]
     targets = blackbox.logits(images).argmax(1)
     expected = model.eval().as_explainer()(images, targets, index)
     torch.testing.assert_close(explainer(images, targets, index), expected)
     if mode == "ct":  # the post-hoc variant from the same checkpoint, and the black box rebuilt from its spec
-        variant, tuned = load_predictor(str(path), posthoc=True, posthoc_points=8)
+        tuned = explainers.build("predictor_ct_posthoc", None, checkpoint=str(path), posthoc_points=8)
+        variant = tuned.name
         assert variant == "predictor_ct_posthoc" and tuned.blackbox.spec == "timm:resnet10t"
         assert tuned(images, targets, index).shape == expected.shape
-        asked, _ = explainers.load_checkpoint(str(path), blackbox, "predictor_ct_posthoc")  # evaluate.py NAME=PATH
+        asked = explainers.build("predictor_ct_posthoc", blackbox, checkpoint=str(path)).name  # evaluate.py NAME=PATH
         assert asked == "predictor_ct_posthoc"
         with pytest.raises(ValueError, match="cannot be loaded as 'mgnet'"):
-            explainers.load_checkpoint(str(path), blackbox, "mgnet")
+            explainers.build("mgnet", blackbox, checkpoint=str(path))
         resumed = MaskPredictor.load_from_checkpoint(path, weights_only=True)  # black box refilled on load
         for key, value in model.net.state_dict().items():
             torch.testing.assert_close(resumed.net.state_dict()[key], value)
@@ -318,7 +386,7 @@ def test_a_checkpoint_for_another_black_box_is_refused(tiny_blackbox_path, scene
     trainer.save_checkpoint(tmp_path / "p.ckpt")
     other = BlackBox("timm:resnet10t", num_classes=10, model_kwargs={"channels": [8, 16, 24, 48]})
     with pytest.raises(ValueError, match="feature channels"):
-        explainers.load_checkpoint(str(tmp_path / "p.ckpt"), other)
+        explainers.build("predictor_ct", other, checkpoint=str(tmp_path / "p.ckpt"))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -354,8 +422,8 @@ def test_fast_dev_run_of_every_imagenet_config(repo_root, imagenet_export, tmp_p
     embedded ImageNet export at 32 px, with the config's bf16 and channels_last on the CPU."""
     args = ["fit", "--config", f"configs/experiment/{config}.yaml", "--trainer.fast_dev_run=true",
             f"--run_dir={tmp_path}", f"--data.init_args.root={imagenet_export}", f"--data.init_args.image_size={SIZE}",
-            "--data.init_args.batch_size=4", "--data.init_args.num_workers=0", "--model.init_args.blackbox_weights=null",
-            "--model.init_args.num_classes=10", *CPU]
+            "--data.init_args.batch_size=4", "--data.init_args.num_workers=0",
+            "--model.init_args.blackbox.init_args.weights=null", "--model.init_args.blackbox.init_args.num_classes=10", *CPU]
     if not config.endswith("filter"):
         args.append("--model.init_args.filter_checkpoint=null")
     proc = run_train(repo_root, *args)
@@ -371,7 +439,7 @@ def embedded_filter(repo_root, tiny_blackbox_path, tmp_path_factory):
     """A real (2-step) run of configs/experiment/embedded_filter.yaml: its last.ckpt feeds the predictors."""
     run_dir = tmp_path_factory.mktemp("filter")
     proc = run_train(repo_root, "fit", "--config", "configs/experiment/embedded_filter.yaml", f"--run_dir={run_dir}",
-                     f"--model.init_args.blackbox=ckpt:{tiny_blackbox_path}", *embedded_data(),
+                     f"--model.init_args.blackbox.init_args.model=ckpt:{tiny_blackbox_path}", *embedded_data(),
                      "--trainer.limit_train_batches=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     path = run_dir / "checkpoints" / "last.ckpt"
@@ -381,7 +449,7 @@ def embedded_filter(repo_root, tiny_blackbox_path, tmp_path_factory):
 
 def predictor_args(config, tiny_blackbox_path, filter_path, run_dir, *extra):
     return ["fit", "--config", f"configs/experiment/{config}.yaml", f"--run_dir={run_dir}",
-            f"--model.init_args.blackbox=ckpt:{tiny_blackbox_path}",
+            f"--model.init_args.blackbox.init_args.model=ckpt:{tiny_blackbox_path}",
             f"--model.init_args.filter_checkpoint={filter_path}", *extra]
 
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from metrics import CausalProtocol, causal_curves, explained_class, faithfulness_mf, minmax_across_methods
-from metrics.causal import rank_units, step_counts, trapezoid_area
+from metrics.causal import normalised_area, rank_units, step_counts, trapezoid_area
 
 HYPOTHESIS = settings(max_examples=20, deadline=None)
 
@@ -102,6 +102,37 @@ def test_step_counts_use_the_ceiling():
 def test_trapezoid_area():
     curve = torch.tensor([[0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
     torch.testing.assert_close(trapezoid_area(curve), torch.tensor([2 / 3, 1.0]))
+
+
+def test_normalised_area_by_hand():
+    # Deletion curve 0.8 -> 0.2 over 4 steps: A = (0.8/2 + 0.5 + 0.3 + 0.2 + 0.2/2) / 4 = 0.375;
+    # (A - v_n) / (v_0 - v_n) = (0.375 - 0.2) / 0.6 = 0.291666...
+    deletion = torch.tensor([[0.8, 0.5, 0.3, 0.2, 0.2], [0.9, 0.2, 0.2, 0.2, 0.2], [0.5, 0.5, 0.49, 0.48, 0.47]])
+    expected = torch.tensor([(0.375 - 0.2) / 0.6, (0.9 / 2 + 0.2 * 3 + 0.1 - 4 * 0.2) / 4 / 0.7, math.nan])
+    torch.testing.assert_close(normalised_area(deletion, start_at_zero=False), expected, equal_nan=True)
+    # The class vanishing at the first step scores 1 / (2n): only the trapezoid's first half step remains.
+    assert normalised_area(deletion, start_at_zero=False)[1].item() == pytest.approx(1 / 8)
+    # Insertion 0.1 -> 0.9, all gained at step 1: (A - v_0) / (v_n - v_0) = (0.1/2 + 0.9 * 3 + 0.9/2 - 0.4) / 0.8
+    insertion = torch.tensor([[0.1, 0.9, 0.9, 0.9, 0.9], [0.1, 0.1, 0.1, 0.1, 0.9]])
+    area = torch.tensor([(0.05 + 2.7 + 0.45) / 4, (0.05 + 0.3 + 0.45) / 4])
+    torch.testing.assert_close(normalised_area(insertion, start_at_zero=True), (area - 0.1) / 0.8)
+    assert normalised_area(insertion, start_at_zero=True)[0] > 0.85  # near the ideal 1
+    assert normalised_area(insertion, start_at_zero=True)[1] < 0.15  # near the worst 0
+    # The excluded-image rule is |v_0 - v_n| <= eps, for either sign of the span
+    flat = torch.tensor([[0.3, 0.9, 0.34], [0.3, 0.9, 0.36], [0.36, 0.0, 0.3]])
+    assert normalised_area(flat, start_at_zero=True, eps=0.05).isnan().tolist() == [True, False, False]
+
+
+def test_causal_curves_report_the_normalised_areas_of_their_curves():
+    region = _region(8, 8, 0, 0, 4, 4)
+    images = _images_for(region, 2)
+    saliency = torch.stack([region, ~region]).float().unsqueeze(1)
+    result = causal_curves(RegionFraction(region), images, saliency, TARGETS_ZERO[:2], _zero_protocol(steps=64))
+    torch.testing.assert_close(result.deletion_norm, normalised_area(result.deletion_curve, False))
+    torch.testing.assert_close(result.insertion_norm, normalised_area(result.insertion_curve, True))
+    # curves go 1 -> 0 (deletion) and 0 -> 1 (insertion): normalised = raw areas here
+    torch.testing.assert_close(result.deletion_norm, result.deletion, atol=1e-5, rtol=0)
+    torch.testing.assert_close(result.insertion_norm, result.insertion, atol=1e-5, rtol=0)
 
 
 def test_constant_map_ranks_row_major():

@@ -1,19 +1,19 @@
-"""Tests for explainers/perturbation.py: phi(I, M, A), the blur and every substrate."""
+"""Tests for core/perturbation.py and core/seeding.py: phi(I, M, A), the blur and every substrate."""
 
 import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from explainers.perturbation import (
-    IMAGENET_MEAN,
+from core.blackbox import IMAGENET_MEAN
+from core.perturbation import (
     clip_kernel_size,
-    derive_seeds,
     gaussian_blur,
     make_substrate,
     perturb,
     random_colour_noise,
     scaled_blur,
 )
+from core.seeding import derive_seeds
 
 
 def _images(batch=2, size=8, seed=0):
@@ -190,7 +190,8 @@ def test_unknown_substrate():
 
 def test_random_substrate_depends_on_the_run_seed():
     """The run seed sits in the high 32 bits of derive_seeds: it must still change the draws on the CPU."""
-    from explainers.perturbation import derive_seeds, random_colour_noise
+    from core.perturbation import random_colour_noise
+    from core.seeding import derive_seeds
 
     images = torch.zeros(2, 3, 8, 8)
     index = torch.arange(2)

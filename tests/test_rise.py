@@ -19,7 +19,7 @@ class ToyBlackBox(nn.Module):
     """Class 0's logit = gain * (mean of channel 0 over a region) - offset; class 1's logit = 0.
 
     Records every batch it sees, so tests can read back the perturbed images (= the masks, on a white
-    channel 0 with RISE's black substrate).
+    channel 0 with RISE's black substrate, ``substrate="zero"``).
     """
 
     num_classes = 2
@@ -55,13 +55,13 @@ def masks_by_image(inputs, count):
 def test_masks_of_an_image_do_not_depend_on_its_batch():
     n_masks, indices = MASKS_PER_STREAM + 44, torch.tensor([5, 9, 2])  # two streams, a partial one
     box = ToyBlackBox()
-    explainer = explainers.build("rise", box, n_masks=n_masks, seed=11, max_forward_batch=50)
+    explainer = explainers.build("rise", box, n_masks=n_masks, seed=11, max_forward_batch=50, substrate="zero")
     images, targets = coded_images(3), torch.zeros(3, dtype=torch.long)
     explainer(images, targets, indices)
     in_batch = masks_by_image(box.inputs, 3)
     for b in range(3):
         box.inputs.clear()
-        alone = explainers.build("rise", box, n_masks=n_masks, seed=11, max_forward_batch=64)
+        alone = explainers.build("rise", box, n_masks=n_masks, seed=11, max_forward_batch=64, substrate="zero")
         alone(images[b:b + 1], targets[b:b + 1], indices[b:b + 1])
         assert in_batch[b].shape == (n_masks, SIZE, SIZE)
         assert torch.equal(in_batch[b], torch.cat(box.inputs)[:, 0])
@@ -69,7 +69,7 @@ def test_masks_of_an_image_do_not_depend_on_its_batch():
     # derive_seeds puts the run seed in the high bits, so this catches a seed passed through unhashed)
     assert not torch.equal(in_batch[0], in_batch[1])
     box.inputs.clear()
-    explainers.build("rise", box, n_masks=n_masks, seed=12)(images[:1], targets[:1], indices[:1])
+    explainers.build("rise", box, n_masks=n_masks, seed=12, substrate="zero")(images[:1], targets[:1], indices[:1])
     assert not torch.equal(in_batch[0], torch.cat(box.inputs)[:, 0])
 
 
@@ -117,7 +117,7 @@ def test_render_masks_is_an_upsample_then_shifted_crop():
 def test_saliency_is_higher_inside_the_region_the_toy_model_looks_at():
     region = (slice(8, 20), slice(12, 28))
     box = ToyBlackBox(region)
-    explainer = explainers.build("rise", box, n_masks=1000, max_forward_batch=500)
+    explainer = explainers.build("rise", box, n_masks=1000, max_forward_batch=500, substrate="zero")
     saliency = explainer(torch.ones(1, 3, SIZE, SIZE), torch.zeros(1, dtype=torch.long))[0, 0]
     inside = torch.zeros(SIZE, SIZE, dtype=torch.bool)
     inside[region] = True
@@ -136,6 +136,23 @@ def test_rise_options_are_checked_and_substrates_work():
     with pytest.raises(ValueError, match="keep_prob"):
         explainers.build("rise", box, keep_prob=0.0)
     images = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
-    for substrate in ("mean", "blur"):
+    for substrate in ("mean", "zero", "blur"):
         saliency = explainers.build("rise", box, n_masks=16, substrate=substrate)(images, torch.zeros(2).long())
         assert saliency.shape == (2, 1, SIZE, SIZE) and torch.isfinite(saliency).all()
+
+
+def test_default_masking_colour_is_the_black_boxs_normalisation_mean():
+    """As the released code (it masks the normalised image, so masked pixels become the model's mean colour)."""
+    box = ToyBlackBox()
+    box.mean = torch.tensor([0.2, 0.4, 0.6]).view(1, 3, 1, 1)  # a BlackBox's normalisation buffer
+    explainer = explainers.build("rise", box, n_masks=8, grid_size=2)
+    assert explainer.substrate == "mean"
+    explainer(torch.ones(1, 3, SIZE, SIZE), torch.zeros(1, dtype=torch.long))
+    seen = torch.cat(box.inputs)  # each = 1 * M + mean * (1 - M): M = 1 - (x - 1) / (mean - 1) per channel
+    masks = (seen - box.mean) / (1 - box.mean)
+    assert torch.allclose(masks[:, 0], masks[:, 1], atol=1e-5) and torch.allclose(masks[:, 0], masks[:, 2], atol=1e-5)
+    assert masks.min() < 0.01  # some pixels are fully masked: they hold exactly the mean colour
+    box.inputs.clear()
+    explainers.build("rise", box, n_masks=8, grid_size=2, mean_colour=(0.0, 0.0, 0.0))(
+        torch.ones(1, 3, SIZE, SIZE), torch.zeros(1, dtype=torch.long))
+    assert torch.cat(box.inputs).min() < 0.01  # an explicit colour wins

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import explainers
-from explainers.perturbation import gaussian_blur
+from core.perturbation import gaussian_blur
 from explainers.xpert import (SmoothMaskGenerator, area_penalty, axis_neighbours, blur_pyramid, pyramid_perturb,
                                smooth_max)
 from tests.test_igos import REGION, SIZE, RegionBox, scenes

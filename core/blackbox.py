@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn as nn
 
+from core.checkpoints import safe_load
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 EXPORT_FORMAT = "saliency-lab/blackbox/v1"
+CLASS_PATH = "core.blackbox.BlackBox"
 
 # Graph nodes giving stride-2..32 feature maps of torchvision CNNs, and their channels.
 TORCHVISION_FEATURE_NODES = {
@@ -77,32 +80,6 @@ def read_blackbox_record(path: str | os.PathLike) -> dict:
     return record
 
 
-class UnsafeCheckpointError(RuntimeError):
-    """A checkpoint holds objects that ``torch.load(weights_only=True)`` refuses to unpickle."""
-
-
-def safe_load(path: str | os.PathLike) -> dict:
-    """Load a checkpoint without executing pickled code (``weights_only=True``).
-
-    Raises:
-        FileNotFoundError: no such file.
-        UnsafeCheckpointError: the file needs arbitrary unpickling (e.g. carries a malicious payload).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch wraps the refusal in an UnpicklingError
-        raise UnsafeCheckpointError(
-            f"refusing to load {path}: it is not loadable with weights_only=True ({type(err).__name__}: "
-            f"{str(err).splitlines()[0]}). Only tensors and plain containers are accepted.") from err
-
-
 def _state_dict_from(obj: dict, path) -> dict:
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj.get(key), dict):
@@ -124,7 +101,8 @@ class BlackBox(nn.Module):
         feature_levels: how many of the deepest feature levels ``features()`` returns (≥ 4).
 
     Shapes: ``logits(x)``: x (B,3,H,W) in [0,1] -> (B,K). ``features(x)`` -> list of (B,C_l,H/s_l,W/s_l),
-    shallow to deep, with ``feature_channels[l] = C_l`` and ``feature_strides[l] = s_l``.
+    shallow to deep, with ``feature_channels[l] = C_l``, ``feature_strides[l] = s_l`` and
+    ``feature_modules[l]`` the name, within ``net``, of the module whose output level l is.
 
     The black box is frozen (``requires_grad=False``) and always in eval mode: ``train()`` is a no-op, so a
     LightningModule that owns it cannot switch its batch norms to training statistics.
@@ -141,6 +119,14 @@ class BlackBox(nn.Module):
         feature_levels: int = 4,
     ):
         super().__init__()
+        # jsonargparse turns a command-line `...blackbox.init_args.weights=null` into the string "None" for a
+        # nested class argument: read it as the null it was
+        weights = None if weights in ("None", "null") else weights
+        # the arguments as given: config() records them so that a checkpoint can rebuild this black box
+        self._init_args = {"model": model, "num_classes": num_classes, "weights": weights,
+                           "model_kwargs": None if model_kwargs is None else dict(model_kwargs),
+                           "mean": None if mean is None else [float(v) for v in mean],
+                           "std": None if std is None else [float(v) for v in std], "feature_levels": int(feature_levels)}
         if feature_levels < 1:
             raise ValueError(f"feature_levels must be >= 1, got {feature_levels}")
         kind, _, name = model.partition(":")
@@ -184,7 +170,7 @@ class BlackBox(nn.Module):
         if kind == "timm":
             info = self.net.feature_info
             self._all_levels = ([i for i in range(len(info))], [f["num_chs"] for f in info],
-                                [f["reduction"] for f in info])
+                                [f["reduction"] for f in info], [f["module"] for f in info])
             cfg = getattr(self.net, "pretrained_cfg", {}) or {}
             self._default_norm = (cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))
         else:
@@ -194,22 +180,38 @@ class BlackBox(nn.Module):
             self._extractor = create_feature_extractor(
                 self.net.eval(), return_nodes={**{n: n for n in nodes}, TORCHVISION_LOGITS_NODE[name]: "logits"})
             self._node_names = nodes
-            self._all_levels = (list(range(len(nodes))), list(channels), list(strides))
+            self._all_levels = (list(range(len(nodes))), list(channels), list(strides), list(nodes))
             self._default_norm = (IMAGENET_MEAN, IMAGENET_STD)
         self._backend = kind
 
     def _select_levels(self, count: int) -> None:
-        indices, channels, strides = self._all_levels
+        indices, channels, strides, modules = self._all_levels
         if count > len(indices):
             raise ValueError(f"{self.__class__.__name__} has {len(indices)} feature levels, asked for {count}")
         self.feature_indices = indices[-count:]
         self.feature_channels = channels[-count:]
         self.feature_strides = strides[-count:]
+        self.feature_modules = modules[-count:]
 
     # -- state --------------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> "BlackBox":
         """Always stays in eval mode (frozen batch norms and dropout)."""
         return super().train(False)
+
+    def config(self) -> dict:
+        """``{"class_path": "core.blackbox.BlackBox", "init_args": {...}}``: the constructor arguments as given,
+        plain data (the form of the YAML configs), from which :meth:`from_config` rebuilds this black box.
+        LightningModules record it in their checkpoints instead of the (frozen, never trained) weights."""
+        return {"class_path": CLASS_PATH, "init_args": dict(self._init_args)}
+
+    @classmethod
+    def from_config(cls, config: Mapping) -> "BlackBox":
+        """A black box from :meth:`config` (or from its bare ``init_args``)."""
+        config = dict(config)
+        class_path = config.pop("class_path", CLASS_PATH)
+        if class_path not in (CLASS_PATH, cls.__name__):
+            raise ValueError(f"not a black-box config: class_path {class_path!r}, expected {CLASS_PATH!r}")
+        return cls(**config.get("init_args", config))
 
     def export_record(self) -> dict:
         """A ``weights_only``-loadable record that ``BlackBox('ckpt:PATH')`` rebuilds this model from."""
@@ -267,7 +269,7 @@ def export_blackbox(checkpoint: str | os.PathLike, out: str | os.PathLike, half:
     return record
 
 
-if __name__ == "__main__":  # python -m lightning_modules.blackbox CKPT OUT [--half]
+if __name__ == "__main__":  # python -m core.blackbox CKPT OUT [--half]
     import argparse
 
     parser = argparse.ArgumentParser(description=export_blackbox.__doc__)

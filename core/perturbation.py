@@ -22,13 +22,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+from core.blackbox import IMAGENET_MEAN
+from core.seeding import seeded_generator
+
 SUBSTRATES: tuple[str, ...] = ("mean", "zero", "blur", "random")
 # METHODS.md §1: std of the noise on the random-colour substrate, in [0, 1] pixel units.
 NOISE_STD = 0.055
-# derive_seeds packs (seed, index) into one int64; these bounds keep the packing injective.
-_SEED_BITS = 31
-_INDEX_BITS = 32
 
 
 def perturb(image: Tensor, mask: Tensor, substrate: Tensor, *, mode: str = "bilinear") -> Tensor:
@@ -86,14 +85,20 @@ def gaussian_blur(images: Tensor, kernel_size: int, sigma: float) -> Tensor:
     """Gaussian blur of (..., C, H, W) images with an odd square kernel, reflect padding (torchvision).
 
     The kernel is clipped per axis by :func:`clip_kernel_size` so kernels wider than the image work.
-    Returns a tensor of the input's shape; values stay within the input's range.
+    Returns a tensor of the input's shape and dtype; values stay within the input's range.
+
+    Computed in float32 with autocast off, whatever the input dtype and the surrounding autocast: a depthwise
+    convolution with a large kernel in bf16 / fp16 has no fast CPU kernel (a 15 x 15 blur of 128 images at
+    64 px took minutes under bf16 autocast, against milliseconds in float32).
     """
     if kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be a positive odd integer, got {kernel_size}")
     if sigma <= 0:
         raise ValueError(f"sigma must be > 0, got {sigma}")
     kernel_x, kernel_y = clip_kernel_size(kernel_size, *images.shape[-2:])
-    return TF.gaussian_blur(images, kernel_size=[kernel_x, kernel_y], sigma=[float(sigma)] * 2)
+    with torch.autocast(images.device.type, enabled=False):
+        blurred = TF.gaussian_blur(images.float(), kernel_size=[kernel_x, kernel_y], sigma=[float(sigma)] * 2)
+    return blurred.to(images.dtype)
 
 
 def scaled_blur(
@@ -110,20 +115,6 @@ def scaled_blur(
     return max(3, kernel), sigma * scale
 
 
-def derive_seeds(seed: int, index: Tensor) -> Tensor:
-    """Per-image seeds (B,) int64 from a run seed and the images' dataset indices (B,).
-
-    seed * 2**32 + index is injective for 0 <= seed < 2**31 and 0 <= index < 2**32, so every image gets
-    its own stream whatever the batch size or number of processes (ARCHITECTURE.md, explainer contract).
-    """
-    if not 0 <= seed < 2**_SEED_BITS:
-        raise ValueError(f"seed must be in [0, 2**{_SEED_BITS}), got {seed}")
-    index = torch.as_tensor(index, dtype=torch.int64)
-    if index.numel() and (index.min() < 0 or index.max() >= 2**_INDEX_BITS):
-        raise ValueError(f"image indices must be in [0, 2**{_INDEX_BITS})")
-    return seed * 2**_INDEX_BITS + index
-
-
 def _colour_noise(
     shape: tuple[int, ...], noise_std: float, generator: torch.Generator | None, like: Tensor
 ) -> Tensor:
@@ -135,36 +126,12 @@ def _colour_noise(
     return (colour + noise_std * noise).clamp_(0, 1)
 
 
-_MASK64 = 2**64 - 1
-
-
-def _splitmix64(x: int) -> int:
-    """SplitMix64's output function (Steele, Lea & Flood, OOPSLA 2014): a bijective 64-bit mixer."""
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def seeded_generator(device: torch.device | str, *parts: int) -> torch.Generator:
-    """A generator on ``device`` seeded by the integers ``parts``, e.g. (image seed,) or (image seed, block).
-
-    The parts are hashed with SplitMix64 instead of passed as they are, because torch's CPU generator
-    (mt19937) keeps only the low 32 bits of its seed: ``derive_seeds`` puts the run seed in the high 32
-    bits, so on the CPU ``manual_seed(seed * 2**32 + index)`` would ignore the run seed altogether.
-    """
-    state = 0
-    for part in parts:
-        state = _splitmix64(state ^ (int(part) & _MASK64))
-    return torch.Generator(device=device).manual_seed(state)
-
-
 def random_colour_noise(images: Tensor, seeds: Tensor, noise_std: float = NOISE_STD) -> Tensor:
     """Random-colour substrate (B, C, H, W) with image b drawn from its own generator seeded by seeds[b].
 
     Args:
         images: (B, C, H, W); only its shape, device and dtype are used.
-        seeds: (B,) integer seeds, e.g. from :func:`derive_seeds`, so image b's substrate is the same
+        seeds: (B,) integer seeds, e.g. from :func:`core.seeding.derive_seeds`, so image b's substrate is the same
             whichever batch it sits in.
         noise_std: std of the additive gaussian noise in [0, 1] pixel units (METHODS.md: about 0.055).
 

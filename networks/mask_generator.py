@@ -29,8 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_modules.controllers import Controller, make_controller
-from lightning_modules.feature_filter import FeatureFilter
+from networks.controllers import Controller, make_controller
+from networks.feature_filter import FeatureFilter
 
 # The paper's block widths (deep to shallow) for its three black boxes, and the ratio they follow.
 GENERATOR_PRESETS: dict[str, tuple[int, ...]] = {"resnet50": (256, 128, 64), "vgg19": (256, 128, 64),
@@ -124,26 +124,36 @@ class UpBlock(nn.Module):
 
 
 class MaskGenerator(nn.Module):
-    """U-Net decoder over multi-level features (shallow to deep) -> raw map (B, out_channels, h_0, w_0) at the
-    resolution of the first (shallowest) level.
+    """U-Net decoder over multi-level features (shallow to deep) -> raw map (B, out_channels, h, w) at the
+    resolution of the first (shallowest) level, times 2 ** ``extra_upsamples``.
 
     Args:
         feature_channels: channels of the levels, shallow to deep (``BlackBox.feature_channels``).
         widths: block widths, deep to shallow (one per level but the last; see :func:`generator_widths`).
         out_channels: 1 (BT / CT) or 2 (MGnet ratio head).
+        extra_upsamples: blocks of 3x3 conv (-> the last width), BN, ReLU, pixel shuffle x2 after the last skip
+            level, without a skip (ours, for the mask-resolution ablation; the paper stops at stride 4).
     """
 
-    def __init__(self, feature_channels: Sequence[int], widths: Sequence[int], out_channels: int = 1):
+    def __init__(self, feature_channels: Sequence[int], widths: Sequence[int], out_channels: int = 1,
+                 extra_upsamples: int = 0):
         super().__init__()
         channels = [int(c) for c in feature_channels]
         if len(channels) < 2 or len(widths) != len(channels) - 1:
             raise ValueError(f"need >= 2 feature levels and one width per skip level; got channels {channels}, "
                              f"widths {list(widths)}")
+        if extra_upsamples < 0:
+            raise ValueError(f"extra_upsamples must be >= 0, got {extra_upsamples}")
         self.feature_channels, self.widths = channels, [int(w) for w in widths]
+        self.extra_upsamples = int(extra_upsamples)
         cins = [channels[-1], *self.widths[:-1]]
         skips = channels[-2::-1]
         self.blocks = nn.ModuleList(UpBlock(cin, skip, w) for cin, skip, w in zip(cins, skips, self.widths))
-        self.head = nn.Conv2d(self.widths[-1], out_channels, 1)
+        last = self.widths[-1]
+        self.extra = nn.Sequential(*[layer for i in range(self.extra_upsamples)
+                                     for layer in (*_conv_bn(last if i == 0 else last // 4, last, 3),
+                                                   nn.PixelShuffle(2))])
+        self.head = nn.Conv2d(last // 4 if self.extra_upsamples else last, out_channels, 1)
 
     def forward(self, features: Sequence[Tensor]) -> Tensor:
         if len(features) != len(self.feature_channels):
@@ -151,7 +161,7 @@ class MaskGenerator(nn.Module):
         x = features[-1]
         for block, skip in zip(self.blocks, list(features)[-2::-1]):
             x = block(x, skip)
-        return self.head(x)
+        return self.head(self.extra(x))
 
 
 class MaskPredictorNet(nn.Module):
@@ -167,16 +177,17 @@ class MaskPredictorNet(nn.Module):
         controller: ``"ct"``, ``"bt"`` or ``"none"`` (MGnet's two-channel ratio head).
         eta, h, trainable_controller: CT's parameters.
         filter_bias: b of the feature filter at inference.
+        extra_upsamples: see :class:`MaskGenerator` (0: the paper's stride-4 mask).
     """
 
     def __init__(self, feature_channels: Sequence[int], num_classes: int, widths: Sequence[int],
                  controller: str = "ct", eta: float = 1.5, h: float = 2.5, trainable_controller: bool = False,
-                 filter_bias: float = 0.0):
+                 filter_bias: float = 0.0, extra_upsamples: int = 0):
         super().__init__()
         self.filter = FeatureFilter(feature_channels[-1], num_classes, bias=filter_bias)
         self.filter.requires_grad_(False)
         self.controller: Controller = make_controller(controller, eta, h, trainable_controller)
-        self.generator = MaskGenerator(feature_channels, widths, self.controller.in_channels)
+        self.generator = MaskGenerator(feature_channels, widths, self.controller.in_channels, extra_upsamples)
         self.num_classes = int(num_classes)
 
     def train(self, mode: bool = True) -> "MaskPredictorNet":
@@ -203,7 +214,8 @@ class MaskPredictorNet(nn.Module):
         return {"format": NET_FORMAT, "feature_channels": list(self.generator.feature_channels),
                 "num_classes": self.num_classes, "widths": list(self.generator.widths), "controller": ctrl["kind"],
                 "eta": ctrl.get("eta", 1.5), "h": ctrl.get("h", 2.5),
-                "trainable_controller": ctrl.get("trainable", False), "filter_bias": self.filter.bias}
+                "trainable_controller": ctrl.get("trainable", False), "filter_bias": self.filter.bias,
+                "extra_upsamples": self.generator.extra_upsamples}
 
     @classmethod
     def from_config(cls, config: dict) -> "MaskPredictorNet":
@@ -211,4 +223,5 @@ class MaskPredictorNet(nn.Module):
             raise ValueError(f"not a mask-predictor network config (format {config.get('format')!r}, expected "
                              f"{NET_FORMAT!r})")
         return cls(config["feature_channels"], config["num_classes"], config["widths"], config["controller"],
-                   config["eta"], config["h"], config["trainable_controller"], config["filter_bias"])
+                   config["eta"], config["h"], config["trainable_controller"], config["filter_bias"],
+                   config.get("extra_upsamples", 0))

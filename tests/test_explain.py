@@ -1,0 +1,241 @@
+"""explain.py on a folder of mixed real files: modes, bad files, names, the resize rule, reruns, DDP."""
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import explain
+import explainers
+from callbacks.explanation_writer import read_index
+from datamodules.common import BadImageWarning, load_rgb
+from datamodules.image_files import ImageFiles, collect_images, output_stem, resize_to_input, safe_part
+from core.blackbox import BlackBox
+from tests.conftest import subprocess_env
+
+SIZE = 32
+WEIRD = "we ird #1 (ü) ;$x.JPG"
+GOOD = {"rgb.png", "photo.jpg", "grey.png", "rgba.png", "palette.gif", "deep16.png", "rotated.jpg",
+        f"nested/deeper/{WEIRD}", "nested/inner.png"}
+BAD = {"truncated.jpg", "not_an_image.png", "bomb.png"}
+
+
+def _png_bomb(path: Path, side: int = 100_000) -> None:
+    """A 60-byte PNG whose header claims side x side pixels (10^10): a decompression bomb."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+
+    def pixels(h, w, c=3):
+        return rng.integers(0, 256, (h, w, c) if c > 1 else (h, w), dtype=np.uint8)
+
+    (root / "nested" / "deeper").mkdir(parents=True)
+    Image.fromarray(pixels(40, 56)).save(root / "rgb.png")
+    Image.fromarray(pixels(75, 50)).save(root / "photo.jpg", quality=90)
+    Image.fromarray(pixels(33, 47, 1)).save(root / "grey.png")
+    Image.fromarray(pixels(30, 30, 4), "RGBA").save(root / "rgba.png")
+    Image.fromarray(pixels(36, 28)).convert("P", palette=Image.Palette.ADAPTIVE).save(root / "palette.gif")
+    Image.fromarray((rng.integers(0, 65536, (20, 24))).astype(np.uint16)).save(root / "deep16.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees for display -> shown as 30 wide, 60 high
+    Image.fromarray(pixels(30, 60)).save(root / "rotated.jpg", exif=exif)
+    Image.fromarray(pixels(64, 48)).save(root / "nested" / "deeper" / WEIRD)
+    Image.fromarray(pixels(16, 16)).save(root / "nested" / "inner.png")
+    Image.fromarray(pixels(50, 50)).save(root / "full.jpg")
+    data = (root / "full.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (root / "full.jpg").unlink()
+    (root / "not_an_image.png").write_text("just text with an image suffix")
+    _png_bomb(root / "bomb.png")
+    (root / "notes.txt").write_text("not an image suffix: ignored")
+    Image.fromarray(pixels(8, 8)).save(root / ".hidden.png")  # hidden: ignored
+    return root
+
+
+def _run(folder, out, blackbox, *extra):
+    return explain.main(["--images", str(folder), "--out", str(out), "--blackbox", f"ckpt:{blackbox}",
+                         f"--image_size={SIZE}", "--batch_size=4", "--progress=false", *extra])
+
+
+def _tree(path: Path) -> set[str]:
+    return {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()}
+
+
+def test_explains_a_mixed_folder_and_names_the_bad_files_once(folder, tiny_blackbox_path, tmp_path):
+    before = _tree(folder)
+    out = tmp_path / "out"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = _run(folder, out, tiny_blackbox_path, "--method=gradient")
+    bad_warnings = [w for w in caught if issubclass(w.category, BadImageWarning)]
+    assert len(bad_warnings) == 1, [str(w.message) for w in bad_warnings]
+    message = str(bad_warnings[0].message)
+    for name in BAD:
+        assert str(folder / name) in message
+    assert "DecompressionBombError" in message and "3 unreadable" in message
+    assert summary["explained"] == len(GOOD) and sorted(summary["skipped"]) == sorted(str(folder / b) for b in BAD)
+    assert _tree(folder) == before, "something was written into the input folder"
+
+    index = read_index(out)
+    assert set(index) == GOOD
+    written = _tree(out)
+    expected = {rel for entry in index.values() for rel in entry["outputs"].values()}
+    assert written == expected | {"index.jsonl", "run.json", "skipped.json"}
+    for rel, entry in index.items():
+        original = np.array(load_rgb(folder / rel, orient=True))
+        height, width = original.shape[:2]
+        assert (entry["height"], entry["width"]) == (height, width)
+        saved = np.load(out / entry["outputs"]["npy"])
+        assert saved.dtype == np.float32 and saved.shape == (height, width)
+        assert (saved.min(), saved.max()) == pytest.approx((entry["map_min"], entry["map_max"]))
+        png = Image.open(out / entry["outputs"]["map"])
+        assert png.mode == "I;16" and png.size == (width, height)
+        levels = np.asarray(png).astype(np.float64) / 65535
+        span = entry["map_max"] - entry["map_min"]
+        np.testing.assert_allclose(entry["map_min"] + levels * span, saved, atol=span / 65535 + 1e-9)
+        overlay = Image.open(out / entry["outputs"]["overlay"])
+        assert overlay.mode == "RGB" and overlay.size == (width, height)
+        assert 0 <= entry["class"] < 10 and 0 < entry["probability"] <= 1 and entry["class_name"] is None
+        assert entry["method"] == "gradient" and entry["cost"]["forwards"] >= 1 and entry["cost"]["backwards"] >= 1
+    assert index["rotated.jpg"]["width"] == 30 and index["rotated.jpg"]["height"] == 60  # EXIF orientation applied
+    weird = index[f"nested/deeper/{WEIRD}"]["outputs"]["map"]
+    assert weird.startswith("nested/deeper/") and " " not in weird and "#" not in weird and "$" not in weird
+
+
+def test_maps_follow_the_resize_rule(folder, tiny_blackbox_path, tmp_path):
+    """The map of a file = the explainer on the S x S resized image, resized back bilinearly to H x W."""
+    out = tmp_path / "out"
+    _run(folder, out, tiny_blackbox_path, "--method=gradient")
+    blackbox = BlackBox(f"ckpt:{tiny_blackbox_path}")
+    explainer = explainers.build("gradient", blackbox)
+    for rel in ("photo.jpg", "grey.png", "deep16.png"):
+        image = resize_to_input(load_rgb(folder / rel, orient=True), SIZE)[None]
+        target = blackbox.logits(image).argmax(1)
+        saliency = explainer(image, target)
+        original = load_rgb(folder / rel)
+        expected = F.interpolate(saliency, size=(original.height, original.width), mode="bilinear",
+                                 align_corners=False)[0, 0]
+        entry = read_index(out)[rel]
+        assert entry["class"] == int(target)
+        np.testing.assert_allclose(np.load(out / entry["outputs"]["npy"]), expected.numpy(), rtol=1e-4, atol=1e-7)
+
+
+def test_image_modes_become_rgb_by_the_documented_rule(folder):
+    files = collect_images([folder])
+    data = ImageFiles(files, SIZE)
+    by_name = {f.relative: data[i] for i, f in enumerate(files)}
+    grey = by_name["grey.png"]["original"]
+    assert grey.shape == (33, 47, 3) and torch.equal(grey[..., 0], grey[..., 1])  # replicated
+    rgba = by_name["rgba.png"]["original"]
+    stored = np.asarray(Image.open(folder / "rgba.png"))
+    assert torch.equal(rgba, torch.from_numpy(stored[..., :3].copy()))  # alpha dropped, colours kept
+    deep = by_name["deep16.png"]["original"]
+    high_bits = (np.asarray(Image.open(folder / "deep16.png")).astype(np.uint16) >> 8).astype(np.uint8)
+    assert torch.equal(deep[..., 0], torch.from_numpy(high_bits))
+    for sample in by_name.values():
+        if "image" in sample:
+            assert sample["image"].shape == (3, SIZE, SIZE) and 0 <= sample["image"].min() <= sample["image"].max() <= 1
+    assert {rel for rel, s in by_name.items() if "problem" in s} == BAD
+    assert "notes.txt" not in by_name and ".hidden.png" not in by_name
+
+
+def test_rerun_skips_done_files_and_explains_new_ones(folder, tiny_blackbox_path, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("rgb.png", "photo.jpg"):
+        (images / name).write_bytes((folder / name).read_bytes())
+    out = tmp_path / "out"
+    _run(images, out, tiny_blackbox_path, "--method=rise", "--method_hparams={n_masks: 16}")
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.npy")}
+    (images / "later.png").write_bytes((folder / "nested" / "inner.png").read_bytes())
+    summary = _run(images, out, tiny_blackbox_path, "--method=rise", "--method_hparams={n_masks: 16}")
+    assert summary["explained"] == 3
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps, "done files were explained again"
+    assert len((out / "index.jsonl").read_text().splitlines()) == 3
+    # a stochastic map depends on the file, not on the batch it was explained in: batch 1 gives the same maps
+    alone = tmp_path / "alone"
+    _run(images, alone, tiny_blackbox_path, "--method=rise", "--method_hparams={n_masks: 16}", "--batch_size=1")
+    for rel, entry in read_index(out).items():
+        np.testing.assert_allclose(np.load(alone / entry["outputs"]["npy"]), np.load(out / entry["outputs"]["npy"]),
+                                   rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="other settings"):
+        _run(images, out, tiny_blackbox_path, "--method=gradient")
+
+
+def test_nothing_is_written_outside_out(folder, tiny_blackbox_path, tmp_path):
+    assert all(".." not in output_stem(rel).split("/") for rel in ("../x.png", "a/../../b.png", "..", "./.x"))
+    assert safe_part("a b.jpg") != safe_part("a_b.jpg") and "/" not in safe_part("a\\b/c")
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    (out).mkdir()
+    elsewhere.mkdir()
+    (out / "nested").symlink_to(elsewhere, target_is_directory=True)  # planted: would lead outside
+    with pytest.warns(BadImageWarning, match="resolves outside"):
+        summary = _run(folder, out, tiny_blackbox_path, "--method=gradient")
+    assert not any(elsewhere.iterdir())
+    assert summary["explained"] == len(GOOD) - 2  # the two files under nested/
+
+
+def test_predictor_checkpoint_and_clear_errors(folder, tiny_predictor_path, tiny_blackbox_path, tmp_path):
+    out = tmp_path / "out"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BadImageWarning)
+        summary = explain.main(["--images", str(folder / "rgb.png"), str(folder / "nested"), "--out", str(out),
+                                "--ckpt", str(tiny_predictor_path), "--image_size=32", "--progress=false"])
+    assert summary["explained"] == 3
+    index = read_index(out)
+    assert set(index) == {"rgb.png", "nested/inner.png", f"nested/deeper/{WEIRD}"}  # relative to the common root
+    assert {e["method"] for e in index.values()} == {"predictor_ct"}
+    assert all(e["cost"]["forwards"] == 1 and e["cost"]["backwards"] == 0 for e in index.values())
+    with pytest.raises(ValueError, match="exactly one of --method"):
+        explain.main(["--images", str(folder), "--out", str(tmp_path / "x"), "--method=gradient",
+                      "--ckpt", str(tiny_predictor_path)])
+    with pytest.raises(ValueError, match="--method_hparams configures --method"):
+        explain.main(["--images", str(folder), "--out", str(tmp_path / "w"), "--ckpt", str(tiny_predictor_path),
+                      "--method_hparams={n_masks: 16}"])
+    with pytest.raises(ValueError, match="pass --image_size"):  # a bare record does not say its input size
+        explain.main(["--images", str(folder), "--out", str(tmp_path / "y"), "--method=gradient",
+                      "--blackbox", f"ckpt:{tiny_blackbox_path}"])
+    with pytest.raises(FileNotFoundError, match="neither a file nor a folder"):
+        explain.main(["--images", str(folder / "missing"), "--out", str(tmp_path / "z"), "--method=gradient"])
+
+
+@pytest.mark.slow
+def test_two_processes_write_what_one_does(folder, tiny_blackbox_path, tmp_path, repo_root):
+    args = ["--method=rise", "--method_hparams={n_masks: 16}", "--batch_size=2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BadImageWarning)
+        _run(folder, one, tiny_blackbox_path, *args)
+    cmd = [sys.executable, "explain.py", "--images", str(folder), "--out", str(two), *args,
+           f"--blackbox=ckpt:{tiny_blackbox_path}", f"--image_size={SIZE}", "--devices=2", "--strategy=ddp",
+           "--progress=false"]
+    result = subprocess.run(cmd, cwd=repo_root, env=subprocess_env(), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("BadImageWarning") == 1, result.stderr[-3000:]  # one warning for both processes
+    first, second = read_index(one), read_index(two)
+    assert set(first) == set(second) == GOOD
+    assert len((two / "index.jsonl").read_text().splitlines()) == len(GOOD)
+    assert json.loads((two / "skipped.json").read_text()) == json.loads((one / "skipped.json").read_text())
+    for rel, entry in first.items():
+        assert second[rel]["class"] == entry["class"]
+        np.testing.assert_allclose(np.load(two / entry["outputs"]["npy"]), np.load(one / entry["outputs"]["npy"]),
+                                   rtol=1e-5, atol=1e-7)

@@ -1,0 +1,90 @@
+"""export.py: the predictor as one TorchScript / ONNX file, parity with eager PyTorch, onnxruntime."""
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+import torch
+
+import explainers
+import export
+from datamodules import ClutteredFashionMNIST, collate_samples
+from core.blackbox import BlackBox
+from lightning_modules.exported_predictor import (ONNX_OPSET, load_graph, load_torchscript, onnx_description,
+                                                  onnx_session, run_exported)
+
+SIZE = 32
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def images():
+    ds = ClutteredFashionMNIST("test", SIZE, num_scenes=8)
+    return collate_samples([ds[i] for i in range(8)])["image"]
+
+
+@pytest.fixture(scope="module")
+def eager(tiny_predictor_path, tiny_blackbox_path):
+    """The project's eager path: the checkpoint loaded as an explainer (what evaluate.py runs)."""
+    blackbox = BlackBox(f"ckpt:{tiny_blackbox_path}")
+    explainer = explainers.build(explainers.recorded_name(tiny_predictor_path), blackbox, checkpoint=tiny_predictor_path)
+    return blackbox, explainer
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_exported_file_matches_eager_pytorch(fmt, tiny_predictor_path, eager, images, tmp_path, capsys):
+    out = tmp_path / f"predictor.{fmt}"
+    written = export.main(["--ckpt", str(tiny_predictor_path), "--format", fmt, "--out", str(out),
+                           f"--image_size={SIZE}"])
+    assert written["max_abs_difference"] <= TOLERANCE and "parity" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name], "the export is not one self-contained file"
+    blackbox, explainer = eager
+    with torch.no_grad():
+        predicted = blackbox.logits(images).argmax(1)
+    expected = explainer(images, predicted)
+    masks = run_exported(out, fmt, (images,))
+    assert masks.shape == (8, 1, SIZE, SIZE) and masks.dtype == torch.float32
+    assert (masks - expected).abs().max().item() <= TOLERANCE
+    assert expected.std() > 1e-3, "a constant mask would make the parity check vacuous"
+    # dynamic batch: one image alone gives its own row of the batch
+    torch.testing.assert_close(run_exported(out, fmt, (images[3:4],)), masks[3:4], atol=TOLERANCE, rtol=0)
+    description = load_torchscript(out)[1] if fmt == "torchscript" else onnx_description(out)
+    assert description["explainer"] == "predictor_ct" and description["image_size"] == SIZE
+    assert description["class_input"] is False and description["num_classes"] == 10
+
+
+def test_onnx_file_runs_in_onnxruntime_at_the_stated_opset(tiny_predictor_path, eager, images, tmp_path):
+    out = tmp_path / "predictor_classes.onnx"
+    export.main(["--ckpt", str(tiny_predictor_path), "--format=onnx", "--out", str(out), f"--image_size={SIZE}",
+                 "--class_input"])
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model)
+    assert {o.domain: o.version for o in model.opset_import}[""] == ONNX_OPSET
+    names = [i.name for i in model.graph.input]
+    assert names == ["images", "classes"] and [o.name for o in model.graph.output] == ["masks"]
+    batch_dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch_dim.dim_param and not batch_dim.HasField("dim_value"), "the batch axis is not dynamic"
+    assert json.loads({p.key: p.value for p in model.metadata_props}["saliency_lab"])["opset"] == ONNX_OPSET
+
+    session = onnx_session(out, threads=1)
+    classes = torch.arange(8) % 10  # any classes, not only the predicted ones
+    masks = session.run(["masks"], {"images": images.numpy(), "classes": classes.numpy()})[0]
+    _, explainer = eager
+    expected = explainer(images, classes)
+    assert abs(masks - expected.numpy()).max() <= TOLERANCE
+
+
+def test_torchscript_with_class_input_and_clear_errors(tiny_predictor_path, eager, images, tmp_path):
+    graph, _ = load_graph(tiny_predictor_path, class_input=True)
+    out = tmp_path / "p.pt"
+    export.main(["--ckpt", str(tiny_predictor_path), "--format=torchscript", "--out", str(out),
+                 f"--image_size={SIZE}", "--class_input", "--check_images=0"])
+    classes = torch.tensor([9, 0, 1, 2, 3, 4, 5, 6])
+    _, explainer = eager
+    torch.testing.assert_close(run_exported(out, "torchscript", (images, classes)), explainer(images, classes),
+                               atol=TOLERANCE, rtol=0)
+    with pytest.raises(ValueError, match="pass --image_size"):
+        export.main(["--ckpt", str(tiny_predictor_path), "--format=onnx", "--out", str(tmp_path / "x.onnx")])
+    with pytest.raises(SystemExit):
+        export.main(["--ckpt", str(tiny_predictor_path), "--format=tflite", "--out", str(tmp_path / "x")])
