@@ -115,5 +115,8 @@ def test_method_num_images_limits_one_method(tiny_blackbox_path, tmp_path):
     header = csv[0].split(",")
     gradient_rows = [dict(zip(header, line.split(","))) for line in csv[1:] if ",gradient," in line]
     assert all(r["mf_normalized"] == "nan" for r in gradient_rows if int(r["index"]) >= 3)
+    # Not a setting that changes rows: a rerun with a larger count into the same folder only adds the missing ones.
+    again = evaluate.main(args_for(f"ckpt:{tiny_blackbox_path}", tmp_path, "--method_num_images={rise: 4}"))
+    assert again["methods"]["rise"]["images"] == 4 and again["methods"]["gradient"]["images"] == 6
     with pytest.raises(ValueError, match="method_num_images"):
         evaluate.main(args_for(f"ckpt:{tiny_blackbox_path}", tmp_path / "y", "--method_num_images={lime: 3}"))
