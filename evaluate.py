@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Subset
 
 import explainers
 from callbacks.figures import curves_figure, overlay_grid
-from callbacks.sanity import explainer_factories
+from callbacks.sanity import explainer_factories, label_randomisation
 from cli_checks import ckpt_spec, listed_specs, validate_args
 from cli_utils import WandbLogger, plain_build_errors
 from core.blackbox import BlackBox
@@ -42,7 +42,7 @@ from core.files import FolderLock, atomic_write, atomic_write_json, file_sha256
 from datamodules import collate_samples
 from explainers import ExplainerSpec, build_explainer, explainer_keys, parse_spec
 from lightning_modules.evaluation import EvaluationModule, RandomisationCheck
-from metrics import TARGET_RULES, EvaluationSettings, RowStore
+from metrics import TARGET_RULES, EvaluationSettings, RowStore, explained_class
 from metrics.report import mean_curves, write_reports
 from metrics.rows import RowSet, content_key
 from metrics.sanity import check_fractions, randomisation_table
@@ -73,6 +73,10 @@ def build_parser() -> ArgumentParser:
                              "explainer) or NAME=PATH (another registered method of the same weights, e.g. "
                              "predictor_ct_posthoc=PATH)")
     parser.add_argument("--num_images", type=int | None, default=None, help="the first N images of the split")
+    parser.add_argument("--method_num_images", type=dict[str, int], default={},
+                        help="per-explainer image counts below --num_images, by key, e.g. {igos_pp: 100}: that "
+                             "method explains only the first N images (slow per-image optimisers); mf_normalized "
+                             "then uses the images every method explained")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--num_workers", type=int, default=0)
     parser.add_class_arguments(EvaluationSettings, "settings",
@@ -87,6 +91,10 @@ def build_parser() -> ArgumentParser:
                              "(sharded over the processes, on their devices); writes randomisation.json")
     parser.add_argument("--randomisation_fractions", type=list[float], default=[0.5],
                         help="fractions of the black box's layers re-initialised, counted from the output")
+    parser.add_argument("--label_randomisation_blackbox", type=str | None, default=None,
+                        help="with --randomisation_images: also the label-randomisation check (Adebayo et al.) "
+                             "against this black box trained on shuffled labels ('ckpt:PATH', e.g. from "
+                             "configs/experiment/embedded_classifier_shuffled.yaml)")
     parser.add_argument("--save_maps", type=bool, default=False,
                         help="save every map under OUT/maps/METHOD/INDEX.pt (not only the overlay images')")
     parser.add_argument("--maps_from", type=str | None, default=None,
@@ -243,6 +251,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     validate_args(cfg)  # every value (explainer names too), before the output folder, data or black box are touched
     specs = explainer_specs(cfg)
     keys = explainer_keys(specs)
+    if cfg.label_randomisation_blackbox and cfg.randomisation_images < 1:
+        raise ValueError("--label_randomisation_blackbox needs --randomisation_images N > 0 (the images checked)")
+    unknown = sorted(set(cfg.method_num_images) - set(keys))
+    if unknown or any(n < 1 for n in cfg.method_num_images.values()):
+        raise ValueError(f"--method_num_images must map evaluated methods to counts >= 1; got {cfg.method_num_images}"
+                         f" (not evaluated: {unknown}; evaluated: {keys})")
     with plain_build_errors():  # e.g. an insane black-box record: its own message, not jsonargparse's union noise
         init = parser.instantiate(cfg)
     datamodule: pl.LightningDataModule = init.data
@@ -274,7 +288,8 @@ def main(argv: list[str] | None = None) -> dict | None:
               "methods_hparams": {key: r["hparams"] for key, r in records.items()},
               "checkpoints": {key: r["checkpoint"] for key, r in records.items() if r["checkpoint"]},
               "explanation_keys": explanation_keys, "row_keys": keys_of_rows,
-              "versions": package_versions(), "git_commit": git_commit()}
+              "versions": package_versions(), "git_commit": git_commit(),
+              "method_num_images": {key: min(n, num_images) for key, n in cfg.method_num_images.items()}}
 
     trainer = pl.Trainer(**{**cfg.trainer.as_dict(), **TRAINER_FIXED, "default_root_dir": str(out)})
     # one run per folder: rank 0 holds the lock for the whole run (the DDP ranks it starts do not take it)
@@ -284,14 +299,14 @@ def main(argv: list[str] | None = None) -> dict | None:
     try:
         if trainer.is_global_zero:
             note_rerun(out, header)
-        overlay = set(range(min(cfg.overlay_images, num_images)))
+        overlay = set(range(min(cfg.overlay_images, num_images, *cfg.method_num_images.values())))
         reuse = reusable_maps(Path(cfg.maps_from), header) if cfg.maps_from else {}
         untrained = [(key, spec) for key, spec in zip(keys, specs) if not explainers.is_trained(parse_spec(spec).name)]
         check = (randomisation_settings(cfg, untrained, subset, out, blackbox_sha256)
                  if cfg.randomisation_images > 0 else None)
         module = EvaluationModule(blackbox, methods, settings, cfg.target, out / "rows", out / "maps", overlay,
                                   save_all_maps=cfg.save_maps, reuse=reuse, row_keys=keys_of_rows,
-                                  randomisation=check)
+                                  randomisation=check, image_limits=cfg.method_num_images)
         loader = DataLoader(subset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers,
                             collate_fn=collate_samples)
         trainer.test(module, dataloaders=loader, verbose=False)
@@ -302,7 +317,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         rows = RowStore(out / "rows").scan(keys_of_rows, range(num_images))
         results = write_reports(rows, list(methods), header, out)
         write_figures(rows, list(methods), subset, sorted(overlay), out)
-        randomisation = randomisation_report(check, [key for key, _ in untrained], out) if check else []
+        label = (label_randomisation_rows(cfg, blackbox, untrained, subset, out, blackbox_sha256)
+                 if check and cfg.label_randomisation_blackbox else None)
+        randomisation = randomisation_report(check, [key for key, _ in untrained], out, label) if check else []
         # report.html: the results, figures and randomisation rows above in one self-contained page
         write_html_report(results, out, randomisation)
         if cfg.wandb:
@@ -331,20 +348,51 @@ def randomisation_settings(cfg, methods: list[tuple[str, ExplainerSpec]], subset
                               cfg.seed, out / "randomisation", records)
 
 
-def randomisation_report(check: RandomisationCheck, names: list[str], out: Path) -> list[dict]:
-    """Rank 0, after the stage: the rows of every process (:func:`metrics.sanity.randomisation_table`) into
-    randomisation.json and a table appended to summary.md; returns the table's rows."""
+def label_randomisation_rows(cfg, blackbox: BlackBox, methods: list[tuple[str, ExplainerSpec]], subset, out: Path,
+                             blackbox_sha256: str) -> tuple[dict, list[dict]]:
+    """Label randomisation (Adebayo et al.) of the untrained methods ``(key, spec)`` on the first
+    ``--randomisation_images`` images: each map on the trained black box against the map on
+    ``--label_randomisation_blackbox`` (the same recipe trained on shuffled labels). Rank 0, after the stage
+    (one pass per image and method on each black box, unlike the cascading check). Returns (settings, rows);
+    the rows saved in randomisation.json are reused when their settings are the current ones."""
+    settings = {"images": min(cfg.randomisation_images, len(subset)), "label_blackbox": cfg.label_randomisation_blackbox,
+                "seed": cfg.seed, "blackbox_sha256": blackbox_sha256,
+                "hparams": _plain({key: given_hparams(spec) for key, spec in methods})}
+    path = out / "randomisation.json"
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    if saved.get("label_settings") == settings:
+        return settings, saved.get("label_rows", [])
+    batch = collate_samples([subset[i] for i in range(settings["images"])])
+    targets = explained_class(blackbox, batch["image"], batch["label"], cfg.target, cfg.max_forward_batch)
+    common = {"seed": cfg.seed, "max_forward_batch": cfg.max_forward_batch}
+    specs = [{"alias": key, **({"name": spec} if isinstance(spec, str) else dict(spec)), **common,
+              **given_hparams(spec)} for key, spec in methods]
+    shuffled = BlackBox(cfg.label_randomisation_blackbox).to(batch["image"].device)
+    return settings, label_randomisation(blackbox, shuffled, specs, batch["image"], targets, indices=batch["index"])
+
+
+def randomisation_report(check: RandomisationCheck, names: list[str], out: Path,
+                         label: tuple[dict, list[dict]] | None = None) -> list[dict]:
+    """Rank 0, after the stage: the rows of every process (:func:`metrics.sanity.randomisation_table`) and the
+    label-randomisation rows (``label``: :func:`label_randomisation_rows`, or None) into randomisation.json and
+    one table appended to summary.md; returns the model-randomisation table's rows."""
     rows = [r for r in RowStore(check.row_dir).records() if check.current(r)]
     table = randomisation_table(rows, names, check.fractions)
     settings = {"images": len(check.indices), "fractions": list(check.fractions[1:]), "methods": names,
                 "seed": check.seed, "hparams": {name: check.records[name]["hparams"] for name in names}}
-    atomic_write_json(out / "randomisation.json", {"settings": settings, "rows": table}, indent=2)
-    lines = ["", f"## Model randomisation ({settings['images']} images; Spearman rank correlation of each map with "
-             "its map on the trained black box; below 0.5 = the map depends on the weights)", "",
-             "| method | " + " | ".join(f"{f:.0%} of layers" for f in settings["fractions"]) + " |",
-             "|---|" + "---|" * len(settings["fractions"])]
+    label_settings, label_rows = label or (None, [])
+    atomic_write_json(out / "randomisation.json", {"settings": settings, "rows": table,
+                                                   "label_settings": label_settings, "label_rows": label_rows})
+    by_label = {r["explainer"]: r["spearman"] for r in label_rows}
+    columns = [f"{f:.0%} of layers" for f in settings["fractions"]] + (["shuffled labels"] if by_label else [])
+    title = "Model randomisation" + (" and label randomisation" if by_label else "")
+    lines = ["", f"## {title} ({settings['images']} images; Spearman rank correlation of each map with its map on "
+             "the trained black box; below 0.5 = the map depends on the weights"
+             + (" / on the labels the model learned" if by_label else "") + ")", "",
+             "| method | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for name in names:
         values = [r["spearman"] for r in table if r["explainer"] == name and r["step"] > 0]
+        values += [by_label[name]] if by_label else []
         lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
     atomic_write(out / "summary.md", (out / "summary.md").read_text() + "\n".join(lines) + "\n")
     return table

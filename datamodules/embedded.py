@@ -35,6 +35,10 @@ class ClutteredFashionMNIST(Dataset):
         val_items: training items set aside for the val split.
         cache: keep every rendered scene (as 8-bit pixels, ~16 KB at 64 px) in the memory of the process
             that rendered it, so later epochs only copy. Exact: scenes are 8-bit quantised anyway.
+        label_seed: None (default) returns each item's true label. An int returns the labels of a fixed
+            permutation of the split's items instead (item i gets the label of item perm[i],
+            perm = ``numpy.random.default_rng(label_seed).permutation``): the label-randomisation sanity check
+            (Adebayo et al.). The scenes themselves (layout, distractors of other true classes) do not change.
     """
 
     classes = fashion_mnist.CLASSES
@@ -51,6 +55,7 @@ class ClutteredFashionMNIST(Dataset):
         val_items: int = 5000,
         download: bool = False,
         cache: bool = False,
+        label_seed: int | None = None,
     ):
         if split not in SPLIT_CODES:
             raise ValueError(f"split must be one of {list(SPLIT_CODES)}, got {split!r}")
@@ -69,6 +74,8 @@ class ClutteredFashionMNIST(Dataset):
             raise ValueError(f"the {split} split holds items of class {int(labels[0])} only, and distractors are "
                              "fragments of other classes: use more items or clutter.distractors=0")
         self._other_items: dict[int, np.ndarray] = {}
+        # What __getitem__ reports; rendering keeps using the true labels, so only the label changes.
+        self.targets = labels if label_seed is None else labels[np.random.default_rng(label_seed).permutation(len(labels))]
         self.num_scenes = len(images) if num_scenes is None else int(num_scenes)
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = {} if cache else None
         if self.num_scenes <= 0:
@@ -117,7 +124,7 @@ class ClutteredFashionMNIST(Dataset):
         else:
             image, mask, boxes = self.render(index)
             self._cache[index] = (image.mul(255).round_().to(torch.uint8), mask, boxes)
-        label = int(self.labels[index % len(self.items)])
+        label = int(self.targets[index % len(self.items)])
         return {"image": image, "label": torch.tensor(label), "mask": mask.clone(), "boxes": boxes.clone(),
                 "index": torch.tensor(index)}
 
@@ -135,6 +142,11 @@ class ClutteredFashionMNISTDataModule(SplitDataModule):
         num_train, num_val, num_test: scenes per split (default: one per item: 55000 / 5000 / 10000).
         download: let torchvision download Fashion-MNIST into ``data_dir`` when missing (needs internet).
         cache: keep rendered scenes in memory across epochs (see ``ClutteredFashionMNIST``).
+        shuffle_labels: train on shuffled labels (the label-randomisation sanity check, Adebayo et al.): the
+            train split's labels become those of a fixed permutation of its items (``label_seed``); val and
+            test keep their true labels, so ``val/acc`` shows how much of the truth such a model learns (chance:
+            10%).
+        label_seed: seed of that permutation.
     """
 
     def __init__(
@@ -150,6 +162,8 @@ class ClutteredFashionMNISTDataModule(SplitDataModule):
         num_test: int | None = None,
         download: bool = False,
         cache: bool = False,
+        shuffle_labels: bool = False,
+        label_seed: int = 0,
     ):
         super().__init__()
         self.clutter = Clutter.coerce(clutter)
@@ -168,5 +182,5 @@ class ClutteredFashionMNISTDataModule(SplitDataModule):
             num = {"train": hp.num_train, "val": hp.num_val, "test": hp.num_test}[split]
             self.datasets[split] = ClutteredFashionMNIST(
                 split, hp.image_size, self.clutter, hp.seed, num, hp.data_dir, download=hp.download,
-                cache=hp.cache)
+                cache=hp.cache, label_seed=hp.label_seed if hp.shuffle_labels and split == "train" else None)
         return self.datasets[split]

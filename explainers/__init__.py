@@ -15,7 +15,7 @@ from explainers.registry import available, build, is_trained, recorded_name, reg
 from explainers.specs import ExplainerSpec, build_explainer, explainer_key, explainer_keys, parse_spec
 
 # Imported for their @register side effect: every module listed here holds registered methods.
-from explainers import cam, gradients, iassa, igos, mask_predictor, rise  # noqa: E402,F401  isort: skip
+from explainers import cam, finv, gradients, iassa, igos, lime, mask_predictor, mpert, rise, xpert  # noqa: E402,F401  isort: skip
 
 __all__ = ["Cost", "Explainer", "ExplainerSpec", "available", "build", "build_explainer", "explainer_key",
            "explainer_keys", "is_trained", "parse_spec", "preserved_state", "recorded_name", "register"]

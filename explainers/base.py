@@ -245,11 +245,25 @@ class Explainer:
         return logits
 
     def _features(self, x: Tensor) -> list[Tensor]:
-        """One feature pass of the black box: x (N, 3, H, W) in [0, 1] -> its feature maps (shallow to deep),
-        counted as N forwards. The caller keeps N <= max_forward_batch."""
-        features = self.blackbox.features(x)
-        self.cost.forwards += x.shape[0]
-        return features
+        """One counted black-box call returning its feature maps: x (N, 3, H, W) in pixel space -> the
+        ``blackbox.features(x)`` list (shallow to deep, (N, C_l, H_l, W_l)).
+
+        N <= max_forward_batch is the caller's job, as for :meth:`_logits`. The backward pass is counted on
+        the *input*: a tensor hook on x fires once when a gradient has flowed back through the network to
+        the image, whichever levels the loss used (x must then require grad, e.g. a masked image).
+        """
+        if not hasattr(self.blackbox, "features"):
+            raise TypeError(f"{type(self).__name__} needs a black box with features(x), got "
+                            f"{type(self.blackbox).__name__}")
+        count = x.shape[0]
+        if x.requires_grad and torch.is_grad_enabled():
+            def count_backward(grad: Tensor) -> None:
+                self.cost.backwards += count
+
+            x.register_hook(count_backward)
+        maps = list(self.blackbox.features(x))
+        self.cost.forwards += count
+        return maps
 
     def _chunks(self, total: int, size: int | None = None) -> Iterator[slice]:
         """Consecutive slices covering range(total), each at most ``size`` (default max_forward_batch) long."""

@@ -13,6 +13,7 @@ aggregates after the stage.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -83,6 +84,8 @@ class EvaluationModule(pl.LightningModule):
         row_keys: method name -> the key of what produces its rows (``metrics.rows.content_key``), written
             into every row; only rows with that key count as done. None: rows without keys, any row counts.
         randomisation: also run the model-randomisation check on its images (None: not).
+        image_limits: method name -> N: that method explains only the images with dataset index < N (the
+            first N of the split), e.g. the slow per-image optimisers of a large comparison.
 
     ``seconds`` of a row is the explainer's wall time per image of its batch, read after a device
     synchronise (:func:`core.timing.timed`).
@@ -93,7 +96,8 @@ class EvaluationModule(pl.LightningModule):
                  overlay_indices: set[int] = frozenset(), save_all_maps: bool = False,
                  reuse: Mapping[str, tuple[Path, dict[int, dict]]] | None = None,
                  row_keys: Mapping[str, str] | None = None,
-                 randomisation: RandomisationCheck | None = None):
+                 randomisation: RandomisationCheck | None = None,
+                 image_limits: Mapping[str, int] | None = None):
         super().__init__()
         self.blackbox = blackbox
         self.explainers = dict(explainers)
@@ -103,6 +107,7 @@ class EvaluationModule(pl.LightningModule):
         self.save_all_maps = save_all_maps
         self.reuse = dict(reuse or {})
         self.row_keys = None if row_keys is None else dict(row_keys)
+        self.image_limits = dict(image_limits or {})
         self.store: RowStore | None = None
         self.done: dict[str, set[int]] = {}
         self.randomisation = randomisation
@@ -126,8 +131,8 @@ class EvaluationModule(pl.LightningModule):
             targets = explained_class(self.blackbox, images, labels, self.target_rule,
                                       self.settings.protocol.max_forward_batch)
             for name, explainer in self.explainers.items():
-                done = self.done.get(name, ())
-                todo = [j for j, i in enumerate(indices.tolist()) if i not in done]
+                done, limit = self.done.get(name, ()), self.image_limits.get(name, math.inf)
+                todo = [j for j, i in enumerate(indices.tolist()) if i not in done and i < limit]
                 if todo:
                     self._explain_and_score(name, explainer, images, labels, targets, masks, indices,
                                             torch.tensor(todo, device=images.device))

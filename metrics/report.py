@@ -200,6 +200,8 @@ def _fmt(value, key: str) -> str:
         return "–"
     if key in ("forwards_per_image", "backwards_per_image"):
         return f"{value:.0f}"
+    if key == "images":
+        return f"{value:d}"
     if key == "seconds_per_image":
         return f"{value:.3f}"
     if key in ("mf", "mi"):
@@ -209,7 +211,7 @@ def _fmt(value, key: str) -> str:
 
 def summary_markdown(results: dict) -> str:
     """A table per black box: method x every reported number, with the protocol underneath."""
-    keys = SUMMARY_KEYS + ("iou_top", "f1_top")
+    keys = SUMMARY_KEYS + ("iou_top", "f1_top", "images")
     lines = [f"## {results['blackbox']} — {results['num_images']} images of {results['data'].get('name', 'data')}"
              f" ({results['data'].get('split', '')})", "",
              "| method | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
@@ -225,7 +227,7 @@ def summary_markdown(results: dict) -> str:
               f"(0 = ideal deletion, 1 = ideal insertion; images with |v_0 - v_n| <= {causal.get('norm_eps', 0.05)} "
               "excluded). "
               f"mf: raw M_F (%), {protocol['mf_steps']} steps; mf_normalized: per-image min-max across the "
-              f"methods above. mi: PR area (%) against the ground-truth mask. pointing_game: mean over the annotated "
+              f"methods above, on the images every method explained. mi: PR area (%) against the ground-truth mask. pointing_game: mean over the annotated "
               f"classes of the hit rate (pointing_game_hit_rate: over images), tolerance {protocol['pointing_tolerance']:.1f} px. iou/f1: map >= {protocol['iou_threshold']} "
               f"after min-max; iou_top/f1_top: top {protocol['top_fraction']:.0%} of pixels. Images without ground "
               "truth (no_ground_truth) are left out of mi, pointing_game, iou and f1. "

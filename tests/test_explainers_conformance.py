@@ -35,6 +35,10 @@ FAST_HPARAMS = {
     # l1 = 0: on this untrained net p_c barely moves, and the L1 kink at M = 1 would keep the masks at 1.
     "igos_pp": {"iterations": 2, "ig_steps": 3, "resolution": 4, "scale_with_image": False, "l1": 0.0},
     "igos": {"iterations": 2, "ig_steps": 3, "resolution": 4, "scale_with_image": False, "l1": 0.0},
+    "mpert": {"iterations": 3, "resolution": 4, "scale_with_image": False},
+    "xpert": {"iterations": 3},
+    "finv": {"inversion_iterations": 2, "class_iterations": 2},
+    "lime": {"n_samples": 30, "n_segments": 10},
     # trained predictors: random weights (the contract does not depend on training); checkpoint added by `make`
     "predictor_ct": {},
     "predictor_ct_posthoc": {"posthoc_points": 5},
@@ -52,6 +56,10 @@ COST_PER_IMAGE = {
     "integrated_gradients": (7, 7),
     "gradcam": (1, 1),
     "gradcam_pp": (1, 1),
+    "mpert": (3, 3),
+    "xpert": (3 * 3, 3 * 3),  # areas x iterations
+    "finv": (1 + 2 + 2 * 2, 2 + 2 * 2),  # clean features + T1 + 2 T2
+    "lime": (30, 0),
     "predictor_ct": (1, 0),
     "predictor_bt": (1, 0),
     "mgnet": (1, 0),
