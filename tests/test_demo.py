@@ -23,7 +23,7 @@ EVALUATE = (f"{TINY_DATA} --explainers=rise,gradient --method_hparams='{{rise: {
 def run_demo(repo_root, out, blackbox):
     cmd = [sys.executable, "demo.py", f"--out={out}", f"--blackbox={blackbox}", "--num_images=4",
            f"--train_args={TRAIN}", f"--evaluate_args={EVALUATE}"]
-    return subprocess.run(cmd, cwd=repo_root, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=repo_root, env=subprocess_env(), capture_output=True, text=True, timeout=1500)
 
 
 @pytest.mark.slow
