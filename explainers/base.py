@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from core.blackbox import fast_passes
 from core.seeding import derive_seeds
 
 # Module attributes holding hook handles (torch 2.x). `_full_backward_hooks` existed in older releases;
@@ -138,6 +139,9 @@ class Explainer:
     name: ClassVar[str] = "explainer"  # set by @register
     needs_grad: ClassVar[bool] = False
     trained: ClassVar[bool] = False
+    # Passes inside BlackBox.fast(): bf16 for a precision="auto" black box on bf16 hardware. True only for
+    # methods whose maps were measured faithful to float32 (benchmarks/fast_blackbox.py, tests/test_fast_blackbox.py).
+    fast_passes: ClassVar[bool] = False
 
     def __init__(self, blackbox: nn.Module, *, seed: int = 0, max_forward_batch: int = 256, **hparams):
         if hparams:
@@ -192,7 +196,8 @@ class Explainer:
         self.cost = Cost(images=images.shape[0])
         # Lightning's validation/test loops run under inference_mode (or no_grad): lift both, and clone the
         # inputs here, because inference tensors cannot be saved for backward.
-        with preserved_state(self.blackbox), torch.inference_mode(False), torch.set_grad_enabled(self.needs_grad):
+        with preserved_state(self.blackbox), fast_passes(self.blackbox, self.fast_passes), \
+                torch.inference_mode(False), torch.set_grad_enabled(self.needs_grad):
             saliency = self._explain(images.clone(), targets.clone(), seeds)
         expected = (images.shape[0], 1, *images.shape[-2:])
         if tuple(saliency.shape) != expected:
