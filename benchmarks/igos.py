@@ -2,6 +2,10 @@
 
     python benchmarks/igos.py [--methods igos_pp,igos] [--batch 16] [--single 3] [--repeats 1]
                               [--iterations T] [--max_forward_batch 256] [--threads 2]
+    python benchmarks/igos.py --pass-limit K [--methods igos_pp] [--iterations T] [--converge_tol TOL]
+
+``--pass-limit K``: per-image wall time against its bare black-box passes, K images one at a time (issue 16,
+target <= 1.15x; see :func:`pass_limit`). Otherwise:
 
 On the embedded black box and embedded test images (64 x 64, explained class = the prediction), per method:
 
@@ -26,6 +30,7 @@ to its floor often, ~13 trials). The machine may be shared: figures are noisy; t
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -48,12 +53,67 @@ def timed_call(explainer, images, targets, indices) -> tuple[float, float, torch
     return time.perf_counter() - start, time.process_time() - cpu, saliency
 
 
-def exact_counts(explainer, trials: torch.Tensor) -> tuple[int, int]:
-    """(forwards, backwards) of a call from its line-search record (B, T): the formula of explainers/igos.py."""
-    points, iterations, images = explainer.points_per_evaluation, explainer.iterations, trials.shape[0]
+def exact_counts(explainer, trials: torch.Tensor, ran: torch.Tensor) -> tuple[int, int]:
+    """(forwards, backwards) of a call from its line-search record (B, T) and the iterations each image ran
+    (``last_iterations`` (B,)): the formula of explainers/igos.py."""
+    points, ran = explainer.points_per_evaluation, int(ran.sum())
     if explainer.optimizer == "nag":
-        return points * iterations * images, points * iterations * images
-    return points * (2 * iterations * images + int(trials.sum())), points * iterations * images
+        return points * ran, points * ran
+    return points * (2 * ran + int(trials.sum())), points * ran
+
+
+def pass_limit(name: str, model, data: dict, targets: torch.Tensor, args) -> None:
+    """Per-image wall time against its bare passes (target <= 1.15x), images explained one at a time.
+
+    Bare passes of an image: the black box alone on the same numbers of rows in the same chunk sizes -- its
+    P * T_b forward + backward rows (the IG passes, chunks of min(P, max_forward_batch)) and its
+    P * (T_b + sum t) no-grad forward rows (objective and line-search evaluations). The unit times (one chunk
+    forward + backward, one chunk forward) are measured right after each image's call, so load changes hit
+    both; ratio = median over images of call time / bare time.
+    """
+    hparams = {"max_forward_batch": args.max_forward_batch}
+    if args.iterations:
+        hparams["iterations"] = args.iterations
+    if args.converge_tol is not None:
+        hparams["converge_tol"] = args.converge_tol
+    explainer = explainers.build(name, model, **hparams)
+    chunk = min(explainer.points_per_evaluation, explainer.max_forward_batch)
+    rows = data["image"][:1].repeat(chunk, 1, 1, 1).contiguous(memory_format=torch.channels_last)
+
+    def unit_times(repeats: int = 5) -> tuple[float, float]:
+        forward, both = [], []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            with torch.no_grad():
+                model.logits(rows)
+            forward.append(time.perf_counter() - start)
+            leaf = rows.clone().requires_grad_(True)
+            start = time.perf_counter()
+            model.logits(leaf).softmax(1)[:, 0].sum().backward()
+            both.append(time.perf_counter() - start)
+        return statistics.median(forward), statistics.median(both)
+
+    explainers.build(name, model, **{**hparams, "iterations": 1})(data["image"][:1], targets[:1])  # warm-up
+    unit_times(2)
+    ratios, seconds, bares = [], [], []
+    for b in range(args.pass_limit):
+        wall, _, _ = timed_call(explainer, data["image"][b:b + 1], targets[b:b + 1], data["index"][b:b + 1])
+        forward, both = unit_times()
+        forwards, backwards = explainer.cost.forwards, explainer.cost.backwards
+        bare = backwards / chunk * both + (forwards - backwards) / chunk * forward
+        ratios.append(wall / bare)
+        seconds.append(wall)
+        bares.append(bare)
+        print(f"  {name} image {b}: {wall:6.2f} s, bare passes {bare:6.2f} s -> {wall / bare:.3f}x "
+              f"({forwards} forwards, {backwards} backwards, {int(explainer.last_iterations[0])} iterations)  "
+              f"[{load()}]", flush=True)
+    print(f"{name}: per-image time / bare passes, median of {args.pass_limit}: {statistics.median(ratios):.3f}x "
+          f"(target <= 1.15); median {statistics.median(seconds):.2f} s vs {statistics.median(bares):.2f} s  "
+          f"[{load()}]", flush=True)
+
+
+def load() -> str:
+    return "load average %.2f %.2f %.2f" % os.getloadavg()
 
 
 def bench(name: str, model, data: dict, targets: torch.Tensor, args) -> None:
@@ -79,11 +139,12 @@ def bench(name: str, model, data: dict, targets: torch.Tensor, args) -> None:
                 seconds, cpu, together = timed_call(explainer, images, targets, indices)
                 batch_seconds.append(seconds)
                 batch_cpu.append(cpu)
-                cost, trials = explainer.cost, explainer.last_trials
+                cost, trials, ran = explainer.cost, explainer.last_trials, explainer.last_iterations
                 print(f"  B={len(images)} call: {seconds:7.2f} s ({cpu:7.2f} s CPU), {cost.forwards} forwards, "
                       f"{cost.backwards} backwards", flush=True)
         seconds, cpu, saliency = timed_call(explainer, images[b:b + 1], targets[b:b + 1], indices[b:b + 1])
-        assert (explainer.cost.forwards, explainer.cost.backwards) == exact_counts(explainer, explainer.last_trials)
+        assert (explainer.cost.forwards, explainer.cost.backwards) == exact_counts(explainer, explainer.last_trials,
+                                                                                    explainer.last_iterations)
         single_seconds.append(seconds)
         single_cpu.append(cpu)
         single_forwards.append(explainer.cost.forwards)
@@ -119,7 +180,7 @@ def bench(name: str, model, data: dict, targets: torch.Tensor, args) -> None:
     # Counts against the formulas.
     n, iterations = explainer.ig_steps, explainer.iterations
     terms = explainer.points_per_evaluation // n
-    forwards, backwards = exact_counts(explainer, trials)
+    forwards, backwards = exact_counts(explainer, trials, ran)
     mean_trials = trials.double().mean().item()
     methods_forwards = terms * n * iterations * (2 + mean_trials)
     print(f"{name}: B={batch} counts per image: forwards {cost.forwards / batch:.1f} (exact formula "
@@ -141,6 +202,9 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=None, help="override T (default: the method's, 15)")
     parser.add_argument("--max_forward_batch", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--pass-limit", type=int, default=0, metavar="K",
+                        help="only the per-image time / bare-pass ratio, on K images one at a time")
+    parser.add_argument("--converge_tol", type=float, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = embedded_blackbox()
@@ -150,7 +214,10 @@ def main() -> None:
     print(f"embedded black box, {args.batch} test images {tuple(data['image'].shape[-2:])}, {args.threads} threads, "
           f"max_forward_batch {args.max_forward_batch}", flush=True)
     for name in args.methods.split(","):
-        bench(name.strip(), model, data, targets, args)
+        if args.pass_limit:
+            pass_limit(name.strip(), model, data, targets, args)
+        else:
+            bench(name.strip(), model, data, targets, args)
 
 
 if __name__ == "__main__":

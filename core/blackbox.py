@@ -8,15 +8,31 @@
     ``Classifier`` Lightning checkpoint or an exported black box), read with ``weights_only=True``.
 Pretrained weights come from a local file (``weights=``, ``.pth``/``.pt`` state dict or ``.safetensors``);
 nothing is ever downloaded.
+
+Cheaper passes (issue 16; figures and the faithfulness check: ``benchmarks/fast_blackbox.py``,
+:func:`probability_gap` here and ``explainers.faithfulness``):
+
+- ``precision="bf16"``: every pass under ``torch.autocast(device, bfloat16)`` (weights stay float32; outputs
+  are cast back to float32). ``"auto"``: bf16 only inside a :meth:`BlackBox.fast` block *and* when the device
+  computes bf16 natively (CPU with AVX512-BF16/AMX through oneDNN, CUDA with bf16 support), float32 otherwise;
+  the explainers and metrics whose faithfulness was measured enter that block (RISE, IASSA, the causal
+  metrics; the gradient-based methods stay float32: their bf16 backward was not faster). ``"32"``: always
+  float32. Default ``"auto"``.
+- ``channels_last=True`` (default): weights and inputs in channels-last memory layout (oneDNN's fast CPU
+  path); the values equal the contiguous ones up to summation order (~1e-7).
+- ``compile=MODE``: the classifier wrapped in ``torch.compile(net, mode=MODE, dynamic=False)`` for ``logits``
+  (``features`` stays eager: timm's ``forward_intermediates`` is a different graph). MODE is one of
+  :data:`COMPILE_MODES`; each new input shape compiles anew, which can take minutes on a CPU.
 """
 from __future__ import annotations
 
-import math
+import contextlib
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -26,6 +42,8 @@ from core.checkpoints import safe_load
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 EXPORT_FORMAT = "saliency-lab/blackbox/v1"
+PRECISIONS = ("32", "bf16", "auto")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CLASS_PATH = "core.blackbox.BlackBox"
 MAX_CLASSES = 100_000  # a record claiming more classes is corrupt (ImageNet-21k has 21,841)
 
@@ -156,6 +174,11 @@ class BlackBox(nn.Module):
         model_kwargs: extra keyword arguments of the model constructor (e.g. timm ``channels``).
         mean, std: input normalisation (default: the model's pretrained config or ImageNet's).
         feature_levels: how many of the deepest feature levels ``features()`` returns (≥ 4).
+        precision: ``"auto"`` (default), ``"32"`` or ``"bf16"`` (module docstring: ``"auto"`` is bf16 inside
+            :meth:`fast` blocks on hardware with native bf16, float32 elsewhere).
+        channels_last: keep weights and inputs in channels-last layout (default True: same values up to
+            summation order, faster oneDNN kernels).
+        compile: None, or a ``torch.compile`` mode for ``logits`` (module docstring).
 
     Shapes: ``logits(x)``: x (B,3,H,W) in [0,1] -> (B,K). ``features(x)`` -> list of (B,C_l,H/s_l,W/s_l),
     shallow to deep, with ``feature_channels[l] = C_l``, ``feature_strides[l] = s_l`` and
@@ -174,8 +197,19 @@ class BlackBox(nn.Module):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         feature_levels: int = 4,
+        precision: str = "auto",
+        channels_last: bool = True,
+        compile: str | None = None,
     ):
         super().__init__()
+        precision = str(precision)
+        if precision not in PRECISIONS:
+            raise ValueError(f"BlackBox precision must be one of {PRECISIONS}, got {precision!r}")
+        if not isinstance(channels_last, bool):
+            raise ValueError(f"BlackBox channels_last must be a bool, got {channels_last!r}")
+        compile = None if compile in ("None", "null") else compile
+        if compile is not None and compile not in COMPILE_MODES:
+            raise ValueError(f"BlackBox compile must be None or a torch.compile mode {COMPILE_MODES}, got {compile!r}")
         # jsonargparse turns a command-line `...blackbox.init_args.weights=null` into the string "None" for a
         # nested class argument: read it as the null it was
         weights = None if weights in ("None", "null") else weights
@@ -183,7 +217,8 @@ class BlackBox(nn.Module):
         self._init_args = {"model": model, "num_classes": num_classes, "weights": weights,
                            "model_kwargs": None if model_kwargs is None else dict(model_kwargs),
                            "mean": None if mean is None else [float(v) for v in mean],
-                           "std": None if std is None else [float(v) for v in std], "feature_levels": int(feature_levels)}
+                           "std": None if std is None else [float(v) for v in std], "feature_levels": int(feature_levels),
+                           "precision": precision, "channels_last": channels_last, "compile": compile}
         if feature_levels < 1:
             raise ValueError(f"feature_levels must be >= 1, got {feature_levels}")
         kind, _, name = model.partition(":")
@@ -221,6 +256,15 @@ class BlackBox(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
         super().train(False)
+        self.precision = precision
+        self.channels_last = channels_last
+        self.compile_mode = compile
+        self._fast_depth = 0
+        if channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        # not a submodule attribute (it would register the same weights twice in the state dict)
+        self.__dict__["_compiled"] = (torch.compile(self.net, mode=compile, dynamic=False)
+                                      if compile is not None else None)
 
     # -- construction -------------------------------------------------------------------------------
     def _describe_levels(self, kind: str, name: str) -> None:
@@ -292,6 +336,36 @@ class BlackBox(nn.Module):
             digest.update(tensor.flatten().view(torch.uint8).numpy())
         return digest.hexdigest()
 
+    # -- pass settings ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def fast(self, enabled: bool = True) -> Iterator["BlackBox"]:
+        """Within the block, ``precision="auto"`` means bf16 (where the device computes it natively). Entered
+        by the explainers and metrics whose faithfulness to float32 was measured (``fast_passes``); nests."""
+        self._fast_depth += int(enabled)
+        try:
+            yield self
+        finally:
+            self._fast_depth -= int(enabled)
+
+    def pass_dtype(self, device: torch.device | str) -> torch.dtype:
+        """The autocast dtype a pass on ``device`` uses now: bfloat16 or float32 (see ``precision``)."""
+        if self.precision == "bf16" or (self.precision == "auto" and self._fast_depth > 0
+                                        and native_bf16(torch.device(device))):
+            return torch.bfloat16
+        return torch.float32
+
+    def _run(self, fn, x: torch.Tensor):
+        """fn(normalised x) under the pass settings; floating outputs back in x's dtype."""
+        x = self.normalize(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        dtype = self.pass_dtype(x.device)
+        if dtype == torch.float32:
+            return fn(x)
+        with torch.autocast(x.device.type, dtype=dtype):
+            out = fn(x)
+        return _cast_floats(out, x.dtype)
+
     # -- computation --------------------------------------------------------------------------------
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != 3:
@@ -299,8 +373,8 @@ class BlackBox(nn.Module):
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B,3,H,W) in [0,1] -> logits (B,K)."""
-        return self.net(self.normalize(x))
+        """x (B,3,H,W) in [0,1] -> logits (B,K) (float32 for float32 x, whatever the pass precision)."""
+        return self._run(self._compiled or self.net, x)
 
     forward = logits
 
@@ -310,7 +384,9 @@ class BlackBox(nn.Module):
 
     def features_and_logits(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """One pass giving the selected feature maps (shallow to deep) and the logits."""
-        x = self.normalize(x)
+        return self._run(self._features_and_logits, x)
+
+    def _features_and_logits(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         if self._backend == "timm":
             final, feats = self.net.forward_intermediates(x, indices=self.feature_indices)
             return list(feats), self.net.forward_head(final)
@@ -319,14 +395,52 @@ class BlackBox(nn.Module):
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x (B,3,H,W) in [0,1] -> list of (B,C_l,H_l,W_l) feature maps, shallow to deep."""
-        x_n = self.normalize(x)
         if self._backend == "timm":
-            return list(self.net.forward_intermediates(x_n, indices=self.feature_indices, intermediates_only=True))
+            return self._run(lambda x_n: list(self.net.forward_intermediates(
+                x_n, indices=self.feature_indices, intermediates_only=True)), x)
         return self.features_and_logits(x)[0]
 
     def extra_repr(self) -> str:
         return (f"{self.spec}, num_classes={self.num_classes}, feature_channels={self.feature_channels}, "
-                f"feature_strides={self.feature_strides}")
+                f"feature_strides={self.feature_strides}, precision={self.precision}, "
+                f"channels_last={self.channels_last}, compile={self.compile_mode}")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 natively (where bf16 autocast is a speed-up, not an emulation)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def fast_passes(model, enabled: bool = True):
+    """``model.fast(enabled)`` for a :class:`BlackBox` (any object with ``fast``), a no-op block for any other
+    callable: how explainers and metrics opt in to ``precision="auto"``."""
+    fast = getattr(model, "fast", None)
+    return fast(enabled) if callable(fast) else contextlib.nullcontext(model)
+
+
+def _cast_floats(out, dtype: torch.dtype):
+    """``out`` (a tensor, or a list/tuple of them, nested) with every floating tensor cast to ``dtype``."""
+    if isinstance(out, torch.Tensor):
+        return out.to(dtype) if out.is_floating_point() else out
+    if isinstance(out, (list, tuple)):
+        return type(out)(_cast_floats(o, dtype) for o in out)
+    return out
+
+
+def probability_gap(blackbox: "BlackBox", reference: "BlackBox", images: torch.Tensor,
+                    max_forward_batch: int = 256) -> torch.Tensor:
+    """Per-image faithfulness of a fast black box: max_k |p_k(x) - p_k^ref(x)| (B,) for images (B,3,H,W) in
+    [0,1], both black boxes inside :meth:`BlackBox.fast` (so ``precision="auto"`` counts as bf16 where native).
+    ``reference`` is the float32 black box (same weights, ``precision="32"``, no compile)."""
+    gaps = []
+    with torch.no_grad(), blackbox.fast(), reference.fast():
+        for chunk in images.split(max_forward_batch):
+            gaps.append((blackbox.probs(chunk) - reference.probs(chunk)).abs().amax(dim=1))
+    return torch.cat(gaps)
 
 
 def export_blackbox(checkpoint: str | os.PathLike, out: str | os.PathLike, half: bool = False) -> dict:

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from core.blackbox import fast_passes
 from core.inputs import check_explained_batch, dtype_name, resolve_image_dtype
 from core.seeding import derive_seeds
 
@@ -141,6 +142,9 @@ class Explainer:
     name: ClassVar[str] = "explainer"  # set by @register
     needs_grad: ClassVar[bool] = False
     trained: ClassVar[bool] = False
+    # Passes inside BlackBox.fast(): bf16 for a precision="auto" black box on bf16 hardware. True only for
+    # methods whose maps were measured faithful to float32 (benchmarks/fast_blackbox.py, tests/test_fast_blackbox.py).
+    fast_passes: ClassVar[bool] = False
 
     def __init__(self, blackbox: nn.Module, *, seed: int = 0, max_forward_batch: int = 256,
                  image_dtype: str | torch.dtype = "float32", **hparams):
@@ -197,7 +201,8 @@ class Explainer:
         self.cost = Cost(images=images.shape[0])
         # Lightning's validation/test loops run under inference_mode (or no_grad): lift both, and clone the
         # inputs here, because inference tensors cannot be saved for backward.
-        with preserved_state(self.blackbox), torch.inference_mode(False), torch.set_grad_enabled(self.needs_grad):
+        with preserved_state(self.blackbox), fast_passes(self.blackbox, self.fast_passes), \
+                torch.inference_mode(False), torch.set_grad_enabled(self.needs_grad):
             saliency = self._explain(images.clone(), targets.clone(), seeds)
         expected = (images.shape[0], 1, *images.shape[-2:])
         if tuple(saliency.shape) != expected:

@@ -290,6 +290,9 @@ class IASSA(Explainer):
     average). All masks of all images go through the black box together, max_forward_batch at a time.
     """
 
+    # bf16 passes on a precision="auto" black box: maps faithful to fp32 (explainers/faithfulness.py)
+    fast_passes = True
+
     def __init__(self, blackbox, *, iterations: int = 5, tol: float = 0.0, window: float = 45.0,
                  stride: float = 8.0, window_decay: float = 1.5, stride_decay: float = 0.2,
                  reference_size: int = REFERENCE_SIZE, threshold: float = 0.3, beta: float = 0.5,

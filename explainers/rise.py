@@ -97,6 +97,9 @@ class RISE(Explainer):
     when pixel u is kept (not normalised per image; bilinear mask edges make this approximate).
     """
 
+    # bf16 passes on a precision="auto" black box: maps faithful to fp32 (explainers/faithfulness.py)
+    fast_passes = True
+
     def __init__(self, blackbox, *, n_masks: int = 8000, grid_size: int = 7, keep_prob: float = 0.5,
                  substrate: str = "mean", blur_kernel: int = 11, blur_sigma: float = 5.0,
                  mean_colour: tuple[float, float, float] | None = None, **common):

@@ -18,11 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from core.blackbox import IMAGENET_MEAN
+from core.blackbox import IMAGENET_MEAN, fast_passes
 from core.inputs import check_explained_batch, check_images, check_saliency, check_targets, num_classes_of
 from core.perturbation import gaussian_blur, make_substrate, perturb, scaled_blur
 
 Model = Callable[[Tensor], Tensor]
+# Whether the curve loop runs its passes in a BlackBox.fast() block (bf16 for precision="auto" black boxes on bf16
+# hardware): per-image AUCs within 1e-3 of float32 (benchmarks/fast_blackbox.py, tests/test_fast_blackbox.py)
+FAST_PASSES = True
 _CURVE_SUBSTRATES = ("mean", "zero", "blur")
 _UPSAMPLE_MODES = ("nearest", "bilinear")
 # The rules that choose the explained class (the one list the whole project validates against).
@@ -311,7 +314,9 @@ def _probability_curves(
     steps = torch.arange(num_points, device=images.device, dtype=torch.int16).view(-1, 1, 1, 1)
     out = torch.empty(total, device=images.device)
     buffer = images.new_empty((min(max_forward_batch, total), *images.shape[1:]))
-    with torch.no_grad():
+    # fast_passes: bf16 where the black box is precision="auto" and the device has it (the metrics' faithfulness
+    # to float32 is measured by benchmarks/fast_blackbox.py and tested in tests/test_fast_blackbox.py)
+    with torch.no_grad(), fast_passes(model, FAST_PASSES):
         for start in range(0, total, max_forward_batch):
             stop = min(start + max_forward_batch, total)
             # Triples (curve, image, step) with the step varying fastest: a chunk is a few runs of one

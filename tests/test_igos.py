@@ -396,3 +396,48 @@ def test_explainer_evaluation_runs_both_methods_in_validation(tmp_path):
         results = evaluation.last_results[key]
         assert results["images"] == 2 and results["forwards_per_image"] > 0 and results["backwards_per_image"] > 0
         assert f"val/{key}/insertion" in trainer.callback_metrics
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-image convergence (issue 16)
+
+
+def test_converged_images_stop_and_cost_nothing_more():
+    """converge_tol: an image stops after converge_patience iterations that moved no cell by more than the tol.
+
+    Image 0 has nothing to delete (zero direction: its masks never move), so it stops after 2 iterations;
+    image 1 keeps optimising. Stopping reads only the image's own trajectory: alone, each image gets the map,
+    the iterations and the line search it gets in the batch.
+    """
+    images = scenes(2)
+    images[0, 0] = 1.0
+    box = region_box(images[1:])
+    settings = {**TINY, "iterations": 5, "noise_std": 0.0, "converge_tol": 1e-6, "converge_patience": 2}
+    explainer = explainers.build("igos_pp", box, **settings, max_forward_batch=13)
+    recorder = _Recorder(explainer)
+    together = explainer(images, torch.tensor([0, 0]))
+    assert explainer.last_iterations.tolist() == [2, 5]
+    trials, ran = explainer.last_trials.clone(), explainer.last_iterations.clone()
+    assert trials[0, 2:].eq(0).all() and trials[0, :2].eq(1).all() and trials[1].ge(1).all()
+    # after its second iteration image 0 is in no evaluation
+    first_of_iteration_3 = recorder.calls.index(([1], True))
+    assert all(0 not in ids for ids, _ in recorder.calls[first_of_iteration_3:])
+    points = explainer.points_per_evaluation
+    assert explainer.cost.forwards == points * (2 * int(ran.sum()) + int(trials.sum())) == sum(box.rows)
+    assert explainer.cost.backwards == points * int(ran.sum())
+    plain = explainers.build("igos_pp", box, **{**settings, "converge_tol": None}, max_forward_batch=13)
+    full = plain(images, torch.tensor([0, 0]))
+    assert plain.last_iterations.tolist() == [5, 5]
+    assert torch.allclose(full[0], together[0], atol=1e-6)  # image 0 did not move anyway
+    assert torch.allclose(full[1], together[1], atol=1e-5)  # image 1 never stopped: the same trajectory
+    for b in range(2):
+        alone = explainer(images[b:b + 1], torch.tensor([0]), torch.tensor([b]))
+        assert explainer.last_iterations.tolist() == [ran[b].item()]
+        assert torch.equal(explainer.last_trials[0], trials[b])
+        assert torch.allclose(alone[0], together[b], atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [{"converge_tol": -1.0}, {"converge_patience": 0}, {"converge_patience": 1.5}])
+def test_convergence_settings_are_validated(bad):
+    with pytest.raises(ValueError, match="converge"):
+        explainers.build("igos", region_box(scenes(1)), **bad)
