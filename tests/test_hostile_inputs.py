@@ -593,9 +593,14 @@ def fresh_wandb():
     one behind (read again from the environment, W&B disabled in tests)."""
     import wandb
 
-    wandb.teardown()
+    def reset() -> None:
+        if wandb.run is not None:  # another test's run (e.g. a disabled one) survives teardown, and Lightning's
+            wandb.run.finish()     # WandbLogger would reuse it instead of starting one in the mode under test
+        wandb.teardown()
+
+    reset()
     yield
-    wandb.teardown()
+    reset()
 
 
 @pytest.mark.parametrize("key", [None, "0123456789abcdef0123456789abcdef01234567"])
