@@ -169,7 +169,7 @@ def evaluate(out: Path, preset: str, args, methods: str = "[]", hparams: str = "
         run([sys.executable, "evaluate.py", "--config", "configs/experiment/embedded_evaluate.yaml",
              f"--blackbox.init_args.model={args.blackbox}", f"--split={args.split}", f"--explainers={methods}",
              f"--method_hparams={hparams}", f"--settings.protocol={preset}", f"--num_images={num_images or args.num_images}",
-             "--batch_size=25",
+             "--batch_size=25", f"--blackbox.init_args.precision={args.precision}",
              f"--ckpt=[{ckpt}]" if ckpt else "--ckpt=[]", f"--out={out}", "--wandb=false", "--overlay_images=8",
              *extra])
     return json.loads((ROOT / out / "results.json").read_text())
@@ -253,6 +253,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/ablation"))
     parser.add_argument("--filter", type=Path, default=Path("outputs/demo/filter/checkpoints/last.ckpt"))
     parser.add_argument("--blackbox", default="ckpt:assets/embedded_blackbox.pt")
+    parser.add_argument("--precision", default="32", choices=("32", "bf16", "auto"),
+                        help="the black box's precision in every evaluation: float32 by default, so that results cached "
+                             "before precision 'auto' became evaluate.py's default stay comparable")
     args = parser.parse_args()
     names = [n for n in args.variants.split(",") if n]
     baselines = [b for b in args.baselines.split(",") if b]
@@ -314,15 +317,18 @@ def main() -> None:
 
     for name in [n for n in args.curves.split(",") if n]:
         run_dir = train(name, args.out, args.filter, args.blackbox)
-        print(f"\nlearning curve of {name} ({split}, {args.num_images} images, rise protocol)")
-        print("| checkpoint | step | deletion | insertion | deletion_norm | pointing_game |")
-        print("|---|---|---|---|---|---|")
-        for ckpt in sorted((ROOT / run_dir / "checkpoints").glob("epoch*.ckpt")):
-            results = evaluate(run_dir / f"curve_{ckpt.stem}", "rise", args, ckpt=ckpt.relative_to(ROOT))
-            stats = next(iter(results["methods"].values()))
-            step = ckpt.stem.split("step")[-1]
-            print(f"| {ckpt.stem} | {int(step)} | " + " | ".join(
-                fmt(stats.get(k), k) for k in ("deletion", "insertion", "deletion_norm", "pointing_game")) + " |")
+        for preset in presets:
+            print(f"\nlearning curve of {name} ({split}, {args.num_images} images, {preset} preset)")
+            print("| checkpoint | step | deletion | insertion | deletion_norm | insertion_norm | pointing_game |")
+            print("|---|---|---|---|---|---|---|")
+            for ckpt in sorted((ROOT / run_dir / "checkpoints").glob("epoch*.ckpt")):
+                # the rise preset's curve keeps its first folder name, so earlier curve runs are reused
+                folder = run_dir / (f"curve_{ckpt.stem}" if preset == "rise" else f"curve_{preset}_{ckpt.stem}")
+                results = evaluate(folder, preset, args, ckpt=ckpt.relative_to(ROOT))
+                stats = next(iter(results["methods"].values()))
+                step = ckpt.stem.split("step")[-1]
+                print(f"| {ckpt.stem} | {int(step)} | " + " | ".join(fmt(stats.get(k), k) for k in (
+                    "deletion", "insertion", "deletion_norm", "insertion_norm", "pointing_game")) + " |")
 
 
 if __name__ == "__main__":
