@@ -49,6 +49,9 @@ variant trains with bf16 autocast and channels-last, see ``FAST``):
                              320 training scenes, trained on those scenes (``TEACHER_MAPS``, made first)
   ct_game_h2.5, ct_game_eta3 CT's shape under the game: the paper's h 2.5; a steeper sigmoid (eta 3)
   bt_game, mgnet_game        the other heads under the game
+  ct_pgame_only_fp3_h2.5, ct_pgame_only_fp3_eta3, bt_pgame_only_fp3, mgnet_pgame_only_fp3
+                             the controllers under the game-only objective: CT with the paper's h 2.5, CT with a
+                             steeper sigmoid (eta 3), BT, and MGnet with its area/TV/background constraints
   ct_h2.5, ct_6ep, mgnet_area8, ct_area1   the earlier ablations (paper's h; 3x longer; Dabkowski's area
                              weight; CT plus MGnet's area term)
 """
@@ -80,6 +83,7 @@ TEACHER = [f"--model.init_args.teacher_maps={TEACHER_MAPS}", "--model.init_args.
            "--model.init_args.lr_step_epochs=50", "--trainer.check_val_every_n_epoch=50"]
 PROTOCOLS = ["--model.init_args.game_protocols=[rise, igos]"]
 ON_MASK = ["--model.init_args.game_ranking=mask"]
+GAME_ONLY_FP3 = [*GAME, *PROTOCOLS, "--model.init_args.ce_weight=0.0", "--model.init_args.game_fraction_power=3.0"]
 LONG = ["--trainer.max_epochs=10", "--trainer.limit_train_batches=300", "--model.init_args.lr_step_epochs=3"]
 VARIANTS = {
     "ct": ("ct", []),
@@ -106,6 +110,11 @@ VARIANTS = {
                                  "--model.init_args.game_fraction_power=3.0"]),
     "ct_pgame_only_fp3_10x": ("ct", [*GAME, *PROTOCOLS, "--model.init_args.ce_weight=0.0",
                                      "--model.init_args.game_fraction_power=3.0", *LONG]),
+    # the controllers under the game-only objective: the paper's h, a steeper CT, BT, and MGnet's constraints
+    "ct_pgame_only_fp3_h2.5": ("ct", [*GAME_ONLY_FP3, "--model.init_args.h=2.5"]),
+    "ct_pgame_only_fp3_eta3": ("ct", [*GAME_ONLY_FP3, "--model.init_args.eta=3.0"]),
+    "bt_pgame_only_fp3": ("bt", GAME_ONLY_FP3),
+    "mgnet_pgame_only_fp3": ("mgnet", GAME_ONLY_FP3),
     "ct_pgame_only_ins2": ("ct", [*PROTOCOLS, "--model.init_args.ce_weight=0.0",
                                   "--model.init_args.deletion_weight=1.0", "--model.init_args.insertion_weight=2.0"]),
     "ct_game_t02": ("ct", [*GAME, "--model.init_args.game_temperature=0.2"]),
