@@ -16,6 +16,8 @@ when the black box is ``precision="auto"`` on bf16 hardware.
 from __future__ import annotations
 
 import dataclasses
+import time
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -64,18 +66,20 @@ class MapFaithfulness:
 
 
 def map_spearman(name: str, fast, reference, images: Tensor, targets: Tensor, indices: Tensor | None = None,
-                 **hparams) -> MapFaithfulness:
+                 clock: Callable[[], float] = time.perf_counter, **hparams) -> MapFaithfulness:
     """Explain ``targets`` (B,) on ``images`` (B, 3, H, W) in [0, 1] with method ``name`` (``hparams``) once on
     the ``reference`` (float32) black box and once on ``fast`` inside ``fast.fast()`` (so a
-    ``precision="auto"`` black box runs bf16 whether or not the method opts in yet), same seeds.
+    ``precision="auto"`` black box runs bf16 whether or not the method opts in yet), same seeds. The reference
+    must be ``precision="32"``: an ``"auto"`` one runs bf16 too for the methods that opt in. ``clock`` times
+    the two calls (e.g. ``time.process_time`` on a shared machine).
     """
-    import time
-
-    start = time.perf_counter()
+    if getattr(reference, "precision", "32") != "32":
+        raise ValueError(f"the reference black box must be precision='32', got {reference.precision!r}")
+    start = clock()
     reference_maps = build(name, reference, **hparams)(images, targets, indices)
-    middle = time.perf_counter()
+    middle = clock()
     with fast.fast():
         fast_maps = build(name, fast, **hparams)(images, targets, indices)
-    end = time.perf_counter()
+    end = clock()
     return MapFaithfulness(name, spearman_per_image(fast_maps, reference_maps), min_spearman(name),
                            middle - start, end - middle)
