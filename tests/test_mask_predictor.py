@@ -489,7 +489,7 @@ def test_fast_dev_run_of_every_imagenet_config(repo_root, imagenet_export, tmp_p
     """The real architectures (torchvision ResNet-50 / VGG-19 / GoogLeNet, random weights, 10 classes) on the
     embedded ImageNet export at 32 px, with the config's bf16 and channels_last on the CPU: every config in
     IMAGENET_CONFIGS (one child process, each config its own train.py main call, run folder and log)."""
-    runs = []
+    runs = {}
     for config in IMAGENET_CONFIGS:
         run_dir = tmp_path / config
         args = ["fit", "--config", f"configs/experiment/{config}.yaml", "--trainer.fast_dev_run=true",
@@ -499,15 +499,11 @@ def test_fast_dev_run_of_every_imagenet_config(repo_root, imagenet_export, tmp_p
                 "--model.init_args.blackbox.init_args.num_classes=10", *CPU]
         if not config.endswith("filter"):
             args.append("--model.init_args.filter_checkpoint=null")
-        runs.append([config, args, str(tmp_path / f"{config}.log")])
-    proc = subprocess.run([sys.executable, "-c", _EACH_CONFIG, json.dumps(runs)], cwd=repo_root,
-                          env=subprocess_env(), capture_output=True, text=True, timeout=1200)
-    codes = dict(json.loads(line) for line in proc.stdout.splitlines() if line.startswith("["))
-    assert proc.returncode == 0 and list(codes) == IMAGENET_CONFIGS, proc.stdout[-2000:] + proc.stderr[-3000:]
+        runs[config] = args
+    logs = run_each_config(repo_root, tmp_path, runs)
     for config in IMAGENET_CONFIGS:
-        run_dir, log = tmp_path / config, (tmp_path / f"{config}.log").read_text()
-        assert codes[config] == 0, (config, log[-3000:])
-        assert "max_steps=1" in log, config
+        run_dir = tmp_path / config
+        assert "max_steps=1" in logs[config], config
         if not config.endswith("filter"):
             assert (run_dir / "eval" / "val_mask_histogram_epoch000.png").is_file(), config
             assert (run_dir / "eval" / "val_epoch000_overlays.png").is_file(), config
@@ -532,14 +528,29 @@ def predictor_args(config, tiny_blackbox_path, filter_path, run_dir, *extra):
             f"--model.init_args.filter_checkpoint={filter_path}", *extra]
 
 
+def run_each_config(repo_root, tmp_path, runs: dict[str, list[str]]) -> dict[str, str]:
+    """train.py's main for each config in ``runs`` (name -> arguments) in one child process (_EACH_CONFIG):
+    name -> its log; a failed run fails the test, naming the config and showing its log."""
+    logs = {name: tmp_path / f"{name}.log" for name in runs}
+    proc = subprocess.run([sys.executable, "-c", _EACH_CONFIG,
+                           json.dumps([[name, args, str(logs[name])] for name, args in runs.items()])],
+                          cwd=repo_root, env=subprocess_env(), capture_output=True, text=True, timeout=1200)
+    codes = dict(json.loads(line) for line in proc.stdout.splitlines() if line.startswith("["))
+    assert proc.returncode == 0 and list(codes) == list(runs), proc.stdout[-2000:] + proc.stderr[-3000:]
+    texts = {name: logs[name].read_text() for name in runs}
+    for name in runs:
+        assert codes[name] == 0, (name, texts[name][-3000:])
+    return texts
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("config", EMBEDDED_PREDICTORS)
-def test_fast_dev_run_of_the_embedded_predictor_configs(repo_root, tiny_blackbox_path, embedded_filter, tmp_path,
-                                                         config):
-    proc = run_train(repo_root, *predictor_args(config, tiny_blackbox_path, embedded_filter, tmp_path,
-                                                *embedded_data(), "--trainer.fast_dev_run=true"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp_path / "eval" / "val_epoch000.json").is_file()
+def test_fast_dev_run_of_the_embedded_predictor_configs(repo_root, tiny_blackbox_path, embedded_filter, tmp_path):
+    """Every config in EMBEDDED_PREDICTORS (one child process, each config its own train.py main call)."""
+    run_each_config(repo_root, tmp_path, {
+        config: predictor_args(config, tiny_blackbox_path, embedded_filter, tmp_path / config, *embedded_data(),
+                               "--trainer.fast_dev_run=true") for config in EMBEDDED_PREDICTORS})
+    for config in EMBEDDED_PREDICTORS:
+        assert (tmp_path / config / "eval" / "val_epoch000.json").is_file(), config
 
 
 @pytest.mark.slow
