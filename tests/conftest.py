@@ -65,3 +65,30 @@ def tiny_predictor_path(tiny_blackbox_path, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("predictor") / "predictor.ckpt"
     torch.save(checkpoint, path)
     return path
+
+
+# -- scheduling under xdist (`make test` = pytest -n 2) ---------------------------------------------------------
+# The slow end-to-end tests (subprocesses: demo.py, train.py, DDP) take most of the suite's time, the demo alone
+# several minutes. Run them first, longest first, so that the other worker is never left waiting at the end for
+# one long test that started late; and let an idle worker take pending tests from the busy one (xdist's
+# "worksteal") instead of the fixed chunks of plain "-n 2".
+FIRST = ("tests/test_demo.py::",)  # the longest single test: it starts at once on one worker
+
+
+def _order(item) -> int:
+    if item.nodeid.startswith(FIRST):
+        return 0
+    return 1 if item.get_closest_marker("slow") else 2
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=_order)  # stable: within each group, files and tests keep their order
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: absent when running with -p no:xdist
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") == "load":  # plain -n N; an explicit --dist MODE is left alone
+        from xdist.scheduler import WorkStealingScheduling
+
+        return WorkStealingScheduling(config, log)
+    return None

@@ -36,8 +36,8 @@ def test_fast_dev_run_of_the_experiment_config(repo_root, tmp_path):
 @pytest.mark.slow
 def test_killed_run_resumes_from_last_checkpoint(repo_root, tmp_path):
     """SIGKILL after the first epoch's checkpoint, then ``--ckpt_path last`` finishes the same schedule."""
-    args = ["fit", "--config", EXPERIMENT, *SMALL, "--data.init_args.num_train=320", f"--run_dir={tmp_path}",
-            "--trainer.max_epochs=3"]
+    args = ["fit", "--config", EXPERIMENT, *SMALL, "--data.init_args.num_train=96", f"--run_dir={tmp_path}",
+            "--trainer.max_epochs=3"]  # 12 steps an epoch
     last = tmp_path / "checkpoints" / "last.ckpt"
     proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=repo_root, env=subprocess_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -47,7 +47,7 @@ def test_killed_run_resumes_from_last_checkpoint(repo_root, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     interrupted = torch.load(last, weights_only=True)  # our checkpoints are plain data
-    assert interrupted["global_step"] < 120, "the run finished before it could be killed"
+    assert interrupted["global_step"] < 36, "the run finished before it could be killed"
     assert "blackbox" in interrupted and (tmp_path / "config.yaml").is_file()
     assert "inference_mode: false" in (tmp_path / "config.yaml").read_text()
 
@@ -55,24 +55,30 @@ def test_killed_run_resumes_from_last_checkpoint(repo_root, tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "Restoring states from the checkpoint path" in second.stdout + second.stderr
     resumed = torch.load(last, weights_only=True)
-    assert resumed["global_step"] == 120  # 3 epochs x 40 steps: continued where it stopped
-    assert resumed["lr_schedulers"][0]["last_epoch"] == 120
-    assert all(int(s["step"]) == 120 for s in resumed["optimizer_states"][0]["state"].values())
+    assert resumed["global_step"] == 36  # 3 epochs x 12 steps: continued where it stopped
+    assert resumed["lr_schedulers"][0]["last_epoch"] == 36
+    assert all(int(s["step"]) == 36 for s in resumed["optimizer_states"][0]["state"].values())
 
     test = run_train(repo_root, "test", "--config", EXPERIMENT, *SMALL, f"--run_dir={tmp_path}", "--ckpt_path=last")
     assert test.returncode == 0, test.stderr[-3000:]
     assert "test/acc" in (tmp_path / "test_metrics.json").read_text()
 
 
-@pytest.mark.slow
-def test_config_typo_fails_before_any_data_loads(repo_root, tmp_path):
+def test_config_typo_fails_before_any_data_loads(repo_root, tmp_path, monkeypatch, capsys):
+    """train.py's main in this process (a parse error exits before anything is built, so no child is needed)."""
+    import train
+
     bad = tmp_path / "typo.yaml"
     bad.write_text("trainer:\n  max_epoch: 3\n")
+    monkeypatch.chdir(repo_root)
+    monkeypatch.setattr(sys, "argv", ["train.py"])
     # data_dir points nowhere: loading data would fail with a different (FileNotFoundError) message
-    proc = run_train(repo_root, "fit", "--config", EXPERIMENT, "--config", str(bad),
-                     f"--data.init_args.data_dir={tmp_path / 'none'}", f"--run_dir={tmp_path}", timeout=120)
-    assert proc.returncode != 0
-    assert "max_epoch" in proc.stderr and "Fashion-MNIST" not in proc.stderr
+    with pytest.raises(SystemExit) as exited:
+        train.main(["fit", "--config", EXPERIMENT, "--config", str(bad),
+                    f"--data.init_args.data_dir={tmp_path / 'none'}", f"--run_dir={tmp_path}"])
+    assert exited.value.code not in (0, None)
+    stderr = capsys.readouterr().err
+    assert "max_epoch" in stderr and "Fashion-MNIST" not in stderr
     assert not (tmp_path / "checkpoints").exists()
 
 

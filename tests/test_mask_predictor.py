@@ -2,6 +2,7 @@
 train.py runs of every filter / predictor config (fast_dev_run, SIGKILL + resume, 1 vs 2 DDP processes)."""
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -457,23 +458,55 @@ def imagenet_export(tmp_path_factory):
     return export_imagenet(tmp_path_factory.mktemp("imagenet"), {"train": 16, "val": 8}, image_size=SIZE)
 
 
+# One child process runs train.py's main for each config in turn (fresh LightningCLI, Trainer and model every
+# time; stdout and stderr of each run to its own file): the same runs as one `python train.py` each, without
+# paying the interpreter and library imports six times.
+_EACH_CONFIG = """
+import json, os, sys, traceback
+import train
+for name, args, log in json.loads(sys.argv[1]):
+    sys.stdout.flush(); sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(log, "w") as out:
+        os.dup2(out.fileno(), 1); os.dup2(out.fileno(), 2)
+        try:
+            train.main(args)
+            code = 0
+        except SystemExit as exit:
+            code = exit.code or 0
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        finally:
+            sys.stdout.flush(); sys.stderr.flush()
+            os.dup2(saved[0], 1); os.dup2(saved[1], 2)
+    print(json.dumps([name, code]), flush=True)
+"""
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("config", IMAGENET_CONFIGS)
-def test_fast_dev_run_of_every_imagenet_config(repo_root, imagenet_export, tmp_path, config):
+def test_fast_dev_run_of_every_imagenet_config(repo_root, imagenet_export, tmp_path):
     """The real architectures (torchvision ResNet-50 / VGG-19 / GoogLeNet, random weights, 10 classes) on the
-    embedded ImageNet export at 32 px, with the config's bf16 and channels_last on the CPU."""
-    args = ["fit", "--config", f"configs/experiment/{config}.yaml", "--trainer.fast_dev_run=true",
-            f"--run_dir={tmp_path}", f"--data.init_args.root={imagenet_export}", f"--data.init_args.image_size={SIZE}",
-            "--data.init_args.batch_size=4", "--data.init_args.num_workers=0",
-            "--model.init_args.blackbox.init_args.weights=null", "--model.init_args.blackbox.init_args.num_classes=10", *CPU]
-    if not config.endswith("filter"):
-        args.append("--model.init_args.filter_checkpoint=null")
-    proc = run_train(repo_root, *args)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "max_steps=1" in proc.stdout + proc.stderr
-    if not config.endswith("filter"):
-        assert (tmp_path / "eval" / "val_mask_histogram_epoch000.png").is_file()
-        assert (tmp_path / "eval" / "val_epoch000_overlays.png").is_file()
+    embedded ImageNet export at 32 px, with the config's bf16 and channels_last on the CPU: every config in
+    IMAGENET_CONFIGS (one child process, each config its own train.py main call, run folder and log)."""
+    runs = {}
+    for config in IMAGENET_CONFIGS:
+        run_dir = tmp_path / config
+        args = ["fit", "--config", f"configs/experiment/{config}.yaml", "--trainer.fast_dev_run=true",
+                f"--run_dir={run_dir}", f"--data.init_args.root={imagenet_export}",
+                f"--data.init_args.image_size={SIZE}", "--data.init_args.batch_size=4", "--data.init_args.num_workers=0",
+                "--model.init_args.blackbox.init_args.weights=null",
+                "--model.init_args.blackbox.init_args.num_classes=10", *CPU]
+        if not config.endswith("filter"):
+            args.append("--model.init_args.filter_checkpoint=null")
+        runs[config] = args
+    logs = run_each_config(repo_root, tmp_path, runs)
+    for config in IMAGENET_CONFIGS:
+        run_dir = tmp_path / config
+        assert "max_steps=1" in logs[config], config
+        if not config.endswith("filter"):
+            assert (run_dir / "eval" / "val_mask_histogram_epoch000.png").is_file(), config
+            assert (run_dir / "eval" / "val_epoch000_overlays.png").is_file(), config
 
 
 @pytest.fixture(scope="module")
@@ -495,14 +528,29 @@ def predictor_args(config, tiny_blackbox_path, filter_path, run_dir, *extra):
             f"--model.init_args.filter_checkpoint={filter_path}", *extra]
 
 
+def run_each_config(repo_root, tmp_path, runs: dict[str, list[str]]) -> dict[str, str]:
+    """train.py's main for each config in ``runs`` (name -> arguments) in one child process (_EACH_CONFIG):
+    name -> its log; a failed run fails the test, naming the config and showing its log."""
+    logs = {name: tmp_path / f"{name}.log" for name in runs}
+    proc = subprocess.run([sys.executable, "-c", _EACH_CONFIG,
+                           json.dumps([[name, args, str(logs[name])] for name, args in runs.items()])],
+                          cwd=repo_root, env=subprocess_env(), capture_output=True, text=True, timeout=1200)
+    codes = dict(json.loads(line) for line in proc.stdout.splitlines() if line.startswith("["))
+    assert proc.returncode == 0 and list(codes) == list(runs), proc.stdout[-2000:] + proc.stderr[-3000:]
+    texts = {name: logs[name].read_text() for name in runs}
+    for name in runs:
+        assert codes[name] == 0, (name, texts[name][-3000:])
+    return texts
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("config", EMBEDDED_PREDICTORS)
-def test_fast_dev_run_of_the_embedded_predictor_configs(repo_root, tiny_blackbox_path, embedded_filter, tmp_path,
-                                                         config):
-    proc = run_train(repo_root, *predictor_args(config, tiny_blackbox_path, embedded_filter, tmp_path,
-                                                *embedded_data(), "--trainer.fast_dev_run=true"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp_path / "eval" / "val_epoch000.json").is_file()
+def test_fast_dev_run_of_the_embedded_predictor_configs(repo_root, tiny_blackbox_path, embedded_filter, tmp_path):
+    """Every config in EMBEDDED_PREDICTORS (one child process, each config its own train.py main call)."""
+    run_each_config(repo_root, tmp_path, {
+        config: predictor_args(config, tiny_blackbox_path, embedded_filter, tmp_path / config, *embedded_data(),
+                               "--trainer.fast_dev_run=true") for config in EMBEDDED_PREDICTORS})
+    for config in EMBEDDED_PREDICTORS:
+        assert (tmp_path / config / "eval" / "val_epoch000.json").is_file(), config
 
 
 @pytest.mark.slow
@@ -551,8 +599,8 @@ def test_killed_mid_epoch_resumes_with_optimizer_and_scheduler_state(repo_root, 
     overlay.write_text(RESUME_TRAINER)
     run_dir = tmp_path / "run"
     args = predictor_args("embedded_predictor_ct", tiny_blackbox_path, embedded_filter, run_dir,
-                          *embedded_data(num_train=160, batch=8), "--config", str(overlay),
-                          "--trainer.max_epochs=2", "--trainer.limit_val_batches=1")  # 20 steps an epoch
+                          *embedded_data(num_train=96, batch=8), "--config", str(overlay),
+                          "--trainer.max_epochs=2", "--trainer.limit_val_batches=1")  # 12 steps an epoch
     last = run_dir / "checkpoints" / "last.ckpt"
     proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=repo_root, env=subprocess_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -564,7 +612,7 @@ def test_killed_mid_epoch_resumes_with_optimizer_and_scheduler_state(repo_root, 
     assert last.exists(), stderr[-3000:]
     interrupted = torch.load(last, weights_only=True)  # Lightning saves atomically: never a torn file
     killed_at = interrupted["global_step"]
-    assert 0 < killed_at < 20 and killed_at % 20, f"not killed mid-epoch (step {killed_at})"
+    assert 0 < killed_at < 12 and killed_at % 12, f"not killed mid-epoch (step {killed_at})"
     adam = interrupted["optimizer_states"][0]["state"]
     assert all(int(s["step"]) == killed_at for s in adam.values())
 
@@ -573,8 +621,8 @@ def test_killed_mid_epoch_resumes_with_optimizer_and_scheduler_state(repo_root, 
     assert "Restoring states from the checkpoint path" in second.stdout + second.stderr
     final = torch.load(last, weights_only=True)
     steps = final["global_step"]
-    assert steps == 40, steps  # 2 epochs x 20 steps: continued where it stopped, the epoch not replayed
-    # Adam continued from the restored counts (a fresh optimizer would count 40 - killed_at)
+    assert steps == 24, steps  # 2 epochs x 12 steps: continued where it stopped, the epoch not replayed
+    # Adam continued from the restored counts (a fresh optimizer would count 24 - killed_at)
     assert all(int(s["step"]) == steps for s in final["optimizer_states"][0]["state"].values())
     schedule = final["lr_schedulers"][0]
     assert schedule["last_epoch"] == 2 and schedule["_last_lr"][0] == pytest.approx(0.01 * 0.5**2)
