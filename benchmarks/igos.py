@@ -3,7 +3,7 @@
     python benchmarks/igos.py [--methods igos_pp,igos] [--batch 16] [--single 3] [--repeats 1]
                               [--iterations T] [--max_forward_batch 256] [--threads 2]
     python benchmarks/igos.py --pass-limit K [--methods igos_pp] [--iterations T] [--converge_tol TOL]
-                              [--clock wall|cpu] [--profile]
+                              [--clock wall|cpu]
 
 ``--pass-limit K``: per-image wall time against its bare black-box passes, K images one at a time (issue 16,
 target <= 1.15x; see :func:`pass_limit`). Measured on the shared machine (load 8-14, nice 15) with
@@ -39,7 +39,6 @@ to its floor often, ~13 trials). The machine may be shared: figures are noisy; t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
 import sys
@@ -53,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import explainers  # noqa: E402
 import explainers.igos  # noqa: E402,F401  registers igos_pp / igos
 from benchmarks._common import embedded_batch, embedded_blackbox  # noqa: E402
+from benchmarks.pass_overhead import measure  # noqa: E402
 
 
 def timed_call(explainer, images, targets, indices) -> tuple[float, float, torch.Tensor]:
@@ -73,68 +73,17 @@ def exact_counts(explainer, trials: torch.Tensor, ran: torch.Tensor) -> tuple[in
 
 
 def pass_limit(name: str, model, data: dict, targets: torch.Tensor, args) -> None:
-    """Per-image time against its bare passes (target <= 1.15x), images explained one at a time.
-
-    Bare passes of an image: the black box alone on the same numbers of rows in the same chunk sizes -- its
-    P * T_b forward + backward rows (the IG passes, chunks of min(P, max_forward_batch)) and its
-    P * (T_b + sum t) no-grad forward rows (objective and line-search evaluations). The unit times (one chunk
-    forward + backward, one chunk forward) are measured right after each image's call, so load changes hit
-    both; ratio = median over images of call time / bare time. The bare rows are the image's own rows built
-    the explainer's way (channels-first, as the rows the explainer builds), so both sides pay the black box's
-    normalisation and layout copy.
-
-    ``--clock cpu`` times with the process's CPU time instead of the wall clock: on a machine shared with
-    other jobs a low-priority process waits for the cores, and that waiting is no property of the method
-    (use it with ``--threads 1``: with 2 threads an operation also waits for its slower thread, and the
-    spin-waiting is counted as CPU time).
-    """
+    """Per-image time against its bare passes (target <= 1.15x), images explained one at a time: the black box's
+    calls recorded and replayed alone (:func:`benchmarks.pass_overhead.measure`, the same measurement for every
+    method); ``--clock cpu`` times with the process's CPU time (a shared machine; with ``--threads 1``)."""
     hparams = {"max_forward_batch": args.max_forward_batch}
     if args.iterations:
         hparams["iterations"] = args.iterations
     if args.converge_tol is not None:
         hparams["converge_tol"] = args.converge_tol
-    explainer = explainers.build(name, model, **hparams)
-    chunk = min(explainer.points_per_evaluation, explainer.max_forward_batch)
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
-
-    def unit_times(rows: torch.Tensor, repeats: int = 5) -> tuple[float, float]:
-        forward, both = [], []
-        for _ in range(repeats):
-            start = clock()
-            with torch.no_grad():
-                model.logits(rows)
-            forward.append(clock() - start)
-            leaf = rows.clone().requires_grad_(True)
-            start = clock()
-            model.logits(leaf).softmax(1)[:, 0].sum().backward()
-            both.append(clock() - start)
-        return statistics.median(forward), statistics.median(both)
-
-    explainers.build(name, model, **{**hparams, "iterations": 1})(data["image"][:1], targets[:1])  # warm-up
-    unit_times(data["image"][:1].repeat(chunk, 1, 1, 1), 2)
-    ratios, seconds, bares = [], [], []
-    for b in range(args.pass_limit):
-        image = data["image"][b:b + 1]
-        profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if args.profile \
-            else contextlib.nullcontext()
-        start = clock()
-        with profiler:
-            explainer(image, targets[b:b + 1], data["index"][b:b + 1])
-        wall = clock() - start
-        forward, both = unit_times(image.repeat(chunk, 1, 1, 1))
-        forwards, backwards = explainer.cost.forwards, explainer.cost.backwards
-        bare = backwards / chunk * both + (forwards - backwards) / chunk * forward
-        ratios.append(wall / bare)
-        seconds.append(wall)
-        bares.append(bare)
-        print(f"  {name} image {b}: {wall:6.2f} s, bare passes {bare:6.2f} s -> {wall / bare:.3f}x "
-              f"({forwards} forwards, {backwards} backwards, {int(explainer.last_iterations[0])} iterations)  "
-              f"[{load()}]", flush=True)
-        if args.profile:
-            print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
-    print(f"{name}: per-image {args.clock} time / bare passes, median of {args.pass_limit}: "
-          f"{statistics.median(ratios):.3f}x (target <= 1.15); median {statistics.median(seconds):.2f} s vs "
-          f"{statistics.median(bares):.2f} s  [{load()}]", flush=True)
+    options = argparse.Namespace(hparams={name: hparams}, images=args.pass_limit, repeats=5, clock=args.clock,
+                                 clock_fn=time.process_time if args.clock == "cpu" else time.perf_counter)
+    measure(name, model, data, targets, options)
 
 
 def load() -> str:
@@ -232,8 +181,6 @@ def main() -> None:
     parser.add_argument("--converge_tol", type=float, default=None)
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="--pass-limit: wall clock or this process's CPU time (for a shared machine)")
-    parser.add_argument("--profile", action="store_true",
-                        help="--pass-limit: also print each call's operators by self CPU time (torch.profiler)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = embedded_blackbox()
