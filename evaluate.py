@@ -41,7 +41,7 @@ from core.blackbox import BlackBox
 from core.files import FolderLock, atomic_write, atomic_write_json, file_sha256
 from datamodules import collate_samples
 from explainers import ExplainerSpec, build_explainer, explainer_keys, parse_spec
-from lightning_modules.evaluation import EvaluationModule, RandomisationCheck
+from lightning_modules.evaluation import COST_KEYS, EvaluationModule, RandomisationCheck
 from metrics import TARGET_RULES, EvaluationSettings, RowStore, explained_class
 from metrics.report import mean_curves, write_reports
 from metrics.rows import RowSet, content_key
@@ -209,7 +209,7 @@ def reusable_maps(source: Path, header: dict) -> dict[str, tuple[Path, dict[int,
         if before.get("explanation_keys", {}).get(name) != key or not (source / "maps" / name).is_dir():
             continue
         rowset = RowStore(source / "rows").scan({name: before["row_keys"][name]})
-        reuse[name] = (source / "maps", {int(r["index"]): {k: r[k] for k in ("seconds", "forwards", "backwards")}
+        reuse[name] = (source / "maps", {int(r["index"]): {k: r[k] for k in COST_KEYS if k in r}
                                          for r in rowset.of(name)})
     print(f"--maps_from {source}: scoring its saved maps of {sorted(reuse) or 'no method'}; explaining the rest")
     return reuse

@@ -19,8 +19,11 @@ saved maps under the other preset (``--maps_from``: one explanation per image, s
 explanation's cost). ``evaluate.py`` appends rows as they finish and skips finished ones, so a killed run continues
 where it stopped: run the same command again. ``--num_images`` larger than before adds images to every setting.
 
-**Cost per image** (from the rows): black-box passes = forwards + backwards (``Explainer.cost``, exact), and wall
-seconds of the explanation (evaluate.py's, per image of its batch). The metrics' own passes are not counted.
+**Cost per image** (from the rows): black-box passes = forwards + backwards (``Explainer.cost``, exact), and
+seconds of the explanation per image of its batch: the process's CPU seconds (``cpu_seconds``, the figure used for
+speed-ups) and the wall seconds (``seconds``). With ``--threads 1`` CPU seconds are what the explanation costs on an
+idle core, and unlike wall seconds they do not count the time a low-priority run waits for a core on a shared
+machine. The metrics' own passes are not counted.
 
 **Equal quality** (:func:`equal_quality`): a budget matches the default when, for every criterion (deletion and
 insertion, raw and normalised, under both presets: 8 paired intervals), the 95% paired bootstrap interval of
@@ -188,11 +191,12 @@ def budget_text(setting: Setting, hparams: dict) -> str:
 
 
 def summarise_setting(rows: dict[str, list[dict]]) -> dict:
-    """Images, passes / forwards / backwards / seconds per image (from the first preset's rows, the explanation
-    itself) and the mean of every quality key under every preset."""
+    """Images, passes / forwards / backwards per image, ``seconds`` (CPU) and ``wall_seconds`` per image (from
+    the first preset's rows, the explanation itself) and the mean of every quality key under every preset."""
     first = next(iter(rows.values()))
     summary = {"images": min((len(r) for r in rows.values()), default=0)}
-    for key, source in (("forwards", "forwards"), ("backwards", "backwards"), ("seconds", "seconds")):
+    for key, source in (("forwards", "forwards"), ("backwards", "backwards"), ("wall_seconds", "seconds"),
+                        ("seconds", "cpu_seconds")):
         values = [float(r[source]) for r in first if r.get(source) is not None]
         summary[key] = sum(values) / len(values) if values else math.nan
     summary["passes"] = summary["forwards"] + summary["backwards"]
@@ -312,16 +316,17 @@ def markdown_table(result: dict[str, dict], presets: tuple[str, ...], criteria: 
     """Every setting (cost, quality under every preset, the equal-quality verdict), then the recommendations."""
     quality = [f"{p} {k.replace('_norm', ' norm.')} {'↓' if k in LOWER_IS_BETTER else '↑'}"
                for p in presets for k in QUALITY_KEYS]
-    lines = ["| method | budget | images | passes / image | s / image | " + " | ".join(quality) + " | vs default |",
-             "|---|---|---|---|---|" + "---|" * len(quality) + "---|"]
+    lines = ["| method | budget | images | passes / image | CPU s / image | wall s / image | " + " | ".join(quality)
+             + " | vs default |", "|---|---|---|---|---|---|" + "---|" * len(quality) + "---|"]
     for method, entry in result.items():
         for row in sorted(entry["settings"], key=lambda r: r["passes"]):
             values = " | ".join(_f(row[f"{p}/{k}"]) for p in presets for k in QUALITY_KEYS)
             budget = row["budget"] + (" (default)" if row["setting"].default and method in SWEEP else "")
             lines.append(f"| {method} | {budget} | {row['images']} | {_cost(row['passes'])} | "
-                         f"{_seconds(row['seconds'])} | {values} | {_interval_note(row, criteria)} |")
-    lines += ["", "| method | default: passes, s / image | cheapest budget at equal quality | its passes, s / image "
-                  "| speed-up in passes | speed-up in seconds |", "|---|---|---|---|---|---|"]
+                         f"{_seconds(row['seconds'])} | {_seconds(row['wall_seconds'])} | {values} | "
+                         f"{_interval_note(row, criteria)} |")
+    lines += ["", "| method | default: passes, CPU s / image | cheapest budget at equal quality | its passes, CPU s / "
+                  "image | speed-up in passes | speed-up in CPU seconds |", "|---|---|---|---|---|---|"]
     for method, entry in result.items():
         default, best = entry.get("default"), entry.get("recommended")
         if method not in SWEEP or default is None or best is None:
@@ -349,10 +354,10 @@ def recommendation_lines(result: dict[str, dict]) -> list[str]:
             continue
         images = min(r["images"] for r in entry["settings"])
         lines.append(f"{method}: cheapest budget at equal quality: {best['budget']} ({_cost(best['passes'])} passes, "
-                     f"{_seconds(best['seconds'])} s per image) against the default {default['budget']} "
-                     f"({_cost(default['passes'])} passes, {_seconds(default['seconds'])} s): "
+                     f"{_seconds(best['seconds'])} CPU s per image) against the default {default['budget']} "
+                     f"({_cost(default['passes'])} passes, {_seconds(default['seconds'])} CPU s): "
                      f"{default['passes'] / best['passes']:.1f}x fewer passes, "
-                     f"{_speedup(default['seconds'], best['seconds'])} in seconds [{images}+ images]")
+                     f"{_speedup(default['seconds'], best['seconds'])} in CPU seconds [{images}+ images]")
     return lines
 
 
@@ -385,7 +390,7 @@ def figure(result: dict[str, dict], presets: tuple[str, ...], path: Path) -> Non
                     if entry.get("recommended") is r and not r["setting"].default:
                         ax.plot([x], [y], "o", markerfacecolor="none", markeredgecolor="black", markersize=11)
                 ax.set_xscale("log")
-                ax.set_xlabel("black-box passes per image" if axis == "passes" else "seconds per image")
+                ax.set_xlabel("black-box passes per image" if axis == "passes" else "CPU seconds per image")
                 ax.set_ylabel(f"{key.replace('_', ' ')} ({preset}) {'↓' if key in LOWER_IS_BETTER else '↑'}")
                 ax.grid(True, alpha=0.3, which="both")
     fig.legend(loc="upper center", ncol=min(8, len(result)), bbox_to_anchor=(0.5, 1.0))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Mapping
@@ -27,6 +28,9 @@ from core.timing import timed
 from metrics import EvaluationSettings, RowStore, explained_class, score_saliency
 from metrics.report import image_rows
 from metrics.sanity import randomisation_rows
+
+# The cost of one explanation in a row; a row written before cpu_seconds existed lacks it.
+COST_KEYS = ("seconds", "cpu_seconds", "forwards", "backwards")
 
 
 @dataclasses.dataclass
@@ -88,7 +92,9 @@ class EvaluationModule(pl.LightningModule):
             first N of the split), e.g. the slow per-image optimisers of a large comparison.
 
     ``seconds`` of a row is the explainer's wall time per image of its batch, read after a device
-    synchronise (:func:`core.timing.timed`).
+    synchronise (:func:`core.timing.timed`); ``cpu_seconds`` is this process's CPU time over the same call per
+    image (every thread's; on a machine shared with other jobs it does not count the time spent waiting for a
+    core, which the wall time does).
     """
 
     def __init__(self, blackbox: torch.nn.Module, explainers: Mapping[str, object], settings: EvaluationSettings,
@@ -165,15 +171,17 @@ class EvaluationModule(pl.LightningModule):
         for j, i in enumerate(indices.tolist()):
             if saved[j]:
                 maps[j] = torch.load(folder / name / f"{i}.pt", weights_only=True).to(images.device, images.dtype)
-                costs[j] = {k: source[i][k] for k in ("seconds", "forwards", "backwards")}
+                costs[j] = {k: source[i][k] for k in COST_KEYS if k in source[i]}
         fresh = torch.tensor([j for j, s in enumerate(saved) if not s], dtype=torch.long, device=images.device)
         if len(fresh):
+            cpu = time.process_time()
             computed, seconds = timed(lambda: explainer(images[fresh], targets[fresh], indices[fresh]), images.device)
+            cpu = (time.process_time() - cpu) / len(fresh)
             seconds /= len(fresh)
             cost = explainer.cost
             for k, j in enumerate(fresh.tolist()):
                 maps[j] = computed[k]
-                costs[j] = {"seconds": seconds, "forwards": cost.forwards / len(fresh),
+                costs[j] = {"seconds": seconds, "cpu_seconds": cpu, "forwards": cost.forwards / len(fresh),
                             "backwards": cost.backwards / len(fresh)}
         return torch.stack(maps), costs
 

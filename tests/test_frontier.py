@@ -103,10 +103,12 @@ def test_tiny_sweep_table_figure_and_resume(tiny_config, tmp_path, monkeypatch):
     assert recommended is not None and recommended["equal"]
     assert all(not r["equal"] for r in rise if r["passes"] < recommended["passes"])
 
-    # both presets scored the same maps: the igos folder's rows carry the rise folder's cost
+    # both presets scored the same maps: the igos folder's rows carry the rise folder's cost, CPU seconds too
     for r in rise:
-        assert [x["forwards"] for x in r["rows"]["igos"]] == [x["forwards"] for x in r["rows"]["rise"]]
+        for key in ("forwards", "seconds", "cpu_seconds"):
+            assert [x[key] for x in r["rows"]["igos"]] == [x[key] for x in r["rows"]["rise"]]
         assert len(r["rows"]["igos"]) == 2
+        assert r["seconds"] > 0 and r["wall_seconds"] > 0  # CPU and wall seconds per image
     table = (tmp_path / "frontier.md").read_text()
     body = [line for line in table.splitlines() if line.startswith("| rise |") or line.startswith("| gradient |")]
     assert len(body) == 3 + 1 + 1  # three RISE settings, gradient, one recommendation row for RISE

@@ -1,0 +1,181 @@
+"""Per-image time of each explainer (and of the causal metrics) against its bare black-box passes, in one run.
+
+    python benchmarks/pass_overhead.py [--methods rise,iassa,igos_pp,igos,metrics] [--images 3] [--threads 1]
+        [--clock cpu|wall] [--hparams '{"igos_pp": {"iterations": 5}}'] [--repeats 3]
+
+On the embedded black box (precision "auto": bf16 for the methods that opt in, as in any evaluation) and the
+first ``--images`` embedded test scenes, explained one at a time. Target (issue 16): <= 1.15x.
+
+*Bare passes* of an image: every call the method made to the black box, recorded by :class:`RecordingBlackBox`
+(rows, which entry point, whether a gradient flowed back to its input, whether it ran inside the fast (bf16)
+block), then replayed on the black box alone: the same row counts, channels-first inputs like the methods'
+rows, the same precision, a backward where the method had one. Each distinct call is timed (median of
+``--repeats``) right after the image's explanation, so load changes hit both sides; bare = sum over the calls.
+ratio = explanation time / bare time, median over the images. ``metrics`` is deletion + insertion under the RISE
+preset (``metrics.causal_curves``) of a random map, timed the same way.
+
+``--clock cpu`` (default) times with this process's CPU time: on a machine shared with other jobs a low-priority
+process waits for the cores, which is no property of the method (use ``--threads 1``: with 2 threads an
+operation also waits for its slower thread, and spin-waiting counts as CPU time). ``--clock wall`` on an idle
+machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import explainers  # noqa: E402
+from benchmarks._common import embedded_batch, embedded_blackbox  # noqa: E402
+
+ENTRY_POINTS = ("logits", "features", "features_and_logits")
+
+
+class RecordingBlackBox(nn.Module):
+    """A black box that records every call: ``calls`` is a list of ``[entry point, rows, fast, backward]`` (fast:
+    inside a :meth:`BlackBox.fast` block; backward: a gradient reached the call's input). Anything else is the
+    wrapped black box's (attributes, ``fast``, ``num_classes``, ``std`` ...)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.calls: list[list] = []
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["inner"], name)
+
+    def _record(self, entry: str, x: torch.Tensor):
+        call = [entry, int(x.shape[0]), bool(getattr(self.inner, "_fast_depth", 0) > 0), False]
+        self.calls.append(call)
+        if x.requires_grad and torch.is_grad_enabled():
+            def mark(grad):
+                call[3] = True
+            x.register_hook(mark)
+        return getattr(self.inner, entry)(x)
+
+    def logits(self, x):
+        return self._record("logits", x)
+
+    forward = logits
+
+    def features(self, x):
+        return self._record("features", x)
+
+    def features_and_logits(self, x):
+        return self._record("features_and_logits", x)
+
+
+def _scalar(out) -> torch.Tensor:
+    """A scalar depending on every output of a call (logits, or a list of feature maps, or both)."""
+    if isinstance(out, torch.Tensor):
+        return out.float().mean()
+    return sum(_scalar(o) for o in out)
+
+
+def bare_seconds(model, calls: list[list], image: torch.Tensor, clock, repeats: int) -> float:
+    """Replay ``calls`` (:class:`RecordingBlackBox`) on ``model`` alone: each distinct call timed (median of
+    ``repeats``) on ``image`` repeated to its rows, channels-first, times how often it occurred."""
+    total = 0.0
+    for (entry, rows, fast, backward), count in Counter(tuple(c) for c in calls).items():
+        x = image[:1].expand(rows, -1, -1, -1).contiguous()
+        times = []
+        for _ in range(repeats):
+            leaf = x.clone().requires_grad_(backward)
+            start = clock()
+            with model.fast(fast), torch.set_grad_enabled(backward):
+                out = getattr(model, entry)(leaf)
+                if backward:
+                    _scalar(out).backward()
+            times.append(clock() - start)
+        total += count * statistics.median(times)
+    return total
+
+
+def measure(name: str, model, data: dict, targets: torch.Tensor, args) -> dict:
+    """Explanation (or metric) time and bare time per image; the median ratio."""
+    from metrics import CausalProtocol, causal_curves
+
+    proxy = RecordingBlackBox(model)
+    size = int(data["image"].shape[-1])
+    if name == "metrics":
+        protocol = CausalProtocol.rise(size)
+        saliency = torch.rand(len(targets), 1, size, size, generator=torch.Generator().manual_seed(0))
+
+        def run(b):
+            causal_curves(proxy, data["image"][b:b + 1], saliency[b:b + 1], targets[b:b + 1], protocol)
+    else:
+        explainer = explainers.build(name, proxy, **args.hparams.get(name, {}))
+
+        def run(b):
+            explainer(data["image"][b:b + 1], targets[b:b + 1], data["index"][b:b + 1])
+    run(0)  # warm-up: oneDNN builds its kernels per input shape
+    bare_seconds(model, proxy.calls, data["image"][:1], args.clock_fn, 1)
+    ratios, seconds, bares, passes = [], [], [], []
+    for b in range(args.images):
+        proxy.calls = []
+        start = args.clock_fn()
+        run(b)
+        spent = args.clock_fn() - start
+        bare = bare_seconds(model, proxy.calls, data["image"][b:b + 1], args.clock_fn, args.repeats)
+        ratios.append(spent / bare)
+        seconds.append(spent)
+        bares.append(bare)
+        passes.append(sum(rows * (2 if backward else 1) for _, rows, _, backward in proxy.calls))
+        print(f"  {name} image {b}: {spent:7.3f} s, bare passes {bare:7.3f} s -> {spent / bare:.3f}x "
+              f"({sum(c[1] for c in proxy.calls)} rows forward, {sum(c[1] for c in proxy.calls if c[3])} backward, "
+              f"{len(proxy.calls)} calls, fast {any(c[2] for c in proxy.calls)})  [{load()}]", flush=True)
+    result = {"method": name, "hparams": args.hparams.get(name, {}), "images": args.images,
+              "seconds": statistics.median(seconds), "bare_seconds": statistics.median(bares),
+              "ratio": statistics.median(ratios), "min_ratio": min(ratios), "max_ratio": max(ratios)}
+    print(f"{name}: per-image {args.clock} time / bare passes, median of {args.images}: {result['ratio']:.3f}x "
+          f"(images {result['min_ratio']:.3f}-{result['max_ratio']:.3f}x; target <= 1.15); median "
+          f"{result['seconds']:.3f} s vs {result['bare_seconds']:.3f} s  [{load()}]", flush=True)
+    return result
+
+
+def load() -> str:
+    return "load average %.2f %.2f %.2f" % os.getloadavg()
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default="rise,iassa,igos_pp,igos,metrics",
+                        help="registered explainers, and 'metrics' for deletion + insertion")
+    parser.add_argument("--images", type=int, default=3)
+    parser.add_argument("--hparams", type=json.loads, default={}, help="JSON {method: {hparam: value}}")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
+    args = parser.parse_args(argv)
+    args.clock_fn = time.process_time if args.clock == "cpu" else time.perf_counter
+    torch.set_num_threads(args.threads)
+    model = embedded_blackbox()
+    data = embedded_batch(args.images)
+    with torch.no_grad():
+        targets = model.logits(data["image"]).argmax(1)
+    print(f"embedded black box (precision {model.precision}), {args.images} test images "
+          f"{tuple(data['image'].shape[-2:])}, {args.threads} threads, {args.clock} clock  [{load()}]", flush=True)
+    results = [measure(name.strip(), model, data, targets, args) for name in args.methods.split(",") if name.strip()]
+    print("\n| method | settings | per-image s | bare passes s | ratio (median) | range over images |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['method']} | {r['hparams'] or 'defaults'} | {r['seconds']:.3f} | {r['bare_seconds']:.3f} | "
+              f"{r['ratio']:.3f}x | {r['min_ratio']:.3f}-{r['max_ratio']:.3f}x |")
+    return results
+
+
+if __name__ == "__main__":
+    main()
