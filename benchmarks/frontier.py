@@ -56,7 +56,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import explainers  # noqa: E402
-from metrics.report import paired_difference, scan_evaluation  # noqa: E402
+from metrics.report import paired_difference  # noqa: E402
+from metrics.rows import RowStore  # noqa: E402
 
 PRESETS = ("rise", "igos")
 QUALITY_KEYS = ("deletion", "insertion", "deletion_norm", "insertion_norm")
@@ -162,12 +163,18 @@ def _quote(arg: str) -> str:
 # Reading the results
 
 
-def setting_rows(setting: Setting, out: Path, presets: tuple[str, ...]) -> dict[str, list[dict]]:
-    """preset -> the setting's rows there (the method's rows of the folder's last run; [] when not run yet)."""
+def setting_rows(setting: Setting, out: Path, presets: tuple[str, ...], num_images: int) -> dict[str, list[dict]]:
+    """preset -> the setting's rows there: the method's rows of the folder's last run on the first ``num_images``
+    images of the split (as evaluate.py reports them; rows of a larger run in the same folder stay unread), []
+    when not run yet."""
     rows = {}
     for preset in presets:
         folder = out / "settings" / setting.label / preset
-        rows[preset] = list(scan_evaluation(folder).of(parse_key(setting))) if (folder / "run.json").is_file() else []
+        if not (folder / "run.json").is_file():
+            rows[preset] = []
+            continue
+        keys = json.loads((folder / "run.json").read_text()).get("row_keys")
+        rows[preset] = list(RowStore(folder / "rows").scan(keys, range(num_images)).of(parse_key(setting)))
     return rows
 
 
@@ -249,12 +256,12 @@ def cheapest_equal(candidates: list[dict]) -> dict | None:
 
 
 def frontier(settings: list[Setting], out: Path, presets: tuple[str, ...], criteria: tuple[str, ...],
-             resamples: int = 2000) -> dict[str, dict]:
+             num_images: int, resamples: int = 2000) -> dict[str, dict]:
     """method -> {"settings": [row per setting], "recommended": row or None, "default": row or None}; a row holds
     the setting, its budget text, :func:`summarise_setting` and, for budgets, the intervals and ``equal``."""
     by_method: dict[str, dict] = {}
     for setting in settings:
-        rows = setting_rows(setting, out, presets)
+        rows = setting_rows(setting, out, presets, num_images)
         if not any(rows.values()):
             continue
         row = {"setting": setting, "budget": budget_text(setting, recorded_hparams(setting, out, presets[0])),
@@ -476,7 +483,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         for setting in settings:
             if args.only is None or setting.label in args.only or setting.method in args.only:
                 run_setting(setting, out, args)
-    result = frontier(settings, out, args.presets, args.criteria, args.resamples)
+    result = frontier(settings, out, args.presets, args.criteria, args.num_images, args.resamples)
     table = markdown_table(result, args.presets, args.criteria)
     lines = recommendation_lines(result)
     table_path = args.table or out / "frontier.md"

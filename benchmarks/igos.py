@@ -81,7 +81,7 @@ def pass_limit(name: str, model, data: dict, targets: torch.Tensor, args) -> Non
         hparams["iterations"] = args.iterations
     if args.converge_tol is not None:
         hparams["converge_tol"] = args.converge_tol
-    options = argparse.Namespace(hparams={name: hparams}, images=args.pass_limit, repeats=5, clock=args.clock,
+    options = argparse.Namespace(hparams={name: hparams}, images=args.pass_limit, clock=args.clock,
                                  clock_fn=time.process_time if args.clock == "cpu" else time.perf_counter)
     measure(name, model, data, targets, options)
 

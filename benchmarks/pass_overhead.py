@@ -1,16 +1,16 @@
 """Per-image time of each explainer (and of the causal metrics) against its bare black-box passes, in one run.
 
     python benchmarks/pass_overhead.py [--methods rise,iassa,igos_pp,igos,metrics] [--images 3] [--threads 1]
-        [--clock cpu|wall] [--hparams '{"igos_pp": {"iterations": 5}}'] [--repeats 3]
+        [--clock cpu|wall] [--hparams '{"igos_pp": {"iterations": 5}}']
 
 On the embedded black box (precision "auto": bf16 for the methods that opt in, as in any evaluation) and the
 first ``--images`` embedded test scenes, explained one at a time. Target (issue 16): <= 1.15x.
 
 *Bare passes* of an image: every call the method made to the black box, recorded by :class:`RecordingBlackBox`
 (rows, which entry point, whether a gradient flowed back to its input, whether it ran inside the fast (bf16)
-block), then replayed on the black box alone: the same row counts, channels-first inputs like the methods'
-rows, the same precision, a backward where the method had one. Each distinct call is timed (median of
-``--repeats``) right after the image's explanation, so load changes hit both sides; bare = sum over the calls.
+block), then replayed on the black box alone right after the image's explanation: every call once, in order,
+the same row counts, channels-first inputs like the methods' rows, the same precision, a backward where the
+method had one; bare = the summed time of the replayed calls.
 ratio = explanation time / bare time, median over the images. ``metrics`` is deletion + insertion under the RISE
 preset (``metrics.causal_curves``) of a random map, timed the same way.
 
@@ -27,7 +27,6 @@ import os
 import statistics
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -85,22 +84,24 @@ def _scalar(out) -> torch.Tensor:
     return sum(_scalar(o) for o in out)
 
 
-def bare_seconds(model, calls: list[list], image: torch.Tensor, clock, repeats: int) -> float:
-    """Replay ``calls`` (:class:`RecordingBlackBox`) on ``model`` alone: each distinct call timed (median of
-    ``repeats``) on ``image`` repeated to its rows, channels-first, times how often it occurred."""
+def bare_seconds(model, calls: list[list], image: torch.Tensor, clock) -> float:
+    """Replay ``calls`` (:class:`RecordingBlackBox`) on ``model`` alone, once each and in their order, on
+    ``image`` repeated to each call's rows (channels-first, built before the clock starts): the summed time of
+    the calls. A full replay lasts as long as the method's own passes, so a change of machine load during the
+    explanation hits the replay alike (timing a few repeats of each call shape instead swung the ratio by +-15%
+    on the shared machine)."""
+    inputs: dict[int, torch.Tensor] = {}
     total = 0.0
-    for (entry, rows, fast, backward), count in Counter(tuple(c) for c in calls).items():
-        x = image[:1].expand(rows, -1, -1, -1).contiguous()
-        times = []
-        for _ in range(repeats):
-            leaf = x.clone().requires_grad_(backward)
-            start = clock()
-            with model.fast(fast), torch.set_grad_enabled(backward):
-                out = getattr(model, entry)(leaf)
-                if backward:
-                    _scalar(out).backward()
-            times.append(clock() - start)
-        total += count * statistics.median(times)
+    for entry, rows, fast, backward in calls:
+        if rows not in inputs:
+            inputs[rows] = image[:1].expand(rows, -1, -1, -1).contiguous()
+        leaf = inputs[rows].clone().requires_grad_(backward)
+        start = clock()
+        with model.fast(fast), torch.set_grad_enabled(backward):
+            out = getattr(model, entry)(leaf)
+            if backward:
+                _scalar(out).backward()
+        total += clock() - start
     return total
 
 
@@ -122,14 +123,14 @@ def measure(name: str, model, data: dict, targets: torch.Tensor, args) -> dict:
         def run(b):
             explainer(data["image"][b:b + 1], targets[b:b + 1], data["index"][b:b + 1])
     run(0)  # warm-up: oneDNN builds its kernels per input shape
-    bare_seconds(model, proxy.calls, data["image"][:1], args.clock_fn, 1)
+    bare_seconds(model, proxy.calls, data["image"][:1], args.clock_fn)
     ratios, seconds, bares, passes = [], [], [], []
     for b in range(args.images):
         proxy.calls = []
         start = args.clock_fn()
         run(b)
         spent = args.clock_fn() - start
-        bare = bare_seconds(model, proxy.calls, data["image"][b:b + 1], args.clock_fn, args.repeats)
+        bare = bare_seconds(model, proxy.calls, data["image"][b:b + 1], args.clock_fn)
         ratios.append(spent / bare)
         seconds.append(spent)
         bares.append(bare)
@@ -156,7 +157,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="registered explainers, and 'metrics' for deletion + insertion")
     parser.add_argument("--images", type=int, default=3)
     parser.add_argument("--hparams", type=json.loads, default={}, help="JSON {method: {hparam: value}}")
-    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     args = parser.parse_args(argv)

@@ -127,6 +127,10 @@ def test_tiny_sweep_table_figure_and_resume(tiny_config, tmp_path, monkeypatch):
     assert [r["passes"] for r in sorted(again["rise"]["settings"], key=lambda r: r["passes"])] == [3, 6, 12]
     assert (tmp_path / "frontier.md").read_text() == table
 
+    # a report at a smaller scale reads only the first images' rows (as evaluate.py does)
+    smaller = frontier.main([*argv[:3], "1", *argv[4:], "--report_only", "--table", str(tmp_path / "one.md")])
+    assert all(r["images"] == 1 for entry in smaller.values() for r in entry["settings"])
+
 
 def test_bad_arguments_are_refused(tiny_config, tmp_path):
     with pytest.raises(SystemExit):

@@ -32,5 +32,5 @@ def test_recording_matches_the_explainers_own_count(tiny_blackbox_path):
     assert [c[0] for c in proxy.calls] == ["logits"] and proxy.calls[0][1:] == [2, False, True]
     assert gradient.cost.backwards == 2
 
-    seconds = bare_seconds(box, proxy.calls, images[:1], time.perf_counter, 1)
+    seconds = bare_seconds(box, proxy.calls, images[:1], time.perf_counter)
     assert seconds > 0
