@@ -422,6 +422,33 @@ def test_checkpoint_round_trip_through_the_registry(tiny_blackbox_path, scenes, 
             torch.testing.assert_close(resumed.net.state_dict()[key], value)
 
 
+def test_a_recipe_records_its_own_method_name(tiny_blackbox_path, scenes, tmp_path):
+    """MaskPredictor(method=...): the game recipe's checkpoints record and explain as predictor_game, a method
+    distinct from predictor_ct (same network and controller, so the two maps of one checkpoint agree)."""
+    model = predictor(tiny_blackbox_path, "ct", method="predictor_game", ce_weight=0.0, deletion_weight=1.0,
+                      insertion_weight=1.0)
+    assert model.explainer_name() == "predictor_game" and model.as_explainer().name == "predictor_game"
+    assert model.as_explainer(posthoc=True).name == "predictor_ct_posthoc"  # post-hoc tuning: the controller's
+    trainer = _fit_briefly(model, scenes, tmp_path, steps=1)
+    path = tmp_path / "game.ckpt"
+    trainer.save_checkpoint(path)
+    assert explainers.recorded_name(str(path)) == "predictor_game"
+    assert torch.load(path, weights_only=True)["hyper_parameters"]["method"] == "predictor_game"
+    blackbox = BlackBox(f"ckpt:{tiny_blackbox_path}")
+    game = explainers.build("predictor_game", blackbox, checkpoint=str(path))
+    as_ct = explainers.build("predictor_ct", blackbox, checkpoint=str(path))  # evaluate.py predictor_ct=PATH
+    assert (game.name, as_ct.name) == ("predictor_game", "predictor_ct")
+    images, index = scenes["image"], scenes["index"]
+    targets = blackbox.logits(images).argmax(1)
+    torch.testing.assert_close(game(images, targets, index), as_ct(images, targets, index))
+    assert predictor(tiny_blackbox_path, "ct").explainer_name() == "predictor_ct"  # no method: the controller's
+    with pytest.raises(ValueError, match="'bt' controller; choose one of \\['predictor_bt'\\]"):
+        predictor(tiny_blackbox_path, "bt", method="predictor_game")
+    for wrong in ("rise", "predictor_ct_posthoc"):
+        with pytest.raises(ValueError, match=f"method '{wrong}' is not a registered predictor"):
+            predictor(tiny_blackbox_path, "ct", method=wrong)
+
+
 def test_a_checkpoint_for_another_black_box_is_refused(tiny_blackbox_path, scenes, tmp_path):
     model = predictor(tiny_blackbox_path)
     trainer = _fit_briefly(model, scenes, tmp_path, steps=1)
