@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import unittest.mock
 import warnings
 
 import pytest
@@ -463,7 +464,7 @@ def test_a_checkpoint_for_another_black_box_is_refused(tiny_blackbox_path, scene
 
 IMAGENET_CONFIGS = ["imagenet_resnet50_filter", "imagenet_resnet50_ct", "imagenet_resnet50_bt", "imagenet_resnet50_mgnet",
                     "imagenet_vgg19_ct", "imagenet_googlenet_ct"]
-EMBEDDED_PREDICTORS = ["embedded_predictor_ct", "embedded_predictor_bt", "embedded_mgnet"]
+EMBEDDED_PREDICTORS = ["embedded_predictor_ct", "embedded_predictor_bt", "embedded_mgnet", "embedded_predictor_game"]
 CPU = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto"]
 
 
@@ -501,6 +502,65 @@ def test_fast_dev_run_of_every_imagenet_config(repo_root, imagenet_export, tmp_p
     if not config.endswith("filter"):
         assert (tmp_path / "eval" / "val_mask_histogram_epoch000.png").is_file()
         assert (tmp_path / "eval" / "val_epoch000_overlays.png").is_file()
+
+
+# The game recipe (benchmarks/predictor_ablation.py's winner ct_pgame_only_fp3) on top of each CT config; the
+# embedded one also sets how the ablation trained it (bf16 autocast, channels-last), the ImageNet CT configs already do.
+GAME_RECIPE = {"method": "predictor_game", "ce_weight": 0.0, "deletion_weight": 1.0, "insertion_weight": 1.0,
+               "game_protocols": ["rise", "igos"], "game_fraction_power": 3.0}
+GAME_CONFIGS = {"embedded_predictor_game": "embedded_predictor_ct", "imagenet_resnet50_game": "imagenet_resnet50_ct",
+                "imagenet_vgg19_game": "imagenet_vgg19_ct", "imagenet_googlenet_game": "imagenet_googlenet_ct"}
+
+
+def resolved_config(name: str, *overrides: str):
+    """train.py's parse of configs/experiment/NAME.yaml (its ``config:`` include resolved), nothing instantiated."""
+    from cli_utils import SaliencyCLI
+
+    class ParseOnly(SaliencyCLI):
+        def _set_seed(self) -> None:  # seed_everything would reseed this test process
+            pass
+
+        def before_instantiate_classes(self) -> None:  # it would create the run folder
+            pass
+
+        def instantiate_classes(self) -> None:
+            pass
+
+    with unittest.mock.patch.object(sys, "argv", ["train.py"]):  # pytest's own arguments are not train.py's
+        return ParseOnly(subclass_mode_model=True, subclass_mode_data=True, run=False,
+                         args=["--config", f"configs/experiment/{name}.yaml", *overrides]).config
+
+
+@pytest.mark.parametrize("config", sorted(GAME_CONFIGS))
+def test_game_configs_are_their_ct_config_plus_the_game_recipe(repo_root, monkeypatch, config):
+    monkeypatch.chdir(repo_root)
+    game, ct = dict(resolved_config(config).items()), dict(resolved_config(GAME_CONFIGS[config]).items())
+    changed = {key for key in set(game) | set(ct) if game.get(key) != ct.get(key)} - {"config"}
+    recipe = {f"model.init_args.{key}" for key in GAME_RECIPE}
+    run = {"run_dir", "trainer.logger.init_args.name"}
+    fast = {"trainer.precision", "model.init_args.channels_last"} if config.startswith("embedded") else set()
+    assert changed == recipe | run | fast
+    assert {key: game[f"model.init_args.{key}"] for key in GAME_RECIPE} == GAME_RECIPE
+    assert game["model.init_args.mode"] == "ct" and game["trainer.precision"] == "bf16-mixed"
+    assert game["model.init_args.channels_last"] is True
+    assert game["run_dir"].endswith("_game") and game["trainer.logger.init_args.name"] == config
+
+
+def test_embedded_game_config_builds_the_game_predictor(repo_root, monkeypatch, tiny_blackbox_path, scenes):
+    """The config's model arguments build a predictor that plays the game alone and records predictor_game."""
+    monkeypatch.chdir(repo_root)
+    cfg = resolved_config("embedded_predictor_game")
+    assert cfg.model.class_path == "lightning_modules.mask_predictor.MaskPredictor"
+    kwargs = {k: v for k, v in cfg.model.init_args.as_dict().items() if k not in ("blackbox", "filter_checkpoint")}
+    model = predictor(tiny_blackbox_path, **kwargs)
+    assert model.explainer_name() == "predictor_game" != predictor(tiny_blackbox_path).explainer_name()
+    assert model.weights["ce_weight"] == 0.0 and model.hparams.game_fraction_power == 3.0
+    assert model.hparams.h == 5.0 and model.hparams.channels_last  # the embedded CT recipe's h, and FAST
+    images, index = scenes["image"], scenes["index"]
+    with torch.no_grad():
+        features, logits = model.blackbox.features_and_logits(images)
+    loss, terms, _ = model.compute_loss(images, features, logits.argmax(1), index, 0)
+    assert set(terms) == {"game_deletion", "game_insertion"} and torch.isfinite(loss)  # no CE term, no preserved pass
 
 
 @pytest.fixture(scope="module")
