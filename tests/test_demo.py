@@ -8,18 +8,13 @@ import re
 import shlex
 import subprocess
 import sys
-import warnings
+import unittest.mock
 
 import pytest
-import pytorch_lightning as pl
-import torch
-from torch.utils.data import DataLoader
 
 import demo
 import evaluate
-from core.blackbox import BlackBox
-from datamodules import ClutteredFashionMNIST, collate_samples
-from lightning_modules.mask_predictor import MaskPredictor
+import train
 from tests.conftest import subprocess_env
 
 TINY_DATA = ("--data.init_args.image_size=32 --data.init_args.batch_size=8 --data.init_args.num_workers=0 "
@@ -38,42 +33,40 @@ def run_demo(repo_root, out, blackbox, game):
 
 
 @pytest.fixture
-def tiny_game_checkpoint(tiny_blackbox_path, tmp_path_factory):
-    """A predictor_game checkpoint on the tiny black box, as train.py writes it (one step of the game at 32 px):
-    the committed assets/embedded_predictor_game.ckpt's stand-in, which only fits the committed black box."""
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # untrained filter
-        model = MaskPredictor(blackbox=BlackBox(f"ckpt:{tiny_blackbox_path}"), filter_checkpoint=None, mode="ct",
-                              method="predictor_game", ce_weight=0.0, deletion_weight=1.0, insertion_weight=1.0)
-    scenes = ClutteredFashionMNIST("train", 32, num_scenes=4)
-    trainer = pl.Trainer(max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
-                         default_root_dir=tmp_path_factory.mktemp("game"))
-    trainer.fit(model, DataLoader([scenes[i] for i in range(4)], batch_size=4, collate_fn=collate_samples))
-    path = tmp_path_factory.mktemp("game") / "game.ckpt"
-    trainer.save_checkpoint(path)
-    return path
+def tiny_game_checkpoint(repo_root, tiny_blackbox_path, tmp_path, monkeypatch):
+    """A predictor_game checkpoint on the tiny black box, written by train.py itself (in this process, at the
+    demo test's tiny settings): the stand-in of assets/embedded_predictor_game.ckpt, which only fits the committed
+    black box. train.py records the resolved model config in it, which ``train.py test --ckpt_path`` reads back.
+    CSV logging: no W&B run is left behind in this process."""
+    run_dir = tmp_path / "game_run"
+    monkeypatch.chdir(repo_root)
+    with unittest.mock.patch.object(sys, "argv", ["train.py"]):
+        train.main(["fit", "--config", "configs/experiment/embedded_predictor_game.yaml", f"--run_dir={run_dir}",
+                    f"--model.init_args.blackbox.init_args.model=ckpt:{tiny_blackbox_path}",
+                    "--model.init_args.filter_checkpoint=null", *shlex.split(TRAIN),
+                    "--trainer.logger=configs/logger/csv.yaml", f"--trainer.logger.init_args.save_dir={run_dir}"])
+    return run_dir / "checkpoints" / "last.ckpt"
 
 
 @pytest.mark.slow
 def test_demo_runs_every_stage_and_reuses_them(repo_root, tmp_path, tiny_blackbox_path, tiny_game_checkpoint):
     assert shlex.split(EVALUATE)  # quoting stays valid for the subprocess
-    proc = run_demo(repo_root, tmp_path, tiny_blackbox_path, tiny_game_checkpoint)
+    out = tmp_path / "demo"
+    proc = run_demo(repo_root, out, tiny_blackbox_path, tiny_game_checkpoint)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for stage in ("classifier", "filter", "predictor_ct", "predictor_bt", "mgnet", "predictor_game"):
-        assert (tmp_path / stage / "test_metrics.json").is_file(), stage
-    assert not (tmp_path / "predictor_game" / "checkpoints").exists()  # tested, not trained
+        assert (out / stage / "test_metrics.json").is_file(), stage
+    assert not (out / "predictor_game" / "checkpoints").exists()  # tested, not trained
     assert f"--ckpt_path={tiny_game_checkpoint}" in proc.stdout
-    results = json.loads((tmp_path / "evaluation" / "results.json").read_text())
+    results = json.loads((out / "evaluation" / "results.json").read_text())
     assert set(results["methods"]) == {"rise", "gradient", "predictor_ct", "predictor_bt", "mgnet",
                                        "predictor_ct_posthoc", "predictor_game"}
     assert all(stats["images"] == 4 for stats in results["methods"].values())
-    timings = json.loads((tmp_path / "timings.json").read_text())
+    timings = json.loads((out / "timings.json").read_text())
     assert set(timings) == {"classifier", "filter", "predictor_ct", "predictor_bt", "mgnet", "predictor_game",
                             "evaluation"}
 
-    again = run_demo(repo_root, tmp_path, tiny_blackbox_path, tiny_game_checkpoint)
+    again = run_demo(repo_root, out, tiny_blackbox_path, tiny_game_checkpoint)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("finished earlier, reusing") == 5  # filter and the four predictors
     assert "train.py" not in again.stdout  # no training or testing ran again
