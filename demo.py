@@ -52,13 +52,15 @@ def best_checkpoint(run_dir: Path) -> Path:
 
 def train_stage(config: str, run_dir: Path, extra: list[str] = (), checkpoint: Path | None = None) -> dict:
     """fit (resuming from last.ckpt when interrupted), then test the best checkpoint; with ``checkpoint`` (a
-    committed one) only test that; reuse a finished stage.
+    committed one) only test that. A finished stage is reused; to be trained, it must have been trained (a folder
+    that only tested a committed checkpoint is trained now).
     ``extra``: train.py arguments after the config (stage inputs, then the user's --train_args)."""
-    if (run_dir / "test_metrics.json").is_file():
+    trained = (run_dir / "fit_metrics.json").is_file()
+    if (run_dir / "test_metrics.json").is_file() and (checkpoint is not None or trained):
         print(f"[demo] {run_dir.name}: finished earlier, reusing {run_dir}")
     else:
         base = ["--config", config, f"--run_dir={run_dir}", *extra]
-        if checkpoint is None and not (run_dir / "fit_metrics.json").is_file():
+        if checkpoint is None and not trained:
             resume = ["--ckpt_path=last"] if (run_dir / "checkpoints" / "last.ckpt").is_file() else []
             _call([sys.executable, "train.py", "fit", *base, *resume])
         _call([sys.executable, "train.py", "test", *base, f"--ckpt_path={checkpoint or best_checkpoint(run_dir)}"])
@@ -150,9 +152,13 @@ def main(argv: list[str] | None = None) -> None:
     predictors = {}
     for name, config in PREDICTOR_CONFIGS.items():
         run_dir = args.out / name
+        checkpoint = committed.get(name)
+        if checkpoint is not None and (run_dir / "fit_metrics.json").is_file():
+            print(f"[demo] {name}: trained earlier into {run_dir} (--train_game), reusing that instead of {checkpoint}")
+            checkpoint = None
         timed(name, train_stage, config, run_dir,
-              [blackbox, f"--model.init_args.filter_checkpoint={filter_ckpt}", *overrides], committed.get(name))
-        predictors[name] = committed.get(name) or best_checkpoint(run_dir)
+              [blackbox, f"--model.init_args.filter_checkpoint={filter_ckpt}", *overrides], checkpoint)
+        predictors[name] = checkpoint or best_checkpoint(run_dir)
 
     evaluation = args.out / "evaluation"
     extra = [] if args.num_images is None else [f"--num_images={args.num_images}"]

@@ -9,6 +9,7 @@ import shlex
 import subprocess
 import sys
 import unittest.mock
+from pathlib import Path
 
 import pytest
 
@@ -114,3 +115,27 @@ def test_the_committed_game_checkpoint_loads_and_scores_as_documented(repo_root,
     assert stats["images"] == 8 and stats["forwards_per_image"] == 1.0
     for key, value in documented_scores(repo_root).items():
         assert stats[key] == pytest.approx(value, abs=2e-3), key
+
+
+def test_a_stage_switches_between_the_committed_checkpoint_and_training(tmp_path, monkeypatch):
+    """demo.train_stage: a finished stage is reused, but a folder that only tested a committed checkpoint is
+    trained when training is asked for (e.g. --train_game after a default run into the same --out)."""
+    calls = []
+
+    def fake_call(cmd):
+        calls.append(cmd[2])  # fit / test
+        run_dir = Path(next(a for a in cmd if a.startswith("--run_dir=")).split("=", 1)[1])
+        (run_dir / f"{cmd[2]}_metrics.json").write_text("{}")
+
+    monkeypatch.setattr(demo, "_call", fake_call)
+    run_dir = tmp_path / "predictor_game"
+    run_dir.mkdir()
+    committed = tmp_path / "committed.ckpt"
+    demo.train_stage("game.yaml", run_dir, [], committed)
+    assert calls == ["test"]  # the committed checkpoint: tested, not trained
+    demo.train_stage("game.yaml", run_dir, [], committed)
+    assert calls == ["test"]  # reused
+    demo.train_stage("game.yaml", run_dir, [])
+    assert calls == ["test", "fit", "test"]  # training asked for: that folder had only tested
+    demo.train_stage("game.yaml", run_dir, [])
+    assert calls == ["test", "fit", "test"]  # reused
