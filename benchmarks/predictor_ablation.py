@@ -24,6 +24,8 @@ so an interrupted ablation resumes. Prints:
 Variants (the demo recipe: 2 epochs x 150 batches of 128 = 300 steps, lr 1e-2 halved every epoch; every
 variant trains with bf16 autocast and channels-last, see ``FAST``):
   ct, bt, mgnet              the demo configs as they are
+  game                       the shipped winner as it is: embedded_predictor_game.yaml (ct_pgame_only_fp3 under its
+                             own method name, predictor_game); its claims run is ``--split test --variants game``
   ct_fp32, ct_game_fp32      ct and ct_game trained in float32 (without ``FAST``): is bf16 training faithful?
   ct_game                    CT + the deletion and insertion game (weights 1; deletion into the mean colour,
                              insertion into the training blur; see lightning_modules/mask_predictor.py), the soft
@@ -68,7 +70,8 @@ sys.path.insert(0, str(ROOT))
 
 from metrics.report import paired_difference  # noqa: E402
 
-CONFIGS = {"ct": "embedded_predictor_ct.yaml", "bt": "embedded_predictor_bt.yaml", "mgnet": "embedded_mgnet.yaml"}
+CONFIGS = {"ct": "embedded_predictor_ct.yaml", "bt": "embedded_predictor_bt.yaml", "mgnet": "embedded_mgnet.yaml",
+           "game": "embedded_predictor_game.yaml"}
 GAME = ["--model.init_args.deletion_weight=1.0", "--model.init_args.insertion_weight=1.0"]
 MIXED_SUBSTRATES = ["--model.init_args.deletion_substrates=[mean, strong_blur, random]",
                     "--model.init_args.insertion_substrates=[blur, strong_blur, random]"]
@@ -91,6 +94,7 @@ VARIANTS = {
     "ct_game_fp32": ("ct", GAME),
     "bt": ("bt", []),
     "mgnet": ("mgnet", []),
+    "game": ("game", []),
     "ct_game": ("ct", GAME),
     "ct_gamem": ("ct", [*GAME, *ON_MASK]),
     "ct_gamem_subs": ("ct", [*GAME, *ON_MASK, *MIXED_SUBSTRATES]),

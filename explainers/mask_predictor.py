@@ -3,8 +3,10 @@
 ``explainers.build(name, blackbox, checkpoint=PATH)`` rebuilds a predictor trained by
 :class:`lightning_modules.mask_predictor.MaskPredictor` from the checkpoint's ``"explainer"`` record with
 ``torch.load(weights_only=True)``: ``predictor_ct``, ``predictor_bt``, ``mgnet`` (the controller must be
-the checkpoint's) and ``predictor_ct_posthoc`` (CT with post-hoc tuning, from a CT checkpoint), so one
-training run gives both ``predictor_ct`` and ``predictor_ct_posthoc``. The checkpoint does not hold the
+the checkpoint's), ``predictor_ct_posthoc`` (CT with post-hoc tuning, from a CT checkpoint), so one
+training run gives both ``predictor_ct`` and ``predictor_ct_posthoc``, and ``predictor_game`` (a CT network
+trained by the deletion/insertion game: the same explainer as ``predictor_ct`` under the name its training
+recipe records, so that both can be evaluated side by side from their checkpoints). The checkpoint does not hold the
 black box's weights, only its config: the caller passes the black box, or None to rebuild the recorded one.
 The networks come from :mod:`networks` (plain ``nn.Module``s), never from the LightningModule.
 
@@ -183,7 +185,16 @@ class MGNet(MaskPredictorExplainer):
     controller = "none"
 
 
+@register("predictor_game")
+class PredictorGame(PredictorCT):
+    """The CT predictor trained by the deletion/insertion game alone (configs/experiment/embedded_predictor_game.yaml,
+    the winner of benchmarks/predictor_ablation.py): at inference the same network and controller as
+    ``predictor_ct``; its own name is what its checkpoints record (``MaskPredictor(method="predictor_game")``)."""
+
+
 _CLASSES = {(cls.controller, cls.posthoc): cls for cls in (PredictorCT, PredictorCTPosthoc, PredictorBT, MGNet)}
+# Registered predictors a training recipe may record as its own name (MaskPredictor's ``method``), by name.
+RECIPES = {cls.name: cls for cls in (PredictorCT, PredictorBT, MGNet, PredictorGame)}
 
 
 def predictor_class(controller: str, posthoc: bool = False) -> type[MaskPredictorExplainer]:
@@ -199,6 +210,17 @@ def predictor_class(controller: str, posthoc: bool = False) -> type[MaskPredicto
 def explainer_name(controller: str, posthoc: bool = False) -> str:
     """Registry name of a predictor: ``predictor_ct`` / ``predictor_bt`` / ``mgnet`` / ``predictor_ct_posthoc``."""
     return predictor_class(controller, posthoc).name
+
+
+def recipe_class(method: str, controller: str) -> type[MaskPredictorExplainer]:
+    """The registered predictor a training recipe names as its method (``predictor_game``...); it must explain
+    with ``controller``, the recipe's (post-hoc tuning is an inference option, never a recipe's name)."""
+    cls = RECIPES.get(method)
+    if cls is None or cls.controller != controller:
+        fitting = sorted(name for name, c in RECIPES.items() if c.controller == controller)
+        raise ValueError(f"method {method!r} is not a registered predictor with the {controller!r} controller; "
+                         f"choose one of {fitting}")
+    return cls
 
 
 def _check_fit(net, blackbox, where: str) -> None:

@@ -67,7 +67,7 @@ from torch import Tensor
 from core.blackbox import BlackBox
 from core.perturbation import NOISE_STD, gaussian_blur, make_substrate, perturb, random_colour_noise, scaled_blur
 from core.seeding import derive_seeds, per_image_uniforms
-from explainers.mask_predictor import EXPLAINER_FORMAT, MaskPredictorExplainer, explainer_name, predictor_class
+from explainers.mask_predictor import EXPLAINER_FORMAT, MaskPredictorExplainer, predictor_class, recipe_class
 from lightning_modules.feature_filter import STREAM_SUBSTRATE, FrozenBlackBoxModule
 from lightning_modules.teacher import load_teacher_maps, rank_targets
 from metrics import TARGET_RULES, CausalProtocol
@@ -213,6 +213,11 @@ class MaskPredictor(FrozenBlackBoxModule):
         channels_last: see :class:`FrozenBlackBoxModule`.
         posthoc, posthoc_points, filter_bias: inference options of :meth:`as_explainer` and of the
             explainer rebuilt from checkpoints (post-hoc tuning; the filter's confidence bias b).
+        method: the registry name this training recipe records in its checkpoints and explains as (None: the
+            mode's, ``predictor_ct`` / ``predictor_bt`` / ``mgnet``); a registered predictor with the mode's
+            controller, e.g. ``predictor_game`` for CT trained by the game, so that two recipes of one
+            controller are two methods side by side in an evaluation. With ``posthoc`` the explainer is the
+            controller's post-hoc one (``predictor_ct_posthoc``) whatever the method.
         histogram_bins: bins of the mask histogram (:attr:`mask_distribution`).
     """
 
@@ -260,6 +265,7 @@ class MaskPredictor(FrozenBlackBoxModule):
         posthoc: bool = False,
         posthoc_points: int = 32,
         filter_bias: float = 0.0,
+        method: str | None = None,
         histogram_bins: int = 50,
     ):
         super().__init__()
@@ -281,6 +287,8 @@ class MaskPredictor(FrozenBlackBoxModule):
         unknown = sorted(set(game_protocols) - set(GAME_PROTOCOLS))
         if unknown:
             raise ValueError(f"game_protocols must be presets of {GAME_PROTOCOLS}, got {list(game_protocols)}")
+        if method is not None:
+            recipe_class(method, MODES[mode])  # refuses a name that is not a predictor of this controller
         if deletion_weight < 0 or insertion_weight < 0 or game_temperature <= 0 or game_fraction_power <= 0:
             raise ValueError(f"the game needs weights >= 0, game_temperature > 0 and game_fraction_power > 0, got "
                              f"{deletion_weight}, {insertion_weight}, {game_temperature}, {game_fraction_power}")
@@ -518,14 +526,19 @@ class MaskPredictor(FrozenBlackBoxModule):
         return {"posthoc": bool(hp.posthoc), "posthoc_points": int(hp.posthoc_points),
                 "filter_bias": float(hp.filter_bias)}
 
+    def explainer_class(self, posthoc: bool) -> type[MaskPredictorExplainer]:
+        """The registered explainer of this predictor: the recipe's ``method``, else the controller's."""
+        controller, method = MODES[self.hparams.mode], self.hparams.method
+        return recipe_class(method, controller) if method and not posthoc else predictor_class(controller, posthoc)
+
     def explainer_name(self) -> str:
-        return explainer_name(MODES[self.hparams.mode], self.hparams.posthoc)
+        return self.explainer_class(self.hparams.posthoc).name
 
     def as_explainer(self, **overrides) -> MaskPredictorExplainer:
         """This predictor (live weights) behind the explainer contract; ``overrides`` change the inference
         options (``posthoc``, ``posthoc_points``, ``filter_bias``, ``max_forward_batch``...)."""
         options = {**self.inference_options(), **overrides}
-        cls = predictor_class(MODES[self.hparams.mode], options.pop("posthoc", False))
+        cls = self.explainer_class(options.pop("posthoc", False))
         return cls(self.blackbox, self.net, **options)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -94,9 +94,13 @@ def test_two_process_ddp_on_cpu(repo_root, tmp_path):
 
 
 def checkpoint_callbacks(path, entries=None):
-    """Every ModelCheckpoint's init_args in a config's trainer.callbacks (following file references)."""
+    """Every ModelCheckpoint's init_args in a config's trainer.callbacks (following file references, and the
+    config a file includes with ``config:`` when it sets no callbacks of its own)."""
     if entries is None:
-        entries = ((yaml.safe_load(path.read_text()) or {}).get("trainer") or {}).get("callbacks") or []
+        cfg = yaml.safe_load(path.read_text()) or {}
+        entries = (cfg.get("trainer") or {}).get("callbacks") or cfg.get("trainer.callbacks") or []
+        if not entries and "config" in cfg:
+            return checkpoint_callbacks(path.parent / cfg["config"])
     if isinstance(entries, str):
         return checkpoint_callbacks(path.parent / entries, yaml.safe_load((path.parent / entries).read_text()))
     if isinstance(entries, dict):
@@ -111,8 +115,13 @@ def checkpoint_callbacks(path, entries=None):
     return found
 
 
+def trains_a_model(path) -> bool:
+    """A train.py experiment: it sets a model, as a block or as dotted keys over a config it includes."""
+    return any(str(key) == "model" or str(key).startswith("model.") for key in yaml.safe_load(path.read_text()) or {})
+
+
 @pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs" / "experiment").glob("*.yaml")
-                                          if "model" in (yaml.safe_load(p.read_text()) or {})))
+                                          if trains_a_model(p)))
 def test_every_training_config_refreshes_last_ckpt_unconditionally(config):
     """A monitored ModelCheckpoint writes last.ckpt only when the metric improves (a stale last.ckpt); every
     training config needs an unmonitored one with save_last, and no monitored one may write last.ckpt."""

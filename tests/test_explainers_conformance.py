@@ -44,9 +44,11 @@ FAST_HPARAMS = {
     "predictor_ct_posthoc": {"posthoc_points": 5},
     "predictor_bt": {},
     "mgnet": {},
+    "predictor_game": {},
 }
 # The checkpoint (of a MaskPredictor mode) each trained method is built from.
-TRAINED_FROM = {"predictor_ct": "ct", "predictor_ct_posthoc": "ct", "predictor_bt": "bt", "mgnet": "mgnet"}
+TRAINED_FROM = {"predictor_ct": "ct", "predictor_ct_posthoc": "ct", "predictor_bt": "bt", "mgnet": "mgnet",
+                "predictor_game": "ct"}
 COMMON = {"max_forward_batch": 12, "seed": 3}
 # Exact black-box passes per image at FAST_HPARAMS: (forwards, backwards).
 COST_PER_IMAGE = {
@@ -63,6 +65,7 @@ COST_PER_IMAGE = {
     "predictor_ct": (1, 0),
     "predictor_bt": (1, 0),
     "mgnet": (1, 0),
+    "predictor_game": (1, 0),
     "predictor_ct_posthoc": (1 + 5 + 1, 0),  # the feature pass + posthoc_points + 1 measured ranks
 }
 # Batch vs single calls agree to atol = BATCH_ATOL x the map's largest value (default 1e-5). Post-hoc tuning
@@ -250,7 +253,7 @@ def test_clear_errors_on_bad_input(name, make, batch):
 def test_registry_names_classes_and_errors(make, blackbox, checkpoints):
     assert NAMES == sorted(NAMES) and {"rise", "gradient", "smoothgrad", "integrated_gradients", "gradcam",
                                       "gradcam_pp", "igos_pp", "igos", "iassa", "predictor_ct", "predictor_ct_posthoc",
-                                      "predictor_bt", "mgnet"} <= set(NAMES)
+                                      "predictor_bt", "mgnet", "predictor_game"} <= set(NAMES)
     for name in NAMES:
         explainer = make(name)
         assert isinstance(explainer, explainers.Explainer) and explainer.name == name

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import unittest.mock
 import warnings
 
 import pytest
@@ -423,6 +424,33 @@ def test_checkpoint_round_trip_through_the_registry(tiny_blackbox_path, scenes, 
             torch.testing.assert_close(resumed.net.state_dict()[key], value)
 
 
+def test_a_recipe_records_its_own_method_name(tiny_blackbox_path, scenes, tmp_path):
+    """MaskPredictor(method=...): the game recipe's checkpoints record and explain as predictor_game, a method
+    distinct from predictor_ct (same network and controller, so the two maps of one checkpoint agree)."""
+    model = predictor(tiny_blackbox_path, "ct", method="predictor_game", ce_weight=0.0, deletion_weight=1.0,
+                      insertion_weight=1.0)
+    assert model.explainer_name() == "predictor_game" and model.as_explainer().name == "predictor_game"
+    assert model.as_explainer(posthoc=True).name == "predictor_ct_posthoc"  # post-hoc tuning: the controller's
+    trainer = _fit_briefly(model, scenes, tmp_path, steps=1)
+    path = tmp_path / "game.ckpt"
+    trainer.save_checkpoint(path)
+    assert explainers.recorded_name(str(path)) == "predictor_game"
+    assert torch.load(path, weights_only=True)["hyper_parameters"]["method"] == "predictor_game"
+    blackbox = BlackBox(f"ckpt:{tiny_blackbox_path}")
+    game = explainers.build("predictor_game", blackbox, checkpoint=str(path))
+    as_ct = explainers.build("predictor_ct", blackbox, checkpoint=str(path))  # evaluate.py predictor_ct=PATH
+    assert (game.name, as_ct.name) == ("predictor_game", "predictor_ct")
+    images, index = scenes["image"], scenes["index"]
+    targets = blackbox.logits(images).argmax(1)
+    torch.testing.assert_close(game(images, targets, index), as_ct(images, targets, index))
+    assert predictor(tiny_blackbox_path, "ct").explainer_name() == "predictor_ct"  # no method: the controller's
+    with pytest.raises(ValueError, match="'bt' controller; choose one of \\['predictor_bt'\\]"):
+        predictor(tiny_blackbox_path, "bt", method="predictor_game")
+    for wrong in ("rise", "predictor_ct_posthoc"):
+        with pytest.raises(ValueError, match=f"method '{wrong}' is not a registered predictor"):
+            predictor(tiny_blackbox_path, "ct", method=wrong)
+
+
 def test_a_checkpoint_for_another_black_box_is_refused(tiny_blackbox_path, scenes, tmp_path):
     model = predictor(tiny_blackbox_path)
     trainer = _fit_briefly(model, scenes, tmp_path, steps=1)
@@ -437,7 +465,7 @@ def test_a_checkpoint_for_another_black_box_is_refused(tiny_blackbox_path, scene
 
 IMAGENET_CONFIGS = ["imagenet_resnet50_filter", "imagenet_resnet50_ct", "imagenet_resnet50_bt", "imagenet_resnet50_mgnet",
                     "imagenet_vgg19_ct", "imagenet_googlenet_ct"]
-EMBEDDED_PREDICTORS = ["embedded_predictor_ct", "embedded_predictor_bt", "embedded_mgnet"]
+EMBEDDED_PREDICTORS = ["embedded_predictor_ct", "embedded_predictor_bt", "embedded_mgnet", "embedded_predictor_game"]
 CPU = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto"]
 
 
@@ -507,6 +535,65 @@ def test_fast_dev_run_of_every_imagenet_config(repo_root, imagenet_export, tmp_p
         if not config.endswith("filter"):
             assert (run_dir / "eval" / "val_mask_histogram_epoch000.png").is_file(), config
             assert (run_dir / "eval" / "val_epoch000_overlays.png").is_file(), config
+
+
+# The game recipe (benchmarks/predictor_ablation.py's winner ct_pgame_only_fp3) on top of each CT config; the
+# embedded one also sets how the ablation trained it (bf16 autocast, channels-last), the ImageNet CT configs already do.
+GAME_RECIPE = {"method": "predictor_game", "ce_weight": 0.0, "deletion_weight": 1.0, "insertion_weight": 1.0,
+               "game_protocols": ["rise", "igos"], "game_fraction_power": 3.0}
+GAME_CONFIGS = {"embedded_predictor_game": "embedded_predictor_ct", "imagenet_resnet50_game": "imagenet_resnet50_ct",
+                "imagenet_vgg19_game": "imagenet_vgg19_ct", "imagenet_googlenet_game": "imagenet_googlenet_ct"}
+
+
+def resolved_config(name: str, *overrides: str):
+    """train.py's parse of configs/experiment/NAME.yaml (its ``config:`` include resolved), nothing instantiated."""
+    from cli_utils import SaliencyCLI
+
+    class ParseOnly(SaliencyCLI):
+        def _set_seed(self) -> None:  # seed_everything would reseed this test process
+            pass
+
+        def before_instantiate_classes(self) -> None:  # it would create the run folder
+            pass
+
+        def instantiate_classes(self) -> None:
+            pass
+
+    with unittest.mock.patch.object(sys, "argv", ["train.py"]):  # pytest's own arguments are not train.py's
+        return ParseOnly(subclass_mode_model=True, subclass_mode_data=True, run=False,
+                         args=["--config", f"configs/experiment/{name}.yaml", *overrides]).config
+
+
+@pytest.mark.parametrize("config", sorted(GAME_CONFIGS))
+def test_game_configs_are_their_ct_config_plus_the_game_recipe(repo_root, monkeypatch, config):
+    monkeypatch.chdir(repo_root)
+    game, ct = dict(resolved_config(config).items()), dict(resolved_config(GAME_CONFIGS[config]).items())
+    changed = {key for key in set(game) | set(ct) if game.get(key) != ct.get(key)} - {"config"}
+    recipe = {f"model.init_args.{key}" for key in GAME_RECIPE}
+    run = {"run_dir", "trainer.logger.init_args.name"}
+    fast = {"trainer.precision", "model.init_args.channels_last"} if config.startswith("embedded") else set()
+    assert changed == recipe | run | fast
+    assert {key: game[f"model.init_args.{key}"] for key in GAME_RECIPE} == GAME_RECIPE
+    assert game["model.init_args.mode"] == "ct" and game["trainer.precision"] == "bf16-mixed"
+    assert game["model.init_args.channels_last"] is True
+    assert game["run_dir"].endswith("_game") and game["trainer.logger.init_args.name"] == config
+
+
+def test_embedded_game_config_builds_the_game_predictor(repo_root, monkeypatch, tiny_blackbox_path, scenes):
+    """The config's model arguments build a predictor that plays the game alone and records predictor_game."""
+    monkeypatch.chdir(repo_root)
+    cfg = resolved_config("embedded_predictor_game")
+    assert cfg.model.class_path == "lightning_modules.mask_predictor.MaskPredictor"
+    kwargs = {k: v for k, v in cfg.model.init_args.as_dict().items() if k not in ("blackbox", "filter_checkpoint")}
+    model = predictor(tiny_blackbox_path, **kwargs)
+    assert model.explainer_name() == "predictor_game" != predictor(tiny_blackbox_path).explainer_name()
+    assert model.weights["ce_weight"] == 0.0 and model.hparams.game_fraction_power == 3.0
+    assert model.hparams.h == 5.0 and model.hparams.channels_last  # the embedded CT recipe's h, and FAST
+    images, index = scenes["image"], scenes["index"]
+    with torch.no_grad():
+        features, logits = model.blackbox.features_and_logits(images)
+    loss, terms, _ = model.compute_loss(images, features, logits.argmax(1), index, 0)
+    assert set(terms) == {"game_deletion", "game_insertion"} and torch.isfinite(loss)  # no CE term, no preserved pass
 
 
 @pytest.fixture(scope="module")
