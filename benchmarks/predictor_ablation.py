@@ -5,6 +5,7 @@ variant on the *test* split (``--split test``, several training seeds).
                                             [--baselines rise,igos_pp] [--curves ct_game_10x] [--out outputs/ablation]
     python benchmarks/predictor_ablation.py --split test --num_images 500 --variants ct_game --seeds 0,1,2 \
         --baselines rise,igos_pp --baseline_images igos_pp=100 --out outputs/claims/faithful
+    python benchmarks/predictor_ablation.py ... --data configs/data/embedded_hard.yaml --out outputs/claims/hard
 
 With several ``--seeds`` every variant is trained once per seed (``seed_everything``: initialisation and batch
 order; the predictor's ``draw_seed``: its per-image substrate and game draws), its row is the mean ± sd over seeds, and the paired intervals compare each seed and the seed-averaged
@@ -184,7 +185,7 @@ def evaluate(out: Path, preset: str, args, methods: str = "[]", hparams: str = "
              f"--method_hparams={hparams}", f"--settings.protocol={preset}", f"--num_images={num_images or args.num_images}",
              "--batch_size=25", f"--blackbox.init_args.precision={args.precision}",
              f"--ckpt=[{ckpt}]" if ckpt else "--ckpt=[]", f"--out={out}", "--wandb=false", "--overlay_images=8",
-             *extra])
+             *([f"--data={args.data}"] if args.data else []), *extra])
     return json.loads((ROOT / out / "results.json").read_text())
 
 
@@ -266,6 +267,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/ablation"))
     parser.add_argument("--filter", type=Path, default=Path("outputs/demo/filter/checkpoints/last.ckpt"))
     parser.add_argument("--blackbox", default="ckpt:assets/embedded_blackbox.pt")
+    parser.add_argument("--data", default=None,
+                        help="the scenes evaluated (a data config, e.g. configs/data/embedded_hard.yaml: other scenes "
+                             "and heavier clutter, to check that an ordering generalises); training always uses the "
+                             "embedded scenes. Default: the evaluation config's (configs/data/embedded.yaml)")
     parser.add_argument("--precision", default="32", choices=("32", "bf16", "auto"),
                         help="the black box's precision in every evaluation: float32 by default, so that results cached "
                              "before precision 'auto' became evaluate.py's default stay comparable")
