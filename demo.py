@@ -36,7 +36,7 @@ PREDICTOR_CONFIGS = {"predictor_ct": "configs/experiment/embedded_predictor_ct.y
                      "predictor_game": "configs/experiment/embedded_predictor_game.yaml"}
 EVALUATE_CONFIG = "configs/experiment/embedded_evaluate.yaml"
 COMMITTED_BLACKBOX = Path("assets/embedded_blackbox.pt")
-COMMITTED_GAME = Path("assets/embedded_predictor_game.ckpt")  # ~5.5 min of training the budget has no room for
+COMMITTED_GAME = Path("assets/embedded_predictor_game.ckpt")  # ~5.7 min of training the budget has no room for
 
 
 def _call(cmd: list[str]) -> None:
@@ -75,12 +75,16 @@ def game_checkpoint(checkpoint: Path, blackbox: Path) -> Path | None:
         ValueError: a ``checkpoint`` the user gave (not the committed one) is missing or records another black box.
     """
     if checkpoint.is_file():
-        recorded = (safe_load(checkpoint).get("explainer") or {}).get("blackbox") or {}
+        explainer = safe_load(checkpoint).get("explainer") or {}
+        recorded = explainer.get("blackbox") or {}
         spec = str((recorded.get("init_args") or {}).get("model", ""))
         kind, _, path = spec.partition(":")
-        if kind == "ckpt" and Path(path).resolve() == blackbox.resolve():
+        if explainer.get("name") != "predictor_game":  # another predictor would clash with the demo's own entry
+            problem = f"{checkpoint} is a {explainer.get('name') or 'non-explainer'} checkpoint, not a predictor_game one"
+        elif kind == "ckpt" and Path(path).resolve() == blackbox.resolve():
             return checkpoint
-        problem = f"{checkpoint} was trained on the black box {spec or '(none recorded)'}, not on {blackbox}"
+        else:
+            problem = f"{checkpoint} was trained on the black box {spec or '(none recorded)'}, not on {blackbox}"
     else:
         problem = f"no such file {checkpoint}"
     if checkpoint != COMMITTED_GAME:
@@ -119,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="predictor_game checkpoint to test and evaluate instead of training it (default: the "
                              "committed one, used when it records the demo's black box, else trained)")
     parser.add_argument("--train_game", action="store_true",
-                        help="train predictor_game (about 5.5 min on 2 cores) instead of using --game_checkpoint")
+                        help="train predictor_game (about 5.7 min on 2 cores) instead of using --game_checkpoint")
     parser.add_argument("--train_args", default="", help="extra train.py arguments for every stage (quoted)")
     parser.add_argument("--evaluate_args", default="", help="extra evaluate.py arguments (quoted)")
     args = parser.parse_args(argv)

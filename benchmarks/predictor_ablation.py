@@ -5,7 +5,7 @@ variant on the *test* split (``--split test``, several training seeds).
                                             [--baselines rise,igos_pp] [--curves ct_game_10x] [--out outputs/ablation]
     python benchmarks/predictor_ablation.py --split test --num_images 500 --variants ct_game --seeds 0,1,2 \
         --baselines rise,igos_pp --baseline_images igos_pp=100 --out outputs/claims/faithful
-    python benchmarks/predictor_ablation.py ... --data configs/data/embedded_hard.yaml --out outputs/claims/hard
+    python benchmarks/predictor_ablation.py ... --data configs/data/embedded_hard.yaml   (folders *_embedded_hard)
 
 With several ``--seeds`` every variant is trained once per seed (``seed_everything``: initialisation and batch
 order; the predictor's ``draw_seed``: its per-image substrate and game draws), its row is the mean ± sd over seeds, and the paired intervals compare each seed and the seed-averaged
@@ -294,8 +294,10 @@ def main() -> None:
         parser.error(f"--filter {args.filter} not found: run make demo (its filter stage) first")
 
     table, folders, split = {}, {}, args.split
+    # results are reused by folder: scenes other than the embedded ones get their own folders (the training is shared)
+    scenes = f"_{Path(args.data).stem}" if args.data else ""
     for baseline in baselines:
-        folders[baseline] = {p: args.out / "baselines" / f"{baseline}_{p}" for p in presets}
+        folders[baseline] = {p: args.out / "baselines" / f"{baseline}_{p}{scenes}" for p in presets}
         first = folders[baseline][presets[0]]
         for preset, folder in folders[baseline].items():  # the maps are made once, then scored per preset
             extra = ("--save_maps=true",) if folder == first else (f"--maps_from={first}",)
@@ -307,7 +309,7 @@ def main() -> None:
         runs[name] = []
         for seed in seeds:
             run_dir = train(name, args.out, args.filter, args.blackbox, seed)
-            evaluations = {p: run_dir / f"{split}_{p}" for p in presets}
+            evaluations = {p: run_dir / f"{split}_{p}{scenes}" for p in presets}
             for preset, folder in evaluations.items():
                 evaluate(folder, preset, args, ckpt=run_dir / "checkpoints" / "last.ckpt")
             fit = json.loads((ROOT / run_dir / "fit_metrics.json").read_text())

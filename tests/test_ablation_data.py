@@ -14,26 +14,10 @@ from benchmarks import predictor_ablation  # noqa: E402
 from datamodules.scenes import Clutter  # noqa: E402
 
 
-def evaluate_command(tmp_path, monkeypatch, data):
-    commands = []
-    monkeypatch.setattr(predictor_ablation, "run", commands.append)
-    monkeypatch.setattr(predictor_ablation, "ROOT", tmp_path)
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "results.json").write_text("{}")  # run() is captured: evaluate() reads what it would write
-    args = argparse.Namespace(blackbox="ckpt:bb.pt", split="test", num_images=4, precision="auto", data=data)
-    predictor_ablation.evaluate(Path("out"), "igos", args)
-    return commands
-
-
-def test_results_are_reused_without_running(tmp_path, monkeypatch):
-    assert evaluate_command(tmp_path, monkeypatch, None) == []
-
-
-def test_data_option_reaches_evaluate(tmp_path, monkeypatch):
-    commands = []
-    monkeypatch.setattr(predictor_ablation, "run", commands.append)
-    monkeypatch.setattr(predictor_ablation, "ROOT", tmp_path)
-    out = tmp_path / "out"
+def evaluate_commands(tmp_path, monkeypatch, datas) -> list[list[str]]:
+    """The evaluate.py command lines predictor_ablation.evaluate runs into one folder, once per --data value (the
+    command is captured; a fake results.json stands for what it would write)."""
+    commands, out = [], tmp_path / "out"
 
     def fake_run(cmd):
         commands.append(cmd)
@@ -41,12 +25,17 @@ def test_data_option_reaches_evaluate(tmp_path, monkeypatch):
         (out / "results.json").write_text("{}")
 
     monkeypatch.setattr(predictor_ablation, "run", fake_run)
-    for data in (None, "configs/data/embedded_hard.yaml"):
-        if (out / "results.json").exists():
-            (out / "results.json").unlink()
+    monkeypatch.setattr(predictor_ablation, "ROOT", tmp_path)
+    for data in datas:
+        (out / "results.json").unlink(missing_ok=True)
         args = argparse.Namespace(blackbox="ckpt:bb.pt", split="test", num_images=4, precision="auto", data=data)
         predictor_ablation.evaluate(Path("out"), "igos", args)
-    default, hard = commands
+    predictor_ablation.evaluate(Path("out"), "igos", args)  # a finished evaluation is reused, not run again
+    return commands
+
+
+def test_data_option_reaches_evaluate(tmp_path, monkeypatch):
+    default, hard = evaluate_commands(tmp_path, monkeypatch, [None, "configs/data/embedded_hard.yaml"])
     assert not any(c.startswith("--data") for c in default)
     assert "--data=configs/data/embedded_hard.yaml" in hard
     assert "--settings.protocol=igos" in hard and "--num_images=4" in hard
@@ -60,5 +49,18 @@ def test_hard_scenes_are_other_scenes_with_heavier_clutter():
     assert heavy.distractors > default.distractors
     assert heavy.distractor_opacity[0] > default.distractor_opacity[0]
     assert heavy.texture_strength > default.texture_strength
-    # everything else a scene is made of stays: same canvas and split sizes
-    assert {k: v for k, v in hard.items() if k not in ("seed", "clutter")} == {k: v for k, v in base.items() if k != "seed"}
+    # the rest of what a scene is made of stays: canvas and split sizes
+    assert ({k: v for k, v in hard.items() if k not in ("seed", "clutter")}
+            == {k: v for k, v in base.items() if k != "seed"})
+
+
+def test_hard_scenes_parse_as_evaluate_reads_them(monkeypatch):
+    """The config goes through evaluate.py's own parser into the data module's clutter (nothing is loaded)."""
+    import evaluate
+
+    monkeypatch.chdir(ROOT)
+    cfg = evaluate.build_parser().parse_args(["--config", "configs/experiment/embedded_evaluate.yaml",
+                                              "--data", "configs/data/embedded_hard.yaml"])
+    init = cfg.data.init_args
+    assert init.seed == 1
+    assert init.clutter.distractors == 4 and list(init.clutter.distractor_opacity) == [0.45, 0.7]

@@ -12,6 +12,7 @@ import unittest.mock
 from pathlib import Path
 
 import pytest
+import torch
 
 import demo
 import evaluate
@@ -80,12 +81,19 @@ def test_the_demo_trains_every_predictor_config_and_names_them_apart():
 
 def test_a_committed_game_checkpoint_stands_in_only_for_its_black_box(repo_root, monkeypatch, tmp_path,
                                                                       tiny_predictor_path, tiny_blackbox_path):
-    """demo.game_checkpoint: a checkpoint is tested instead of trained only with the black box it records; a
-    user's file that does not fit is an error, the committed one that does not fit is trained instead (None)."""
+    """demo.game_checkpoint: a checkpoint is tested instead of trained only when it is a predictor_game one of the
+    black box it records; a user's file that does not fit is an error, the committed one that does not fit is
+    trained instead (None)."""
     monkeypatch.chdir(repo_root)
-    assert demo.game_checkpoint(tiny_predictor_path, tiny_blackbox_path) == tiny_predictor_path
-    with pytest.raises(ValueError, match=f"was trained on the black box ckpt:{tiny_blackbox_path}, not on "):
-        demo.game_checkpoint(tiny_predictor_path, tmp_path / "other.pt")
+    game = tmp_path / "game.ckpt"  # the tiny predictor under the game's name: what a predictor_game fit records
+    ckpt = torch.load(tiny_predictor_path, map_location="cpu", weights_only=True)
+    ckpt["explainer"] = {**ckpt["explainer"], "name": "predictor_game"}
+    torch.save(ckpt, game)
+    assert demo.game_checkpoint(game, tiny_blackbox_path) == game
+    with pytest.raises(ValueError, match=re.escape(f"was trained on the black box ckpt:{tiny_blackbox_path}, not on ")):
+        demo.game_checkpoint(game, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="is a predictor_ct checkpoint, not a predictor_game one"):
+        demo.game_checkpoint(tiny_predictor_path, tiny_blackbox_path)
     with pytest.raises(ValueError, match="no such file"):
         demo.game_checkpoint(tmp_path / "missing.ckpt", tiny_blackbox_path)
     assert demo.game_checkpoint(demo.COMMITTED_GAME, tiny_blackbox_path) is None
