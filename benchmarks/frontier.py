@@ -89,7 +89,8 @@ SWEEP: dict[str, dict] = {
 }
 ONE_PASS = ("gradient", "gradcam")
 # The knobs a budget is named by in the table (values from the evaluation's recorded hyper-parameters).
-KNOBS = {"rise": ("n_masks",), "igos_pp": ("iterations", "ig_steps"), "igos": ("iterations", "ig_steps"),
+KNOBS = {"rise": ("n_masks",), "igos_pp": ("iterations", "ig_steps", "l2_size_exponent"),
+         "igos": ("iterations", "ig_steps", "l2_size_exponent"),
          "iassa": ("iterations", "stride"), "mpert": ("iterations",), "xpert": ("iterations",),
          "finv": ("inversion_iterations", "class_iterations"), "lime": ("n_samples",)}
 
