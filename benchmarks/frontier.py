@@ -89,10 +89,11 @@ SWEEP: dict[str, dict] = {
 }
 ONE_PASS = ("gradient", "gradcam")
 # The knobs a budget is named by in the table (values from the evaluation's recorded hyper-parameters).
-KNOBS = {"rise": ("n_masks",), "igos_pp": ("iterations", "ig_steps", "l2_size_exponent"),
-         "igos": ("iterations", "ig_steps", "l2_size_exponent"),
+KNOBS = {"rise": ("n_masks",), "igos_pp": ("iterations", "ig_steps"), "igos": ("iterations", "ig_steps"),
          "iassa": ("iterations", "stride"), "mpert": ("iterations",), "xpert": ("iterations",),
          "finv": ("inversion_iterations", "class_iterations"), "lime": ("n_samples",)}
+# Settings that are not budgets but may be swept beside them (--sweep): named in labels and the table when given.
+VARIANT_KEYS = ("l2_size_exponent",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +111,7 @@ def _label(method: str, hparams: dict, default: bool) -> str:
     if default:
         return f"{method}-default"
     parts = [f"{k}={hparams[k]:g}" if isinstance(hparams[k], float) else f"{k}={hparams[k]}"
-             for k in KNOBS.get(method, sorted(hparams)) if k in hparams]
+             for k in dict.fromkeys((*KNOBS.get(method, sorted(hparams)), *VARIANT_KEYS)) if k in hparams]
     return re.sub(r"[^A-Za-z0-9_.=-]", "_", "-".join([method, *parts]))
 
 
@@ -193,6 +194,7 @@ def recorded_hparams(setting: Setting, out: Path, preset: str) -> dict:
 def budget_text(setting: Setting, hparams: dict) -> str:
     knobs = KNOBS.get(setting.method, ())
     values = {k: hparams.get(k, setting.spec.get(k)) for k in knobs}
+    values.update({k: setting.spec[k] for k in VARIANT_KEYS if k in setting.spec})
     if not knobs:
         return "one pass" if not setting.spec.get("checkpoint") else "trained, one pass"
     return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
