@@ -92,8 +92,9 @@ ONE_PASS = ("gradient", "gradcam")
 KNOBS = {"rise": ("n_masks",), "igos_pp": ("iterations", "ig_steps"), "igos": ("iterations", "ig_steps"),
          "iassa": ("iterations", "stride"), "mpert": ("iterations",), "xpert": ("iterations",),
          "finv": ("inversion_iterations", "class_iterations"), "lime": ("n_samples",)}
-# Settings that are not budgets but may be swept beside them (--sweep): named in labels and the table when given.
-VARIANT_KEYS = ("l2_size_exponent",)
+# Settings that are not budgets but may be swept beside them (--sweep; e.g. iGOS++'s smoothness weight l2 on small
+# grids, README "iGOS++ on small grids"): named in labels and the table when given.
+VARIANT_KEYS = ("l2",)
 
 
 @dataclasses.dataclass(frozen=True)

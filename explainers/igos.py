@@ -75,12 +75,7 @@ max(2, round(r * side / 224)) cells per side when ``scale_with_image`` (the rule
 :meth:`metrics.CausalProtocol.igos`, so a 28 grid keeps 8 px cells: 8 x 8 at 64 px); "full" is one cell per
 pixel. ``scale_with_image=False`` takes r as an absolute number of cells. The blur (kernel 51, sigma 50 at
 224) is scaled by :func:`core.perturbation.scaled_blur` (15 / 14.3 at 64). L1 defaults to 1, or 10
-when the grid is the full image resolution (METHODS.md: 10 at r = 224). The smoothness weight: TV and BTV
-are means over neighbour pairs, so at a coarser grid the same object-sized mask has fewer, larger steps and
-costs more: a sharp edge (r / r') times, a smooth ramp (r / r')^2 times (beta = 2). ``l2_size_exponent`` e
-compensates: l2 * (side / 224)^e, with e = 0 (default) the released 224-px weight, e = 1 keeping a sharp edge's
-cost and e = 2 a smooth ramp's (e > 0 deviates from the released code, which only runs at 224 px; the value
-measured for the embedded 64-px scenes on the validation split is in the README, "iGOS++ on small grids").
+when the grid is the full image resolution (METHODS.md: 10 at r = 224).
 """
 
 from __future__ import annotations
@@ -186,7 +181,6 @@ class _Batch:
     generators: list  # one torch.Generator per image
     size: tuple[int, int]
     l1: float
-    l2: float  # the smoothness weight at this image size (l2_weight)
     weights: tuple[Tensor, Tensor] | None  # bilateral weights (iGOS++ with mix > 0)
 
 
@@ -202,7 +196,7 @@ class _IntegratedGradientOptimizedSaliency(Explainer):
                  ig_steps: int, l1: float | None, l2: float, noise_std: float | None, optimizer: str,
                  ls_alpha0: float, ls_shrink: float, ls_c: float, ls_min_alpha: float, nag_step: float | None,
                  blur_kernel: int, blur_sigma: float, model_grad_scale: float, converge_tol: float | None,
-                 converge_patience: int, l2_size_exponent: float, **common):
+                 converge_patience: int, **common):
         super().__init__(blackbox, **common)
         valid = resolution == FULL or (isinstance(resolution, int) and resolution >= 2)
         if isinstance(resolution, bool) or not valid:
@@ -240,9 +234,6 @@ class _IntegratedGradientOptimizedSaliency(Explainer):
         self.ig_steps = ig_steps
         self.l1 = None if l1 is None else float(l1)
         self.l2 = float(l2)
-        if not math.isfinite(l2_size_exponent) or l2_size_exponent < 0:
-            raise ValueError(f"l2_size_exponent must be a finite number >= 0, got {l2_size_exponent!r}")
-        self.l2_size_exponent = float(l2_size_exponent)
         self.noise_std = float(noise_std)
         self.optimizer = optimizer
         self.ls_alpha0 = float(ls_alpha0)
@@ -293,11 +284,6 @@ class _IntegratedGradientOptimizedSaliency(Explainer):
             return self.l1
         return 10.0 if tuple(grid) == tuple(size) else 1.0
 
-    def l2_weight(self, size: tuple[int, int]) -> float:
-        """The smoothness weight for an image of ``size``: l2 * (min(size) / 224) ** l2_size_exponent (module
-        docstring, "Small images"); l2 itself at 224 px or with the exponent 0."""
-        return self.l2 * (min(size) / REFERENCE_SIZE) ** self.l2_size_exponent
-
     # -- the method ---------------------------------------------------------------------------------
     def _prepare(self, images: Tensor, targets: Tensor, seeds: Tensor) -> _Batch:
         """The per-call constants: baseline blur, one generator per image, L1 weight, bilateral weights."""
@@ -306,7 +292,7 @@ class _IntegratedGradientOptimizedSaliency(Explainer):
         blur = gaussian_blur(images, kernel, sigma)
         return _Batch(images=images, blur=blur, difference=images - blur, targets=targets,
                       generators=[seeded_generator(images.device, seed) for seed in seeds.tolist()], size=size,
-                      l1=self.l1_weight(self.grid_size(*size), size), l2=self.l2_weight(size), weights=self._bilateral_weights(images))
+                      l1=self.l1_weight(self.grid_size(*size), size), weights=self._bilateral_weights(images))
 
     def _explain(self, images: Tensor, targets: Tensor, seeds: Tensor) -> Tensor:
         size = tuple(images.shape[-2:])
@@ -495,8 +481,6 @@ class IGOSPP(_IntegratedGradientOptimizedSaliency):
         blur_kernel, blur_sigma: the baseline blur at 224 px (51, 50), scaled to the image.
         model_grad_scale: factor on the IG of the model terms in the total gradient (0.5: the released code
             halves it "to balance out the terms with the regularization terms"; the paper's Eq. 6 is 1).
-        l2_size_exponent: e, the smoothness weight used is l2 * (min(H, W) / 224) ** e (0, the released
-            224-px weight; module docstring, "Small images").
         converge_tol, converge_patience: per-image early stop (module docstring, "Convergence"): an image stops
             once ``converge_patience`` (2) consecutive iterations moved none of its mask cells by more than
             ``converge_tol``; None (default) runs all T iterations.
@@ -512,14 +496,13 @@ class IGOSPP(_IntegratedGradientOptimizedSaliency):
                  noise_std: float | None = None, optimizer: str = "line_search", ls_alpha0: float = 1000.0,
                  ls_shrink: float = 0.2, ls_c: float = 1e-4, ls_min_alpha: float = 1e-5,
                  nag_step: float | None = None, blur_kernel: int = 51, blur_sigma: float = 50.0,
-                 model_grad_scale: float = 0.5, converge_tol: float | None = None, l2_size_exponent: float = 0.0,
+                 model_grad_scale: float = 0.5, converge_tol: float | None = None,
                  converge_patience: int = 2, **common):
         super().__init__(blackbox, resolution=resolution, scale_with_image=scale_with_image, iterations=iterations,
                          ig_steps=ig_steps, l1=l1, l2=l2, noise_std=noise_std, optimizer=optimizer,
                          ls_alpha0=ls_alpha0, ls_shrink=ls_shrink, ls_c=ls_c, ls_min_alpha=ls_min_alpha,
                          nag_step=nag_step, blur_kernel=blur_kernel, blur_sigma=blur_sigma,
                          model_grad_scale=model_grad_scale, converge_tol=converge_tol,
-                         l2_size_exponent=l2_size_exponent,
                          converge_patience=converge_patience, **common)
         if btv_sigma is None:
             btv_sigma = normalised_to_pixel(BTV_SIGMA_NORMALISED, blackbox)
@@ -541,7 +524,7 @@ class IGOSPP(_IntegratedGradientOptimizedSaliency):
             weights = (batch.weights[0][rows], batch.weights[1][rows])
             smooth = smooth + self.btv_mix * bilateral_total_variation(resize_masks(combined, batch.size), weights,
                                                                        self.btv_beta)
-        return batch.l1 * (1 - combined).abs().flatten(1).mean(1) + batch.l2 * smooth
+        return batch.l1 * (1 - combined).abs().flatten(1).mean(1) + self.l2 * smooth
 
     def _final_mask(self, masks: Tensor) -> Tensor:
         return masks.prod(dim=1, keepdim=True)
@@ -567,21 +550,20 @@ class IGOS(_IntegratedGradientOptimizedSaliency):
                  tv_beta: float = 2.0, noise_std: float | None = None, optimizer: str = "line_search",
                  ls_alpha0: float = 1000.0, ls_shrink: float = 0.2, ls_c: float = 1e-4, ls_min_alpha: float = 1e-5,
                  nag_step: float | None = None, blur_kernel: int = 51, blur_sigma: float = 50.0,
-                 model_grad_scale: float = 1.0, converge_tol: float | None = None, l2_size_exponent: float = 0.0,
+                 model_grad_scale: float = 1.0, converge_tol: float | None = None,
                  converge_patience: int = 2, **common):
         super().__init__(blackbox, resolution=resolution, scale_with_image=scale_with_image, iterations=iterations,
                          ig_steps=ig_steps, l1=l1, l2=l2, noise_std=noise_std, optimizer=optimizer,
                          ls_alpha0=ls_alpha0, ls_shrink=ls_shrink, ls_c=ls_c, ls_min_alpha=ls_min_alpha,
                          nag_step=nag_step, blur_kernel=blur_kernel, blur_sigma=blur_sigma,
                          model_grad_scale=model_grad_scale, converge_tol=converge_tol,
-                         l2_size_exponent=l2_size_exponent,
                          converge_patience=converge_patience, **common)
         if tv_beta < 1:
             raise ValueError(f"tv_beta must be >= 1, got {tv_beta}")
         self.tv_beta = float(tv_beta)
 
     def _regulariser(self, batch: _Batch, masks: Tensor, ids: Tensor) -> Tensor:
-        return batch.l1 * (1 - masks).abs().flatten(1).mean(1) + batch.l2 * tv_norm(masks, self.tv_beta)
+        return batch.l1 * (1 - masks).abs().flatten(1).mean(1) + self.l2 * tv_norm(masks, self.tv_beta)
 
     def _final_mask(self, masks: Tensor) -> Tensor:
         return masks

@@ -142,10 +142,10 @@ def test_bad_arguments_are_refused(tiny_config, tmp_path):
 
 
 def test_a_swept_setting_that_is_not_a_budget_is_named_in_label_and_table():
-    sweep = {"igos_pp": {"default": {}, "budgets": [{"l2_size_exponent": 2.0}, {"iterations": 5, "ig_steps": 5}]}}
+    sweep = {"igos_pp": {"default": {}, "budgets": [{"l2": 2.5}, {"iterations": 5, "ig_steps": 5}]}}
     settings = frontier.plan(["igos_pp"], sweep, {})
     labels = [s.label for s in settings]
-    assert labels == ["igos_pp-l2_size_exponent=2", "igos_pp-iterations=5-ig_steps=5", "igos_pp-default"]
-    recorded = {"iterations": 15, "ig_steps": 20, "l2_size_exponent": 2.0}
-    assert frontier.budget_text(settings[0], recorded) == "iterations 15, ig_steps 20, l2_size_exponent 2"
+    assert labels == ["igos_pp-l2=2.5", "igos_pp-iterations=5-ig_steps=5", "igos_pp-default"]
+    recorded = {"iterations": 15, "ig_steps": 20, "l2": 2.5}
+    assert frontier.budget_text(settings[0], recorded) == "iterations 15, ig_steps 20, l2 2.5"
     assert frontier.budget_text(settings[1], {"iterations": 5, "ig_steps": 5}) == "iterations 5, ig_steps 5"

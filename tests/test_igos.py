@@ -441,23 +441,3 @@ def test_converged_images_stop_and_cost_nothing_more():
 def test_convergence_settings_are_validated(bad):
     with pytest.raises(ValueError, match="converge"):
         explainers.build("igos", region_box(scenes(1)), **bad)
-
-
-@pytest.mark.parametrize("method", ["igos_pp", "igos"])
-def test_l2_size_exponent_scales_the_smoothness_weight(method):
-    """l2 * (side / 224)^e: the released weight at 224 px or e = 0; an exponent e run equals a run with that
-    weight given directly, so the exponent changes the smoothness weight and nothing else."""
-    images = scenes(2)
-    box = region_box(images)
-    scaled = explainers.build(method, box, l2_size_exponent=2.0, **TINY)
-    assert explainers.build(method, box).hparams["l2_size_exponent"] == 0.0
-    assert scaled.l2_weight((224, 224)) == 20.0 and explainers.build(method, box).l2_weight((64, 64)) == 20.0
-    assert scaled.l2_weight((SIZE, 48)) == pytest.approx(20.0 * (SIZE / 224) ** 2)
-    direct = explainers.build(method, box, l2=20.0 * (SIZE / 224) ** 2, **TINY)
-    targets = torch.zeros(2, dtype=torch.long)
-    torch.testing.assert_close(scaled(images, targets), direct(images, targets))
-    default = explainers.build(method, box, **TINY)(images, targets)
-    assert not torch.allclose(scaled(images, targets), default)
-    for bad in (-1.0, float("nan")):
-        with pytest.raises(ValueError, match="l2_size_exponent"):
-            explainers.build(method, box, l2_size_exponent=bad)
