@@ -374,7 +374,7 @@ class BlackBox(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x (B,3,H,W) in [0,1] -> logits (B,K) (float32 for float32 x, whatever the pass precision)."""
-        return self._run(self._compiled or self.net, x)
+        return self._run(self.net if self._compiled is None else self._compiled, x)
 
     forward = logits
 

@@ -174,3 +174,14 @@ def test_bf16_passes_do_not_depend_on_the_batch_they_run_in(embedded, tiny_black
             whole = box.logits(x)
             for chunk in (1, 2, 5, 12):
                 assert torch.equal(torch.cat([box.logits(part) for part in x.split(chunk)]), whole), chunk
+
+
+@pytest.mark.slow  # compiles with inductor: ~15 s on 2 cores
+def test_compiled_black_box_runs_and_gives_the_eager_values(tiny_blackbox_path):
+    """compile=MODE wraps the network in torch.compile; its logits equal the eager network's (float32). (The
+    wrapper must never be tested for truth: an OptimizedModule of a ResNet raises on len().)"""
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    eager = BlackBox(f"ckpt:{tiny_blackbox_path}", precision="32")
+    compiled = BlackBox(f"ckpt:{tiny_blackbox_path}", precision="32", compile="default")
+    assert compiled.compile_mode == "default"
+    torch.testing.assert_close(compiled.logits(x), eager.logits(x), rtol=1e-4, atol=1e-5)
