@@ -223,22 +223,29 @@ def _changes(before, now, prefix: str = "") -> list[str]:
     return [] if before == now else [f"{prefix.rstrip('.')}: {before!r} -> {now!r}"]
 
 
-def note_rerun(out: Path, header: dict) -> None:
+def note_rerun(out: Path, header: dict, num_images: int) -> None:
     """Write run.json; on a rerun, say which methods' rows are computed again and why, and delete the saved
-    maps of every method whose explanation key changed (they were made by something else)."""
+    maps of every method whose explanation key changed (they were made by something else).
+
+    "Computed again" is read from the rows themselves: images this run scores (the first ``num_images``, or the
+    method's own limit) that have rows of the method, none of them with its current key. (The previous run.json alone can name a method whose current rows are all there: after
+    switching settings back, or after a run with other settings was killed before writing any row.)"""
     path = out / "run.json"
     before = json.loads(path.read_text()) if path.is_file() else None
     if before is not None and "row_keys" not in before:
         print(f"{out}: its rows were written by a version without row keys; every row is computed again")
     elif before is not None:
         common = {k: before.get(k) for k in ("blackbox_sha256", "data", "protocol")}
-        for name, key in header["row_keys"].items():
-            if before.get("row_keys", {}).get(name) in (None, key):
-                continue  # a new method, or the same rows
+        stored, current = RowStore(out / "rows").scan(), RowStore(out / "rows").scan(header["row_keys"])
+        for name in header["row_keys"]:
+            limit = header["method_num_images"].get(name, num_images)
+            redo = {i for i in stored.indices(name).tolist() if i < limit} - set(current.indices(name).tolist())
+            if not redo:
+                continue  # a new method, or its rows are there
             why = _changes({**common, "method": before.get("methods", {}).get(name)},
                            {**{k: header[k] for k in common}, "method": header["methods"][name]})
-            print(f"{out}: the rows of {name!r} are computed again (what produced them changed: "
-                  f"{'; '.join(why) or 'rows written before rows had keys'})")
+            print(f"{out}: the rows of {name!r} on {len(redo)} images are computed again (they were made with "
+                  f"other settings{': ' + '; '.join(why) if why else ''})")
         for name, key in header["explanation_keys"].items():
             if before.get("explanation_keys", {}).get(name) != key and (out / "maps" / name).is_dir():
                 shutil.rmtree(out / "maps" / name)
@@ -298,7 +305,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         lock.acquire()
     try:
         if trainer.is_global_zero:
-            note_rerun(out, header)
+            note_rerun(out, header, num_images)
         overlay = set(range(min(cfg.overlay_images, num_images, *cfg.method_num_images.values())))
         reuse = reusable_maps(Path(cfg.maps_from), header) if cfg.maps_from else {}
         untrained = [(key, spec) for key, spec in zip(keys, specs) if not explainers.is_trained(parse_spec(spec).name)]

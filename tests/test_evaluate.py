@@ -104,14 +104,20 @@ def _rise(n_masks):
     return f"--method_hparams={{rise: {{n_masks: {n_masks}}}}}"
 
 
-def test_rerun_with_other_hyper_parameters_recomputes_exactly_their_rows(tiny_blackbox, tmp_path, explained):
+def test_rerun_with_other_hyper_parameters_recomputes_exactly_their_rows(tiny_blackbox, tmp_path, explained,
+                                                                         capsys):
     """Issue 11's story: RISE with n_masks 8, then 32 (500 in the issue) into the same --out. Before, the old
-    rows were reused and forwards_per_image mixed both; now RISE's rows are computed again, gradient's reused."""
+    rows were reused and forwards_per_image mixed both; now RISE's rows are computed again, gradient's reused,
+    and the run says so only for what it does compute again."""
     first = evaluate.main(args_for(tiny_blackbox, tmp_path, "--num_images=4", _rise(8)))
     assert explained == {"gradient": 4, "rise": 4}
     explained.clear()
+    capsys.readouterr()
     results = evaluate.main(args_for(tiny_blackbox, tmp_path, "--num_images=4", _rise(32)))
     assert explained == {"rise": 4}  # the unrelated method is not computed again
+    said = capsys.readouterr().out
+    assert "the rows of 'rise' on 4 images are computed again" in said and "n_masks: 8 -> 32" in said
+    assert "'gradient'" not in said
     assert results["methods"]["rise"]["forwards_per_image"] == 32 and results["num_images"] == 4
     saved = json.loads((tmp_path / "results.json").read_text())
     rise = saved["methods_hparams"]["rise"]  # the full resolved hyper-parameters, defaults included
@@ -124,8 +130,10 @@ def test_rerun_with_other_hyper_parameters_recomputes_exactly_their_rows(tiny_bl
     assert sorted(r["key"] for r in rows if r["method"] == "rise") == sorted(
         [first["row_keys"]["rise"]] * 4 + [saved["row_keys"]["rise"]] * 4)
     explained.clear()
+    capsys.readouterr()
     back = evaluate.main(args_for(tiny_blackbox, tmp_path, "--num_images=4", _rise(8)))  # n_masks 8 rows kept
     assert explained == {} and back["methods"]["rise"]["forwards_per_image"] == 8
+    assert "computed again" not in capsys.readouterr().out  # run.json said n_masks 32, but every row is there
 
 
 def test_rerun_with_a_retrained_blackbox_at_the_same_path_recomputes(tiny_blackbox_path, tmp_path, explained):
