@@ -228,15 +228,17 @@ def note_rerun(out: Path, header: dict, num_images: int) -> None:
     maps of every method whose explanation key changed (they were made by something else).
 
     "Computed again" is read from the rows themselves: images this run scores (the first ``num_images``, or the
-    method's own limit) that have rows of the method, none of them with its current key. (The previous run.json alone can name a method whose current rows are all there: after
-    switching settings back, or after a run with other settings was killed before writing any row.)"""
+    method's own limit) that have rows of the method, none of them with its current key. (The previous run.json
+    alone can name a method whose current rows are all there: after switching settings back, or after a run with
+    other settings was killed before writing any row.)"""
     path = out / "run.json"
     before = json.loads(path.read_text()) if path.is_file() else None
     if before is not None and "row_keys" not in before:
         print(f"{out}: its rows were written by a version without row keys; every row is computed again")
     elif before is not None:
         common = {k: before.get(k) for k in ("blackbox_sha256", "data", "protocol")}
-        stored, current = RowStore(out / "rows").scan(), RowStore(out / "rows").scan(header["row_keys"])
+        store = RowStore(out / "rows")
+        stored, current = store.scan(), store.scan(header["row_keys"])
         for name in header["row_keys"]:
             limit = header["method_num_images"].get(name, num_images)
             redo = {i for i in stored.indices(name).tolist() if i < limit} - set(current.indices(name).tolist())
