@@ -1,20 +1,6 @@
-"""Train or test any of the project's LightningModules: ``python train.py fit --config configs/experiment/X.yaml``.
-
-Subcommands: fit, validate, test (LightningCLI). ``--ckpt_path last`` resumes from ``RUN_DIR/checkpoints``;
-``--print_config`` shows the resolved config. See README.md for the experiments.
-"""
-from __future__ import annotations
-
-from cli_utils import SaliencyCLI
-
-
-def main(args=None) -> None:
-    SaliencyCLI(
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=args,
-    )
-
+"""``python train.py fit|validate|test|predict --config CONFIG``: the same as ``saliency-lab fit ...`` (a thin wrapper kept so that
+the documented commands work from the checkout; the code lives in ``saliency_lab.cli.train``)."""
+from saliency_lab.cli.train import main
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,7 @@
 """Cost of the seeds' other baselines at their defaults: Meaningful Perturbation, Extremal Perturbation, Feature
 Inversion and LIME. Black-box passes and seconds per image.
 
-    python benchmarks/baselines.py [--methods mpert,xpert,finv,lime] [--batch 8] [--single 1] [--threads 2]
+    python -m benchmarks.baselines [--methods mpert,xpert,finv,lime] [--batch 8] [--single 1] [--threads 2]
                                    [--max_forward_batch 256]
 
 On the embedded black box and embedded test images (64 x 64, explained class = the prediction), per method at
@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import explainers  # noqa: E402
-from benchmarks._common import embedded_batch, embedded_blackbox  # noqa: E402
+from saliency_lab import explainers
+from saliency_lab.datamodules import embedded_batch
+from saliency_lab.core.blackbox import BlackBox
 
 # Cheap settings of each method for the warm-up (oneDNN builds its kernels per shape on first use).
 WARM_UP = {"mpert": {"iterations": 2}, "xpert": {"iterations": 2}, "finv": {"inversion_iterations": 1,
@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model = embedded_blackbox()
+    model = BlackBox("embedded")
     data = embedded_batch(args.batch)
     with torch.no_grad():
         targets = model.logits(data["image"]).argmax(1)

@@ -1,6 +1,6 @@
 """Training throughput of embedded black-box candidates (images/s, forward + backward + SGD step, batch 128).
 
-    python benchmarks/classifier.py [--repeats 5]
+    python -m benchmarks.classifier [--repeats 5]
 
 Why the embedded classifier uses ``stem_width: 16``: at a quarter of resnet10t's width the deep stem
 dominates the cost; this prints the candidates side by side, timed alternately in one run (medians).

@@ -1,6 +1,6 @@
 """Fast black-box options against float32, side by side in one run: speed ratios and faithfulness.
 
-    python benchmarks/fast_blackbox.py [--rounds 7] [--images 256] [--map-images 4]
+    python -m benchmarks.fast_blackbox [--rounds 7] [--images 256] [--map-images 4]
         [--methods rise,iassa,igos_pp,gradient,integrated_gradients,smoothgrad] [--compile default]
         [--skip-maps] [--skip-metrics] [--threads 2] [--clock wall|cpu]
 
@@ -13,7 +13,7 @@ On the committed embedded black box (assets/embedded_blackbox.pt) and embedded t
    ``--compile MODE`` the compiled fp32 and bf16 + channels-last black boxes (compiling takes minutes on 2 CPU
    cores, so it is opt-in; its compile time is printed).
 2. Probabilities: per image max_k |p_k - p_k^fp32| over ``--images`` scenes, for each option (max, 99th pct),
-   against the tolerance explainers.faithfulness.PROBABILITY_TOLERANCE.
+   against the tolerance saliency_lab.explainers.faithfulness.PROBABILITY_TOLERANCE.
 3. Maps: for each method, Spearman per image between its maps on bf16 + channels-last and on fp32 (same seeds)
    over ``--map-images`` scenes (min, median), the bar (0.99 gradient-free, 0.95 gradient-based) and the
    explainer's time fp32 vs fast (one call each; the ratio is that method's end-to-end speed-up), and on the
@@ -35,12 +35,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import explainers  # noqa: E402
-from benchmarks._common import DEMO_CKPT, embedded_batch  # noqa: E402
-from core.blackbox import BlackBox, probability_gap  # noqa: E402
-from explainers.faithfulness import PROBABILITY_TOLERANCE, map_spearman  # noqa: E402
+from saliency_lab import explainers
+from saliency_lab.datamodules import embedded_batch
+from saliency_lab.core.resources import packaged
+from saliency_lab.core.blackbox import BlackBox, probability_gap
+from saliency_lab.explainers.faithfulness import PROBABILITY_TOLERANCE, map_spearman
 
 OPTIONS = {  # name -> BlackBox keyword arguments, every one explicit: the defaults are now channels-last and
     # precision "auto" (bf16 inside fast() blocks), which would turn the float32 reference into a bf16 one
@@ -57,7 +57,7 @@ def load() -> str:
 
 
 def make(**options) -> BlackBox:
-    return BlackBox(f"ckpt:{DEMO_CKPT}", **options)
+    return BlackBox(f"ckpt:{packaged("assets/embedded_blackbox.pt")}", **options)
 
 
 def speed(boxes: dict, images: torch.Tensor, rounds: int, clock=time.perf_counter) -> None:
@@ -124,8 +124,8 @@ def maps(fast: BlackBox, reference: BlackBox, methods: list[str], count: int, ig
 
 
 def metrics(fast: BlackBox, reference: BlackBox, count: int, clock=time.perf_counter) -> None:
-    import metrics.causal as causal
-    from metrics import CausalProtocol, causal_curves
+    import saliency_lab.metrics.causal as causal
+    from saliency_lab.metrics import CausalProtocol, causal_curves
 
     data = embedded_batch(count)
     images, indices = data["image"], data["index"]
@@ -171,7 +171,7 @@ def main() -> None:
     args = parser.parse_args()
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
-    print(f"embedded black box {DEMO_CKPT.name}, {args.threads} threads, torch {torch.__version__}  [{load()}]",
+    print(f"embedded black box {packaged("assets/embedded_blackbox.pt").name}, {args.threads} threads, torch {torch.__version__}  [{load()}]",
           flush=True)
     boxes = {option: make(**kwargs) for option, kwargs in OPTIONS.items()}
     if args.compile:

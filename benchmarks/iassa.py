@@ -1,6 +1,6 @@
 """IASSA's speed at default settings (B = 1 vs B = 16) and the peak memory of its attention step.
 
-    python benchmarks/iassa.py [--images-single 2] [--batch 16] [--skip-speed] [--skip-memory]
+    python -m benchmarks.iassa [--images-single 2] [--batch 16] [--skip-speed] [--skip-memory]
 
 1. Seconds and black-box forwards per image on the embedded black box and embedded test images (64 x 64) at
    the default settings (5 rounds, 45/8 px windows at 224 -> 12.9/2.3 px, row attention, max_forward_batch
@@ -24,17 +24,17 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import explainers  # noqa: E402
-import explainers.iassa as iassa  # noqa: E402  (registers "iassa")
-from benchmarks._common import embedded_batch, embedded_blackbox  # noqa: E402
+from saliency_lab import explainers
+import saliency_lab.explainers.iassa as iassa  (registers "iassa")
+from saliency_lab.datamodules import embedded_batch
+from saliency_lab.core.blackbox import BlackBox
 
 RESNET50_LEVELS = ((256, 56), (512, 28), (1024, 14), (2048, 7))  # (channels, side) at 224
 
 
 def speed(single: int, batch: int) -> dict:
-    model = embedded_blackbox()
+    model = BlackBox("embedded")
     data = embedded_batch(batch)
     images = data["image"]
     with torch.no_grad():

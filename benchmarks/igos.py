@@ -1,8 +1,8 @@
 """Speed and black-box passes of iGOS++ / I-GOS at default settings: B = 16 images in one call vs one at a time.
 
-    python benchmarks/igos.py [--methods igos_pp,igos] [--batch 16] [--single 3] [--repeats 1]
+    python -m benchmarks.igos [--methods igos_pp,igos] [--batch 16] [--single 3] [--repeats 1]
                               [--iterations T] [--max_forward_batch 256] [--threads 2]
-    python benchmarks/igos.py --pass-limit K [--methods igos_pp] [--iterations T] [--converge_tol TOL]
+    python -m benchmarks.igos --pass-limit K [--methods igos_pp] [--iterations T] [--converge_tol TOL]
                               [--clock wall|cpu]
 
 ``--pass-limit K``: per-image wall time against its bare black-box passes, K images one at a time (issue 16,
@@ -47,12 +47,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import explainers  # noqa: E402
-import explainers.igos  # noqa: E402,F401  registers igos_pp / igos
-from benchmarks._common import embedded_batch, embedded_blackbox  # noqa: E402
-from benchmarks.pass_overhead import measure  # noqa: E402
+from saliency_lab import explainers
+import saliency_lab.explainers.igos,F401  registers igos_pp / igos
+from saliency_lab.datamodules import embedded_batch
+from saliency_lab.core.blackbox import BlackBox
+from benchmarks.pass_overhead import measure
 
 
 def timed_call(explainer, images, targets, indices) -> tuple[float, float, torch.Tensor]:
@@ -183,7 +183,7 @@ def main() -> None:
                         help="--pass-limit: wall clock or this process's CPU time (for a shared machine)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model = embedded_blackbox()
+    model = BlackBox("embedded")
     data = embedded_batch(args.batch)
     with torch.no_grad():
         targets = model.logits(data["image"]).argmax(1)

@@ -1,6 +1,6 @@
 """Cost of the bad-image check per file (datamodules.common.image_problem), quick vs full.
 
-    python benchmarks/image_check.py [--files 2000] [--repeats 5]
+    python -m benchmarks.image_check [--files 2000] [--repeats 5]
 
 Writes N random 500x375 JPEGs (ImageNet's typical size) into a temporary folder, reads them once so they
 are in the page cache, then times ``drop_bad_images`` over all of them with 2 threads: "quick" (the header
@@ -19,10 +19,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import median_seconds  # noqa: E402
-from datamodules.common import drop_bad_images  # noqa: E402
+from saliency_lab.core.timing import Stopwatch
+from saliency_lab.datamodules.common import drop_bad_images
 
 IMAGENET_TRAIN = 1_281_167
 
@@ -44,7 +43,7 @@ def main() -> dict:
             Path(path).read_bytes()
         result = {}
         for verify in ("quick", "full"):
-            seconds = median_seconds(lambda: drop_bad_images(paths, verify, workers=2), args.repeats)
+            seconds = Stopwatch().median(lambda: drop_bad_images(paths, verify, workers=2), args.repeats)
             per_file = seconds / len(paths)
             result[verify] = {"us_per_file": round(per_file * 1e6, 1),
                               "imagenet_train_minutes": round(per_file * IMAGENET_TRAIN / 60, 1)}

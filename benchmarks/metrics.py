@@ -1,6 +1,6 @@
 """Speed of the causal metrics against the bare forward passes they need, and RISE's peak memory vs N.
 
-    python benchmarks/metrics.py [--repeats 7]
+    python -m benchmarks.metrics [--repeats 7]
 
 1. deletion + insertion (RISE protocol at 64x64: 64 steps -> 2*65 = 130 forwards per image) for a batch of
    32 embedded test images, against pushing the same number of images through the black box in the same
@@ -18,14 +18,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import embedded_batch, embedded_blackbox, median_seconds  # noqa: E402
-from metrics import CausalProtocol, causal_curves  # noqa: E402
+from saliency_lab.datamodules import embedded_batch
+from saliency_lab.core.blackbox import BlackBox
+from saliency_lab.core.timing import Stopwatch
+from saliency_lab.metrics import CausalProtocol, causal_curves
 
 
 def causal_vs_bare(repeats: int, batch: int = 32, chunk: int = 256) -> dict:
-    model = embedded_blackbox()
+    model = BlackBox("embedded")
     data = embedded_batch(batch)
     images = data["image"]
     saliency = torch.rand(batch, 1, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -46,17 +47,17 @@ def causal_vs_bare(repeats: int, batch: int = 32, chunk: int = 256) -> dict:
     bare(), metric()  # warm-up
     bare_times, metric_times = [], []
     for _ in range(repeats):  # alternate, so machine noise hits both alike
-        bare_times.append(median_seconds(bare, 1))
-        metric_times.append(median_seconds(metric, 1))
+        bare_times.append(Stopwatch().median(bare, 1))
+        metric_times.append(Stopwatch().median(metric, 1))
     bare_t, metric_t = sorted(bare_times)[repeats // 2], sorted(metric_times)[repeats // 2]
     return {"images": batch, "forwards": total, "bare_seconds": round(bare_t, 3),
             "metric_seconds": round(metric_t, 3), "ratio": round(metric_t / bare_t, 3)}
 
 
 def rise_peak_memory(n_masks: int) -> dict:
-    import explainers
+    from saliency_lab import explainers
 
-    model = embedded_blackbox()
+    model = BlackBox("embedded")
     data = embedded_batch(2)  # memory is per forward chunk; 2 images keep N = 8000 quick (16k forwards)
     explainer = explainers.build("rise", model, n_masks=n_masks, max_forward_batch=256)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

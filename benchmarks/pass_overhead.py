@@ -1,6 +1,6 @@
 """Per-image time of each explainer (and of the causal metrics) against its bare black-box passes, in one run.
 
-    python benchmarks/pass_overhead.py [--methods rise,iassa,igos_pp,igos,metrics] [--images 3] [--threads 1]
+    python -m benchmarks.pass_overhead [--methods rise,iassa,igos_pp,igos,metrics] [--images 3] [--threads 1]
         [--clock cpu|wall] [--hparams '{"igos_pp": {"iterations": 5}}']
 
 On the embedded black box (precision "auto": bf16 for the methods that opt in, as in any evaluation) and the
@@ -32,10 +32,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import explainers  # noqa: E402
-from benchmarks._common import embedded_batch, embedded_blackbox  # noqa: E402
+from saliency_lab import explainers
+from saliency_lab.datamodules import embedded_batch
+from saliency_lab.core.blackbox import BlackBox
 
 ENTRY_POINTS = ("logits", "features", "features_and_logits")
 
@@ -107,7 +107,7 @@ def bare_seconds(model, calls: list[list], image: torch.Tensor, clock) -> float:
 
 def measure(name: str, model, data: dict, targets: torch.Tensor, args) -> dict:
     """Explanation (or metric) time and bare time per image; the median ratio."""
-    from metrics import CausalProtocol, causal_curves
+    from saliency_lab.metrics import CausalProtocol, causal_curves
 
     proxy = RecordingBlackBox(model)
     size = int(data["image"].shape[-1])
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     args.clock_fn = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
-    model = embedded_blackbox()
+    model = BlackBox("embedded")
     data = embedded_batch(args.images)
     with torch.no_grad():
         targets = model.logits(data["image"]).argmax(1)

@@ -1,6 +1,6 @@
 """Speed of the learned mask predictor against the black-box work it cannot avoid.
 
-    python benchmarks/predictor.py [--batch 64] [--repeats 7] [--mode ct]
+    python -m benchmarks.predictor [--batch 64] [--repeats 7] [--mode ct]
 
 1. Explaining a batch (``MaskPredictor.as_explainer()``: one feature pass of the black box + generator +
    controller + upsampling) against one plain black-box forward of the same batch. Target: ratio <= 1.25.
@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import DEMO_CKPT, embedded_batch  # noqa: E402
-from core.blackbox import BlackBox  # noqa: E402
-from lightning_modules.mask_predictor import MaskPredictor  # noqa: E402
+from saliency_lab.datamodules import embedded_batch
+from saliency_lab.core.resources import packaged
+from saliency_lab.core.blackbox import BlackBox
+from saliency_lab.lightning_modules.mask_predictor import MaskPredictor
 
 
 CLASSIFIER_CONFIG = Path(__file__).resolve().parents[1] / "configs/model/embedded_classifier.yaml"
@@ -37,8 +37,8 @@ CLASSIFIER_CONFIG = Path(__file__).resolve().parents[1] / "configs/model/embedde
 
 def build(mode: str) -> MaskPredictor:
     """The predictor on the demo's black box, or on random weights of the architecture its config names."""
-    if DEMO_CKPT.is_file():
-        blackbox = BlackBox(f"ckpt:{DEMO_CKPT}")
+    if packaged("assets/embedded_blackbox.pt").is_file():
+        blackbox = BlackBox(f"ckpt:{packaged("assets/embedded_blackbox.pt")}")
     else:
         import yaml
 

@@ -1,7 +1,7 @@
 """Peak memory of reading and aggregating the per-image rows of a large evaluation (issue 11: bounded at
 50,000 images x 13 methods).
 
-    python benchmarks/rows_memory.py [--images 50000] [--methods 13] [--curve 225] [--old_images 1000]
+    python -m benchmarks.rows_memory [--images 50000] [--methods 13] [--curve 225] [--old_images 1000]
 
 1. Writes a synthetic rows folder as ``evaluate.py`` leaves it after a 2-process run: two ``rows-rank*.jsonl``
    files, every (image, method) row with the current key, 13 metrics, the cost and two curves of ``--curve``
@@ -28,9 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from metrics.suite import METRIC_NAMES  # noqa: E402
+from saliency_lab.metrics.suite import METRIC_NAMES
 
 KEY, STALE = "0123456789abcdef", "fedcba9876543210"
 
@@ -68,9 +67,9 @@ def _rss_mb() -> float:
 
 
 def child_new(folder: Path, images: int, methods: int) -> dict:
-    from metrics.report import mean_curves, write_reports
-    from metrics.rows import RowStore
-    from metrics.suite import EvaluationSettings
+    from saliency_lab.metrics.report import mean_curves, write_reports
+    from saliency_lab.metrics.rows import RowStore
+    from saliency_lab.metrics.suite import EvaluationSettings
 
     names = method_names(methods)
     keys = {name: KEY for name in names}
@@ -99,7 +98,7 @@ def child_new(folder: Path, images: int, methods: int) -> dict:
 
 
 def child_old(folder: Path) -> dict:
-    import metrics.report  # noqa: F401  (the same imports as the new reading, for the same baseline)
+    import saliency_lab.metrics.report  # noqa: F401  (the same imports as the new reading, for the same baseline)
 
     base = _rss_mb()
     rows = []

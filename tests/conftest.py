@@ -30,7 +30,7 @@ def subprocess_env() -> dict:
 @pytest.fixture(scope="session")
 def tiny_blackbox_path(tmp_path_factory) -> Path:
     """A random-weight 10-class narrow resnet10t saved as a project black-box record (``ckpt:PATH``)."""
-    from core.blackbox import blackbox_record, create_network
+    from saliency_lab.core.blackbox import blackbox_record, create_network
 
     torch.manual_seed(0)
     kwargs = {"channels": [8, 16, 24, 32]}
@@ -46,8 +46,8 @@ def tiny_predictor_path(tiny_blackbox_path, tmp_path_factory) -> Path:
     batch-norm statistics perturbed so that no layer is an identity: enough for loading and export tests)."""
     import warnings
 
-    from core.blackbox import BlackBox
-    from lightning_modules.mask_predictor import MaskPredictor
+    from saliency_lab.core.blackbox import BlackBox
+    from saliency_lab.lightning_modules.mask_predictor import MaskPredictor
 
     torch.manual_seed(0)
     with warnings.catch_warnings():

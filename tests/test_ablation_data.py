@@ -1,17 +1,15 @@
-"""benchmarks/predictor_ablation.py --data: the scenes an ordering is checked on (configs/data/embedded_hard.yaml)."""
+"""experiments/predictor_ablation.py --data: the scenes an ordering is checked on (configs/data/embedded_hard.yaml)."""
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import yaml
+from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from benchmarks import predictor_ablation  # noqa: E402
-from datamodules.scenes import Clutter  # noqa: E402
+from experiments import predictor_ablation
+from saliency_lab.datamodules.scenes import Clutter
 
 
 def evaluate_commands(tmp_path, monkeypatch, datas) -> list[list[str]]:
@@ -56,7 +54,7 @@ def test_hard_scenes_are_other_scenes_with_heavier_clutter():
 
 def test_hard_scenes_parse_as_evaluate_reads_them(monkeypatch):
     """The config goes through evaluate.py's own parser into the data module's clutter (nothing is loaded)."""
-    import evaluate
+    from saliency_lab.cli import evaluate
 
     monkeypatch.chdir(ROOT)
     cfg = evaluate.build_parser().parse_args(["--config", "configs/experiment/embedded_evaluate.yaml",

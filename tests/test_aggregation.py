@@ -12,13 +12,13 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-import evaluate
-from callbacks import ExplainerEvaluation, ModelRandomisationCheck
-from core.blackbox import BlackBox
-from core.timing import timed
-from datamodules.common import collate_samples
-from metrics import LOCALISATION_NAMES, EvaluationSettings, score_saliency
-from metrics.report import EXTRA_KEYS, SUMMARY_KEYS, summarise
+from saliency_lab.cli import evaluate
+from saliency_lab.callbacks import ExplainerEvaluation, ModelRandomisationCheck
+from saliency_lab.core.blackbox import BlackBox
+from saliency_lab.core.timing import timed
+from saliency_lab.datamodules.common import collate_samples
+from saliency_lab.metrics import LOCALISATION_NAMES, EvaluationSettings, score_saliency
+from saliency_lab.metrics.report import EXTRA_KEYS, SUMMARY_KEYS, summarise
 
 SIZE, ITEMS = 32, 8
 PROTOCOL = {"units": 8, "steps": 8, "deletion_substrate": "blur", "insertion_substrate": "blur", "blur_kernel": 5,
@@ -121,7 +121,7 @@ def test_seconds_are_read_after_a_device_synchronise(monkeypatch):
 def test_callback_and_evaluate_report_the_same_table(tiny_blackbox_path, tmp_path):
     rise = {"name": "rise", "n_masks": 32}
     results = evaluate.main([
-        "--blackbox.class_path=core.blackbox.BlackBox", f"--blackbox.init_args.model=ckpt:{tiny_blackbox_path}",
+        "--blackbox.class_path=saliency_lab.core.blackbox.BlackBox", f"--blackbox.init_args.model=ckpt:{tiny_blackbox_path}",
         f"--data.class_path={__name__}.PartlyAnnotatedDataModule", "--data.init_args.batch_size=4", "--batch_size=3",
         "--explainers=[gradient, {name: rise, n_masks: 32}]", "--settings.mf_steps=8",
         f"--settings.protocol={PROTOCOL}", "--overlay_images=0", "--randomisation_images=4",

@@ -7,9 +7,9 @@ import pytest
 import timm
 import torch
 
-from core.blackbox import BlackBox, blackbox_record, create_network
-from core.checkpoints import UnsafeCheckpointError
-from lightning_modules.classifier import Classifier
+from saliency_lab.core.blackbox import BlackBox, blackbox_record, create_network
+from saliency_lab.core.checkpoints import UnsafeCheckpointError
+from saliency_lab.lightning_modules.classifier import Classifier
 
 TINY = dict(model="timm:resnet10t", num_classes=5, model_kwargs={"channels": [8, 16, 24, 32]})
 NORM = dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))  # the embedded classifier's normalisation
@@ -95,7 +95,7 @@ def test_rebuilds_from_classifier_checkpoint_and_export(tmp_path):
     torch.save({"state_dict": clf.state_dict()}, tmp_path / "plain.ckpt")
     with pytest.raises(ValueError, match="not a black-box checkpoint"):
         BlackBox(f"ckpt:{tmp_path / 'plain.ckpt'}")
-    from core.blackbox import export_blackbox
+    from saliency_lab.core.blackbox import export_blackbox
 
     export_blackbox(tmp_path / "clf.ckpt", tmp_path / "half.pt", half=True)  # the committed assets/ record
     assert all(v.dtype != torch.float32 for v in torch.load(tmp_path / "half.pt", weights_only=True)["state_dict"].values())

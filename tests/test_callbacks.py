@@ -12,16 +12,16 @@ import torch.nn as nn
 from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader, Dataset
 
-from callbacks import (
+from saliency_lab.callbacks import (
     ExplainerEvaluation,
     ModelRandomisationCheck,
     curves_figure,
     model_randomisation,
     overlay_grid,
 )
-from callbacks.probe import collect_probe
-from datamodules.common import collate_samples
-from core.blackbox import BlackBox
+from saliency_lab.callbacks.probe import collect_probe
+from saliency_lab.datamodules.common import collate_samples
+from saliency_lab.core.blackbox import BlackBox
 
 SIZE, CLASSES, ITEMS = 32, 4, 8
 RISE = {"name": "rise", "n_masks": 32, "max_forward_batch": 64}

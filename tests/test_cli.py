@@ -66,7 +66,7 @@ def test_killed_run_resumes_from_last_checkpoint(repo_root, tmp_path):
 
 def test_config_typo_fails_before_any_data_loads(repo_root, tmp_path, monkeypatch, capsys):
     """train.py's main in this process (a parse error exits before anything is built, so no child is needed)."""
-    import train
+    from saliency_lab.cli import train
 
     bad = tmp_path / "typo.yaml"
     bad.write_text("trainer:\n  max_epoch: 3\n")

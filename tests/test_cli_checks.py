@@ -8,8 +8,8 @@ import re
 
 import pytest
 
-import evaluate
-from cli_checks import EVALUATE_RULES, Rule, int_in, number_in, problems, validate_args
+from saliency_lab.cli import evaluate
+from saliency_lab.cli.checks import EVALUATE_RULES, Rule, int_in, number_in, problems, validate_args
 from tests.test_evaluate import EVALUATE_CONFIGS
 
 # A black box that cannot be built (the checks do not build it): were any work started before the checks, this
@@ -18,8 +18,8 @@ MISSING_BLACKBOX = "timm:no_such_model"
 
 
 def _args(out, *extra: str) -> list[str]:
-    return ["--blackbox.class_path=core.blackbox.BlackBox", f"--blackbox.init_args.model={MISSING_BLACKBOX}",
-            "--data.class_path=datamodules.ClutteredFashionMNISTDataModule", "--data.init_args.image_size=32",
+    return ["--blackbox.class_path=saliency_lab.core.blackbox.BlackBox", f"--blackbox.init_args.model={MISSING_BLACKBOX}",
+            "--data.class_path=saliency_lab.datamodules.ClutteredFashionMNISTDataModule", "--data.init_args.image_size=32",
             "--explainers=gradient,rise", "--wandb=false", f"--out={out}", *extra]
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import demo
-import evaluate
-import train
+from saliency_lab.cli import demo
+from saliency_lab.cli import evaluate
+from saliency_lab.cli import train
 from tests.conftest import subprocess_env
 
 TINY_DATA = ("--data.init_args.image_size=32 --data.init_args.batch_size=8 --data.init_args.num_workers=0 "
@@ -131,9 +131,9 @@ def test_a_stage_switches_between_the_committed_checkpoint_and_training(tmp_path
     calls = []
 
     def fake_call(cmd):
-        calls.append(cmd[2])  # fit / test
+        calls.append(cmd[len(demo.CLI)])  # fit / test
         run_dir = Path(next(a for a in cmd if a.startswith("--run_dir=")).split("=", 1)[1])
-        (run_dir / f"{cmd[2]}_metrics.json").write_text("{}")
+        (run_dir / f"{cmd[len(demo.CLI)]}_metrics.json").write_text("{}")
 
     monkeypatch.setattr(demo, "_call", fake_call)
     run_dir = tmp_path / "predictor_game"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules import Clutter, ClutteredFashionMNIST, ClutteredFashionMNISTDataModule, fashion_mnist
+from saliency_lab.datamodules import Clutter, ClutteredFashionMNIST, ClutteredFashionMNISTDataModule, fashion_mnist
 
 
 @pytest.fixture(scope="module")

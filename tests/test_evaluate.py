@@ -15,10 +15,10 @@ import pytest
 import torch
 import yaml
 
-import evaluate
-import explainers
-from lightning_modules.evaluation import check_batch
-from metrics import EvaluationSettings
+from saliency_lab.cli import evaluate
+from saliency_lab import explainers
+from saliency_lab.lightning_modules.evaluation import check_batch
+from saliency_lab.metrics import EvaluationSettings
 from tests.conftest import subprocess_env
 
 
@@ -28,8 +28,8 @@ def tiny_blackbox(tiny_blackbox_path):
 
 
 def args_for(blackbox, out, *extra):
-    return ["--blackbox.class_path=core.blackbox.BlackBox", f"--blackbox.init_args.model={blackbox}",
-            "--data.class_path=datamodules.ClutteredFashionMNISTDataModule",
+    return ["--blackbox.class_path=saliency_lab.core.blackbox.BlackBox", f"--blackbox.init_args.model={blackbox}",
+            "--data.class_path=saliency_lab.datamodules.ClutteredFashionMNISTDataModule",
             "--data.init_args.image_size=32", "--data.init_args.num_test=64", "--num_images=6", "--batch_size=4",
             "--explainers=gradient,rise", "--method_hparams={rise: {n_masks: 32}}", "--settings.mf_steps=8",
             "--settings.protocol={units: 8, steps: 8, deletion_substrate: blur, insertion_substrate: blur, "
@@ -69,9 +69,9 @@ def test_model_randomisation_check_is_written_and_reused(tiny_blackbox, tmp_path
     assert len(by_key[("rise", 1.0)]["per_image"]) == 3 and by_key[("rise", 1.0)]["layers"] > 0
     assert "## Model randomisation" in (tmp_path / "summary.md").read_text()
 
-    import lightning_modules.evaluation
+    from saliency_lab.lightning_modules import evaluation as evaluation_module
 
-    monkeypatch.setattr(lightning_modules.evaluation, "randomisation_rows", lambda *a, **k: pytest.fail("not reused"))
+    monkeypatch.setattr(evaluation_module, "randomisation_rows", lambda *a, **k: pytest.fail("not reused"))
     evaluate.main(args)  # same settings: the saved rows are reused
     assert (tmp_path / "summary.md").read_text().count("## Model randomisation") == 1
     assert json.loads((tmp_path / "randomisation.json").read_text()) == saved
@@ -184,7 +184,7 @@ def test_torn_last_row_then_resume_keeps_every_row(tiny_blackbox, tmp_path, expl
 
 
 def test_second_run_on_the_same_out_is_refused(tiny_blackbox, tmp_path):
-    from core.files import FolderBusyError, FolderLock
+    from saliency_lab.core.files import FolderBusyError, FolderLock
 
     with FolderLock(tmp_path):  # another evaluate.py holds the folder
         with pytest.raises(FolderBusyError, match=rf"{tmp_path} is in use by another .*pid {os.getpid()}"):
@@ -275,7 +275,7 @@ def test_checkpoint_that_is_no_explainer_is_refused(tiny_blackbox, tmp_path):
 
 
 def test_wandb_tables_and_images_are_logged(tiny_blackbox, tmp_path, monkeypatch):
-    from cli_utils import WandbLogger
+    from saliency_lab.cli.utils import WandbLogger
 
     logged = {}
     monkeypatch.setattr(WandbLogger, "log_table", lambda self, key, columns, data: logged.setdefault(key, (columns, data)))
@@ -297,7 +297,7 @@ def test_every_evaluate_config_parses_into_its_objects(repo_root, config):
     black box spec, explainer specs the registry knows and a protocol that resolves."""
     cfg = evaluate.build_parser().parse_args(["--config", str(repo_root / "configs" / "experiment" / config),
                                               "--trainer", str(repo_root / "configs" / "trainer" / "cpu_ddp.yaml")])
-    assert cfg.blackbox.class_path == "core.blackbox.BlackBox" and cfg.blackbox.init_args.model
+    assert cfg.blackbox.class_path == "saliency_lab.core.blackbox.BlackBox" and cfg.blackbox.init_args.model
     assert cfg.trainer.devices == 2 and cfg.trainer.strategy == "ddp"
     specs = evaluate.explainer_specs(cfg)
     assert len(specs) >= 2 and all(explainers.parse_spec(s).name in explainers.available() for s in specs)
@@ -336,23 +336,24 @@ def test_saved_maps_are_scored_under_another_protocol(tiny_blackbox, tmp_path):
 
 
 def test_predictor_claims_over_training_seeds_is_runnable(repo_root, monkeypatch, capsys):
-    """benchmarks/predictor_claims.py: its evaluate.py and train.py commands parse, and its table is mean ± sd."""
-    import train
-    from benchmarks.predictor_claims import evaluate_command, seed_table, train_command
+    """experiments/predictor_claims.py: its evaluate.py and train.py commands parse, and its table is mean ± sd."""
+    from saliency_lab.cli import train
+    from experiments.predictor_claims import CLI, evaluate_command, seed_table, train_command
 
     monkeypatch.chdir(repo_root)
     command = evaluate_command(1, Path("outputs/x"), 20)
-    cfg = evaluate.build_parser().parse_args(command[2:])
+    assert command[:len(CLI) + 1] == [*CLI, "evaluate"]
+    cfg = evaluate.build_parser().parse_args(command[len(CLI) + 1:])
     specs = evaluate.explainer_specs(cfg)
     assert [s if isinstance(s, str) else s["name"] for s in specs] == [
         "gradcam", "predictor_ct", "predictor_ct_posthoc", "predictor_bt", "mgnet"]
     assert specs[3]["checkpoint"] == "outputs/x/seed1/bt/checkpoints/last.ckpt" and cfg.num_images == 20
     command = train_command("bt", 2, Path("outputs/x"), Path("filter.ckpt"))
-    assert command[1] == "train.py"
-    monkeypatch.setattr(sys, "argv", ["train.py"])  # as the command line of train.py would be
+    assert command[:len(CLI) + 1] == [*CLI, "fit"]
+    monkeypatch.setattr(sys, "argv", ["saliency-lab"])  # as the command line of saliency-lab fit would be
     capsys.readouterr()
     with pytest.raises(SystemExit) as printed_and_exited:  # --print_config prints, then exits: nothing is built
-        train.main([*command[2:], "--print_config"])
+        train.main([*command[len(CLI):], "--print_config"])
     out, err = capsys.readouterr()
     assert printed_and_exited.value.code in (0, None), err[-2000:]
     printed = yaml.safe_load(out)

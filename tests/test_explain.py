@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import explain
-import explainers
-from callbacks.explanation_writer import read_index
-from datamodules.common import BadImageWarning, load_rgb
-from datamodules.image_files import ImageFiles, collect_images, output_stem, resize_to_input, safe_part
-from core.blackbox import BlackBox
+from saliency_lab.cli import explain
+from saliency_lab import explainers
+from saliency_lab.callbacks.explanation_writer import read_index
+from saliency_lab.datamodules.common import BadImageWarning, load_rgb
+from saliency_lab.datamodules.image_files import ImageFiles, collect_images, output_stem, resize_to_input, safe_part
+from saliency_lab.core.blackbox import BlackBox
 from tests.conftest import subprocess_env
 
 SIZE = 32

@@ -13,11 +13,11 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-import explainers
-from core.blackbox import BlackBox
-from core.seeding import derive_seeds, seeded_generator
-from explainers.base import _HOOK_DICTS
-from lightning_modules.mask_predictor import MaskPredictor
+from saliency_lab import explainers
+from saliency_lab.core.blackbox import BlackBox
+from saliency_lab.core.seeding import derive_seeds, seeded_generator
+from saliency_lab.explainers.base import _HOOK_DICTS
+from saliency_lab.lightning_modules.mask_predictor import MaskPredictor
 
 NAMES = explainers.available()
 SIZE = 48  # resnet10t's last level is then 2 x 2, so CAM maps are not constant

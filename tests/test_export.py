@@ -7,11 +7,11 @@ import onnx
 import pytest
 import torch
 
-import explainers
-import export
-from datamodules import ClutteredFashionMNIST, collate_samples
-from core.blackbox import BlackBox
-from lightning_modules.exported_predictor import (ONNX_OPSET, load_graph, load_torchscript, onnx_description,
+from saliency_lab import explainers
+from saliency_lab.cli import export
+from saliency_lab.datamodules import ClutteredFashionMNIST, collate_samples
+from saliency_lab.core.blackbox import BlackBox
+from saliency_lab.lightning_modules.exported_predictor import (ONNX_OPSET, load_graph, load_torchscript, onnx_description,
                                                   onnx_session, run_exported)
 
 SIZE = 32

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-import explainers
-import metrics.causal as causal
-from core.blackbox import BlackBox, native_bf16, probability_gap
-from datamodules import ClutteredFashionMNIST
-from explainers.faithfulness import MIN_SPEARMAN, PROBABILITY_TOLERANCE, map_spearman, spearman_per_image
-from metrics import CausalProtocol, causal_curves
+from saliency_lab import explainers
+import saliency_lab.metrics.causal as causal
+from saliency_lab.core.blackbox import BlackBox, native_bf16, probability_gap
+from saliency_lab.datamodules import ClutteredFashionMNIST
+from saliency_lab.explainers.faithfulness import MIN_SPEARMAN, PROBABILITY_TOLERANCE, map_spearman, spearman_per_image
+from saliency_lab.metrics import CausalProtocol, causal_curves
 
 EMBEDDED = "assets/embedded_blackbox.pt"
 SCENES = 4

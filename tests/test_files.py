@@ -11,10 +11,10 @@ import warnings
 
 import pytest
 
-from core.files import FolderBusyError, FolderLock, atomic_write
-from metrics.report import write_reports
-from metrics.rows import RowStore, content_key
-from metrics.suite import METRIC_NAMES, EvaluationSettings
+from saliency_lab.core.files import FolderBusyError, FolderLock, atomic_write
+from saliency_lab.metrics.report import write_reports
+from saliency_lab.metrics.rows import RowStore, content_key
+from saliency_lab.metrics.suite import METRIC_NAMES, EvaluationSettings
 from tests.conftest import subprocess_env
 
 # A child process that may write at most LIMIT bytes per file (a full disk, or a kill, in the middle of a
@@ -66,7 +66,7 @@ def test_reports_on_a_full_disk_keep_the_old_reports(tmp_path, repo_root):
     (tmp_path / "header.json").write_text(json.dumps(header))
     done = _run_limited(4096, f"""
         import json, pathlib
-        from metrics.report import write_reports
+        from saliency_lab.metrics.report import write_reports
         out = pathlib.Path({str(tmp_path)!r})
         write_reports(json.loads((out / "rows.json").read_text()), ["a", "b"], json.loads((out / "header.json").read_text()), out)
     """, repo_root)
@@ -96,7 +96,7 @@ def test_a_write_cut_by_the_file_size_limit_then_resume(tmp_path, repo_root):
     """The torn line made for real: a child appends rows until the size limit cuts one; the next append
     (with room again) keeps every row."""
     done = _run_limited(3000, f"""
-        from metrics.rows import RowStore
+        from saliency_lab.metrics.rows import RowStore
         from tests.test_files import _row
         store = RowStore({str(tmp_path)!r})
         for i in range(100):
@@ -146,7 +146,7 @@ def test_second_lock_is_refused_and_a_dead_holder_leaves_no_stale_lock(tmp_path,
     FolderLock(tmp_path).acquire().release()  # released
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
-        from core.files import FolderLock
+        from saliency_lab.core.files import FolderLock
         lock = FolderLock({str(tmp_path)!r}).acquire()  # held while referenced
         print("locked", flush=True)
         time.sleep(600)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import explainers
-from explainers.finv import feature_error, guide_maps, guided_mask
-from core.blackbox import BlackBox
+from saliency_lab import explainers
+from saliency_lab.explainers.finv import feature_error, guide_maps, guided_mask
+from saliency_lab.core.blackbox import BlackBox
 
 
 @pytest.fixture(scope="module")

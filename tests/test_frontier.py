@@ -1,4 +1,4 @@
-"""benchmarks/frontier.py: the equal-quality rule and the cheapest-budget choice on hand-built cases, and a tiny
+"""experiments/frontier.py: the equal-quality rule and the cheapest-budget choice on hand-built cases, and a tiny
 end-to-end sweep (2 images, tiny budgets) with its table, figure and resumption."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import math
 import pytest
 import yaml
 
-from benchmarks import frontier
-from benchmarks.frontier import cheapest_equal, equal_quality, paired_against_default
+from experiments import frontier
+from experiments.frontier import cheapest_equal, equal_quality, paired_against_default
 
 
 def interval(mean, low, high):
@@ -76,8 +76,8 @@ def test_paired_against_default_on_hand_built_rows():
 def tiny_config(tiny_blackbox_path, tmp_path_factory):
     path = tmp_path_factory.mktemp("frontier_cfg") / "tiny.yaml"
     path.write_text(yaml.safe_dump({
-        "blackbox": {"class_path": "core.blackbox.BlackBox", "init_args": {"model": f"ckpt:{tiny_blackbox_path}"}},
-        "data": {"class_path": "datamodules.ClutteredFashionMNISTDataModule",
+        "blackbox": {"class_path": "saliency_lab.core.blackbox.BlackBox", "init_args": {"model": f"ckpt:{tiny_blackbox_path}"}},
+        "data": {"class_path": "saliency_lab.datamodules.ClutteredFashionMNISTDataModule",
                  "init_args": {"image_size": 32, "num_test": 64, "num_workers": 0, "cache": False}},
         "split": "test", "target": "predicted", "batch_size": 2, "settings": {"mf_steps": 4}}))
     return path
@@ -116,7 +116,7 @@ def test_tiny_sweep_table_figure_and_resume(tiny_config, tmp_path, monkeypatch):
     assert (tmp_path / "frontier.png").stat().st_size > 10_000
 
     # a rerun resumes from the rows: nothing is explained again
-    import explainers.rise
+    from saliency_lab import explainers
 
     def refuse(*args, **kwargs):
         raise AssertionError("a finished setting was explained again")

@@ -21,14 +21,14 @@ import pytest
 import torch
 from PIL import Image
 
-import explainers
-from datamodules import (BadAnnotationWarning, BadImageError, BadImageWarning, ClutteredFashionMNIST,
+from saliency_lab import explainers
+from saliency_lab.datamodules import (BadAnnotationWarning, BadImageError, BadImageWarning, ClutteredFashionMNIST,
                          COCODetection, ImageNetFolder, fashion_mnist)
-from datamodules.export import export_coco
-from core.blackbox import BlackBox, blackbox_record, create_network
-from core.checkpoints import RemoteCheckpointError
-from metrics import causal_curves, explained_class, faithfulness_mf, pointing_game, pr_auc
-from metrics.causal import CausalProtocol
+from saliency_lab.datamodules.scene_export import export_coco
+from saliency_lab.core.blackbox import BlackBox, blackbox_record, create_network
+from saliency_lab.core.checkpoints import RemoteCheckpointError
+from saliency_lab.metrics import causal_curves, explained_class, faithfulness_mf, pointing_game, pr_auc
+from saliency_lab.metrics.causal import CausalProtocol
 
 EXPERIMENT = "configs/experiment/embedded_classifier.yaml"
 SMALL = ["--data.init_args.image_size=32", "--data.init_args.batch_size=8", "--data.init_args.num_workers=0",
@@ -98,11 +98,11 @@ def evil(tmp_path, monkeypatch):
 
 
 def _path_options(url: str, tiny_blackbox_path: Path, tmp_path: Path):
-    import explain
-    import export
-    from lightning_modules.classifier import Classifier
-    from lightning_modules.mask_predictor import MaskPredictor
-    from networks.feature_filter import FeatureFilter
+    from saliency_lab.cli import explain
+    from saliency_lab.cli import export
+    from saliency_lab.lightning_modules.classifier import Classifier
+    from saliency_lab.lightning_modules.mask_predictor import MaskPredictor
+    from saliency_lab.networks.feature_filter import FeatureFilter
 
     local = BlackBox(f"ckpt:{tiny_blackbox_path}")
     images = tmp_path / "images"
@@ -143,14 +143,14 @@ def test_url_checkpoint_is_refused_by_every_loader(evil, tiny_blackbox_path, tmp
 
 
 def _evaluate_args(blackbox: str, out: Path, *extra: str) -> list[str]:
-    return ["--blackbox.class_path=core.blackbox.BlackBox", f"--blackbox.init_args.model={blackbox}",
-            "--data.class_path=datamodules.ClutteredFashionMNISTDataModule", "--data.init_args.image_size=32",
+    return ["--blackbox.class_path=saliency_lab.core.blackbox.BlackBox", f"--blackbox.init_args.model={blackbox}",
+            "--data.class_path=saliency_lab.datamodules.ClutteredFashionMNISTDataModule", "--data.init_args.image_size=32",
             "--data.init_args.num_test=8", "--num_images=2", "--batch_size=2", "--explainers=gradient",
             "--settings.mf_steps=4", "--wandb=false", f"--out={out}", *extra]
 
 
 def test_evaluate_refuses_url_blackbox_and_ckpt(evil, tiny_blackbox_path, tmp_path):
-    import evaluate
+    from saliency_lab.cli import evaluate
 
     server, marker = evil
     url = f"{server.url}/evil.ckpt"
@@ -172,7 +172,7 @@ def test_evaluate_refuses_url_blackbox_and_ckpt(evil, tiny_blackbox_path, tmp_pa
 def test_train_and_evaluate_name_a_refused_blackbox_without_union_noise(evil, tiny_blackbox_path, tmp_path):
     """A black box built by jsonargparse (a LightningModule's, evaluate.py's) fails with its own message naming
     the file, not wrapped in "Does not validate against any of the Union subtypes"."""
-    import evaluate
+    from saliency_lab.cli import evaluate
 
     server, marker = evil
     url = f"{server.url}/evil_record.pt"
@@ -189,7 +189,7 @@ def test_train_and_evaluate_name_a_refused_blackbox_without_union_noise(evil, ti
 
 
 def _train(args: list[str]) -> None:
-    import train
+    from saliency_lab.cli import train
 
     train.main(args)
 
@@ -605,7 +605,7 @@ def fresh_wandb():
 
 @pytest.mark.parametrize("key", [None, "0123456789abcdef0123456789abcdef01234567"])
 def test_wandb_disabled_stays_disabled_with_or_without_a_key(tmp_path, monkeypatch, fresh_wandb, key):
-    from cli_utils import WandbLogger
+    from saliency_lab.cli.utils import WandbLogger
 
     monkeypatch.setenv("WANDB_MODE", "disabled")
     if key:
@@ -623,7 +623,7 @@ def test_wandb_disabled_stays_disabled_with_or_without_a_key(tmp_path, monkeypat
 
 @pytest.mark.parametrize("key", [None, "0123456789abcdef0123456789abcdef01234567"])
 def test_wandb_offline_stays_offline_with_or_without_a_key(tmp_path, monkeypatch, fresh_wandb, key):
-    from cli_utils import WandbLogger
+    from saliency_lab.cli.utils import WandbLogger
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     if key:
@@ -641,7 +641,7 @@ def test_wandb_offline_stays_offline_with_or_without_a_key(tmp_path, monkeypatch
 
 
 def test_evaluate_with_wandb_disabled_writes_no_wandb_files(tiny_blackbox_path, tmp_path, monkeypatch, fresh_wandb):
-    import evaluate
+    from saliency_lab.cli import evaluate
 
     monkeypatch.setenv("WANDB_MODE", "disabled")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)

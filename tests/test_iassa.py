@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-import evaluate
-import explainers
-import explainers.iassa as iassa  # registers "iassa" (also when explainers/__init__ does not import it)
-from core.blackbox import BlackBox, blackbox_record, create_network
+from saliency_lab.cli import evaluate
+from saliency_lab import explainers
+import saliency_lab.explainers.iassa as iassa  # registers "iassa" (also when explainers/__init__ does not import it)
+from saliency_lab.core.blackbox import BlackBox, blackbox_record, create_network
 
 TINY = dict(model="timm:resnet10t", model_kwargs={"channels": [8, 16, 24, 32]})
 FAST = dict(window=120.0, stride=60.0, tol=0.0)  # 25 windows per round at 48 px
@@ -233,8 +233,8 @@ def test_bad_settings_are_refused():
 
 # -- the COCO evaluation path -----------------------------------------------------------------------------
 def test_evaluate_on_an_embedded_coco_export(tmp_path):
-    from datamodules import ClutteredFashionMNIST, COCODataModule
-    from datamodules.export import export_coco
+    from saliency_lab.datamodules import ClutteredFashionMNIST, COCODataModule
+    from saliency_lab.datamodules.scene_export import export_coco
 
     scenes = ClutteredFashionMNIST("val", image_size=32, num_scenes=4)
     annotations = export_coco(scenes, tmp_path / "coco")
@@ -250,8 +250,8 @@ def test_evaluate_on_an_embedded_coco_export(tmp_path):
     torch.save(blackbox_record(TINY["model"], net, 10, TINY["model_kwargs"], (0.5,) * 3, (0.25,) * 3), record)
     out = tmp_path / "eval"
     evaluate.main([
-        "--blackbox.class_path=core.blackbox.BlackBox", f"--blackbox.init_args.model=ckpt:{record}",
-        "--data.class_path=datamodules.COCODataModule",
+        "--blackbox.class_path=saliency_lab.core.blackbox.BlackBox", f"--blackbox.init_args.model=ckpt:{record}",
+        "--data.class_path=saliency_lab.datamodules.COCODataModule",
         f"--data.init_args.image_dir_val={tmp_path / 'coco' / 'images'}",
         f"--data.init_args.annotations_val={annotations}",
         "--data.init_args.image_size=32", "--data.init_args.num_workers=0", "--split=val", "--explainers=iassa",

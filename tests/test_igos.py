@@ -12,11 +12,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-import explainers
-import explainers.igos  # noqa: F401  registers igos_pp and igos
-from explainers.igos import BTV_SIGMA, NOISE_STD, bilateral_total_variation, bilateral_weights, tv_norm
-from core.perturbation import gaussian_blur, perturb, scaled_blur
-from core.seeding import derive_seeds
+from saliency_lab import explainers
+import saliency_lab.explainers.igos  # noqa: F401  registers igos_pp and igos
+from saliency_lab.explainers.igos import BTV_SIGMA, NOISE_STD, bilateral_total_variation, bilateral_weights, tv_norm
+from saliency_lab.core.perturbation import gaussian_blur, perturb, scaled_blur
+from saliency_lab.core.seeding import derive_seeds
 
 SIZE = 32
 REGION = (slice(8, 20), slice(12, 24))  # what the toy black box looks at
@@ -108,7 +108,7 @@ def test_defaults_grid_scaling_and_l1_rule():
 def test_noise_and_btv_sigma_use_the_black_box_own_std(tiny_blackbox_path):
     """The released code's normalised-unit constants (noise 0.2, BTV s = 0.01 = sigma^2) are converted with the
     black box's std: 0.25 for the embedded one, not ImageNet's 0.226 (issue 11 / 12)."""
-    from core.blackbox import BlackBox
+    from saliency_lab.core.blackbox import BlackBox
 
     embedded = BlackBox(f"ckpt:{tiny_blackbox_path}")  # std 0.25 per channel, like assets/embedded_blackbox.pt
     hp = explainers.build("igos_pp", embedded).hparams
@@ -375,13 +375,13 @@ class _Module(pl.LightningModule):
         pass
 
     def val_dataloader(self):
-        from datamodules.common import collate_samples
+        from saliency_lab.datamodules.common import collate_samples
 
         return DataLoader(_Scenes(), batch_size=2, collate_fn=collate_samples)
 
 
 def test_explainer_evaluation_runs_both_methods_in_validation(tmp_path):
-    from callbacks import ExplainerEvaluation
+    from saliency_lab.callbacks import ExplainerEvaluation
 
     tiny = {**TINY, "iterations": 2}
     evaluation = ExplainerEvaluation([{"name": "igos_pp", **tiny}, {"name": "igos", **tiny}], num_images=2,

@@ -15,10 +15,11 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from datamodules import (BadImageError, BadImageWarning, ClutteredFashionMNIST, COCODataModule, COCODetection,
+from saliency_lab.datamodules import (BadImageError, BadImageWarning, ClutteredFashionMNIST, COCODataModule, COCODetection,
                          ImageNetDataModule, ImageNetFolder, boxes_to_mask)
-from datamodules.common import load_rgb
-from datamodules.export import coco_category_id, export_coco, export_imagenet, main as export_main, synset_name
+from saliency_lab.datamodules.common import load_rgb
+from saliency_lab.cli.export_scenes import main as export_main
+from saliency_lab.datamodules.scene_export import coco_category_id, export_coco, export_imagenet, synset_name
 
 SIZE = 32
 

@@ -9,11 +9,11 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-import evaluate
-from callbacks import LabelRandomisationCheck, label_randomisation
-from datamodules import ClutteredFashionMNISTDataModule
-from datamodules.common import collate_samples
-from core.blackbox import BlackBox, blackbox_record, create_network
+from saliency_lab.cli import evaluate
+from saliency_lab.callbacks import LabelRandomisationCheck, label_randomisation
+from saliency_lab.datamodules import ClutteredFashionMNISTDataModule
+from saliency_lab.datamodules.common import collate_samples
+from saliency_lab.core.blackbox import BlackBox, blackbox_record, create_network
 from tests.test_callbacks import CLASSES, InputGradient, Scenes, TinyModule, scenes_loader
 from tests.test_evaluate import args_for
 

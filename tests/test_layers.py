@@ -1,5 +1,5 @@
-"""The house rules of ARCHITECTURE.md that imports must keep: layers pointing down, no cycles, a light
-``import metrics``, and packaging that installs no top-level name."""
+"""The house rules of docs/architecture.md that imports must keep: layers pointing down, no cycles, a light
+``import saliency_lab.metrics``, and one installed top-level name."""
 from __future__ import annotations
 
 import json
@@ -16,7 +16,8 @@ try:
 except ModuleNotFoundError:  # Python 3.10: pytest's own TOML reader
     import tomli as tomllib
 
-HEAVY = ("captum", "pytorch_grad_cam", "explainers", "lightning_modules", "callbacks", "networks")
+HEAVY = ("captum", "pytorch_grad_cam", "saliency_lab.explainers", "saliency_lab.lightning_modules",
+         "saliency_lab.callbacks", "saliency_lab.networks", "saliency_lab.api")
 
 
 def lint_imports() -> list[str]:
@@ -39,8 +40,10 @@ def test_import_contracts_hold(repo_root):
 
 
 def loaded_after(statement: str, repo_root: Path) -> set[str]:
-    """Top-level names of every module a fresh interpreter has loaded after ``statement``."""
-    code = f"{statement}\nimport json, sys\nprint(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}})))"
+    """Top-level names and ``saliency_lab.X`` subpackages of every module a fresh interpreter has loaded after
+    ``statement``."""
+    code = (f"{statement}\nimport json, sys\nprint(json.dumps(sorted({{'.'.join(m.split('.')[:2]) if "
+            f"m.startswith('saliency_lab.') else m.split('.')[0] for m in sys.modules}})))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=repo_root, env=subprocess_env(), capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -48,19 +51,24 @@ def loaded_after(statement: str, repo_root: Path) -> set[str]:
 
 
 def test_import_metrics_loads_no_explainer_captum_or_lightning_module(repo_root):
-    loaded = loaded_after("import metrics, metrics.report", repo_root)
-    assert "metrics" in loaded and "core" in loaded
+    loaded = loaded_after("import saliency_lab.metrics, saliency_lab.metrics.report", repo_root)
+    assert "saliency_lab.metrics" in loaded and "saliency_lab.core" in loaded
     assert not loaded & set(HEAVY), sorted(loaded & set(HEAVY))
 
 
 def test_import_explainers_loads_no_lightning_module_or_metric(repo_root):
-    loaded = loaded_after("import explainers", repo_root)
-    assert {"explainers", "networks", "core"} <= loaded
-    assert not loaded & {"lightning_modules", "callbacks", "metrics", "pytorch_lightning"}
+    loaded = loaded_after("import saliency_lab.explainers", repo_root)
+    assert {"saliency_lab.explainers", "saliency_lab.networks", "saliency_lab.core"} <= loaded
+    assert not loaded & {"saliency_lab.lightning_modules", "saliency_lab.callbacks", "saliency_lab.metrics",
+                         "pytorch_lightning"}
 
 
-def test_packaging_installs_no_top_level_name(repo_root):
-    """``pip install -e .`` installs the dependencies only: the packages and scripts are used from the repo,
-    so no installed name (e.g. ``evaluate``, taken on the package index) shadows another distribution."""
+def test_one_package_and_its_layers_are_what_gets_installed(repo_root):
+    """setuptools finds exactly one top-level package, saliency_lab, under src/ (no generic name such as
+    ``metrics`` or ``evaluate`` lands in site-packages), and the configs and embedded assets ship as its data."""
     setuptools = tomllib.loads((repo_root / "pyproject.toml").read_text())["tool"]["setuptools"]
-    assert setuptools.get("packages") == [] and setuptools.get("py-modules") == []
+    assert setuptools["packages"]["find"]["where"] == ["src"]
+    top = sorted(p.name for p in (repo_root / "src").iterdir() if (p / "__init__.py").is_file())
+    assert top == ["saliency_lab"]
+    data = setuptools["package-data"]["saliency_lab"]
+    assert {"py.typed", "configs/**/*.yaml", "assets/*.pt", "assets/*.ckpt"} <= set(data)

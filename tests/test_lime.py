@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-import explainers
-from explainers.lime import cosine_kernel, segment_means, superpixels
+from saliency_lab import explainers
+from saliency_lab.explainers.lime import cosine_kernel, segment_means, superpixels
 
 SIZE, CELLS = 32, 4  # a 4 x 4 grid of 8 x 8 px blocks of distinct flat colours
 SIDE = SIZE // CELLS

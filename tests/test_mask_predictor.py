@@ -17,16 +17,16 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-import explainers
-from core.blackbox import BlackBox
-from core.seeding import per_image_uniforms
-from datamodules import ClutteredFashionMNIST, collate_samples
-from lightning_modules.feature_filter import FeatureFilterModule
-from lightning_modules.mask_predictor import (MaskDistribution, MaskPredictor, hinge_loss, top_fraction_mask,
+from saliency_lab import explainers
+from saliency_lab.core.blackbox import BlackBox
+from saliency_lab.core.seeding import per_image_uniforms
+from saliency_lab.datamodules import ClutteredFashionMNIST, collate_samples
+from saliency_lab.lightning_modules.feature_filter import FeatureFilterModule
+from saliency_lab.lightning_modules.mask_predictor import (MaskDistribution, MaskPredictor, hinge_loss, top_fraction_mask,
                                               total_variation)
-from networks.controllers import CTController, make_controller, skewness, standardise
-from networks.feature_filter import FeatureFilter
-from networks.mask_generator import (GENERATOR_PRESETS, PRESET_RATIOS, MaskGenerator, MaskPredictorNet, derive_widths,
+from saliency_lab.networks.controllers import CTController, make_controller, skewness, standardise
+from saliency_lab.networks.feature_filter import FeatureFilter
+from saliency_lab.networks.mask_generator import (GENERATOR_PRESETS, PRESET_RATIOS, MaskGenerator, MaskPredictorNet, derive_widths,
                                      generator_widths, upsample)
 from tests.conftest import subprocess_env
 
@@ -333,8 +333,8 @@ def test_game_substrates_are_per_image(tiny_blackbox_path, scenes):
 def test_protocol_game_perturbs_like_the_causal_metric(tiny_blackbox_path, scenes):
     """Under the igos preset the game's hard limit (temperature -> 0) removes exactly the top cells of the
     metric's grid, upsampled bilinearly, into the preset's blur."""
-    from metrics import CausalProtocol
-    from metrics.causal import rank_units, unit_scores
+    from saliency_lab.metrics import CausalProtocol
+    from saliency_lab.metrics.causal import rank_units, unit_scores
 
     model = predictor(tiny_blackbox_path, **PROTOCOL_GAME, game_temperature=1e-4)
     images = scenes["image"]
@@ -481,7 +481,7 @@ def embedded_data(num_train=16, batch=8):
 
 @pytest.fixture(scope="module")
 def imagenet_export(tmp_path_factory):
-    from datamodules.export import export_imagenet
+    from saliency_lab.datamodules.scene_export import export_imagenet
 
     return export_imagenet(tmp_path_factory.mktemp("imagenet"), {"train": 16, "val": 8}, image_size=SIZE)
 
@@ -491,7 +491,7 @@ def imagenet_export(tmp_path_factory):
 # paying the interpreter and library imports six times.
 _EACH_CONFIG = """
 import json, os, sys, traceback
-import train
+from saliency_lab.cli import train
 for name, args, log in json.loads(sys.argv[1]):
     sys.stdout.flush(); sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
@@ -537,7 +537,7 @@ def test_fast_dev_run_of_every_imagenet_config(repo_root, imagenet_export, tmp_p
             assert (run_dir / "eval" / "val_epoch000_overlays.png").is_file(), config
 
 
-# The game recipe (benchmarks/predictor_ablation.py's winner ct_pgame_only_fp3) on top of each CT config; the
+# The game recipe (experiments/predictor_ablation.py's winner ct_pgame_only_fp3) on top of each CT config; the
 # embedded one also sets how the ablation trained it (bf16 autocast, channels-last), the ImageNet CT configs already do.
 GAME_RECIPE = {"method": "predictor_game", "ce_weight": 0.0, "deletion_weight": 1.0, "insertion_weight": 1.0,
                "game_protocols": ["rise", "igos"], "game_fraction_power": 3.0}
@@ -547,7 +547,7 @@ GAME_CONFIGS = {"embedded_predictor_game": "embedded_predictor_ct", "imagenet_re
 
 def resolved_config(name: str, *overrides: str):
     """train.py's parse of configs/experiment/NAME.yaml (its ``config:`` include resolved), nothing instantiated."""
-    from cli_utils import SaliencyCLI
+    from saliency_lab.cli.utils import SaliencyCLI
 
     class ParseOnly(SaliencyCLI):
         def _set_seed(self) -> None:  # seed_everything would reseed this test process
@@ -583,7 +583,7 @@ def test_embedded_game_config_builds_the_game_predictor(repo_root, monkeypatch, 
     """The config's model arguments build a predictor that plays the game alone and records predictor_game."""
     monkeypatch.chdir(repo_root)
     cfg = resolved_config("embedded_predictor_game")
-    assert cfg.model.class_path == "lightning_modules.mask_predictor.MaskPredictor"
+    assert cfg.model.class_path == "saliency_lab.lightning_modules.mask_predictor.MaskPredictor"
     kwargs = {k: v for k, v in cfg.model.init_args.as_dict().items() if k not in ("blackbox", "filter_checkpoint")}
     model = predictor(tiny_blackbox_path, **kwargs)
     assert model.explainer_name() == "predictor_game" != predictor(tiny_blackbox_path).explainer_name()

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from metrics import CausalMetric, CausalResult, FaithfulnessMetric, IoUF1Metric, PointingGameMetric, PRAUCMetric
+from saliency_lab.metrics import CausalMetric, CausalResult, FaithfulnessMetric, IoUF1Metric, PointingGameMetric, PRAUCMetric
 
 NAN = math.nan
 

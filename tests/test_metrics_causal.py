@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from metrics import CausalProtocol, causal_curves, explained_class, faithfulness_mf, minmax_across_methods
-from metrics.causal import normalised_area, rank_units, step_counts, trapezoid_area
+from saliency_lab.metrics import CausalProtocol, causal_curves, explained_class, faithfulness_mf, minmax_across_methods
+from saliency_lab.metrics.causal import normalised_area, rank_units, step_counts, trapezoid_area
 
 HYPOTHESIS = settings(max_examples=20, deadline=None)
 

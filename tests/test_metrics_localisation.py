@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from sklearn.metrics import average_precision_score
 from torchmetrics.functional.classification import binary_average_precision
 
-from metrics import default_pointing_tolerance, iou_f1, iou_f1_pixel_level, pointing_game, pr_auc
-from metrics.localisation import saliency_region
+from saliency_lab.metrics import default_pointing_tolerance, iou_f1, iou_f1_pixel_level, pointing_game, pr_auc
+from saliency_lab.metrics.localisation import saliency_region
 
 
 def _mask(rows):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import explainers
-from core.perturbation import gaussian_blur, perturb, scaled_blur
-from explainers.mpert import jitter_images, scaled_grid, total_variation_sum
+from saliency_lab import explainers
+from saliency_lab.core.perturbation import gaussian_blur, perturb, scaled_blur
+from saliency_lab.explainers.mpert import jitter_images, scaled_grid, total_variation_sum
 from tests.test_igos import REGION, SIZE, RegionBox, scenes
 
 # On an 8 x 8 grid of the toy: an L1 price that makes deleting everything cost 0.13 (the paper's weights are

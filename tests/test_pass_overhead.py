@@ -6,9 +6,9 @@ import time
 
 import torch
 
-import explainers
+from saliency_lab import explainers
 from benchmarks.pass_overhead import RecordingBlackBox, bare_seconds
-from core.blackbox import BlackBox
+from saliency_lab.core.blackbox import BlackBox
 
 
 def test_recording_matches_the_explainers_own_count(tiny_blackbox_path):

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from core.blackbox import IMAGENET_MEAN
-from core.perturbation import (
+from saliency_lab.core.blackbox import IMAGENET_MEAN
+from saliency_lab.core.perturbation import (
     clip_kernel_size,
     gaussian_blur,
     make_substrate,
@@ -13,7 +13,7 @@ from core.perturbation import (
     random_colour_noise,
     scaled_blur,
 )
-from core.seeding import derive_seeds
+from saliency_lab.core.seeding import derive_seeds
 
 
 def _images(batch=2, size=8, seed=0):
@@ -190,8 +190,8 @@ def test_unknown_substrate():
 
 def test_random_substrate_depends_on_the_run_seed():
     """The run seed sits in the high 32 bits of derive_seeds: it must still change the draws on the CPU."""
-    from core.perturbation import random_colour_noise
-    from core.seeding import derive_seeds
+    from saliency_lab.core.perturbation import random_colour_noise
+    from saliency_lab.core.seeding import derive_seeds
 
     images = torch.zeros(2, 3, 8, 8)
     index = torch.arange(2)

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from metrics.report import PAIRED_KEYS, paired_difference
+from saliency_lab.metrics.report import PAIRED_KEYS, paired_difference
 
 
 def _rows(method, values, nan_at=None):

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import evaluate
-from metrics.report_html import render
+from saliency_lab.cli import evaluate
+from saliency_lab.metrics.report_html import render
 from tests.test_evaluate import args_for
 
 METHODS = ["gradient", "rise"]

@@ -8,9 +8,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import explainers
-import explainers.rise as rise
-from explainers.rise import MASKS_PER_STREAM, draw_grids, render_masks
+from saliency_lab import explainers
+import saliency_lab.explainers.rise as rise
+from saliency_lab.explainers.rise import MASKS_PER_STREAM, draw_grids, render_masks
 
 SIZE = 32
 

@@ -7,11 +7,11 @@ import warnings
 import pytest
 import torch
 
-import explainers
-from datamodules import ClutteredFashionMNIST
-from core.blackbox import BlackBox
-from lightning_modules.mask_predictor import MaskPredictor
-from lightning_modules.teacher import compute_teacher_maps, load_teacher_maps, rank_targets
+from saliency_lab import explainers
+from saliency_lab.datamodules import ClutteredFashionMNIST
+from saliency_lab.core.blackbox import BlackBox
+from saliency_lab.lightning_modules.mask_predictor import MaskPredictor
+from saliency_lab.lightning_modules.teacher import compute_teacher_maps, load_teacher_maps, rank_targets
 
 SIZE = 32
 

@@ -9,9 +9,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import explainers
-from core.perturbation import gaussian_blur
-from explainers.xpert import (SmoothMaskGenerator, area_penalty, axis_neighbours, blur_pyramid, pyramid_perturb,
+from saliency_lab import explainers
+from saliency_lab.core.perturbation import gaussian_blur
+from saliency_lab.explainers.xpert import (SmoothMaskGenerator, area_penalty, axis_neighbours, blur_pyramid, pyramid_perturb,
                                smooth_max)
 from tests.test_igos import REGION, SIZE, RegionBox, scenes
 
