@@ -5,7 +5,7 @@ Inversion and LIME. Black-box passes and seconds per image.
                                    [--max_forward_batch 256]
 
 On the embedded black box and embedded test images (64 x 64, explained class = the prediction), per method at
-its METHODS.md defaults:
+its docs/methods.md defaults:
 
 1. one call on ``--batch`` images: wall and CPU seconds per image, forwards and backwards per image
    (``explainer.cost``) against the method's exact formula (MPert T, T; XPert A T, A T; FInv 1 + T1 + 2 T2,

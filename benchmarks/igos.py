@@ -5,10 +5,8 @@
     python -m benchmarks.igos --pass-limit K [--methods igos_pp] [--iterations T] [--converge_tol TOL]
                               [--clock wall|cpu]
 
-``--pass-limit K``: per-image wall time against its bare black-box passes, K images one at a time (issue 16,
-target <= 1.15x; see :func:`pass_limit`). Measured on the shared machine (load 8-14, nice 15) with
-``--pass-limit 5 --iterations 3 --threads 1 --clock cpu --batch 5``: iGOS++ 1.075x, I-GOS 1.110x (medians of
-5 images; single images 0.96-1.18x: other jobs thrash the caches). Building the rows (per image and term one
+``--pass-limit K``: per-image wall time against its bare black-box passes, K images one at a time (the
+target is <= 1.15x; see :func:`pass_limit`; figures in docs/results/speed.md). Building the rows (per image and term one
 upsampled product, one gather and one multiply-add per row, the noise drawn into the rows' buffer) takes
 9.3 ms per 80 rows against 14.8 ms before, next to ~166 ms for their forward pass at 1 thread under that load.
 Batching the line-search trials of a step would not save passes: the backtracking search evaluates exactly the
@@ -25,7 +23,7 @@ On the embedded black box and embedded test images (64 x 64, explained class = t
 3. Per-image speedup B = 16 vs B = 1 (target >= 4x on 2 cores), raw and per forward pass: each image's
    line search takes its own number of trials, so images differ in work; the per-pass ratio removes that.
 4. Forward / backward counts: measured (``explainer.cost``) against the exact formula
-   P (2T + sum of trials), P T (P = 4n for igos_pp, n for igos) and METHODS.md's 4 n T (2 + mean trials).
+   P (2T + sum of trials), P T (P = 4n for igos_pp, n for igos) and docs/methods.md's 4 n T (2 + mean trials).
 
 What it found (2 cores, 64 px, quiet machine): B = 16 is *not* faster per image (0.8-0.9x). One image alone
 already sends all its 4n = 80 IG points (n = 20 for igos) through the black box together, which fills both
@@ -159,7 +157,7 @@ def bench(name: str, model, data: dict, targets: torch.Tensor, args) -> None:
     methods_forwards = terms * n * iterations * (2 + mean_trials)
     print(f"{name}: B={batch} counts per image: forwards {cost.forwards / batch:.1f} (exact formula "
           f"P(2T + sum t)/image = {forwards / batch:.1f}), backwards {cost.backwards / batch:.1f} (P T = "
-          f"{backwards / batch:.0f}); METHODS.md {terms}nT(2 + trials) = "
+          f"{backwards / batch:.0f}); docs/methods.md {terms}nT(2 + trials) = "
           f"{terms}*{n}*{iterations}*(2 + {mean_trials:.2f}) "
           f"= {methods_forwards:.1f} forwards, {terms}nT = {terms * n * iterations} backwards; "
           f"match: {(cost.forwards, cost.backwards) == (forwards, backwards)}")

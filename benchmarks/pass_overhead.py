@@ -4,7 +4,7 @@
         [--clock cpu|wall] [--hparams '{"igos_pp": {"iterations": 5}}']
 
 On the embedded black box (precision "auto": bf16 for the methods that opt in, as in any evaluation) and the
-first ``--images`` embedded test scenes, explained one at a time. Target (issue 16): <= 1.15x.
+first ``--images`` embedded test scenes, explained one at a time. Target: <= 1.15x (figures: docs/results/speed.md).
 
 *Bare passes* of an image: every call the method made to the black box, recorded by :class:`RecordingBlackBox`
 (rows, which entry point, whether a gradient flowed back to its input, whether it ran inside the fast (bf16)

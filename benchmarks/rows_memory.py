@@ -1,4 +1,4 @@
-"""Peak memory of reading and aggregating the per-image rows of a large evaluation (issue 11: bounded at
+"""Peak memory of reading and aggregating the per-image rows of a large evaluation (it must stay bounded at
 50,000 images x 13 methods).
 
     python -m benchmarks.rows_memory [--images 50000] [--methods 13] [--curve 225] [--old_images 1000]

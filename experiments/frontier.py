@@ -1,4 +1,4 @@
-"""The quality-vs-compute frontier (issue 16, point 3): every method's budget knob swept, each setting evaluated
+"""The quality-vs-compute frontier : every method's budget knob swept, each setting evaluated
 by ``evaluate.py`` under the ``rise`` and the ``igos`` protocol presets, and for each method the cheapest budget
 whose quality equals its full default.
 
@@ -6,7 +6,7 @@ whose quality equals its full default.
         [--ckpt predictor_ct=PATH ...] [--only LABEL,...] [--report_only] [--dry_run] [--threads 2]
         [--figure docs/frontier.png] [--table outputs/frontier/frontier.md] [--sweep JSON] [--evaluate_args ...]
 
-**Settings.** :data:`SWEEP` lists, per method, its default (the method's METHODS.md defaults; XPert with the
+**Settings.** :data:`SWEEP` lists, per method, its default (the method's docs/methods.md defaults; XPert with the
 embedded black box's area weight of ``embedded_claims_table1.yaml``) and the cheaper budgets: RISE N; iGOS++ and
 I-GOS iterations x IG points; IASSA iterations x stride; MPert / XPert iterations; FInv iterations; LIME samples.
 The one-pass methods (``gradient``, ``gradcam`` and the trained predictors given with ``--ckpt NAME=PATH``) are

@@ -1,4 +1,4 @@
-"""evaluate.py's option values are checked before any work (issue 12, point 3): each bad value gets a
+"""evaluate.py's option values are checked before any work: each bad value gets a
 ValueError naming the option and what it accepts, before the output folder, run.json, the black box or the
 data are touched."""
 from __future__ import annotations

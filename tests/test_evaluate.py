@@ -106,7 +106,7 @@ def _rise(n_masks):
 
 def test_rerun_with_other_hyper_parameters_recomputes_exactly_their_rows(tiny_blackbox, tmp_path, explained,
                                                                          capsys):
-    """Issue 11's story: RISE with n_masks 8, then 32 (500 in the issue) into the same --out. Before, the old
+    """A user's story: RISE with n_masks 8, then 32 into the same --out. Before, the old
     rows were reused and forwards_per_image mixed both; now RISE's rows are computed again, gradient's reused,
     and the run says so only for what it does compute again."""
     first = evaluate.main(args_for(tiny_blackbox, tmp_path, "--num_images=4", _rise(8)))

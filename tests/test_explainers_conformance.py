@@ -1,4 +1,4 @@
-"""Every registered explainer against the contract (ARCHITECTURE.md, "The explainer contract").
+"""Every registered explainer against the contract (docs/architecture.md, "The explainer contract").
 
 One list, ``explainers.available()``: registering a method runs it through all of these checks, the trained
 predictors included (built from tiny checkpoints written by their own LightningModule). Methods only differ

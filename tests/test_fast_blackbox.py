@@ -1,4 +1,4 @@
-"""Fast black-box options (issue 16): bf16 autocast, channels-last, the "auto" rule, and faithfulness to float32
+"""Fast black-box options: bf16 autocast, channels-last, the "auto" rule, and faithfulness to float32
 on the committed embedded black box (assets/embedded_blackbox.pt) with a handful of embedded test scenes."""
 from __future__ import annotations
 

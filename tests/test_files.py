@@ -1,4 +1,4 @@
-"""Nothing lost, nothing torn (issue 11): atomic writes, torn-line-safe appends, one process per folder, and the
+"""Nothing lost, nothing torn: atomic writes, torn-line-safe appends, one process per folder, and the
 keyed, indexed reading of per-image rows (core/files.py, metrics/rows.py)."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Hostile inputs (issue 12): every file, checkpoint or tensor an attacker or a careless user can hand us gets a
+"""Hostile inputs: every file, checkpoint or tensor an attacker or a careless user can hand us gets a
 clear error naming it, or a named skip; no pickled code runs; nothing hangs. One test (or parameter) per row of
 the README's "Reliability: hostile inputs" table."""
 from __future__ import annotations

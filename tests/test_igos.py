@@ -107,7 +107,7 @@ def test_defaults_grid_scaling_and_l1_rule():
 
 def test_noise_and_btv_sigma_use_the_black_box_own_std(tiny_blackbox_path):
     """The released code's normalised-unit constants (noise 0.2, BTV s = 0.01 = sigma^2) are converted with the
-    black box's std: 0.25 for the embedded one, not ImageNet's 0.226 (issue 11 / 12)."""
+    black box's std: 0.25 for the embedded one, not ImageNet's 0.226."""
     from saliency_lab.core.blackbox import BlackBox
 
     embedded = BlackBox(f"ckpt:{tiny_blackbox_path}")  # std 0.25 per channel, like assets/embedded_blackbox.pt
@@ -189,7 +189,7 @@ def test_total_variation_by_hand():
 
 
 def _explicit_objective(name, explainer, box, images, blur, targets, masks):
-    """(model terms (B,), regulariser (B,)) straight from METHODS.md §2, with phi = perturb, no noise."""
+    """(model terms (B,), regulariser (B,)) straight from docs/methods.md §2, with phi = perturb, no noise."""
     n, size = explainer.ig_steps, images.shape[-2:]
 
     def score(first, second, mask):  # (1/n) sum_k p_c(phi(first, second, k/n * mask))
@@ -337,7 +337,7 @@ def test_cost_is_exactly_the_formula(name, terms):
     assert one_trial.max_trials == 1 and one_trial.last_trials.eq(1).all()
     assert one_trial.cost.forwards == terms * n * iterations * 3 * 2
     assert one_trial.cost.backwards == terms * n * iterations * 2
-    # Defaults of the line search: forwards = P (2T + sum of trials) per image, i.e. METHODS.md's
+    # Defaults of the line search: forwards = P (2T + sum of trials) per image, i.e. docs/methods.md's
     # 4 n T (2 + trials) with trials = the mean number of line-search evaluations per iteration.
     explainer = explainers.build(name, box, **TINY, max_forward_batch=9)
     explainer(images, torch.tensor([0, 1]))
@@ -399,7 +399,7 @@ def test_explainer_evaluation_runs_both_methods_in_validation(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Per-image convergence (issue 16)
+# Per-image convergence
 
 
 def test_converged_images_stop_and_cost_nothing_more():

@@ -35,7 +35,7 @@ class ExplainerEvaluation(ProbeSetCallback):
     ranks, so every rank logs the same number) as ``{prefix}/{val|test}/{explainer}/{metric}``: the per-image
     rows of all ranks go through :func:`metrics.report.summarise`, the aggregation ``evaluate.py`` reports, so
     each name means what it means in ``results.json``: ``deletion``, ``insertion``, ``deletion_norm``,
-    ``insertion_norm`` (PROTOCOLS.md, "Normalised causal scores"), ``mf`` (raw, percent), ``mf_normalized``
+    ``insertion_norm`` (docs/protocols.md, "Normalised causal scores"), ``mf`` (raw, percent), ``mf_normalized``
     (per-image min-max across the explainers), ``mi`` (percent), ``pointing_game`` (mean over the annotated
     classes, as TorchRay) and ``pointing_game_hit_rate`` (over images), ``iou``, ``f1``, ``iou_top``,
     ``f1_top``, ``iou_pixel``, ``f1_pixel``; an image whose value is NaN (no ground truth, the M_F guard, a

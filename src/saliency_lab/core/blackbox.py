@@ -10,7 +10,7 @@
 Pretrained weights come from a local file (``weights=``, ``.pth``/``.pt`` state dict or ``.safetensors``);
 nothing is ever downloaded.
 
-Cheaper passes (issue 16; figures and the faithfulness check: ``benchmarks/fast_blackbox.py``,
+Cheaper passes (figures and the faithfulness check: ``benchmarks/fast_blackbox.py``,
 :func:`probability_gap` here and ``explainers.faithfulness``):
 
 - ``precision="bf16"``: every pass under ``torch.autocast(device, bfloat16)`` (weights stay float32; outputs
@@ -581,7 +581,7 @@ def export_blackbox(checkpoint: str | os.PathLike, out: str | os.PathLike, half:
     """Write the black-box record of a classifier checkpoint to ``out`` (no optimizer state, no Lightning).
 
     ``half`` stores the weights as float16 (half the size; they are cast back to float32 on load), which is
-    how the embedded black box committed under ``assets/`` stays below the 5 MB EMBEDDED.md allows.
+    how the embedded black box committed under ``assets/`` stays below the 5 MB a committed asset may weigh (docs/embedded.md).
     """
     record = dict(read_blackbox_record(checkpoint))
     if half:

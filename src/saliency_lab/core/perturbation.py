@@ -26,7 +26,7 @@ from saliency_lab.core.blackbox import IMAGENET_MEAN
 from saliency_lab.core.seeding import seeded_generator
 
 SUBSTRATES: tuple[str, ...] = ("mean", "zero", "blur", "random")
-# METHODS.md §1: std of the noise on the random-colour substrate, in [0, 1] pixel units.
+# docs/methods.md §1: std of the noise on the random-colour substrate, in [0, 1] pixel units.
 NOISE_STD = 0.055
 
 
@@ -133,7 +133,7 @@ def random_colour_noise(images: Tensor, seeds: Tensor, noise_std: float = NOISE_
         images: (B, C, H, W); only its shape, device and dtype are used.
         seeds: (B,) integer seeds, e.g. from :func:`core.seeding.derive_seeds`, so image b's substrate is the same
             whichever batch it sits in.
-        noise_std: std of the additive gaussian noise in [0, 1] pixel units (METHODS.md: about 0.055).
+        noise_std: std of the additive gaussian noise in [0, 1] pixel units (docs/methods.md: about 0.055).
 
     One generator per image is a python loop over the batch: torch generators cannot be vectorised, and
     the loop only draws random numbers (B small launches), it touches no model.

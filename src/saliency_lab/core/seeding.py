@@ -1,6 +1,6 @@
 """Per-image seeding: every stochastic component draws image b's randomness from (run seed, dataset index).
 
-Results then do not depend on the batch size or the number of processes (ARCHITECTURE.md, explainer
+Results then do not depend on the batch size or the number of processes (docs/architecture.md, explainer
 contract): :func:`derive_seeds` gives one int64 seed per image, :func:`seeded_generator` turns any tuple of
 integers (e.g. (image seed,) or (seed, epoch, stream, index)) into a torch generator, and
 :func:`per_image_uniforms` draws a few uniforms per image from such a tuple.
@@ -20,7 +20,7 @@ def derive_seeds(seed: int, index: Tensor) -> Tensor:
     """Per-image seeds (B,) int64 from a run seed and the images' dataset indices (B,).
 
     seed * 2**32 + index is injective for 0 <= seed < 2**31 and 0 <= index < 2**32, so every image gets
-    its own stream whatever the batch size or number of processes (ARCHITECTURE.md, explainer contract).
+    its own stream whatever the batch size or number of processes (docs/architecture.md, explainer contract).
     """
     if not 0 <= seed < 2**_SEED_BITS:
         raise ValueError(f"seed must be in [0, 2**{_SEED_BITS}), got {seed}")

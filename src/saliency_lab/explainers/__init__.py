@@ -1,4 +1,4 @@
-"""Saliency explainers behind one contract (ARCHITECTURE.md, "The explainer contract").
+"""Saliency explainers behind one contract (docs/architecture.md, "The explainer contract").
 
     explainer = explainers.build("rise", blackbox, n_masks=4000, seed=0, max_forward_batch=256)
     explainer = explainers.build("predictor_ct", blackbox, checkpoint="ct.ckpt")   # a trained method

@@ -1,4 +1,4 @@
-"""The explainer contract (ARCHITECTURE.md) as a base class, and the black-box state guard.
+"""The explainer contract (docs/architecture.md) as a base class, and the black-box state guard.
 
 Every explainer is called the same way::
 

@@ -1,4 +1,4 @@
-"""IASSA: Iterative and Adaptive Sampling with Spatial Attention (Vasu & Long, WACV 2020; METHODS.md §3).
+"""IASSA: Iterative and Adaptive Sampling with Spatial Attention (Vasu & Long, WACV 2020; docs/methods.md §3).
 
 Iteration 0 occludes the image with a deterministic grid of sliding windows (mask M_i = 1 except a W x W
 window set to the substrate) and estimates the saliency of class c by the paper's Eq. 5

@@ -2,7 +2,7 @@
 
 Both optimise masks on an r x r grid, upsampled bilinearly to H x W, with 1 = keep the image and 0 = replace
 it by the baseline B (the image blurred). The model terms are integrated-gradient (IG) scores along n points
-k/n * M, k = 1..n, each with gaussian noise (METHODS.md §2), with phi(X, A, M) = X * M + A * (1 - M):
+k/n * M, k = 1..n, each with gaussian noise (docs/methods.md §2), with phi(X, A, M) = X * M + A * (1 - M):
 
     deletion(M)  = 1/n sum_k p_c(phi(I, B, k/n * M) + noise)       (M = 1: the image itself)
     insertion(M) = 1/n sum_k p_c(phi(B, I, k/n * M) + noise)       (M = 1: the baseline)
@@ -28,7 +28,7 @@ a >= ``ls_min_alpha``; then M <- clamp(M - a g, 0, 1) with the last a tried (als
 released code). Masks of iGOS++ share one alpha. Option ``optimizer="nag"``: the authors' Nesterov variant,
 theta_i = M - step * g, M <- clamp(theta_i + i/(i+3) * (theta_i - theta_{i-1}), 0, 1), no line search.
 
-Batching (ARCHITECTURE.md contract): every IG point of every image of the batch is one row; rows of all
+Batching (docs/architecture.md contract): every IG point of every image of the batch is one row; rows of all
 images go through the black box together, ``max_forward_batch`` at a time, each chunk back-propagated at
 once, so memory is bounded by that knob. The line search is per image: each image its own alpha, and each
 trial re-evaluates only the images whose search is still running. Noise for image b comes from its own
@@ -52,7 +52,7 @@ T_b <= T the iterations the image ran and t_i the line-search evaluations of ite
     forwards = backwards = P * T_b                                 (nag)
 
 one IG pass (forward + backward) and one fresh evaluation of L(M) per iteration plus the trials. With the
-mean t = sum_i t_i / T this is METHODS.md's "4 n T backward and 4 n T (2 + trials) forward passes".
+mean t = sum_i t_i / T this is docs/methods.md's "4 n T backward and 4 n T (2 + trials) forward passes".
 
 Where we depart from the released code (github.com/khorrams/IGOS_pp) and why:
 
@@ -75,7 +75,7 @@ max(2, round(r * side / 224)) cells per side when ``scale_with_image`` (the rule
 :meth:`saliency_lab.metrics.CausalProtocol.igos`, so a 28 grid keeps 8 px cells: 8 x 8 at 64 px); "full" is one cell per
 pixel. ``scale_with_image=False`` takes r as an absolute number of cells. The blur (kernel 51, sigma 50 at
 224) is scaled by :func:`core.perturbation.scaled_blur` (15 / 14.3 at 64). L1 defaults to 1, or 10
-when the grid is the full image resolution (METHODS.md: 10 at r = 224).
+when the grid is the full image resolution (docs/methods.md: 10 at r = 224).
 """
 
 from __future__ import annotations
@@ -412,7 +412,7 @@ class _IntegratedGradientOptimizedSaliency(Explainer):
         # phi(I, B, m) = B + m (I - B) (deletion) and phi(B, I, m) = B + (1 - m) (I - B) (insertion), m = k/n M:
         # the one-channel weight f M (deletion) or 1 - f M (insertion) as offset + scale * M in one operation,
         # then one broadcast multiply-add per run of an image's rows (no per-row gathers of images and
-        # baselines; issue 16: building the rows cost ~20% of the forward pass, ~11% before this form).
+        # baselines: building the rows this way costs about half of the per-row form).
         deletion = torch.tensor([t[1] for t in self._TERMS], device=up.device)[term]
         fraction = fraction.to(up.dtype)
         weight = torch.addcmul((~deletion).to(up.dtype).view(-1, 1, 1, 1), mask,

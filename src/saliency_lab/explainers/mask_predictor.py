@@ -13,7 +13,7 @@ The networks come from :mod:`networks` (plain ``nn.Module``s), never from the Li
 Saliency = the predictor's mask M^d for the explained class, upsampled bilinearly to the image: one pass of
 the black box's feature extractor plus the generator (``cost.forwards`` = 1 per image).
 
-Post-hoc tuning (METHODS.md §1, an inference option): rank the pixels by M, reveal the top k of them into
+Post-hoc tuning (docs/methods.md §1, an inference option): rank the pixels by M, reveal the top k of them into
 the blurred image at ``posthoc_points`` + 1 uniformly spaced k (k = ceil(j N / n), j = 0..n), measure
 q = p_c, make q monotone with a running max, interpolate it linearly to every rank i (q_i = q at i + 1
 revealed pixels), and rescale r'_i = r_i (q_max - q_i + eps). r and (q_max - q_i + eps) are both

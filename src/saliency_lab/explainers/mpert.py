@@ -29,7 +29,7 @@ Deliberate deviations, and why:
   by a search costing extra forwards; we start from m = 1 (nothing deleted) and let the deletion grow where
   the gradient of p_c points.
 - Mask noise: the paper motivates stochastic perturbations against adversarial artefacts but gives no noise
-  level for the mask; ``mask_noise`` = 0.05 (METHODS.md §4 asks for jitter and mask noise).
+  level for the mask; ``mask_noise`` = 0.05 (docs/methods.md §4 asks for jitter and mask noise).
 - Regulariser scale: the paper's sums run over a 28 x 28 grid. When the grid is scaled to smaller images
   (``scale_with_image``: r = max(2, round(28 * side / 224)), 8 x 8 at 64 px, the rule of iGOS++), the weights
   are rescaled so that a mask covering the same fraction of the image with the same shape costs the same:
@@ -37,7 +37,7 @@ Deliberate deviations, and why:
 - Jitter at small sizes: tau = ceil(4 * side / 224), so at least shifts of 0 and 1 px remain at 64 px
   (rounding would leave tau = 1, i.e. no jitter at all). Shifted images are padded by replicating the border.
 
-Batching (ARCHITECTURE.md contract): all images' masks are one (B, 1, r, r) parameter of one Adam optimiser;
+Batching (docs/architecture.md contract): all images' masks are one (B, 1, r, r) parameter of one Adam optimiser;
 Adam is element-wise and the loss is a sum of per-image terms, so image b's trajectory is that of b alone.
 Each iteration sends the B perturbed images through the black box in chunks of ``max_forward_batch`` (each
 chunk back-propagated at once). Image b's noise and jitter come from its own generator (seeded by

@@ -27,7 +27,7 @@ sigma_l = max_blur * (1 - l / (L-1)) (level L-1 is the image itself), built with
 around m(u) * (L-1) with :func:`core.perturbation.perturb`, so m = 1 keeps the image, m = 0 blurs it
 with max_blur, and intermediate values blur less.
 
-Output saliency (B, 1, H, W) = sum_a m_a, in [0, len(areas)] (METHODS.md §4); every area's mask of the last
+Output saliency (B, 1, H, W) = sum_a m_a, in [0, len(areas)] (docs/methods.md §4); every area's mask of the last
 call is kept in :attr:`last_masks` (B, len(areas), H, W).
 
 Defaults at 224 px (paper and seed): areas {0.05, 0.1, 0.2}, 300 iterations (the seed's setting), step s = 7 px,

@@ -16,7 +16,7 @@ class ExplanationModule(pl.LightningModule):
 
     Args:
         blackbox: the frozen classifier (``BlackBox``) the explainer explains.
-        explainer: any explainer of the registry (the contract in ARCHITECTURE.md).
+        explainer: any explainer of the registry (the contract in docs/architecture.md).
         seed_indices: per dataset position, the index the explainer seeds that image's randomness with
             (``ImageFile.seed_index``: stable per file, so a map does not depend on the batch, the
             process or which other files are explained in the same run).

@@ -1,5 +1,5 @@
 """Stage 1 of the mask predictor: train the feature filter (class selector) on a frozen black box
-(METHODS.md §1), and the plumbing both predictor stages share (:class:`FrozenBlackBoxModule`).
+(docs/methods.md §1), and the plumbing both predictor stages share (:class:`FrozenBlackBoxModule`).
 
 :class:`FeatureFilterModule` trains only the class embedding C of :class:`saliency_lab.networks.feature_filter.FeatureFilter`
 (Y = X * sigmoid(X^T C_s - b)) on the frozen black box: per image, with probability ``fake_prob`` the class

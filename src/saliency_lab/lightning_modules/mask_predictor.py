@@ -1,6 +1,6 @@
 """Stage 2: train the mask predictor (generator + controller) on a frozen black box and feature filter.
 
-Loss (METHODS.md §1): the cross-entropy of F(phi(I, M, A)) against the explained class, with A per image a
+Loss (docs/methods.md §1): the cross-entropy of F(phi(I, M, A)) against the explained class, with A per image a
 gaussian blur of I (probability ``blur_prob``) or a random constant colour plus gaussian noise, drawn from
 the image's own seed (run seed, epoch, dataset index) so it does not depend on batch size or process count.
 Optional constraint terms, off by default for the predictor:
@@ -171,7 +171,7 @@ class MaskPredictor(FrozenBlackBoxModule):
         filter_checkpoint: the stage-1 checkpoint of :class:`FeatureFilterModule` (None: an untrained
             random filter, with a warning — for tests).
         mode: ``"ct"``, ``"bt"`` or ``"mgnet"``.
-        eta, h, trainable_controller: CT's parameters (METHODS.md: 1.5, 2.5, fixed).
+        eta, h, trainable_controller: CT's parameters (docs/methods.md: 1.5, 2.5, fixed).
         widths, width_ratio: generator block widths (default: the paper's preset for ResNet-50 / VGG-19 /
             GoogLeNet, half the skip channels otherwise; see ``networks.mask_generator.generator_widths``).
         extra_upsamples: x2 upsampling blocks after the generator's last skip level (0: the paper's mask at

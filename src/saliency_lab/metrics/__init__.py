@@ -1,4 +1,4 @@
-"""Saliency metrics: pure functions over tensors plus thin torchmetrics wrappers (PROTOCOLS.md), and the
+"""Saliency metrics: pure functions over tensors plus thin torchmetrics wrappers (docs/protocols.md), and the
 per-image rows they produce with the reports made from them (``metrics.rows``, ``metrics.report``).
 
 Stands on ``core`` only: ``import metrics`` loads no explainer, no captum and no LightningModule."""

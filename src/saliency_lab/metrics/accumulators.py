@@ -148,7 +148,7 @@ class IoUF1Metric(_MeanOfValues):
 
 
 class PointingGameMetric(Metric):
-    """Pointing-game accuracy per class (PROTOCOLS.md).
+    """Pointing-game accuracy per class (docs/protocols.md).
 
     States: ``hits`` and ``misses``, (num_classes,) int64 each, summed over ranks.
     update(hits (B,) bool, targets (B,) int class of each image).

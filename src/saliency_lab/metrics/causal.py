@@ -1,6 +1,6 @@
 """Causal metrics: deletion / insertion curves and areas, and the M_F faithfulness score.
 
-Definitions are those of docs PROTOCOLS.md ("Causal curves", "M_F"); every knob lives in
+Definitions are those of docs docs/protocols.md ("Causal curves", "M_F"); every knob lives in
 :class:`CausalProtocol` so it can be written next to each reported number.
 
 Notation: I image (B, 3, H, W) in [0, 1], S saliency (B, 1, H, W), c the explained class, p_c(x) the
@@ -30,19 +30,19 @@ _CURVE_SUBSTRATES = ("mean", "zero", "blur")
 _UPSAMPLE_MODES = ("nearest", "bilinear")
 # The rules that choose the explained class (the one list the whole project validates against).
 TARGET_RULES = ("predicted", "label")
-# M_F's blur (no value given in PROTOCOLS.md): the strong blur of the igos protocol (kernel 51, sigma 50
+# M_F's blur (no value given in docs/protocols.md): the strong blur of the igos protocol (kernel 51, sigma 50
 # at 224), scaled with the image size like every other blur. M_F divides by q_O - q_F, so the blurred
 # image must lose the class: the training blur (variance 10 at 224) leaves small images classifiable
 # (measured on the embedded black box: q_F ~ q_O, M_F in the thousands of percent, many images excluded).
 MF_BLUR_KERNEL_224 = 51
 MF_BLUR_SIGMA_224 = 50.0
-# PROTOCOLS.md, "Normalised causal scores": curves whose end points differ by at most this are excluded.
+# docs/protocols.md, "Normalised causal scores": curves whose end points differ by at most this are excluded.
 NORM_EPS = 0.05
 
 
 @dataclasses.dataclass(frozen=True)
 class CausalProtocol:
-    """Every knob of the deletion / insertion metrics (PROTOCOLS.md, "Causal curves").
+    """Every knob of the deletion / insertion metrics (docs/protocols.md, "Causal curves").
 
     Attributes:
         units: "pixel", or an int r: rank the cells of an r x r grid (S average-pooled to r x r).
@@ -118,7 +118,7 @@ class CausalProtocol:
 
         The grid keeps its 8-pixel cells at other sizes: r = max(2, round(28 * image_size / 224)) (8 at 64);
         the blur is scaled like :meth:`rise`'s (15 / 14.3 at 64). Cells are upsampled bilinearly, as
-        iGOS++ upsamples its masks (METHODS.md §2). Any field can be overridden.
+        iGOS++ upsamples its masks (docs/methods.md §2). Any field can be overridden.
         """
         kernel, sigma = scaled_blur(51, 50.0, image_size)
         grid = max(2, round(28 * image_size / 224))
@@ -264,7 +264,7 @@ def trapezoid_area(curve: Tensor) -> Tensor:
 
 
 def normalised_area(curve: Tensor, start_at_zero: bool, eps: float = NORM_EPS) -> Tensor:
-    """(B,) area of (B, n + 1) curves rescaled by their own end points (PROTOCOLS.md, "Normalised causal
+    """(B,) area of (B, n + 1) curves rescaled by their own end points (docs/protocols.md, "Normalised causal
     scores"), so a curve's start and end (what the substrates leave of the class) do not count, only how fast
     the ranking moves it from one to the other.
 
@@ -365,7 +365,7 @@ def causal_curves(
     *,
     image_dtype: str | torch.dtype = torch.float32,
 ) -> CausalResult:
-    """Deletion and insertion curves and their areas (PROTOCOLS.md, "Causal curves").
+    """Deletion and insertion curves and their areas (docs/protocols.md, "Causal curves").
 
     Units are ranked by saliency descending (ties: lower row-major index first). With U units and n steps,
     step k changes the top ceil(k U / n) units, k = 0..n:
@@ -460,7 +460,7 @@ def faithfulness_mf(
     *,
     image_dtype: str | torch.dtype = torch.float32,
 ) -> FaithfulnessResult:
-    """Raw M_F in percent per image (PROTOCOLS.md, "M_F"; the distribution-guided paper's Eq. 9).
+    """Raw M_F in percent per image (docs/protocols.md, "M_F"; the distribution-guided paper's Eq. 9).
 
     Preserving curve q_k = p_c(phi(I, M_k, blur(I))), M_k = the top ceil(k U / n) pixels, k = 0..n, n =
     ``steps`` (the insertion curve with the blur substrate, pixel units); q_F = q_0 = p_c(blur(I)),
@@ -468,7 +468,7 @@ def faithfulness_mf(
 
         M_F = sum_{k=1..n} q_k / (q_O - q_F) * Delta * 100.
 
-    Choices (PROTOCOLS.md writes sum_k without bounds): k runs over 1..n, a right Riemann sum with n
+    Choices (docs/protocols.md writes sum_k without bounds): k runs over 1..n, a right Riemann sum with n
     intervals of width Delta over [0, 1], so a map whose first step already restores q_O scores
     q_O / (q_O - q_F) * 100. Equal saliencies (in practice the zero pixels of sparse maps) are ordered
     by a gaussian-smoothed copy of the map (same blur as the substrate), then row-major: the exact
@@ -504,7 +504,7 @@ def faithfulness_mf(
 
 
 def minmax_across_methods(mf_by_method: Mapping[str, Tensor], eps: float = 1e-6) -> MinMaxResult:
-    """Per image, min-max normalise a score over the compared methods (PROTOCOLS.md, M_F across methods).
+    """Per image, min-max normalise a score over the compared methods (docs/protocols.md, M_F across methods).
 
     For image i: v'_m,i = (v_m,i - min_m v_m,i) / (max_m v_m,i - min_m v_m,i), in [0, 1].
     Image i is excluded (NaN for every method) when any method's value is NaN (e.g. the q_O - q_F guard)

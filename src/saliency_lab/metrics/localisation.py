@@ -1,6 +1,6 @@
 """Localisation metrics against ground-truth masks: M_I (PR area), pointing game, IoU and F1.
 
-Definitions: PROTOCOLS.md. No model is involved. Shapes: saliency (B, 1, h, w) float, higher = more
+Definitions: docs/protocols.md. No model is involved. Shapes: saliency (B, 1, h, w) float, higher = more
 salient; gt_mask (B, 1, H, W) bool. A saliency map at another resolution than the ground truth is
 resized bilinearly (align_corners=False) to H x W first, so every metric is evaluated at the ground
 truth's resolution. All functions are vectorised over the batch and stay on the input's device.
@@ -16,7 +16,7 @@ from torch import Tensor
 
 from saliency_lab.core.inputs import check_saliency
 
-# PROTOCOLS.md: pointing-game tolerance of 15 px at 224 x 224.
+# docs/protocols.md: pointing-game tolerance of 15 px at 224 x 224.
 POINTING_TOLERANCE_224 = 15.0
 
 
@@ -40,7 +40,7 @@ def pr_auc(saliency: Tensor, gt_mask: Tensor) -> Tensor:
     """(B,) M_I in percent: average precision of pixels ranked by saliency against the ground truth.
 
     M_I = 100 * sum_i P_i (R_i - R_{i-1}) over the distinct saliency values taken as thresholds
-    (PROTOCOLS.md Eq. 11), i.e. the same number as torchmetrics' ``binary_average_precision`` and
+    (docs/protocols.md Eq. 11), i.e. the same number as torchmetrics' ``binary_average_precision`` and
     sklearn's ``average_precision_score``: pixels with equal saliency enter together (ties are never
     ordered arbitrarily). Vectorised over the batch instead of one torchmetrics call per image; the tests
     check it against both. Images without any ground-truth pixel give NaN (recall is undefined).
@@ -67,7 +67,7 @@ def default_pointing_tolerance(image_size: int) -> float:
 
 
 def pointing_game(saliency: Tensor, gt_mask: Tensor, tolerance: float) -> Tensor:
-    """(B,) bool hits of the pointing game (PROTOCOLS.md).
+    """(B,) bool hits of the pointing game (docs/protocols.md).
 
     The point is the argmax of the saliency at the ground truth's resolution, the first maximum in
     row-major order. Hit if some ground-truth pixel q has Euclidean distance ||q - point|| < tolerance,
@@ -137,7 +137,7 @@ def iou_f1_pixel_level(
 ) -> tuple[Tensor, Tensor]:
     """IASSA's "pixel-level" variant: (iou / |R|, f1 / |R|), each (B,).
 
-    PROTOCOLS.md: each image-level score of :func:`iou_f1` divided by the number of pixels in the
+    docs/protocols.md: each image-level score of :func:`iou_f1` divided by the number of pixels in the
     top-30% region. We read "top-30% region" as the same binarised region R the image-level score used
     (S' >= 0.3 by default, or the top ``top_fraction`` of pixels), so the two tables share one R.
     Values are per pixel, hence tiny; kept only to compare with IASSA's table. NaN when R is empty.

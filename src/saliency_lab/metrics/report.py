@@ -102,7 +102,7 @@ def _float(value) -> float:
 
 
 def pointing_accuracy(rows: list[dict]) -> float | None:
-    """The pointing game as TorchRay reports it (PROTOCOLS.md): per annotated class (the row's ``label``),
+    """The pointing game as TorchRay reports it (docs/protocols.md): per annotated class (the row's ``label``),
     hits / (hits + misses) over its images, then the mean over the classes with at least one evaluated image.
     Images without ground truth (``pointing_game`` NaN) are not evaluated. The plain hit rate over images is
     the summary's ``pointing_game_hit_rate``."""

@@ -19,13 +19,13 @@ from saliency_lab.metrics.localisation import default_pointing_tolerance, iou_f1
 # (the normalised areas can leave [0, 1] a little when a curve is not monotone).
 METRIC_NAMES = ("deletion", "insertion", "deletion_norm", "insertion_norm", "mf", "mi", "pointing_game", "iou", "f1",
                 "iou_top", "f1_top", "iou_pixel", "f1_pixel")
-# The metrics measured against the ground truth: NaN for an image without any (PROTOCOLS.md; counted apart).
+# The metrics measured against the ground truth: NaN for an image without any (docs/protocols.md; counted apart).
 LOCALISATION_NAMES = ("mi", "pointing_game", "iou", "f1", "iou_top", "f1_top", "iou_pixel", "f1_pixel")
 
 
 @dataclasses.dataclass(frozen=True)
 class EvaluationSettings:
-    """The knobs of a full evaluation (PROTOCOLS.md).
+    """The knobs of a full evaluation (docs/protocols.md).
 
     Attributes:
         protocol: deletion / insertion protocol: a :class:`CausalProtocol`, or (in configs, before the
@@ -33,7 +33,7 @@ class EvaluationSettings:
             :meth:`resolve` turns it into a :class:`CausalProtocol` for the images at hand.
         mf_steps: n of M_F's preserving curve (Delta = 1/n).
         mf_eps: images with q_O - q_F <= mf_eps get M_F = NaN and are counted as excluded.
-        pointing_tolerance: pixels; None = 15 px at 224 scaled to the image (PROTOCOLS.md).
+        pointing_tolerance: pixels; None = 15 px at 224 scaled to the image (docs/protocols.md).
         iou_threshold: binarisation threshold T of the min-max normalised map for IoU/F1.
         top_fraction: the second binarisation: the top q of pixels (``iou_top``, ``f1_top``).
     """
@@ -47,7 +47,7 @@ class EvaluationSettings:
 
     @classmethod
     def default(cls, image_size: int, **overrides: Any) -> "EvaluationSettings":
-        """RISE's causal protocol at ``image_size`` and the PROTOCOLS.md defaults for the rest."""
+        """RISE's causal protocol at ``image_size`` and the docs/protocols.md defaults for the rest."""
         return cls(protocol=CausalProtocol.rise(image_size), **overrides)
 
     def resolve(self, image_size: int, *, target: str | None = None,

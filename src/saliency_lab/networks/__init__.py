@@ -1,4 +1,4 @@
-"""The plain ``nn.Module``s of the learned mask predictor, apart from Lightning code (STYLE.md).
+"""The plain ``nn.Module``s of the learned mask predictor, apart from Lightning code.
 
 - :mod:`networks.feature_filter` — :class:`FeatureFilter`, the class selector (stage 1);
 - :mod:`networks.controllers` — the distribution controllers (CT, BT, MGnet's ratio head);

@@ -1,4 +1,4 @@
-"""Distribution controllers: turn the generator's raw map M^g into a mask M^d (METHODS.md §1).
+"""Distribution controllers: turn the generator's raw map M^g into a mask M^d (docs/methods.md §1).
 
 Every controller first standardises M^g per image over its entries, z = (M^g - mean) / std (an instance
 norm without affine parameters), so the mask's *distribution* is fixed by the controller, not learnt:
@@ -61,7 +61,7 @@ class CTController(Controller):
     Args:
         eta: slope of the sigmoid (larger: a harder, more binary mask).
         h: power (larger: pushes mid values down, so fewer pixels stay on; more right skew).
-        trainable: learn eta and h (positive, through their logarithms) with the generator. METHODS.md
+        trainable: learn eta and h (positive, through their logarithms) with the generator. docs/methods.md
             fixes them; the option exists for ablations.
     """
 

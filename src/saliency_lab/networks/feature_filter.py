@@ -1,4 +1,4 @@
-"""The feature filter (class selector) of the mask predictor, as a plain ``nn.Module`` (METHODS.md §1).
+"""The feature filter (class selector) of the mask predictor, as a plain ``nn.Module`` (docs/methods.md §1).
 
 :class:`FeatureFilter` gates the black box's last feature map X (B, C, h, w) for a class s:
 

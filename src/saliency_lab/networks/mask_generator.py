@@ -1,6 +1,6 @@
 """The mask generator G (a U-Net decoder over the black box's features) and the whole predictor network.
 
-:class:`MaskGenerator` (METHODS.md §1): starting from the (filtered) last feature level, one upsampling
+:class:`MaskGenerator` (docs/methods.md §1): starting from the (filtered) last feature level, one upsampling
 block per shallower level up to the first one (stride 4 for the usual 4 levels: 7 -> 14 -> 28 -> 56 at 224),
 each
 
