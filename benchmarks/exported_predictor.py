@@ -1,6 +1,6 @@
 """Images per second of the exported predictor: eager PyTorch vs TorchScript vs onnxruntime, on the CPU.
 
-    python -m benchmarks.exported_predictor [--ckpt outputs/demo/predictor_ct/checkpoints/last.ckpt] [--batches 1 32]
+    python -m benchmarks.exported_predictor [--ckpt_path outputs/demo/predictor_ct/checkpoints/last.ckpt] [--batches 1 32]
                                 [--repeats 15] [--threads 2]
 
 The predictor (black-box features + filter + generator + controller + upsampling, the class predicted by
@@ -28,7 +28,6 @@ import torch
 
 
 from saliency_lab.datamodules import embedded_batch
-from saliency_lab.core.resources import packaged
 from saliency_lab.lightning_modules.exported_predictor import (export, load_graph, load_torchscript,
                                                   onnx_session)
 
@@ -42,7 +41,7 @@ def random_predictor(folder: Path) -> Path:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # untrained filter
-        model = MaskPredictor(blackbox=f"ckpt:{packaged("assets/embedded_blackbox.pt")}", filter_checkpoint=None, mode="ct")
+        model = MaskPredictor(blackbox="embedded", filter_checkpoint=None, mode="ct")
     checkpoint = {"state_dict": model.state_dict()}
     model.on_save_checkpoint(checkpoint)
     path = folder / "random_predictor.ckpt"
@@ -88,7 +87,7 @@ def side_by_side(functions: dict, images: torch.Tensor, repeats: int, warmup: in
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT, help="a trained predictor checkpoint")
+    parser.add_argument("--ckpt_path", type=Path, default=DEFAULT_CKPT, help="a trained predictor checkpoint")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads of torch and onnxruntime")
@@ -97,7 +96,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     load_before = os.getloadavg()[0]
     images = embedded_batch(max(args.batches), IMAGE_SIZE)["image"]
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = args.ckpt if args.ckpt.is_file() else random_predictor(Path(tmp))
+        ckpt = args.ckpt_path if args.ckpt_path.is_file() else random_predictor(Path(tmp))
         functions = runtimes(ckpt, Path(tmp), args.threads)
         reference = functions["eager"](images)
         for name, fn in functions.items():
@@ -108,7 +107,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for batch in args.batches:
             seconds = side_by_side(functions, images[:batch], args.repeats)
             rows.append({"batch": batch, **{name: batch / s for name, s in seconds.items()}})
-    print(f"predictor: {ckpt if args.ckpt.is_file() else 'random weights (no trained checkpoint)'}; "
+    print(f"predictor: {ckpt if args.ckpt_path.is_file() else 'random weights (no trained checkpoint)'}; "
           f"{IMAGE_SIZE}x{IMAGE_SIZE} embedded test images; CPU, {args.threads} threads; median of "
           f"{args.repeats} side-by-side repeats; torch {torch.__version__}; 1-min load average {load_before:.1f} "
           f"before, {os.getloadavg()[0]:.1f} after on {os.cpu_count()} cores (other processes share the CPU)")

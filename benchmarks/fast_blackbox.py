@@ -29,16 +29,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
 
 from saliency_lab import explainers
 from saliency_lab.datamodules import embedded_batch
-from saliency_lab.core.resources import packaged
 from saliency_lab.core.blackbox import BlackBox, probability_gap
 from saliency_lab.explainers.faithfulness import PROBABILITY_TOLERANCE, map_spearman
 
@@ -57,7 +54,7 @@ def load() -> str:
 
 
 def make(**options) -> BlackBox:
-    return BlackBox(f"ckpt:{packaged("assets/embedded_blackbox.pt")}", **options)
+    return BlackBox("embedded", **options)
 
 
 def speed(boxes: dict, images: torch.Tensor, rounds: int, clock=time.perf_counter) -> None:
@@ -171,7 +168,7 @@ def main() -> None:
     args = parser.parse_args()
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
-    print(f"embedded black box {packaged("assets/embedded_blackbox.pt").name}, {args.threads} threads, torch {torch.__version__}  [{load()}]",
+    print(f"embedded black box embedded_blackbox.pt, {args.threads} threads, torch {torch.__version__}  [{load()}]",
           flush=True)
     boxes = {option: make(**kwargs) for option, kwargs in OPTIONS.items()}
     if args.compile:

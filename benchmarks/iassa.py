@@ -20,13 +20,12 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 
 from saliency_lab import explainers
-import saliency_lab.explainers.iassa as iassa  (registers "iassa")
+import saliency_lab.explainers.iassa as iassa  # registers "iassa"
 from saliency_lab.datamodules import embedded_batch
 from saliency_lab.core.blackbox import BlackBox
 

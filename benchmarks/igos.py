@@ -39,15 +39,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
 
 from saliency_lab import explainers
-import saliency_lab.explainers.igos,F401  registers igos_pp / igos
+import saliency_lab.explainers.igos  # noqa: F401  registers igos_pp / igos
 from saliency_lab.datamodules import embedded_batch
 from saliency_lab.core.blackbox import BlackBox
 from benchmarks.pass_overhead import measure

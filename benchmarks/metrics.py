@@ -14,7 +14,6 @@ import json
 import resource
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 

@@ -25,9 +25,7 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn as nn

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -38,7 +37,7 @@ CLASSIFIER_CONFIG = Path(__file__).resolve().parents[1] / "configs/model/embedde
 def build(mode: str) -> MaskPredictor:
     """The predictor on the demo's black box, or on random weights of the architecture its config names."""
     if packaged("assets/embedded_blackbox.pt").is_file():
-        blackbox = BlackBox(f"ckpt:{packaged("assets/embedded_blackbox.pt")}")
+        blackbox = BlackBox("embedded")
     else:
         import yaml
 

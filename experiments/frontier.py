@@ -3,13 +3,13 @@ by ``evaluate.py`` under the ``rise`` and the ``igos`` protocol presets, and for
 whose quality equals its full default.
 
     python -m experiments.frontier [--num_images 64] [--out outputs/frontier] [--methods rise,igos_pp,...]
-        [--ckpt predictor_ct=PATH ...] [--only LABEL,...] [--report_only] [--dry_run] [--threads 2]
+        [--ckpt_path predictor_ct=PATH ...] [--only LABEL,...] [--report_only] [--dry_run] [--threads 2]
         [--figure docs/frontier.png] [--table outputs/frontier/frontier.md] [--sweep JSON] [--evaluate_args ...]
 
 **Settings.** :data:`SWEEP` lists, per method, its default (the method's docs/methods.md defaults; XPert with the
 embedded black box's area weight of ``embedded_claims_table1.yaml``) and the cheaper budgets: RISE N; iGOS++ and
 I-GOS iterations x IG points; IASSA iterations x stride; MPert / XPert iterations; FInv iterations; LIME samples.
-The one-pass methods (``gradient``, ``gradcam`` and the trained predictors given with ``--ckpt NAME=PATH``) are
+The one-pass methods (``gradient``, ``gradcam`` and the trained predictors given with ``--ckpt_path NAME=PATH``) are
 single points. ``--sweep`` (JSON ``{method: {default: {...}, budgets: [{...}, ...]}}``) replaces the sweep of the
 methods it names.
 
@@ -48,7 +48,6 @@ import io
 import json
 import math
 import re
-import sys
 from pathlib import Path
 
 import torch
@@ -138,7 +137,7 @@ def evaluate_argv(setting: Setting, preset: str, out: Path, args) -> list[str]:
     maps, the others score those maps)."""
     folder = out / "settings" / setting.label
     argv = ["--config", str(args.config), f"--num_images={args.num_images}", "--wandb=false", "--overlay_images=0",
-            f"--explainers={json.dumps([setting.spec])}", "--method_hparams={}", "--ckpt=[]",
+            f"--explainers={json.dumps([setting.spec])}", "--method_hparams={}", "--ckpt_path=[]",
             f"--settings.protocol={preset}", f"--out={folder / preset}"]
     argv.append("--save_maps=true" if preset == args.presets[0] else f"--maps_from={folder / args.presets[0]}")
     return argv + list(args.evaluate_args)
@@ -422,7 +421,7 @@ def parse_args(argv: list[str] | None = None):
                         help="evaluate.py config giving the black box, data, split and metric settings")
     parser.add_argument("--methods", default=",".join([*SWEEP, *ONE_PASS]),
                         help="methods to sweep (their SWEEP entry) or to place as one point")
-    parser.add_argument("--ckpt", action="append", default=[], metavar="NAME=PATH",
+    parser.add_argument("--ckpt_path", action="append", default=[], metavar="NAME=PATH",
                         help="a trained predictor as one point, e.g. predictor_ct=outputs/demo/predictor_ct/"
                              "checkpoints/last.ckpt (repeatable)")
     parser.add_argument("--sweep", type=json.loads, default={},
@@ -456,10 +455,10 @@ def parse_args(argv: list[str] | None = None):
     if bad:
         parser.error(f"--criteria {bad}: each must be PRESET/KEY with PRESET in {args.presets} and KEY in {QUALITY_KEYS}")
     checkpoints = {}
-    for entry in args.ckpt:
+    for entry in args.ckpt_path:
         name, sep, path = entry.partition("=")
         if not sep or not Path(path).is_file():
-            parser.error(f"--ckpt {entry!r}: expected NAME=PATH of an existing checkpoint")
+            parser.error(f"--ckpt_path {entry!r}: expected NAME=PATH of an existing checkpoint")
         checkpoints[name] = path
     args.checkpoints = checkpoints
     return args

@@ -185,7 +185,7 @@ def evaluate(out: Path, preset: str, args, methods: str = "[]", hparams: str = "
              f"--blackbox.init_args.model={args.blackbox}", f"--split={args.split}", f"--explainers={methods}",
              f"--method_hparams={hparams}", f"--settings.protocol={preset}", f"--num_images={num_images or args.num_images}",
              "--batch_size=25", f"--blackbox.init_args.precision={args.precision}",
-             f"--ckpt=[{ckpt}]" if ckpt else "--ckpt=[]", f"--out={out}", "--wandb=false", "--overlay_images=8",
+             f"--ckpt_path=[{ckpt}]" if ckpt else "--ckpt_path=[]", f"--out={out}", "--wandb=false", "--overlay_images=8",
              *([f"--data={args.data}"] if args.data else []), *extra])
     return json.loads((ROOT / out / "results.json").read_text())
 

@@ -48,11 +48,11 @@ BAD_VALUES = {
                              "--blackbox.init_args.weights 'https://example.org/resnet.pth': https://example.org/"
                              "resnet.pth is a https:// URL (checkpoints are read from local files only: nothing is "
                              "downloaded); must be a local weights file, or unset"),
-    "ckpt missing": (["--ckpt=[/nonexistent/predictor.ckpt]"],
-                     "--ckpt ['/nonexistent/predictor.ckpt']: no such file /nonexistent/predictor.ckpt; must be local "
+    "ckpt missing": (["--ckpt_path=[/nonexistent/predictor.ckpt]"],
+                     "--ckpt_path ['/nonexistent/predictor.ckpt']: no such file /nonexistent/predictor.ckpt; must be local "
                      "trained-explainer checkpoint files"),
-    "ckpt URL": (["--ckpt=[predictor_ct_posthoc=https://example.org/ct.ckpt]"],
-                 "--ckpt ['predictor_ct_posthoc=https://example.org/ct.ckpt']: https://example.org/ct.ckpt is a "
+    "ckpt URL": (["--ckpt_path=[predictor_ct_posthoc=https://example.org/ct.ckpt]"],
+                 "--ckpt_path ['predictor_ct_posthoc=https://example.org/ct.ckpt']: https://example.org/ct.ckpt is a "
                  "https:// URL (checkpoints are read from local files only: nothing is downloaded); must be"),
     "num_images 0": (["--num_images=0"], "--num_images 0: must be an int >= 1 (the first N images of the split), "
                                          "or unset for all"),
@@ -69,7 +69,7 @@ BAD_VALUES = {
     "method_hparams of a method not evaluated": (
         ["--explainers=gradient", "--method_hparams={gradcam: {layer: x}}"],
         "--method_hparams {'gradcam': {'layer': 'x'}}: must be keyed by explainers this run evaluates (--explainers: "
-        "gradient, or a --ckpt method); gradcam is not evaluated: drop it"),
+        "gradient, or a --ckpt_path method); gradcam is not evaluated: drop it"),
     "batch_size 0": (["--batch_size=0"], "--batch_size 0: must be an int >= 1"),
     "num_workers -1": (["--num_workers=-1"], "--num_workers -1: must be an int >= 0"),
     "protocol name": (["--settings.protocol=deletion"],
@@ -122,18 +122,18 @@ def test_method_hparams_may_name_only_evaluated_methods(tmp_path):
 
 
 def test_method_hparams_may_name_an_alias_or_a_ckpt_method(tmp_path, tiny_predictor_path):
-    """Keys are the run's explainer keys: an alias of --explainers, a NAME=PATH of --ckpt, or the method a plain
-    --ckpt PATH records (read only when a key is not found otherwise)."""
+    """Keys are the run's explainer keys: an alias of --explainers, a NAME=PATH of --ckpt_path, or the method a plain
+    --ckpt_path PATH records (read only when a key is not found otherwise)."""
     parser = evaluate.build_parser()
     alias = parser.parse_args(_args(tmp_path, "--explainers=[gradient, {name: rise, alias: rise_8}]",
                                     "--method_hparams={rise_8: {n_masks: 8}}"))
     assert problems(alias) == []
     path = str(tiny_predictor_path)
     for ckpt, key in ((f"[predictor_ct_posthoc={path}]", "predictor_ct_posthoc"), (f"[{path}]", "predictor_ct")):
-        cfg = parser.parse_args(_args(tmp_path, "--explainers=", f"--ckpt={ckpt}",
+        cfg = parser.parse_args(_args(tmp_path, "--explainers=", f"--ckpt_path={ckpt}",
                                       f"--method_hparams={{{key}: {{posthoc_points: 8}}}}"))
         assert problems(cfg) == [], ckpt
-    other = parser.parse_args(_args(tmp_path, "--explainers=gradient", f"--ckpt=[{path}]",
+    other = parser.parse_args(_args(tmp_path, "--explainers=gradient", f"--ckpt_path=[{path}]",
                                     "--method_hparams={predictor_bt: {}}"))
     assert problems(other) and "predictor_bt is not evaluated" in problems(other)[0]
 
@@ -151,7 +151,7 @@ def test_valid_values_pass(tmp_path):
              f"--maps_from={tmp_path / 'earlier'}", "--trainer.num_nodes=1"]
     assert problems(parser.parse_args(_args(tmp_path))) == []
     assert problems(parser.parse_args(_args(tmp_path, *edges))) == []
-    only_ckpt = parser.parse_args(_args(tmp_path, "--explainers=", f"--ckpt=[{tmp_path / 'predictor.ckpt'}]"))
+    only_ckpt = parser.parse_args(_args(tmp_path, "--explainers=", f"--ckpt_path=[{tmp_path / 'predictor.ckpt'}]"))
     assert problems(only_ckpt) == []  # a trained explainer alone is an evaluation
 
 

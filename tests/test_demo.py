@@ -110,11 +110,11 @@ def documented_scores(repo_root) -> dict[str, float]:
 
 
 def test_the_committed_game_checkpoint_loads_and_scores_as_documented(repo_root, monkeypatch, tmp_path):
-    """assets/embedded_predictor_game.ckpt, as make demo evaluates it (a plain --ckpt PATH: the name it records),
+    """assets/embedded_predictor_game.ckpt, as make demo evaluates it (a plain --ckpt_path PATH: the name it records),
     on the committed black box in float32: the first 8 embedded test scenes score what assets/README.md states."""
     monkeypatch.chdir(repo_root)
     results = evaluate.main([
-        "--config", "configs/experiment/embedded_evaluate.yaml", "--explainers=[]", f"--ckpt=[{demo.COMMITTED_GAME}]",
+        "--config", "configs/experiment/embedded_evaluate.yaml", "--explainers=[]", f"--ckpt_path=[{demo.COMMITTED_GAME}]",
         "--blackbox.init_args.precision=32", "--num_images=8", "--batch_size=8", "--data.init_args.num_test=8",
         "--data.init_args.num_workers=0", "--data.init_args.cache=false", "--overlay_images=0", "--wandb=false",
         f"--out={tmp_path}"])

@@ -154,7 +154,7 @@ def test_rerun_with_a_retrained_checkpoint_at_the_same_path_recomputes(tiny_blac
                                                                       explained):
     path = tmp_path / "predictor.ckpt"
     shutil.copy(tiny_predictor_path, path)
-    args = ["--num_images=2", "--explainers=gradient", "--method_hparams={}", f"--ckpt=[{path}]"]
+    args = ["--num_images=2", "--explainers=gradient", "--method_hparams={}", f"--ckpt_path=[{path}]"]
     first = evaluate.main(args_for(tiny_blackbox, tmp_path / "out", *args))
     (name,) = set(first["methods"]) - {"gradient"}
     checkpoint = torch.load(path, weights_only=True)
@@ -271,7 +271,7 @@ def test_two_processes_give_the_numbers_of_one(tiny_blackbox, tmp_path, repo_roo
 def test_checkpoint_that_is_no_explainer_is_refused(tiny_blackbox, tmp_path):
     path = tiny_blackbox.removeprefix("ckpt:")
     with pytest.raises(ValueError, match="not a trained-explainer checkpoint"):
-        evaluate.main(args_for(tiny_blackbox, tmp_path, f"--ckpt=[{path}]"))
+        evaluate.main(args_for(tiny_blackbox, tmp_path, f"--ckpt_path=[{path}]"))
 
 
 def test_wandb_tables_and_images_are_logged(tiny_blackbox, tmp_path, monkeypatch):

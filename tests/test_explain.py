@@ -199,7 +199,7 @@ def test_predictor_checkpoint_and_clear_errors(folder, tiny_predictor_path, tiny
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", BadImageWarning)
         summary = explain.main(["--images", str(folder / "rgb.png"), str(folder / "nested"), "--out", str(out),
-                                "--ckpt", str(tiny_predictor_path), "--image_size=32", "--progress=false"])
+                                "--ckpt_path", str(tiny_predictor_path), "--image_size=32", "--progress=false"])
     assert summary["explained"] == 3
     index = read_index(out)
     assert set(index) == {"rgb.png", "nested/inner.png", f"nested/deeper/{WEIRD}"}  # relative to the common root
@@ -207,9 +207,9 @@ def test_predictor_checkpoint_and_clear_errors(folder, tiny_predictor_path, tiny
     assert all(e["cost"]["forwards"] == 1 and e["cost"]["backwards"] == 0 for e in index.values())
     with pytest.raises(ValueError, match="exactly one of --method"):
         explain.main(["--images", str(folder), "--out", str(tmp_path / "x"), "--method=gradient",
-                      "--ckpt", str(tiny_predictor_path)])
+                      "--ckpt_path", str(tiny_predictor_path)])
     with pytest.raises(ValueError, match="--method_hparams configures --method"):
-        explain.main(["--images", str(folder), "--out", str(tmp_path / "w"), "--ckpt", str(tiny_predictor_path),
+        explain.main(["--images", str(folder), "--out", str(tmp_path / "w"), "--ckpt_path", str(tiny_predictor_path),
                       "--method_hparams={n_masks: 16}"])
     with pytest.raises(ValueError, match="pass --image_size"):  # a bare record does not say its input size
         explain.main(["--images", str(folder), "--out", str(tmp_path / "y"), "--method=gradient",

@@ -35,7 +35,7 @@ def eager(tiny_predictor_path, tiny_blackbox_path):
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
 def test_exported_file_matches_eager_pytorch(fmt, tiny_predictor_path, eager, images, tmp_path, capsys):
     out = tmp_path / f"predictor.{fmt}"
-    written = export.main(["--ckpt", str(tiny_predictor_path), "--format", fmt, "--out", str(out),
+    written = export.main(["--ckpt_path", str(tiny_predictor_path), "--format", fmt, "--out", str(out),
                            f"--image_size={SIZE}"])
     assert written["max_abs_difference"] <= TOLERANCE and "parity" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name], "the export is not one self-contained file"
@@ -56,7 +56,7 @@ def test_exported_file_matches_eager_pytorch(fmt, tiny_predictor_path, eager, im
 
 def test_onnx_file_runs_in_onnxruntime_at_the_stated_opset(tiny_predictor_path, eager, images, tmp_path):
     out = tmp_path / "predictor_classes.onnx"
-    export.main(["--ckpt", str(tiny_predictor_path), "--format=onnx", "--out", str(out), f"--image_size={SIZE}",
+    export.main(["--ckpt_path", str(tiny_predictor_path), "--format=onnx", "--out", str(out), f"--image_size={SIZE}",
                  "--class_input"])
     model = onnx.load(str(out))
     onnx.checker.check_model(model)
@@ -78,13 +78,13 @@ def test_onnx_file_runs_in_onnxruntime_at_the_stated_opset(tiny_predictor_path, 
 def test_torchscript_with_class_input_and_clear_errors(tiny_predictor_path, eager, images, tmp_path):
     graph, _ = load_graph(tiny_predictor_path, class_input=True)
     out = tmp_path / "p.pt"
-    export.main(["--ckpt", str(tiny_predictor_path), "--format=torchscript", "--out", str(out),
+    export.main(["--ckpt_path", str(tiny_predictor_path), "--format=torchscript", "--out", str(out),
                  f"--image_size={SIZE}", "--class_input", "--check_images=0"])
     classes = torch.tensor([9, 0, 1, 2, 3, 4, 5, 6])
     _, explainer = eager
     torch.testing.assert_close(run_exported(out, "torchscript", (images, classes)), explainer(images, classes),
                                atol=TOLERANCE, rtol=0)
     with pytest.raises(ValueError, match="pass --image_size"):
-        export.main(["--ckpt", str(tiny_predictor_path), "--format=onnx", "--out", str(tmp_path / "x.onnx")])
+        export.main(["--ckpt_path", str(tiny_predictor_path), "--format=onnx", "--out", str(tmp_path / "x.onnx")])
     with pytest.raises(SystemExit):
-        export.main(["--ckpt", str(tiny_predictor_path), "--format=tflite", "--out", str(tmp_path / "x")])
+        export.main(["--ckpt_path", str(tiny_predictor_path), "--format=tflite", "--out", str(tmp_path / "x")])

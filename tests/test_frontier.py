@@ -138,7 +138,7 @@ def test_bad_arguments_are_refused(tiny_config, tmp_path):
     with pytest.raises(SystemExit):
         frontier.parse_args(["--config", str(tiny_config), "--presets", "rise,nope"])
     with pytest.raises(SystemExit):
-        frontier.parse_args(["--config", str(tiny_config), "--ckpt", "predictor_ct=/no/such.ckpt"])
+        frontier.parse_args(["--config", str(tiny_config), "--ckpt_path", "predictor_ct=/no/such.ckpt"])
 
 
 def test_a_swept_setting_that_is_not_a_budget_is_named_in_label_and_table():

@@ -112,26 +112,26 @@ def _path_options(url: str, tiny_blackbox_path: Path, tmp_path: Path):
         "BlackBox('ckpt:URL')": lambda: BlackBox(f"ckpt:{url}/evil_record.pt"),
         "BlackBox(weights=URL)": lambda: BlackBox(**TINY, weights=f"{url}/evil.ckpt"),
         "Classifier(weights=URL)": lambda: Classifier(BlackBox(**TINY), weights=f"{url}/evil.ckpt"),
-        "trained explainer checkpoint (evaluate.py --ckpt)": lambda: explainers.build(
+        "trained explainer checkpoint (evaluate.py --ckpt_path)": lambda: explainers.build(
             "predictor_ct", local, checkpoint=f"{url}/evil.ckpt"),
-        "its recorded name (evaluate.py --ckpt PATH)": lambda: explainers.recorded_name(f"{url}/evil.ckpt"),
+        "its recorded name (evaluate.py --ckpt_path PATH)": lambda: explainers.recorded_name(f"{url}/evil.ckpt"),
         "MaskPredictor(filter_checkpoint=URL)": lambda: MaskPredictor(blackbox=local,
                                                                       filter_checkpoint=f"{url}/evil.ckpt"),
         "FeatureFilter.from_checkpoint(URL)": lambda: FeatureFilter.from_checkpoint(f"{url}/evil.ckpt"),
-        "explain.py --ckpt URL": lambda: explain.main(["--images", str(images), "--out", str(tmp_path / "maps"),
-                                                       "--ckpt", f"{url}/evil.ckpt"]),
+        "explain.py --ckpt_path URL": lambda: explain.main(["--images", str(images), "--out", str(tmp_path / "maps"),
+                                                       "--ckpt_path", f"{url}/evil.ckpt"]),
         "explain.py --blackbox ckpt:URL": lambda: explain.main(["--images", str(images), "--out", str(tmp_path / "maps"),
                                                                 "--method", "gradient", "--blackbox",
                                                                 f"ckpt:{url}/evil_record.pt"]),
-        "export.py --ckpt URL": lambda: export.main(["--ckpt", f"{url}/evil.ckpt", "--format", "onnx", "--out",
+        "export.py --ckpt_path URL": lambda: export.main(["--ckpt_path", f"{url}/evil.ckpt", "--format", "onnx", "--out",
                                                      str(tmp_path / "p.onnx")]),
     }
 
 
 PATH_OPTIONS = ["BlackBox('ckpt:URL')", "BlackBox(weights=URL)", "Classifier(weights=URL)",
-                "trained explainer checkpoint (evaluate.py --ckpt)", "its recorded name (evaluate.py --ckpt PATH)",
-                "MaskPredictor(filter_checkpoint=URL)", "FeatureFilter.from_checkpoint(URL)", "explain.py --ckpt URL",
-                "explain.py --blackbox ckpt:URL", "export.py --ckpt URL"]
+                "trained explainer checkpoint (evaluate.py --ckpt_path)", "its recorded name (evaluate.py --ckpt_path PATH)",
+                "MaskPredictor(filter_checkpoint=URL)", "FeatureFilter.from_checkpoint(URL)", "explain.py --ckpt_path URL",
+                "explain.py --blackbox ckpt:URL", "export.py --ckpt_path URL"]
 
 
 @pytest.mark.parametrize("option", PATH_OPTIONS)
@@ -155,8 +155,8 @@ def test_evaluate_refuses_url_blackbox_and_ckpt(evil, tiny_blackbox_path, tmp_pa
     server, marker = evil
     url = f"{server.url}/evil.ckpt"
     for entry in (url, f"predictor_ct_posthoc={url}"):  # refused by the option checks, before anything is read
-        with pytest.raises(ValueError, match=rf"--ckpt \['{re_escape(entry)}'\]: {re_escape(url)} is a http:// URL"):
-            evaluate.main(_evaluate_args(f"ckpt:{tiny_blackbox_path}", tmp_path / "a", f"--ckpt=[{entry}]"))
+        with pytest.raises(ValueError, match=rf"--ckpt_path \['{re_escape(entry)}'\]: {re_escape(url)} is a http:// URL"):
+            evaluate.main(_evaluate_args(f"ckpt:{tiny_blackbox_path}", tmp_path / "a", f"--ckpt_path=[{entry}]"))
     record = f"{server.url}/evil_record.pt"
     with pytest.raises(ValueError, match=rf"--blackbox.init_args.model 'ckpt:{re_escape(record)}': {re_escape(record)} "
                                          "is a http:// URL"):

@@ -68,7 +68,7 @@ def optional(rule: Callable[[Any, Any], bool]) -> Callable[[Any, Any], bool]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# evaluate.py: how its --explainers and --ckpt read (evaluate.explainer_specs builds on these), then its table
+# evaluate.py: how its --explainers and --ckpt_path read (evaluate.explainer_specs builds on these), then its table
 
 
 def listed_specs(value: str | Sequence[ExplainerSpec] | None) -> list[ExplainerSpec]:
@@ -81,7 +81,7 @@ def listed_specs(value: str | Sequence[ExplainerSpec] | None) -> list[ExplainerS
 
 
 def split_ckpt_entry(entry: str) -> tuple[str | None, str]:
-    """A ``--ckpt`` entry: ``NAME=PATH`` -> (NAME, PATH); a plain path (even one holding '=') -> (None, PATH)."""
+    """A ``--ckpt_path`` entry: ``NAME=PATH`` -> (NAME, PATH); a plain path (even one holding '=') -> (None, PATH)."""
     wanted, sep, path = entry.partition("=")
     if not sep or "/" in wanted or Path(entry).exists():
         return None, entry
@@ -89,7 +89,7 @@ def split_ckpt_entry(entry: str) -> tuple[str | None, str]:
 
 
 def ckpt_spec(entry: str) -> dict[str, str]:
-    """The explainer spec ``{name, checkpoint}`` of a ``--ckpt`` entry; a plain PATH is evaluated as the method
+    """The explainer spec ``{name, checkpoint}`` of a ``--ckpt_path`` entry; a plain PATH is evaluated as the method
     its checkpoint records (read with ``weights_only=True``; a URL is refused, nothing is downloaded)."""
     wanted, path = split_ckpt_entry(entry)
     return {"name": wanted or explainers.recorded_name(path), "checkpoint": path}
@@ -117,7 +117,7 @@ def _explainers_ok(value, cfg) -> bool:
     if twice:
         raise ValueError(f"{', '.join(twice)} listed twice (give each an 'alias')")
     _local_files([parse_spec(spec).checkpoint for spec in specs if parse_spec(spec).checkpoint])
-    return bool(specs) or bool(cfg.get("ckpt"))
+    return bool(specs) or bool(cfg.get("ckpt_path"))
 
 
 def _file_problem(path: str) -> str | None:
@@ -151,12 +151,12 @@ def _weights_ok(value, cfg) -> bool:
 
 def _not_evaluated(cfg) -> list[str]:
     """Keys of ``--method_hparams`` that name no explainer of this run (``--explainers`` keys, then the methods
-    of the ``--ckpt`` entries, whose recorded names are read only when needed)."""
+    of the ``--ckpt_path`` entries, whose recorded names are read only when needed)."""
     unused = set(cfg.get("method_hparams") or {}) - set(_spec_keys(cfg.get("explainers")))
-    for entry in (cfg.get("ckpt") or []) if unused else []:
+    for entry in (cfg.get("ckpt_path") or []) if unused else []:
         try:
             unused.discard(ckpt_spec(entry)["name"])
-        except (OSError, ValueError, RuntimeError):  # a missing or refused file: the --ckpt rule names it
+        except (OSError, ValueError, RuntimeError):  # a missing or refused file: the --ckpt_path rule names it
             pass
     return sorted(unused)
 
@@ -165,7 +165,7 @@ def _hparams_allowed(cfg) -> str:
     evaluated = _spec_keys(cfg.get("explainers"))
     unused = _not_evaluated(cfg)
     one = len(unused) == 1
-    return (f"keyed by explainers this run evaluates (--explainers: {', '.join(evaluated) or 'none'}, or a --ckpt "
+    return (f"keyed by explainers this run evaluates (--explainers: {', '.join(evaluated) or 'none'}, or a --ckpt_path "
             f"method); {', '.join(unused)} {'is' if one else 'are'} not evaluated: drop {'it' if one else 'them'} "
             "(a --method_hparams on the command line replaces the config file's whole dict)")
 
@@ -191,11 +191,11 @@ EVALUATE_RULES: tuple[Rule, ...] = (
     Rule("explainers", _explainers_ok,
          lambda cfg: f"registry names (comma-separated, or a list of names and {{name, alias, checkpoint, ...}} "
                      f"dicts), each key once (known: {', '.join(explainers.available())}), checkpoints local files, at "
-                     "least one explainer unless --ckpt gives a trained one"),
+                     "least one explainer unless --ckpt_path gives a trained one"),
     Rule("blackbox.init_args.model", _blackbox_model_ok,
          "'timm:NAME', 'torchvision:NAME' or 'ckpt:PATH' of a local black-box checkpoint"),
     Rule("blackbox.init_args.weights", _weights_ok, "a local weights file, or unset"),
-    Rule("ckpt", _ckpt_ok, "local trained-explainer checkpoint files, each PATH or NAME=PATH"),
+    Rule("ckpt_path", _ckpt_ok, "local trained-explainer checkpoint files, each PATH or NAME=PATH"),
     Rule("method_hparams", lambda value, cfg: not _not_evaluated(cfg), _hparams_allowed),
     Rule("split", one_of("test", "val"), "'test' or 'val' (the datamodule's evaluation splits)"),
     Rule("num_images", optional(int_in(1)), "an int >= 1 (the first N images of the split), or unset for all"),

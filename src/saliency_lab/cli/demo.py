@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     ckpts = [str(path) for path in predictors.values()]
     ckpts.append(f"predictor_ct_posthoc={predictors['predictor_ct']}")  # CT with post-hoc tuning, same weights
     timed("evaluation", _call, [*CLI, "evaluate", "--config", EVALUATE_CONFIG, f"--blackbox.init_args.model=ckpt:{ckpt}",
-                                f"--out={evaluation}", f"--ckpt={json.dumps(ckpts)}", *extra,
+                                f"--out={evaluation}", f"--ckpt_path={json.dumps(ckpts)}", *extra,
                                 *shlex.split(args.evaluate_args)])
 
     (args.out / "timings.json").write_text(json.dumps(timings, indent=2))

@@ -1,6 +1,6 @@
 """Evaluate explainers on a black box: every method x every metric, resumable, single- or multi-process.
 
-    python evaluate.py --config configs/experiment/embedded_evaluate.yaml [--explainers a,b,c] [--ckpt PATH ...]
+    python evaluate.py --config configs/experiment/embedded_evaluate.yaml [--explainers a,b,c] [--ckpt_path PATH ...]
                        [--num_images N] [--out DIR] [--trainer configs/trainer/cpu_ddp.yaml]
 
 The config mirrors the objects it builds: ``blackbox`` (``class_path: saliency_lab.core.blackbox.BlackBox`` + ``init_args``),
@@ -38,7 +38,7 @@ from saliency_lab.callbacks.sanity import explainer_factories, label_randomisati
 from saliency_lab.cli.checks import ckpt_spec, listed_specs, validate_args
 from saliency_lab.cli.utils import WandbLogger, plain_build_errors
 from saliency_lab.core.blackbox import BlackBox
-from saliency_lab.core.resources import resolve_config_args
+from saliency_lab.cli.args import normalise_args
 from saliency_lab.core.files import FolderLock, atomic_write, atomic_write_json, file_sha256
 from saliency_lab.datamodules import collate_samples
 from saliency_lab.explainers import ExplainerSpec, build_explainer, explainer_keys, parse_spec
@@ -69,7 +69,7 @@ def build_parser() -> ArgumentParser:
                              "checkpoint, **hparams} dicts (explainers/specs.py)")
     parser.add_argument("--method_hparams", type=dict[str, dict[str, Any]], default={},
                         help="per-explainer keyword arguments over the specs', by key, e.g. {rise: {n_masks: 2000}}")
-    parser.add_argument("--ckpt", type=list[str], default=[],
+    parser.add_argument("--ckpt_path", type=list[str], default=[],
                         help="checkpoints of trained explainers, each evaluated as a method: PATH (the recorded "
                              "explainer) or NAME=PATH (another registered method of the same weights, e.g. "
                              "predictor_ct_posthoc=PATH)")
@@ -114,8 +114,8 @@ def build_parser() -> ArgumentParser:
 
 def explainer_specs(cfg) -> list[ExplainerSpec]:
     """The explainer list: ``--explainers`` (hyper-parameters from ``--method_hparams`` on top), then one
-    ``{name, checkpoint}`` per ``--ckpt`` (names, keys and files are checked by :func:`cli_checks.validate_args`)."""
-    specs = listed_specs(cfg.explainers) + [ckpt_spec(entry) for entry in cfg.ckpt]
+    ``{name, checkpoint}`` per ``--ckpt_path`` (names, keys and files are checked by :func:`cli_checks.validate_args`)."""
+    specs = listed_specs(cfg.explainers) + [ckpt_spec(entry) for entry in cfg.ckpt_path]
     overrides = {key: cfg.method_hparams.get(key, {}) for key in explainer_keys(specs)}
     return [_with_hparams(spec, overrides[key]) for spec, key in zip(specs, explainer_keys(specs))]
 
@@ -257,7 +257,7 @@ def note_rerun(out: Path, header: dict, num_images: int) -> None:
 
 def main(argv: list[str] | None = None) -> dict | None:
     parser = build_parser()
-    cfg = parser.parse_args(resolve_config_args(sys.argv[1:] if argv is None else list(argv)))
+    cfg = parser.parse_args(normalise_args(sys.argv[1:] if argv is None else list(argv)))
     validate_args(cfg)  # every value (explainer names too), before the output folder, data or black box are touched
     specs = explainer_specs(cfg)
     keys = explainer_keys(specs)

@@ -1,6 +1,6 @@
 """Explain your own images: saliency maps of any registered explainer or of a trained predictor checkpoint.
 
-    python explain.py --images DIR_OR_FILES... --out DIR (--method NAME | --ckpt PATH) [--blackbox SPEC]
+    python explain.py --images DIR_OR_FILES... --out DIR (--method NAME | --ckpt_path PATH) [--blackbox SPEC]
                       [--batch_size N] [--image_size S] [--method_hparams '{n_masks: 2000}']
                       [--accelerator auto --devices 2 --strategy ddp --precision bf16-mixed]
 
@@ -10,7 +10,7 @@ replicated, palette mapped, 16-bit reduced to 8) and the resize rule: the whole 
 black box's S x S input (no crop, no padding); each map is resized back to the file's own size.
 
 The explained class is the black box's prediction on the resized image. The black box: ``--blackbox``, or
-the one recorded in ``--ckpt``. S: ``--image_size``, else the training data's size recorded in a
+the one recorded in ``--ckpt_path``. S: ``--image_size``, else the training data's size recorded in a
 predictor or classifier checkpoint, else the architecture's default (timm ``pretrained_cfg``, 224 for
 torchvision); a bare black-box record (``ckpt:assets/embedded_blackbox.pt``) does not store it: pass
 ``--image_size``. Class names: ``--class_names FILE`` (one per line), else the training datamodule's,
@@ -42,7 +42,7 @@ from saliency_lab.datamodules.image_files import (DEFAULT_MAX_PIXELS, ImageFiles
                                      read_class_names, recorded_class_names, recorded_input_size)
 from saliency_lab.core.blackbox import BlackBox
 from saliency_lab.core.checkpoints import safe_load
-from saliency_lab.core.resources import resolve_config_args
+from saliency_lab.cli.args import normalise_args
 from saliency_lab.core.files import atomic_write_json
 from saliency_lab.lightning_modules.explanation import ExplanationModule
 
@@ -53,14 +53,14 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--images", type=str, nargs="+", required=True, help="image files and/or folders")
     parser.add_argument("--out", type=str, required=True, help="output folder (nothing is written outside it)")
     parser.add_argument("--method", type=str | None, default=None, help="a registered explainer, e.g. gradcam")
-    parser.add_argument("--ckpt", type=str | None, default=None,
+    parser.add_argument("--ckpt_path", type=str | None, default=None,
                         help="a trained predictor checkpoint: PATH, or NAME=PATH for a variant of it "
                              "(e.g. predictor_ct_posthoc=PATH)")
     parser.add_argument("--method_hparams", type=dict[str, Any], default={}, help="keyword arguments of --method")
-    parser.add_argument("--blackbox", type=str | None, default=None,
-                        help="'ckpt:PATH', 'timm:NAME' or 'torchvision:NAME' (default: the one --ckpt records)")
-    parser.add_argument("--blackbox_weights", type=str | None, default=None, help="local weights file")
-    parser.add_argument("--num_classes", type=int | None, default=None, help="classes of a timm/torchvision model")
+    parser.add_subclass_arguments(BlackBox, "blackbox", required=False,
+                                  help="the black box: a spec ('embedded', 'ckpt:PATH', 'timm:NAME', 'torchvision:NAME', "
+                                       "'module:PKG.CLASS') or class_path + init_args; --blackbox.init_args.weights, "
+                                       "num_classes, ... (default: the one --ckpt_path records)")
     parser.add_argument("--image_size", type=int | None, default=None, help="S, the black box's input side")
     parser.add_argument("--class_names", type=str | None, default=None, help="text file, one class name a line")
     parser.add_argument("--batch_size", type=int, default=8)
@@ -78,8 +78,16 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def blackbox_args(cfg) -> dict | None:
+    """The ``BlackBox`` keyword arguments of ``--blackbox``, or None when it is not given."""
+    if cfg.get("blackbox") is None:
+        return None
+    init_args = cfg.blackbox.get("init_args")
+    return dict(init_args.as_dict() if hasattr(init_args, "as_dict") else init_args or {})
+
+
 def _split_ckpt(entry: str) -> tuple[str | None, str]:
-    """``PATH`` or ``NAME=PATH`` (as evaluate.py's --ckpt) -> (NAME or None, PATH)."""
+    """``PATH`` or ``NAME=PATH`` (as evaluate.py's --ckpt_path) -> (NAME or None, PATH)."""
     wanted, sep, path = entry.partition("=")
     if not sep or "/" in wanted or Path(entry).exists():
         return None, entry
@@ -89,30 +97,31 @@ def _split_ckpt(entry: str) -> tuple[str | None, str]:
 def build(cfg) -> tuple[BlackBox, str, str, Any, list[dict]]:
     """(black box, its spec as given, explainer name, explainer, the checkpoints read: they tell the input
     size and the class names)."""
-    if (cfg.method is None) == (cfg.ckpt is None):
-        raise ValueError("pass exactly one of --method NAME (a registered explainer) or --ckpt PATH (a trained "
+    if (cfg.method is None) == (cfg.ckpt_path is None):
+        raise ValueError("pass exactly one of --method NAME (a registered explainer) or --ckpt_path PATH (a trained "
                          "predictor)")
-    if cfg.ckpt is not None and cfg.method_hparams:
-        raise ValueError("--method_hparams configures --method; a --ckpt predictor takes its options from the "
+    if cfg.ckpt_path is not None and cfg.method_hparams:
+        raise ValueError("--method_hparams configures --method; a --ckpt_path predictor takes its options from the "
                          "checkpoint (NAME=PATH picks a variant, e.g. predictor_ct_posthoc=PATH)")
     checkpoints: list[dict] = []
     record: dict = {}
-    if cfg.ckpt is not None:
-        wanted, path = _split_ckpt(cfg.ckpt)
+    if cfg.ckpt_path is not None:
+        wanted, path = _split_ckpt(cfg.ckpt_path)
         checkpoints.append(safe_load(path))
         record = (checkpoints[0].get("explainer") or {}) if isinstance(checkpoints[0], dict) else {}
-    if cfg.blackbox is not None:
-        blackbox = BlackBox(cfg.blackbox, num_classes=cfg.num_classes, weights=cfg.blackbox_weights)
+    given = blackbox_args(cfg)
+    if given is not None:
+        blackbox = BlackBox(**given)
     elif isinstance(record.get("blackbox"), dict):
         blackbox = BlackBox.from_config(record["blackbox"])
     else:
         raise ValueError("--blackbox is needed: " + ("--method explains a given black box" if cfg.method else
-                                                     f"{cfg.ckpt} records no black box"))
-    spec = cfg.blackbox or blackbox.config()["init_args"]["model"]
+                                                     f"{cfg.ckpt_path} records no black box"))
+    spec = blackbox.config()["init_args"]["model"]
     kind, _, bb_path = spec.partition(":")
     if kind == "ckpt" or spec.endswith((".ckpt", ".pt")):  # a classifier checkpoint may record its data
         checkpoints.append(safe_load(bb_path if kind == "ckpt" else spec))
-    if cfg.ckpt is not None:
+    if cfg.ckpt_path is not None:
         name = wanted or explainers.recorded_name(path)
         explainer = explainers.build(name, blackbox, checkpoint=checkpoints[0])
         explainer.max_forward_batch = int(cfg.max_forward_batch)
@@ -135,7 +144,7 @@ def check_run(out: Path, header: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict | None:
-    cfg = build_parser().parse_args(resolve_config_args(sys.argv[1:] if argv is None else list(argv)))
+    cfg = build_parser().parse_args(normalise_args(sys.argv[1:] if argv is None else list(argv)))
     out = Path(cfg.out)
     files = collect_images(cfg.images, exclude=out)
     blackbox, spec, name, explainer, checkpoints = build(cfg)
@@ -146,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     names = (read_class_names(cfg.class_names, blackbox.num_classes) if cfg.class_names
              else recorded_class_names(checkpoints, blackbox.num_classes))
     hparams = {k: v for k, v in explainer.hparams.items() if k != "max_forward_batch"}
-    header = {"method": name, "ckpt": cfg.ckpt, "blackbox": spec, "image_size": int(size),
+    header = {"method": name, "ckpt_path": cfg.ckpt_path, "blackbox": spec, "image_size": int(size),
               "hparams": json.loads(json.dumps(hparams, default=str)), "target": "predicted"}
 
     done = read_index(out)

@@ -1,6 +1,6 @@
 """Export a trained mask predictor as one self-contained file (TorchScript or ONNX).
 
-    python export.py --ckpt PATH --format onnx|torchscript --out FILE [--image_size S] [--class_input]
+    saliency-lab export --ckpt_path PATH --format onnx|torchscript --out FILE [--image_size S] [--class_input]
 
 The file holds the black box (normalisation + features), the feature filter, the generator and the
 controller: it takes ``images`` (B, 3, S, S) float32 in [0, 1] and returns ``masks`` (B, 1, S, S), for the
@@ -29,26 +29,27 @@ from saliency_lab.lightning_modules.exported_predictor import FORMATS, example_i
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", required=True, help="a trained predictor checkpoint (train.py, embedded_predictor_*)")
+    parser.add_argument("--ckpt_path", "--ckpt", required=True, help="a trained predictor checkpoint (train.py, embedded_predictor_*)")
     parser.add_argument("--format", required=True, choices=FORMATS)
     parser.add_argument("--out", required=True, help="the file to write (e.g. predictor.onnx, predictor.pt)")
     parser.add_argument("--image_size", type=int, default=None, help="S (default: recorded in the checkpoint)")
     parser.add_argument("--class_input", action="store_true",
                         help="a second input 'classes' (B,) int64 chooses the explained class (default: the "
                              "black box's predicted class)")
-    parser.add_argument("--blackbox", default=None, help="black-box spec (default: the one the checkpoint records)")
+    parser.add_argument("--blackbox", default=None, help="black-box spec, as --blackbox SPEC of explain and evaluate "
+                        "(default: the one the checkpoint records)")
     parser.add_argument("--check_images", type=int, default=8, help="random images of the parity check (0: none)")
     args = parser.parse_args(argv)
 
     blackbox = BlackBox(args.blackbox) if args.blackbox else None
-    graph, description = load_graph(args.ckpt, blackbox, args.class_input)
+    graph, description = load_graph(args.ckpt_path, blackbox, args.class_input)
     spec = args.blackbox or description["blackbox"]
-    checkpoints = [safe_load(args.ckpt)]
+    checkpoints = [safe_load(args.ckpt_path)]
     if spec.startswith("ckpt:"):
         checkpoints.append(safe_load(spec.removeprefix("ckpt:")))
     size = args.image_size or recorded_input_size(checkpoints, spec)
     if size is None:
-        raise ValueError(f"{args.ckpt} records no input size (no training data in the checkpoint): pass --image_size")
+        raise ValueError(f"{args.ckpt_path} records no input size (no training data in the checkpoint): pass --image_size")
     written = export(graph, description, size, args.format, args.out)
     print(f"wrote {args.out} ({args.format}): {written['explainer']} on {spec}, inputs {written['inputs']}, outputs "
           f"{written['outputs']}" + (" (post-hoc tuning is not exported)" if written["posthoc_tuning_dropped"] else ""))

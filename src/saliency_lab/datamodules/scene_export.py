@@ -22,7 +22,6 @@ CLI: ``saliency-lab export-scenes --format imagenet|coco --out DIR --num-train N
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os

@@ -11,8 +11,6 @@ with whatever it teaches. An interrupted run resumes from the partial record it 
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import time
 from pathlib import Path

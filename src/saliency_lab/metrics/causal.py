@@ -10,7 +10,6 @@ model's softmax probability of c, U the number of ranking units, n the number of
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, Union
 
@@ -20,7 +19,7 @@ from torch import Tensor
 
 from saliency_lab.core.blackbox import IMAGENET_MEAN, fast_passes
 from saliency_lab.core.inputs import check_explained_batch, check_images, check_saliency, check_targets, num_classes_of
-from saliency_lab.core.perturbation import gaussian_blur, make_substrate, perturb, scaled_blur
+from saliency_lab.core.perturbation import gaussian_blur, make_substrate, scaled_blur
 
 Model = Callable[[Tensor], Tensor]
 # Whether the curve loop runs its passes in a BlackBox.fast() block (bf16 for precision="auto" black boxes on bf16
