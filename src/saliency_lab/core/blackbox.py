@@ -540,6 +540,17 @@ class BlackBox(nn.Module):
                 f"channels_last={self.channels_last}, compile={self.compile_mode}")
 
 
+def require_feature_levels(model, method: str) -> None:
+    """Raise, naming ``method`` and the fix, when ``model`` has no feature levels: a :class:`BlackBox` built from a
+    module without ``feature_layers`` (ValueError), or a plain callable without ``features`` (TypeError)."""
+    check = getattr(model, "require_features", None)
+    if callable(check):
+        check(method)
+    elif not hasattr(model, "features"):
+        raise TypeError(f"{method} needs the black box's feature levels: pass a BlackBox (with feature_layers for "
+                        "your own module) instead of a plain callable")
+
+
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` computes bfloat16 natively (where bf16 autocast is a speed-up, not an emulation)."""
     if device.type == "cuda":

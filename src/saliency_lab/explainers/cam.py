@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from saliency_lab.core.blackbox import require_feature_levels
 from saliency_lab.explainers.base import Explainer
 from saliency_lab.explainers.registry import register
 
@@ -35,6 +36,8 @@ from saliency_lab.explainers.registry import register
 def cam_target_layer_name(blackbox: nn.Module) -> str:
     """Name, within ``blackbox.net``, of the module whose output is the deepest selected feature level
     (``BlackBox.feature_modules[-1]``: ``layer4`` for ResNets, ``inception5b`` for GoogLeNet)."""
+    if hasattr(blackbox, "require_features"):
+        require_feature_levels(blackbox, "Grad-CAM (its default target layer)")
     modules = getattr(blackbox, "feature_modules", None)
     if not modules:
         raise ValueError(f"cannot locate the last feature level of black box {getattr(blackbox, 'spec', blackbox)!r}; "

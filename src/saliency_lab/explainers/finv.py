@@ -52,6 +52,7 @@ import math
 import torch
 from torch import Tensor
 
+from saliency_lab.core.blackbox import require_feature_levels
 from saliency_lab.core.perturbation import gaussian_blur, perturb, scaled_blur
 from saliency_lab.explainers.base import Explainer
 from saliency_lab.explainers.igos import resize_masks
@@ -105,8 +106,7 @@ class FeatureInversion(Explainer):
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         if lr <= 0 or l1 < 0 or l2 < 0 or blur_sigma <= 0:
             raise ValueError(f"need lr > 0, l1 >= 0, l2 >= 0 and blur_sigma > 0, got {lr}, {l1}, {l2}, {blur_sigma}")
-        if not hasattr(blackbox, "features"):
-            raise TypeError("finv needs a black box with features(x) (the guide and reconstructed levels)")
+        require_feature_levels(blackbox, "finv (its guide and reconstructed levels)")
         levels = len(getattr(blackbox, "feature_channels", [])) or None
         for name, value in (("guide_level", guide_level), ("target_level", target_level)):
             if levels is not None and not -levels <= value < levels:

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from saliency_lab.core.blackbox import require_feature_levels
 from saliency_lab.core.perturbation import make_substrate, perturb, scaled_blur
 from saliency_lab.explainers.base import Explainer, rebatch
 from saliency_lab.explainers.registry import register
@@ -321,9 +322,8 @@ class IASSA(Explainer):
                              f"{attention_memory_mb}")
         if feature_extractor is not None and not callable(feature_extractor):
             raise TypeError(f"feature_extractor must be callable or None, got {type(feature_extractor).__name__}")
-        if attention != "none" and feature_extractor is None and not hasattr(blackbox, "features"):
-            raise TypeError("attention needs features: the black box has no features(); pass feature_extractor "
-                            "or attention='none'")
+        if attention != "none" and feature_extractor is None:
+            require_feature_levels(blackbox, "IASSA's attention (or attention='none', or a feature_extractor)")
         if substrate not in IASSA_SUBSTRATES:
             raise ValueError(f"substrate must be one of {IASSA_SUBSTRATES}, got {substrate!r}")
         if output not in OUTPUTS:

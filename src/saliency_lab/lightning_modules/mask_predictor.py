@@ -64,7 +64,7 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import Tensor
 
-from saliency_lab.core.blackbox import BlackBox
+from saliency_lab.core.blackbox import BlackBox, require_feature_levels
 from saliency_lab.core.perturbation import NOISE_STD, gaussian_blur, make_substrate, perturb, random_colour_noise, scaled_blur
 from saliency_lab.core.seeding import derive_seeds, per_image_uniforms
 from saliency_lab.explainers.mask_predictor import EXPLAINER_FORMAT, MaskPredictorExplainer, predictor_class, recipe_class
@@ -300,6 +300,7 @@ class MaskPredictor(FrozenBlackBoxModule):
             raise ValueError("the loss needs a classification term: ce_weight, bg_weight, deletion_weight or "
                              "insertion_weight > 0 (all are 0)")
         self._set_blackbox(blackbox)
+        require_feature_levels(self.blackbox, "the mask predictor (its generator reads every level)")
         channels = self.blackbox.feature_channels
         self.net = MaskPredictorNet(channels, self.blackbox.num_classes,
                                     generator_widths(self.blackbox.spec, channels, widths, width_ratio),
