@@ -40,7 +40,7 @@ browser:
 	fi
 
 demo: setup data
-	$(PY) demo.py --out outputs/demo
+	$(VENV)/bin/saliency-lab demo --out outputs/demo
 
 test: setup data browser
 	$(PY) -m pytest -n 2 --durations=15 -q

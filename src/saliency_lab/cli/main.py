@@ -40,7 +40,14 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> object:
+def main(argv: list[str] | None = None) -> None:
+    """The ``saliency-lab`` console script: exit status 0 unless a subcommand raises (its return value, often a
+    dict of what it wrote, is for Python callers of :func:`run`)."""
+    run(argv)
+
+
+def run(argv: list[str] | None = None) -> object:
+    """Dispatch ``argv`` (default: the command line) to a subcommand and return what it returns."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
