@@ -1,6 +1,6 @@
 """Images per second of the exported predictor: eager PyTorch vs TorchScript vs onnxruntime, on the CPU.
 
-    python -m benchmarks.exported_predictor [--ckpt_path outputs/demo/predictor_ct/checkpoints/last.ckpt] [--batches 1 32]
+    python -m benchmarks.exported_predictor_speed [--ckpt_path outputs/demo/predictor_ct/checkpoints/last.ckpt] [--batches 1 32]
                                 [--repeats 15] [--threads 2]
 
 The predictor (black-box features + filter + generator + controller + upsampling, the class predicted by
