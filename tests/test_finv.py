@@ -64,7 +64,7 @@ def test_needs_features_and_valid_levels(blackbox):
         def logits(self, x):
             return x.mean((1, 2, 3))[:, None].repeat(1, 2)
 
-    with pytest.raises(TypeError, match="features"):
+    with pytest.raises(TypeError, match="feature levels"):
         explainers.build("finv", LogitsOnly())
     with pytest.raises(ValueError, match="guide_level"):
         explainers.build("finv", blackbox, guide_level=7)

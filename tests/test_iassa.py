@@ -227,7 +227,7 @@ def test_bad_settings_are_refused():
                             ({"output": "best_iou"}, "output"), ({"threshold": 1.0}, "threshold")]:
         with pytest.raises(ValueError, match=message):
             explainers.build("iassa", Probe(), **{"attention": "none", **kwargs})
-    with pytest.raises(TypeError, match="features"):
+    with pytest.raises(TypeError, match="feature levels"):
         explainers.build("iassa", Probe())  # attention needs features; Probe has none
 
 
