@@ -1,5 +1,6 @@
-"""demo.py (``make demo``) end to end on tiny data: every stage runs, the predictors' checkpoints reach the
-evaluation (also as the post-hoc variant), and a re-run reuses every finished stage. The committed predictor_game
+"""``saliency-lab demo`` (``make demo``, the README's first task) end to end on tiny data: every stage runs, the
+predictors' checkpoints reach the evaluation (also as the post-hoc variant), the files the README's demo block opens
+exist, and a re-run reuses every finished stage. The committed predictor_game
 checkpoint: it stands in for training only with the black box it records, and it loads and scores as documented."""
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from saliency_lab.cli import demo
 from saliency_lab.cli import evaluate
 from saliency_lab.cli import train
 from tests.conftest import subprocess_env
+from tests.test_readme import demo_block_files
 
 TINY_DATA = ("--data.init_args.image_size=32 --data.init_args.batch_size=8 --data.init_args.num_workers=0 "
              "--data.init_args.num_train=32 --data.init_args.num_val=16 --data.init_args.num_test=16 "
@@ -29,7 +31,7 @@ EVALUATE = (f"{TINY_DATA} --explainers=rise,gradient --method_hparams='{{rise: {
 
 
 def run_demo(repo_root, out, blackbox, game):
-    cmd = [sys.executable, "demo.py", f"--out={out}", f"--blackbox={blackbox}", f"--game_checkpoint={game}",
+    cmd = [sys.executable, "-m", "saliency_lab.cli", "demo", f"--out={out}", f"--blackbox={blackbox}", f"--game_checkpoint={game}",
            "--num_images=4", f"--train_args={TRAIN}", f"--evaluate_args={EVALUATE}"]
     return subprocess.run(cmd, cwd=repo_root, env=subprocess_env(), capture_output=True, text=True, timeout=1500)
 
@@ -67,6 +69,8 @@ def test_demo_runs_every_stage_and_reuses_them(repo_root, tmp_path, tiny_blackbo
     timings = json.loads((out / "timings.json").read_text())
     assert set(timings) == {"classifier", "filter", "predictor_ct", "predictor_bt", "mgnet", "predictor_game",
                             "evaluation"}
+    for name in demo_block_files():  # what the README's demo block tells a user to open
+        assert (out / name).stat().st_size > 0, name
 
     again = run_demo(repo_root, out, tiny_blackbox_path, tiny_game_checkpoint)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -74,6 +74,15 @@ COST_PER_IMAGE = {
 # measured k and move the tuned values by up to ~1e-3 of the scale (6e-4 measured on this untrained net; with
 # one and the same input map, tuning alone is batch-independent to the bit).
 BATCH_ATOL = {"predictor_ct_posthoc": 1e-3}
+# Input-gradient methods are compared by the relative L2 error of each image's whole map instead, at most
+# GRADIENT_REL_L2. Their backward pass routes through max-pool's argmax: resnet10t is piecewise linear, and where
+# the top two values of a pooling window are closer than float32 summation noise (which differs between batch
+# sizes and chunkings), the gradient of that window goes to the other input, i.e. a whole receptive field of the
+# map changes by O(1) of its local values while the rest is equal to the bit (3.4e-3 measured here on one image;
+# elementwise that pixel is 9e-3 of the map's largest value). A batching bug (images or targets mixed up, a
+# missing chunk) changes the whole map: relative error O(1).
+GRADIENT_METHODS = ("gradient", "smoothgrad", "integrated_gradients")
+GRADIENT_REL_L2 = 1e-2
 
 
 @pytest.fixture(scope="module")
@@ -159,11 +168,26 @@ def test_batch_equals_single_calls_and_is_deterministic(name, make, batch):
     together = explainer(images, targets, indices)
     assert torch.equal(together, explainer(images, targets, indices)), "two identical calls differ"
     alone = torch.cat([explainer(images[i:i + 1], targets[i:i + 1], indices[i:i + 1]) for i in range(BATCH)])
-    scale = together.abs().max() * BATCH_ATOL.get(name, 1e-5)
-    assert torch.allclose(together, alone, rtol=1e-4, atol=scale)
     # Another memory knob changes the chunking, not the result.
     other = make(name, max_forward_batch=5)(images, targets, indices)
-    assert torch.allclose(together, other, rtol=1e-4, atol=scale)
+    for maps in (alone, other):
+        if name in GRADIENT_METHODS:
+            assert relative_l2(together, maps).max() <= GRADIENT_REL_L2, relative_l2(together, maps)
+        else:
+            scale = together.abs().max() * BATCH_ATOL.get(name, 1e-5)
+            assert torch.allclose(together, maps, rtol=1e-4, atol=scale)
+
+
+def relative_l2(maps: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
+    """(B,) ||maps_i - others_i|| / ||maps_i|| per image of two (B, 1, H, W) batches; 0 where both are zero."""
+    size = maps.flatten(1).norm(dim=1).clamp_min(torch.finfo(maps.dtype).tiny)
+    return (maps - others).flatten(1).norm(dim=1) / size
+
+
+def test_relative_l2_flags_a_mixed_up_batch():
+    maps = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert relative_l2(maps, maps.clone()).max() == 0 and relative_l2(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2)) == 0
+    assert relative_l2(maps, maps.flip(0))[[0, 2]].min() > 10 * GRADIENT_REL_L2
 
 
 @pytest.mark.parametrize("name", NAMES)

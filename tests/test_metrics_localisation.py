@@ -93,6 +93,34 @@ def test_pointing_game_batch_and_resize():
     assert not pointing_game(coarse[:1], empty, 100.0).item()
 
 
+def test_pointing_game_tie_rule_is_robust_to_float_noise():
+    """A plateau of maxima, one inside the ground truth and one far outside: whichever of the two a 1e-7
+    perturbation makes the strict argmax, or neither, the hit is the same (any tied maximum counts)."""
+    gt = torch.zeros(1, 1, 16, 16, dtype=torch.bool)
+    gt[0, 0, 12:, 12:] = True
+    base = torch.full((1, 1, 16, 16), 0.25)
+    base[0, 0, 1, 1] = base[0, 0, 14, 14] = 0.9  # outside first in row-major order, then inside
+    hits = []
+    for outside, inside in [(0, 0), (1e-7, 0), (0, 1e-7), (-1e-7, 0), (0, -1e-7), (1e-7, -1e-7)]:
+        noisy = base.clone()
+        noisy[0, 0, 1, 1] += outside
+        noisy[0, 0, 14, 14] += inside
+        hits.append(pointing_game(noisy, gt, 1.0).item())
+    assert hits == [True] * 6
+    # a real gap (far above the 1e-5 band) still decides: the inside peak lower is a miss
+    lower = base.clone()
+    lower[0, 0, 14, 14] -= 1e-3
+    assert not pointing_game(lower, gt, 1.0).item()
+    # the band is relative to the map's magnitude: the same map scaled by 1e4 gives the same answers
+    assert pointing_game(base * 1e4 + 1e-3, gt, 1.0).item() and not pointing_game(lower * 1e4, gt, 1.0).item()
+
+
+def test_pointing_game_constant_map_points_nowhere():
+    gt = torch.ones(2, 1, 8, 8, dtype=torch.bool)
+    flat = torch.stack([torch.zeros(1, 8, 8), torch.full((1, 8, 8), 0.5) + 1e-8 * torch.rand(1, 8, 8)])
+    assert pointing_game(flat, gt, 3.0).tolist() == [False, False]
+
+
 def test_default_pointing_tolerance():
     assert default_pointing_tolerance(224) == 15.0
     assert default_pointing_tolerance(64) == pytest.approx(15 * 64 / 224)

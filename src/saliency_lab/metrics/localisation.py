@@ -18,6 +18,8 @@ from saliency_lab.core.inputs import check_saliency
 
 # docs/protocols.md: pointing-game tolerance of 15 px at 224 x 224.
 POINTING_TOLERANCE_224 = 15.0
+# Relative band of the pointing game's tie rule (:func:`pointing_maxima`).
+POINTING_TIE_RTOL = 1e-5
 
 
 def _at_gt_resolution(saliency: Tensor, gt_mask: Tensor) -> Tensor:
@@ -66,25 +68,77 @@ def default_pointing_tolerance(image_size: int) -> float:
     return POINTING_TOLERANCE_224 * image_size / 224
 
 
+def pointing_maxima(saliency: Tensor) -> Tensor:
+    """(B, H, W) bool: the pixels of (B, 1, H, W) saliency tied with the image's maximum.
+
+    Tie rule: S >= max S - POINTING_TIE_RTOL * max |S|. Float32 rounding is relative to the magnitudes of
+    the values summed, so two pixels that are equal in exact arithmetic can come out of a network (or of a
+    bilinear resize) a few ulps apart, i.e. ~1e-7 relative; 1e-5 (about 80 float32 ulps at the map's
+    largest magnitude) absorbs that summation noise, and is far below any difference a saliency map is read
+    at (an 8-bit display step is 4e-3 of the range). ``max |S|`` rather than the range makes the band
+    follow the rounding error of an offset map. An all-zero map has band 0: every pixel ties.
+    """
+    flat = saliency.flatten(1)
+    top = flat.amax(1, keepdim=True)
+    band = POINTING_TIE_RTOL * flat.abs().amax(1, keepdim=True)
+    return (flat >= top - band).view(saliency.shape[0], *saliency.shape[-2:])
+
+
 def pointing_game(saliency: Tensor, gt_mask: Tensor, tolerance: float) -> Tensor:
     """(B,) bool hits of the pointing game (docs/protocols.md).
 
-    The point is the argmax of the saliency at the ground truth's resolution, the first maximum in
-    row-major order. Hit if some ground-truth pixel q has Euclidean distance ||q - point|| < tolerance,
-    in pixels; the point itself always counts, so tolerance 0 means "the point is a ground-truth pixel".
-    An image without ground truth returns False here; :func:`metrics.score_saliency` reports it as NaN (not
-    evaluated, counted apart). Computed from one (B, H, W) distance map, no pixel loops.
+    The points are the maxima of the saliency at the ground truth's resolution, ties included: every
+    pixel within :func:`pointing_maxima`'s relative band (1e-5 of max |S|) of the maximum. Hit if some
+    ground-truth pixel q has Euclidean distance ||q - p|| < tolerance, in pixels, to ANY tied maximum p
+    (the point itself always counts, so tolerance 0 means "a maximum is a ground-truth pixel"). Unlike
+    "the first maximum in row-major order", this does not depend on float noise of ~1e-7 either way, on
+    the summation order or on the scan order. A map whose every pixel ties (a constant map: it points
+    nowhere) is a miss. An image without ground truth returns False here; :func:`metrics.score_saliency`
+    reports it as NaN (not evaluated, counted apart). Computed by dilating the ground truth with a disc
+    of radius ``tolerance`` (a max-pool with a disc kernel), no pixel loops.
     """
     if tolerance < 0:
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
     saliency = _at_gt_resolution(saliency, gt_mask)
-    height, width = gt_mask.shape[-2:]
-    point = saliency.flatten(1).argmax(1)  # torch returns the first maximal index
-    rows = torch.arange(height, device=point.device).view(1, -1, 1)
-    cols = torch.arange(width, device=point.device).view(1, 1, -1)
-    squared = (rows - (point // width).view(-1, 1, 1)) ** 2 + (cols - (point % width).view(-1, 1, 1)) ** 2
-    near = (squared < tolerance**2) | (squared == 0)
-    return (near & gt_mask[:, 0]).flatten(1).any(1)
+    maxima = pointing_maxima(saliency)
+    near_gt = _dilate(gt_mask[:, 0], tolerance)
+    everywhere = maxima.flatten(1).all(1)
+    return (maxima & near_gt).flatten(1).any(1) & ~everywhere
+
+
+def _dilate(mask: Tensor, tolerance: float) -> Tensor:
+    """(B, H, W) bool: the pixels p with some pixel q of ``mask`` (B, H, W) at ||q - p|| < tolerance, or q = p.
+
+    Row by row of the disc: for a row offset dy, the pixels within dx <= half(dy) on that row, from prefix
+    sums along the row; O(radius * H * W), not a (2 radius + 1)^2 convolution."""
+    height, width = mask.shape[-2:]
+    reach = max(0, math.ceil(tolerance) - 1)  # the largest integer offset d with d < tolerance
+    rows, cols = min(reach, height - 1), min(reach, width - 1)
+    padded = F.pad(mask.to(torch.int32), (cols + 1, cols))  # a zero column in front: prefix[k] - prefix[k - w]
+    prefix = padded.cumsum(-1)
+    out = mask.clone()
+    x = torch.arange(width, device=mask.device)
+    for dy in range(-rows, rows + 1):
+        half = _half_width(tolerance, dy, cols)
+        if half < 0:
+            continue
+        row_hit = (prefix[..., x + half + cols + 1] - prefix[..., x - half + cols]) > 0
+        if dy >= 0:
+            out[:, :height - dy] |= row_hit[:, dy:]
+        else:
+            out[:, -dy:] |= row_hit[:, :height + dy]
+    return out
+
+
+def _half_width(tolerance: float, dy: int, cap: int) -> int:
+    """The largest integer dx <= cap with dx^2 + dy^2 < tolerance^2; -1 if none."""
+    room = tolerance**2 - dy * dy
+    if room <= 0:
+        return -1
+    half = min(cap, math.isqrt(max(0, math.ceil(room) - 1)))
+    while half >= 0 and half * half + dy * dy >= tolerance**2:
+        half -= 1
+    return half
 
 
 def saliency_region(saliency: Tensor, threshold: float = 0.3, top_fraction: float | None = None) -> Tensor:
