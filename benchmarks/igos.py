@@ -7,11 +7,11 @@
 
 ``--pass-limit K``: per-image wall time against its bare black-box passes, K images one at a time (the
 target is <= 1.15x; see :func:`pass_limit`; figures in docs/results/speed.md). Building the rows (per image and term one
-upsampled product, one gather and one multiply-add per row, the noise drawn into the rows' buffer) takes
-9.3 ms per 80 rows against 14.8 ms before, next to ~166 ms for their forward pass at 1 thread under that load.
+upsampled product, one gather and one multiply-add per row, the noise drawn into the rows' buffer) is small
+next to their forward pass (the timings are in docs/results/speed.md).
 Batching the line-search trials of a step would not save passes: the backtracking search evaluates exactly the
 trials it needs (mean ~5-8 of at most 13), a batch of k trials costs k evaluations whether or not the first
-would have been accepted, and per row the black box is no faster at 160-1000 rows than at 80 on this CPU.
+would have been accepted, and per row the black box was measured no faster at 160-1000 rows than at 80 (docs/results/speed.md).
 Otherwise:
 
 On the embedded black box and embedded test images (64 x 64, explained class = the prediction), per method:

@@ -77,8 +77,7 @@ CONFIGS = {"ct": "embedded_predictor_ct.yaml", "bt": "embedded_predictor_bt.yaml
 GAME = ["--model.init_args.deletion_weight=1.0", "--model.init_args.insertion_weight=1.0"]
 MIXED_SUBSTRATES = ["--model.init_args.deletion_substrates=[mean, strong_blur, random]",
                     "--model.init_args.insertion_substrates=[blur, strong_blur, random]"]
-# RISE (500 masks, mean colour) on the first 320 training scenes (~20 min on this 2-core CPU under load; the
-# record holds its cost); the variant trains on those scenes only, so every image of every batch has its map.
+# RISE (500 masks, mean colour) on the first 320 training scenes (the record holds its cost); the variant trains on those scenes only, so every image of every batch has its map.
 TEACHER_SCENES = 320
 TEACHER_MAPS = Path(f"outputs/teacher/rise500_{TEACHER_SCENES}.pt")
 # 320 scenes are 3 batches of 128 (the last one 64): 100 epochs are the demo's 300 steps, with the learning rate
@@ -139,7 +138,8 @@ VARIANTS = {
     "mgnet_area8": ("mgnet", ["--model.init_args.area_weight=8.0"]),
     "ct_area1": ("ct", ["--model.init_args.area_weight=1.0"]),
 }
-# bf16 autocast + channels-last: 3.4x faster training steps on this CPU (AMX); every variant but *_fp32 uses it.
+# bf16 autocast + channels-last (faster training steps where the CPU has bf16 units, docs/results/predictor.md);
+# every variant but *_fp32 uses it.
 FAST = ["--trainer.precision=bf16-mixed", "--model.init_args.channels_last=true"]
 BASELINES = {"rise": "{rise: {n_masks: 4000}}", "igos_pp": "{}"}
 PRESETS = ("rise", "igos")

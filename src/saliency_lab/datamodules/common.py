@@ -152,8 +152,8 @@ def image_problem(path: str, verify: str = "quick") -> str | None:
     signature and end marker are in place (two tiny reads, so it scales to ImageNet) and fully decodes
     everything else; ``"full"`` decodes every file (JPEGs at 1/8 scale through PIL's draft mode, which still
     reads the whole entropy-coded stream, so truncation is detected; corrupt data inside a complete file may
-    still decode without error). Measured by ``python -m benchmarks.image_check`` (500x375 JPEGs, 2 threads,
-    page cache, this 2-core machine): quick ~155 us/file (~3.3 min for ImageNet train), full ~1 ms/file.
+    still decode without error). ``python -m benchmarks.image_check`` measures both per file (figures in
+    docs/results/speed.md).
     """
     try:
         with Image.open(path) as img:
