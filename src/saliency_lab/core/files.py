@@ -7,6 +7,8 @@
 - :func:`append_lines` — appends of JSON lines that survive a torn last line (``drop_torn_tail``).
 - :func:`file_sha256` — the content hash that identifies a checkpoint whatever its path.
 - :class:`FolderLock` — one process (one run: DDP ranks take it on rank 0 only) writes into a folder at a time.
+- :func:`safe_name` — a user-given name (an explainer's alias) that becomes a file or folder name.
+- :func:`json_safe` — values as strict JSON: non-finite floats become null (every JSON record is written so).
 
 Standard library only: every layer may use it.
 """
@@ -15,7 +17,9 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import os
+import re
 import socket
 import tempfile
 import time
@@ -57,9 +61,39 @@ def atomic_write(path: str | os.PathLike, content: Content, encoding: str = "utf
 
 
 def atomic_write_json(path: str | os.PathLike, value, **dumps_kwargs) -> Path:
-    """``atomic_write(path, json.dumps(value, **dumps_kwargs))`` (indent 2 unless given)."""
+    """``atomic_write(path, json.dumps(json_safe(value), allow_nan=False, **dumps_kwargs))`` (indent 2 unless
+    given): strict JSON that any parser reads, NaN and +-inf written as null."""
     dumps_kwargs.setdefault("indent", 2)
-    return atomic_write(path, json.dumps(value, **dumps_kwargs))
+    return atomic_write(path, json.dumps(json_safe(value), allow_nan=False, **dumps_kwargs))
+
+
+def json_safe(value):
+    """``value`` with every float that is NaN or +-inf (nested in dicts, lists and tuples) replaced by None,
+    so that ``json.dumps(..., allow_nan=False)`` writes strict JSON (null) instead of NaN / Infinity tokens."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+# A name that may become one file or folder name inside an output folder (see safe_name).
+SAFE_NAME = re.compile(r"[A-Za-z0-9._+-]{1,100}")
+
+
+def safe_name(value, what: str) -> str:
+    """``value`` if it can be one file or folder name inside an output folder, else a ValueError naming ``what``
+    (e.g. "--explainers alias") and the value.
+
+    Rule: 1 to 100 characters of ``[A-Za-z0-9._+-]``, not starting with '.': no path separator, no '..', no
+    hidden file, nothing a shell or a file system reads specially; checked before anything is written or
+    deleted."""
+    if not isinstance(value, str) or not SAFE_NAME.fullmatch(value) or value.startswith("."):
+        raise ValueError(f"{what} {value!r} cannot name a file: use 1 to 100 characters of A-Z a-z 0-9 . _ + - "
+                         "(no path separator, not starting with '.')")
+    return value
 
 
 def _umask() -> int:

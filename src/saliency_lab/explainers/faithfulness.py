@@ -1,4 +1,4 @@
-"""Is a fast black box (bf16 autocast, channels-last, compiled) faithful to float32? The issue-16 check.
+"""Is a fast black box (bf16 autocast, channels-last, compiled) faithful to float32? The check behind the fast black box's defaults.
 
 Two questions, each per image:
 

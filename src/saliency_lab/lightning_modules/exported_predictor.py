@@ -105,7 +105,7 @@ def export_torchscript(graph: PredictorGraph, example: tuple[Tensor, ...], out: 
                        description: dict) -> None:
     """Trace ``graph`` on ``example`` and save it with ``description`` as ``saliency_lab.json``."""
     with warnings.catch_warnings(), torch.no_grad():
-        # jit is deprecated upstream but is the TorchScript the issue asks for; the tracer's shape warnings
+        # jit is deprecated upstream but TorchScript is one of the two export formats; the tracer's shape warnings
         # are the documented fixed image size
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)

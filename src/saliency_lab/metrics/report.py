@@ -26,7 +26,7 @@ from saliency_lab.metrics.causal import minmax_across_methods
 from saliency_lab.metrics.rows import RowSet, RowStore
 from saliency_lab.metrics.suite import LOCALISATION_NAMES, METRIC_NAMES, SaliencyScores
 
-# results.json keys per method (issue contract) and the table columns, in order.
+# results.json keys per method (the results contract) and the table columns, in order.
 SUMMARY_KEYS = ("deletion", "insertion", "deletion_norm", "insertion_norm", "mf", "mf_normalized", "mi", "pointing_game", "iou", "f1",
                 "seconds_per_image", "forwards_per_image", "backwards_per_image")
 EXTRA_KEYS = ("pointing_game_hit_rate", "iou_top", "f1_top", "iou_pixel", "f1_pixel")
