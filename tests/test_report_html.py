@@ -80,6 +80,7 @@ def test_every_evaluation_writes_a_self_contained_report(evaluation):
     results = json.loads((evaluation / "results.json").read_text())
     for method in METHODS:
         assert f"<td>{method}</td>" in page
+    assert "road_morf ↓" in page and "road_lerf ↑" in page and "road_gap ↑" in page  # ROAD's columns, their way
     # nothing to fetch: no external source, link, stylesheet, script or CSS url()
     references = re.findall(r'(?:src|href)\s*=\s*"([^"]*)"', page) + re.findall(r"url\(([^)]*)\)", page)
     assert references and all(r.startswith("data:") for r in references), [r[:40] for r in references]

@@ -35,7 +35,8 @@ class ExplainerEvaluation(ProbeSetCallback):
     ranks, so every rank logs the same number) as ``{prefix}/{val|test}/{explainer}/{metric}``: the per-image
     rows of all ranks go through :func:`metrics.report.summarise`, the aggregation ``evaluate.py`` reports, so
     each name means what it means in ``results.json``: ``deletion``, ``insertion``, ``deletion_norm``,
-    ``insertion_norm`` (docs/protocols.md, "Normalised causal scores"), ``mf`` (raw, percent), ``mf_normalized``
+    ``insertion_norm`` (docs/protocols.md, "Normalised causal scores"), ``road_morf``, ``road_lerf``, ``road_gap``
+    (docs/protocols.md, "ROAD"), ``mf`` (raw, percent), ``mf_normalized``
     (per-image min-max across the explainers), ``mi`` (percent), ``pointing_game`` (mean over the annotated
     classes, as TorchRay) and ``pointing_game_hit_rate`` (over images), ``iou``, ``f1``, ``iou_top``,
     ``f1_top``, ``iou_pixel``, ``f1_pixel``; an image whose value is NaN (no ground truth, the M_F guard, a
@@ -178,7 +179,7 @@ class ExplainerEvaluation(ProbeSetCallback):
                   "num_images": self.num_images, "settings": settings.to_dict(probe.images.shape[-1]),
                   "explainers": {k: getattr(e, "hparams", None) for k, e in (self._explainers or {}).items()},
                   "results": self.last_results}
-        atomic_write_json(folder / f"{stem}.json", record, indent=1, default=str, allow_nan=True)
+        atomic_write_json(folder / f"{stem}.json", record, indent=1, default=str)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 for kind, path in paths.items():

@@ -21,13 +21,13 @@ from typing import Any, Iterable
 
 import torch
 
-from saliency_lab.core.files import atomic_write
+from saliency_lab.core.files import atomic_write, atomic_write_json, json_safe
 from saliency_lab.metrics.causal import minmax_across_methods
 from saliency_lab.metrics.rows import RowSet, RowStore
 from saliency_lab.metrics.suite import LOCALISATION_NAMES, METRIC_NAMES, SaliencyScores
 
 # results.json keys per method (the results contract) and the table columns, in order.
-SUMMARY_KEYS = ("deletion", "insertion", "deletion_norm", "insertion_norm", "mf", "mf_normalized", "mi", "pointing_game", "iou", "f1",
+SUMMARY_KEYS = ("deletion", "insertion", "deletion_norm", "insertion_norm", "road_morf", "road_lerf", "road_gap", "mf", "mf_normalized", "mi", "pointing_game", "iou", "f1",
                 "seconds_per_image", "forwards_per_image", "backwards_per_image")
 EXTRA_KEYS = ("pointing_game_hit_rate", "iou_top", "f1_top", "iou_pixel", "f1_pixel")
 CSV_COLUMNS = ("index", "method", "label", "target", *METRIC_NAMES, "mf_normalized", "seconds", "forwards",
@@ -44,6 +44,42 @@ def _nanmean(values: list[float]) -> float | None:
     return sum(finite) / len(finite) if finite else None
 
 
+# Defined for every scored image: NaN here means the scoring failed (e.g. the black box returned NaN), not
+# "undefined" as for M_F's guard or the localisation metrics of an image without ground truth.
+ALWAYS_DEFINED = ("deletion", "insertion")
+COST_NAMES = ("seconds", "forwards", "backwards")
+
+
+def non_finite_keys(row: dict) -> list[str]:
+    """The values that make ``row`` unusable: ``ALWAYS_DEFINED`` ones that are null or NaN, and any metric or
+    cost that is +-inf (a NaN elsewhere means "undefined" and is left out of that one mean). Absent keys (rows
+    of an older version) are not counted."""
+    bad = []
+    for key in METRIC_NAMES + ("mf_normalized",) + COST_NAMES:
+        if key not in row:
+            continue
+        value = row[key]
+        number = math.nan if value is None else float(value)
+        if math.isinf(number) or (key in ALWAYS_DEFINED and math.isnan(number)):
+            bad.append(key)
+    return bad
+
+
+def usable(rows: Iterable[dict]) -> list[dict]:
+    """The rows of ``rows`` that :func:`non_finite_keys` finds nothing wrong with."""
+    return [r for r in rows if not non_finite_keys(r)]
+
+
+def warn_non_finite(excluded_rows: dict[str, list[int]]) -> None:
+    """One warning naming, per method, the image indices of its rows excluded as non-finite (if any)."""
+    named = {m: indices for m, indices in excluded_rows.items() if indices}
+    if named:
+        listed = "; ".join(f"{m}: images {indices[:10]}{' ...' if len(indices) > 10 else ''}"
+                           for m, indices in sorted(named.items()))
+        warnings.warn(f"rows with NaN or inf values (deletion/insertion NaN, or any value inf) are excluded from "
+                      f"every mean and counted as excluded 'non_finite': {listed}", RuntimeWarning, stacklevel=3)
+
+
 def dedupe(rows: Iterable[dict]) -> list[dict]:
     """One row per (index, method) — the first written wins (DDP padding and reruns may repeat a pair) —
     sorted by method then index, so the aggregate does not depend on write order."""
@@ -56,7 +92,7 @@ def dedupe(rows: Iterable[dict]) -> list[dict]:
 def add_normalized_mf(rows: list[dict], methods: list[str]) -> int:
     """Set ``mf_normalized`` on every row (NaN where excluded); returns the number of excluded images."""
     raw: dict[str, dict[int, float]] = {m: {} for m in methods}
-    for row in rows:
+    for row in usable(rows):
         if row["method"] in raw:
             raw[row["method"]][int(row["index"])] = row["mf"]
     normalised, excluded = normalized_mf(raw)
@@ -124,15 +160,21 @@ def summarise(rows: list[dict], methods: list[str], warn: bool = True
 
     Every mean is over the images where the value is defined: M_F's guard, flat curves (``*_norm``) and
     images without ground truth (every name of ``LOCALISATION_NAMES``) are left out of that mean and
-    counted in the second dict (``no_ground_truth``: images; ``{key}_degenerate``: per method). With
-    ``warn``, images without ground truth are warned about once, with their count.
+    counted in the second dict (``no_ground_truth``: images; ``{key}_degenerate``: per method). A row with
+    non-finite values (:func:`non_finite_keys`) is left out of every mean of its method, counted per method in
+    ``non_finite``. With ``warn``, images without ground truth are warned about once, with their count, and the
+    non-finite rows once, by method and image index.
     """
     excluded_mf_norm = add_normalized_mf(rows, methods)
-    no_gt = without_ground_truth(r for r in rows if r["method"] in methods)
+    no_gt = without_ground_truth(r for r in usable(rows) if r["method"] in methods)
     excluded = excluded_counts(no_gt, excluded_mf_norm, warn)
     summary = {}
     for m in methods:
         summary[m] = method_summary([r for r in rows if r["method"] == m], m, excluded)
+    if warn:
+        warn_non_finite(excluded.pop("non_finite_rows"))
+    else:
+        excluded.pop("non_finite_rows")
     return summary, excluded
 
 
@@ -148,15 +190,22 @@ def excluded_counts(no_gt: list[int], mf_normalized_degenerate: int, warn: bool)
 
 def method_summary(mine: list[dict], m: str, excluded: dict[str, Any]) -> dict[str, Any]:
     """The summary of one method's rows ``mine`` (``mf_normalized`` already set); adds its excluded-image
-    counts to ``excluded``. One method at a time, so a large evaluation holds one method's rows at most."""
+    counts to ``excluded`` (and the image indices of its non-finite rows to ``excluded["non_finite_rows"]``,
+    which the caller reports and removes). One method at a time, so a large evaluation holds one method's rows
+    at most. ``images`` counts every row; the means are over the usable ones."""
+    scored = len(mine)
+    bad = [int(r["index"]) for r in mine if non_finite_keys(r)]
+    excluded.setdefault("non_finite", {})[m] = len(bad)
+    excluded.setdefault("non_finite_rows", {})[m] = bad
+    mine = usable(mine)
     stats = {key: _nanmean([float(r[key]) for r in mine if not _missing(r.get(key))])
              for key in METRIC_NAMES + ("mf_normalized",)}
     stats["pointing_game_hit_rate"] = stats["pointing_game"]
     stats["pointing_game"] = pointing_accuracy(mine)
     for key, src in (("seconds_per_image", "seconds"), ("forwards_per_image", "forwards"),
                      ("backwards_per_image", "backwards")):
-        stats[key] = _nanmean([float(r[src]) for r in mine])
-    stats["images"] = len(mine)
+        stats[key] = _nanmean([float(r[src]) for r in mine if not _missing(r.get(src))])
+    stats["images"] = scored
     for key in ("mf", "deletion_norm", "insertion_norm"):
         excluded.setdefault(f"{key}_degenerate", {})[m] = sum(1 for r in mine if _missing(r.get(key)))
     return {k: stats[k] for k in SUMMARY_KEYS + EXTRA_KEYS + ("images",)}
@@ -172,16 +221,6 @@ def mean_curves(rows: Iterable[dict], methods: list[str]) -> dict[str, tuple[tor
             total[1] = total[1] + torch.tensor(r["deletion_curve"], dtype=torch.float64)
             total[2] = total[2] + torch.tensor(r["insertion_curve"], dtype=torch.float64)
     return {m: ((sums[m][1] / sums[m][0]).float(), (sums[m][2] / sums[m][0]).float()) for m in methods if m in sums}
-
-
-def _json_safe(value):
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def write_csv(rows: Iterable[dict], path: Path) -> None:
@@ -209,14 +248,34 @@ def _fmt(value, key: str) -> str:
     return f"{value:.3f}"
 
 
+def _road_text(protocol: dict) -> str:
+    """The ROAD sentence of the summary (settings written before ROAD existed have none)."""
+    fractions = protocol.get("road_fractions")
+    if not fractions:
+        return "road_*: not measured. "
+    return ("road_morf/road_lerf: mean p(class) after removing the most/least relevant pixels (fractions "
+            f"{', '.join(f'{p:g}' for p in fractions)}) filled by noisy linear imputation (noise std "
+            f"{protocol.get('road_noise', 0.01)}); road_gap = road_lerf - road_morf. ")
+
+
+def markdown_cell(value) -> str:
+    """``str(value)`` safe inside a Markdown table cell or heading: ``&``, ``<`` and ``>`` as HTML entities
+    (``&amp;``, ``&lt;``, ``&gt;``: a name like ``<b>`` or ``<script>`` is shown, never rendered) and ``|`` as
+    ``\\|`` (it would end the cell); newlines become spaces (they would end the row)."""
+    text = str(value).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
+    return " ".join(text.splitlines())
+
+
 def summary_markdown(results: dict) -> str:
-    """A table per black box: method x every reported number, with the protocol underneath."""
+    """A table per black box: method x every reported number, with the protocol underneath. Names from the
+    user (black box, data, methods) go through :func:`markdown_cell`."""
     keys = SUMMARY_KEYS + ("iou_top", "f1_top", "images")
-    lines = [f"## {results['blackbox']} — {results['num_images']} images of {results['data'].get('name', 'data')}"
-             f" ({results['data'].get('split', '')})", "",
+    data = results["data"]
+    lines = [f"## {markdown_cell(results['blackbox'])} — {results['num_images']} images of "
+             f"{markdown_cell(data.get('name', 'data'))} ({markdown_cell(data.get('split', ''))})", "",
              "| method | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for name, stats in results["methods"].items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(stats.get(k), k) for k in keys) + " |")
+        lines.append(f"| {markdown_cell(name)} | " + " | ".join(_fmt(stats.get(k), k) for k in keys) + " |")
     protocol = results["protocol"]
     causal = protocol["protocol"]
     lines += ["", "deletion/insertion: area under the probability curve (trapezoid over [0,1]), units "
@@ -226,6 +285,7 @@ def summary_markdown(results: dict) -> str:
               "the same areas rescaled by each curve's end points, (A - v_n)/(v_0 - v_n) and (A - v_0)/(v_n - v_0) "
               f"(0 = ideal deletion, 1 = ideal insertion; images with |v_0 - v_n| <= {causal.get('norm_eps', 0.05)} "
               "excluded). "
+              f"{_road_text(protocol)}"
               f"mf: raw M_F (%), {protocol['mf_steps']} steps; mf_normalized: per-image min-max across the "
               f"methods above, on the images every method explained. mi: PR area (%) against the ground-truth mask. pointing_game: mean over the annotated "
               f"classes of the hit rate (pointing_game_hit_rate: over images), tolerance {protocol['pointing_tolerance']:.1f} px. iou/f1: map >= {protocol['iou_threshold']} "
@@ -254,9 +314,11 @@ class _ListedRows:
 def write_reports(rows: list[dict] | RowSet, methods: list[str], header: dict, out: Path) -> dict:
     """Write results.csv, results.json and summary.md into ``out`` (each atomically); returns the results.json
     content. ``rows``: the rows in a list, or a :class:`RowSet` of a rows folder, read one method at a time
-    without curves, so memory grows with one method's rows, not with the whole evaluation."""
+    without curves, so memory grows with one method's rows, not with the whole evaluation. Rows with non-finite
+    values are left out of the means (:func:`method_summary`), warned about and listed in ``non_finite_rows``
+    (method -> image indices); results.json is strict JSON (``allow_nan=False``, undefined values null)."""
     source = rows if isinstance(rows, RowSet) else _ListedRows(rows)
-    raw = {m: {int(r["index"]): r["mf"] for r in source.of(m)} for m in methods}
+    raw = {m: {int(r["index"]): r["mf"] for r in usable(source.of(m))} for m in methods}
     normalised, excluded_mf_norm = normalized_mf(raw)
     del raw
     no_gt: set[int] = set()
@@ -267,17 +329,20 @@ def write_reports(rows: list[dict] | RowSet, methods: list[str], header: dict, o
     def csv_rows() -> Iterable[dict]:  # every row, by method then index; notes the images without ground truth
         for m in sorted(methods):
             mine = scored(m)
-            no_gt.update(without_ground_truth(mine))
+            no_gt.update(without_ground_truth(usable(mine)))
             yield from mine
 
     write_csv(csv_rows(), out / "results.csv")
     # then the same aggregation as summarise(), re-reading one method's rows at a time
     excluded = excluded_counts(sorted(no_gt), excluded_mf_norm, warn=True)
     summary = {m: method_summary(scored(m), m, excluded) for m in sorted(methods)}
+    non_finite_rows = excluded.pop("non_finite_rows", {})
+    warn_non_finite(non_finite_rows)
     images = set().union(*(set(int(i) for i in source.indices(m)) for m in methods)) if methods else set()
-    results = _json_safe({**header, "num_images": len(images), "excluded": excluded,
-                          "methods": {m: summary[m] for m in methods}})
-    atomic_write(out / "results.json", json.dumps(results, indent=2))
+    results = json_safe({**header, "num_images": len(images), "excluded": excluded,
+                         "non_finite_rows": {m: i for m, i in non_finite_rows.items() if i},
+                         "methods": {m: summary[m] for m in methods}})
+    atomic_write_json(out / "results.json", results)  # strict JSON: null where a value is undefined
     atomic_write(out / "summary.md", summary_markdown(results))
     return results
 
@@ -290,7 +355,7 @@ def scan_evaluation(out: Path) -> RowSet:
     return RowStore(out / "rows").scan(keys)
 
 
-PAIRED_KEYS = ("deletion", "insertion", "deletion_norm", "insertion_norm", "mf", "mi", "pointing_game", "iou", "f1")
+PAIRED_KEYS = ("deletion", "insertion", "deletion_norm", "insertion_norm", "road_morf", "road_lerf", "road_gap", "mf", "mi", "pointing_game", "iou", "f1")
 
 
 def paired_difference(rows: list[dict], a: str, b: str, keys: Iterable[str] = PAIRED_KEYS,
@@ -308,7 +373,7 @@ def paired_difference(rows: list[dict], a: str, b: str, keys: Iterable[str] = PA
     out = {}
     for key in keys:
         diff = torch.tensor([float(mine[a][i][key]) - float(mine[b][i][key]) for i in common], dtype=torch.float64)
-        diff = diff[~diff.isnan()]  # e.g. M_F of an image whose curve is degenerate
+        diff = diff[diff.isfinite()]  # e.g. M_F of an image whose curve is degenerate (NaN), or a broken row (inf)
         if len(diff) == 0:
             continue
         means = diff[torch.randint(len(diff), (resamples, len(diff)), generator=generator)].mean(1)

@@ -26,7 +26,7 @@ COST_KEYS = ("seconds_per_image", "forwards_per_image", "backwards_per_image")
 # the quality numbers of summary.md's table; its cost columns have their own section here
 TABLE_KEYS = tuple(k for k in SUMMARY_KEYS if k not in COST_KEYS) + ("iou_top", "f1_top")
 # which way is better, shown next to the column name (costs: lower)
-LOWER_IS_BETTER = {"deletion", *COST_KEYS}
+LOWER_IS_BETTER = {"deletion", "deletion_norm", "road_morf", *COST_KEYS}
 FIGURES = (("curves.png", "Mean deletion and insertion curves",
             "The explained class's probability as the most salient units are removed (deletion) or revealed "
             "(insertion), averaged over the images; the legend gives each curve's area."),

@@ -1,6 +1,6 @@
 """Every metric of one saliency map, per image: what the evaluation callback and ``evaluate.py`` both call.
 
-``score_saliency`` runs the causal metrics (deletion, insertion, M_F) through the model and the
+``score_saliency`` runs the causal metrics (deletion, insertion, ROAD, M_F) through the model and the
 localisation metrics (M_I, pointing game, IoU/F1 image- and pixel-level) against the ground truth, with
 the knobs of one :class:`EvaluationSettings` — which is what gets written next to the numbers.
 """
@@ -14,11 +14,13 @@ from torch import Tensor
 
 from saliency_lab.metrics.causal import CausalProtocol, Model, causal_curves, faithfulness_mf, make_protocol
 from saliency_lab.metrics.localisation import default_pointing_tolerance, iou_f1, iou_f1_pixel_level, pointing_game, pr_auc
+from saliency_lab.metrics.road import ROAD_FRACTIONS, ROAD_NOISE, check_fractions, road_scores
 
 # Per-image values in the order tables show them; percentages (mf, mi) are in [0, 100], the rest in [0, 1]
 # (the normalised areas can leave [0, 1] a little when a curve is not monotone).
-METRIC_NAMES = ("deletion", "insertion", "deletion_norm", "insertion_norm", "mf", "mi", "pointing_game", "iou", "f1",
-                "iou_top", "f1_top", "iou_pixel", "f1_pixel")
+METRIC_NAMES = ("deletion", "insertion", "deletion_norm", "insertion_norm", "road_morf", "road_lerf", "road_gap", "mf",
+                "mi", "pointing_game", "iou", "f1", "iou_top", "f1_top", "iou_pixel", "f1_pixel")
+ROAD_NAMES = ("road_morf", "road_lerf", "road_gap")
 # The metrics measured against the ground truth: NaN for an image without any (docs/protocols.md; counted apart).
 LOCALISATION_NAMES = ("mi", "pointing_game", "iou", "f1", "iou_top", "f1_top", "iou_pixel", "f1_pixel")
 
@@ -36,6 +38,10 @@ class EvaluationSettings:
         pointing_tolerance: pixels; None = 15 px at 224 scaled to the image (docs/protocols.md).
         iou_threshold: binarisation threshold T of the min-max normalised map for IoU/F1.
         top_fraction: the second binarisation: the top q of pixels (``iou_top``, ``f1_top``).
+        road_fractions: the fractions of pixels ROAD removes (metrics/road.py); an empty list skips ROAD (its
+            values are then NaN, reported as missing).
+        road_noise: std of ROAD's imputation noise, [0, 1] pixel units.
+        road_seed: seed of ROAD's fixed noise field.
     """
 
     protocol: Union[CausalProtocol, str, dict[str, Any]] = "rise"
@@ -44,6 +50,15 @@ class EvaluationSettings:
     pointing_tolerance: Optional[float] = None
     iou_threshold: float = 0.3
     top_fraction: float = 0.3
+    road_fractions: tuple[float, ...] = ROAD_FRACTIONS
+    road_noise: float = ROAD_NOISE
+    road_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.road_fractions:
+            object.__setattr__(self, "road_fractions", check_fractions(self.road_fractions))
+        else:
+            object.__setattr__(self, "road_fractions", ())
 
     @classmethod
     def default(cls, image_size: int, **overrides: Any) -> "EvaluationSettings":
@@ -94,6 +109,7 @@ def score_saliency(model: Model, images: Tensor, saliency: Tensor, targets: Tens
         curves = causal_curves(model, images, saliency, targets, protocol)
         mf = faithfulness_mf(model, images, saliency, targets, steps=settings.mf_steps, eps=settings.mf_eps,
                              max_forward_batch=protocol.max_forward_batch)
+        road = _road(model, images, saliency, targets, settings, protocol.max_forward_batch)
     saliency = saliency.detach().float()
     iou, f1 = iou_f1(saliency, gt_mask, settings.iou_threshold)
     iou_top, f1_top = iou_f1(saliency, gt_mask, top_fraction=settings.top_fraction)
@@ -101,7 +117,7 @@ def score_saliency(model: Model, images: Tensor, saliency: Tensor, targets: Tens
     hits = pointing_game(saliency, gt_mask, settings.tolerance(images.shape[-1]))
     values = {
         "deletion": curves.deletion, "insertion": curves.insertion, "deletion_norm": curves.deletion_norm,
-        "insertion_norm": curves.insertion_norm, "mf": mf.mf, "mi": pr_auc(saliency, gt_mask),
+        "insertion_norm": curves.insertion_norm, **road, "mf": mf.mf, "mi": pr_auc(saliency, gt_mask),
         "pointing_game": hits.float(), "iou": iou, "f1": f1, "iou_top": iou_top, "f1_top": f1_top,
         "iou_pixel": iou_px, "f1_pixel": f1_px,
     }
@@ -109,3 +125,13 @@ def score_saliency(model: Model, images: Tensor, saliency: Tensor, targets: Tens
     values.update({k: torch.where(has_gt, values[k].float(), torch.nan) for k in LOCALISATION_NAMES})
     return SaliencyScores({k: v.detach().float() for k, v in values.items()}, curves.deletion_curve,
                           curves.insertion_curve, curves.fractions)
+
+
+def _road(model: Model, images: Tensor, saliency: Tensor, targets: Tensor, settings: EvaluationSettings,
+          max_forward_batch: int) -> dict[str, Tensor]:
+    """ROAD's (B,) MoRF, LeRF and gap values, NaN when ``settings.road_fractions`` is empty."""
+    if not settings.road_fractions:
+        return {name: torch.full((images.shape[0],), torch.nan, device=images.device) for name in ROAD_NAMES}
+    road = road_scores(model, images, saliency, targets, settings.road_fractions, settings.road_noise,
+                       settings.road_seed, max_forward_batch)
+    return dict(zip(ROAD_NAMES, (road.morf, road.lerf, road.gap)))
