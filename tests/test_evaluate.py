@@ -17,6 +17,7 @@ import yaml
 
 from saliency_lab.cli import evaluate
 from saliency_lab import explainers
+from saliency_lab.core.blackbox import BlackBox
 from saliency_lab.lightning_modules.evaluation import check_batch
 from saliency_lab.metrics import EvaluationSettings
 from tests.conftest import subprocess_env
@@ -45,10 +46,12 @@ def test_writes_every_output(tiny_blackbox, tmp_path):
     assert set(saved) >= {"protocol", "blackbox", "data", "num_images", "excluded", "methods"}
     assert saved["num_images"] == 6 and list(saved["methods"]) == ["gradient", "rise"]
     for stats in saved["methods"].values():
-        assert set(stats) >= {"deletion", "insertion", "deletion_norm", "insertion_norm", "mf", "mf_normalized", "mi",
-                              "pointing_game", "iou", "f1",
+        assert set(stats) >= {"deletion", "insertion", "deletion_norm", "insertion_norm", "road_morf", "road_lerf",
+                              "road_gap", "mf", "mf_normalized", "mi", "pointing_game", "iou", "f1",
                               "seconds_per_image", "forwards_per_image", "backwards_per_image"}
         assert 0 <= stats["deletion"] <= 1 and 0 <= stats["insertion"] <= 1 and 0 <= stats["mi"] <= 100
+        assert 0 <= stats["road_morf"] <= 1 and 0 <= stats["road_lerf"] <= 1
+        assert abs(stats["road_gap"] - (stats["road_lerf"] - stats["road_morf"])) < 1e-6
     assert saved["methods"]["rise"]["forwards_per_image"] == 32
     assert saved["methods"]["gradient"]["backwards_per_image"] >= 1
     assert saved["protocol"]["protocol"]["units"] == 8
@@ -56,6 +59,8 @@ def test_writes_every_output(tiny_blackbox, tmp_path):
     lines = (tmp_path / "results.csv").read_text().splitlines()
     assert len(lines) == 1 + 6 * 2 and lines[0].startswith("index,method,label,target,deletion")
     assert "| rise |" in (tmp_path / "summary.md").read_text()
+    assert "road_morf | road_lerf | road_gap" in (tmp_path / "summary.md").read_text()
+    assert saved["protocol"]["road_fractions"] == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 
 
 def test_model_randomisation_check_is_written_and_reused(tiny_blackbox, tmp_path, monkeypatch):
@@ -196,6 +201,27 @@ def test_second_run_on_the_same_out_is_refused(tiny_blackbox, tmp_path):
 def test_unknown_method_lists_the_known_ones(tiny_blackbox, tmp_path):
     with pytest.raises(ValueError, match=r"unknown method.*known: .*gradcam"):
         evaluate.main(args_for(tiny_blackbox, tmp_path, "--explainers=gradient,no_such_method"))
+
+
+@pytest.mark.parametrize("alias", ["../x", "ABSOLUTE", "", ".hidden", "a|b", "x" * 101])
+def test_an_alias_that_is_not_a_file_name_is_refused_before_anything_is_touched(tiny_blackbox, tmp_path, alias):
+    """An alias becomes OUT/maps/ALIAS (and a rerun deletes that folder when its settings changed): a path is
+    refused by validate_args, before OUT is created, and nothing outside OUT is created or deleted."""
+    victim = tmp_path / "x"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("mine")
+    alias = str(victim) if alias == "ABSOLUTE" else alias
+    out = tmp_path / "out" / "run"
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    spec = f"--explainers=[{{name: gradient, alias: {json.dumps(alias)}}}]"
+    with pytest.raises(ValueError, match=r"--explainers .*explainer alias .* cannot name a file") as caught:
+        evaluate.main(args_for(tiny_blackbox, out, spec, "--method_hparams={}"))
+    assert repr(alias) in str(caught.value)
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before and (victim / "keep.txt").read_text() == "mine"
+    with pytest.raises(ValueError, match=r"--ckpt_path .*method NAME '\.\.x' cannot name a file"):
+        evaluate.main(args_for(tiny_blackbox, out, "--explainers=gradient", "--method_hparams={}",
+                               f"--ckpt_path=[..x={victim / 'keep.txt'}]"))
+    assert not out.parent.exists()
 
 
 def test_bad_images_are_named():
@@ -362,3 +388,53 @@ def test_predictor_claims_over_training_seeds_is_runnable(repo_root, monkeypatch
     table = seed_table([{"methods": {"a": {"deletion": 0.1, "mf": 20.0}}},
                         {"methods": {"a": {"deletion": 0.3, "mf": None}}}], keys=("deletion", "mf"))
     assert table == {"a": {"deletion": "0.200 ± 0.141", "mf": "20.0"}}
+
+
+def test_rerun_at_another_black_box_precision_recomputes_and_records_the_passes(tiny_blackbox, tmp_path, explained):
+    """Rows of one pass precision are never reused, nor averaged, under another: the black box's precision
+    setting, channels_last, the effective pass dtypes on this device and the Trainer's precision are part of
+    each map's key, and results.json says what they were and on which machine."""
+    first = evaluate.main(args_for(tiny_blackbox, tmp_path, "--num_images=3", "--explainers=gradient",
+                                   "--method_hparams={}", "--blackbox.init_args.precision=auto"))
+    assert explained == {"gradient": 3}
+    explained.clear()
+    second = evaluate.main(args_for(tiny_blackbox, tmp_path, "--num_images=3", "--explainers=gradient",
+                                    "--method_hparams={}", "--blackbox.init_args.precision=32"))
+    assert explained == {"gradient": 3}  # computed again, although float32 is also what auto means off bf16 hardware
+    assert second["row_keys"]["gradient"] != first["row_keys"]["gradient"]
+    explained.clear()
+    third = evaluate.main(args_for(tiny_blackbox, tmp_path, "--num_images=3", "--explainers=gradient",
+                                   "--method_hparams={}", "--blackbox.init_args.precision=32",
+                                   "--blackbox.init_args.channels_last=false"))
+    assert explained == {"gradient": 3} and third["row_keys"]["gradient"] != second["row_keys"]["gradient"]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["passes"] == {"blackbox_precision": "32", "channels_last": False, "plain_pass_dtype": "float32",
+                               "fast_pass_dtype": "float32", "trainer_precision": "32-true"}
+    assert saved["machine"]["cpu"] and saved["machine"]["device"] == "cpu" and "cpu_bf16_native" in saved["machine"]
+    assert saved["methods"]["gradient"]["images"] == 3  # the rows of the other settings are not mixed in
+
+
+def test_pass_settings_name_the_effective_dtypes(tiny_blackbox_path, monkeypatch):
+    """``auto`` is bf16 inside ``fast`` where the device computes bf16 natively, float32 elsewhere: the key
+    follows the hardware, so an AMX machine's rows and a machine without bf16 are keyed apart."""
+    from saliency_lab.core import blackbox as blackbox_module
+
+    box = BlackBox(f"ckpt:{tiny_blackbox_path}", precision="auto")
+    for native, fast in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(blackbox_module, "native_bf16", lambda device, native=native: native)
+        passes = evaluate.pass_settings(box, "cpu", "32-true")
+        assert passes["fast_pass_dtype"] == fast and passes["plain_pass_dtype"] == "float32"
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed", "64-true", "bf16-true"])
+def test_trainer_precisions_the_methods_cannot_honour_are_refused_before_any_work(tiny_blackbox, tmp_path, precision):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=f"--trainer.precision={precision} is not supported.*blackbox.init_args"):
+        evaluate.main(args_for(tiny_blackbox, out, f"--trainer.precision={precision}"))
+    assert not out.exists()
+
+
+def test_the_trainer_precision_evaluate_honours_runs(tiny_blackbox, tmp_path):
+    results = evaluate.main(args_for(tiny_blackbox, tmp_path, "--num_images=2", "--explainers=gradient",
+                                     "--method_hparams={}", "--trainer.precision=32-true"))
+    assert results["methods"]["gradient"]["images"] == 2 and results["passes"]["trainer_precision"] == "32-true"

@@ -39,12 +39,13 @@ from saliency_lab.cli.checks import ckpt_spec, listed_specs, validate_args
 from saliency_lab.cli.utils import WandbLogger, plain_build_errors
 from saliency_lab.core.blackbox import BlackBox
 from saliency_lab.cli.args import normalise_args
-from saliency_lab.core.files import FolderLock, atomic_write, atomic_write_json, file_sha256
+from saliency_lab.core.files import FolderLock, atomic_write, atomic_write_json, file_sha256, safe_name
+from saliency_lab.core.machine import describe
 from saliency_lab.datamodules import collate_samples
 from saliency_lab.explainers import ExplainerSpec, build_explainer, explainer_keys, parse_spec
 from saliency_lab.lightning_modules.evaluation import COST_KEYS, EvaluationModule, RandomisationCheck
 from saliency_lab.metrics import TARGET_RULES, EvaluationSettings, RowStore, explained_class
-from saliency_lab.metrics.report import mean_curves, write_reports
+from saliency_lab.metrics.report import markdown_cell, mean_curves, write_reports
 from saliency_lab.metrics.rows import RowSet, content_key
 from saliency_lab.metrics.sanity import check_fractions, randomisation_table
 from saliency_lab.metrics.report_html import write_html_report
@@ -153,11 +154,48 @@ def method_records(keys: list[str], specs: list[ExplainerSpec], methods: dict) -
     return records
 
 
-def row_keys(records: dict[str, dict], blackbox_sha256: str, data: dict, protocol: dict) -> tuple[dict, dict]:
+# Trainer precisions evaluate.py can honour: the passes run at the black box's own precision
+# (--blackbox.init_args.precision), so a Trainer-level autocast would only mix dtypes inside the methods.
+HONOURED_TRAINER_PRECISIONS = (None, "32", "32-true", 32)
+
+
+def check_trainer_precision(precision) -> None:
+    """Refuse, before any work, a ``--trainer.precision`` the explainers and metrics cannot honour."""
+    if precision not in HONOURED_TRAINER_PRECISIONS:
+        raise ValueError(f"--trainer.precision={precision} is not supported by evaluate: every method and metric "
+                         "runs its passes at the black box's precision; use --blackbox.init_args.precision=bf16 "
+                         "(or auto, the default: bf16 where the device computes it natively) and leave "
+                         "--trainer.precision at 32-true")
+
+
+def pass_settings(blackbox: BlackBox, device: torch.device | str, trainer_precision) -> dict:
+    """What decides the dtype and layout of the black box's passes here: its ``precision`` setting, its
+    ``channels_last``, the dtype of its plain passes and of the passes of methods that opt in to ``fast`` on
+    this device, and the Trainer's precision. Part of every map's key: a rerun that changes any of them (another
+    setting, or a machine with or without native bf16) computes its rows again."""
+    with blackbox.fast():
+        fast_dtype = blackbox.pass_dtype(device)
+    return {"blackbox_precision": blackbox.precision, "channels_last": blackbox.channels_last,
+            "plain_pass_dtype": str(blackbox.pass_dtype(device)).removeprefix("torch."),
+            "fast_pass_dtype": str(fast_dtype).removeprefix("torch."),
+            "trainer_precision": "32-true" if trainer_precision in HONOURED_TRAINER_PRECISIONS else str(trainer_precision)}
+
+
+def evaluation_device(accelerator) -> torch.device:
+    """The device the Trainer's ``accelerator`` runs the passes on (its type; the index does not change a dtype)."""
+    name = str(accelerator).lower()
+    if name in ("gpu", "cuda") or (name == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def row_keys(records: dict[str, dict], blackbox_sha256: str, data: dict, protocol: dict,
+             passes: dict | None = None) -> tuple[dict, dict]:
     """(explanation keys, row keys) per method (``metrics.rows.content_key``).
 
     The explanation key identifies a map: the method's name and full hyper-parameters, its checkpoint's
-    content hash, the black box's content hash and the data record (what image an index is). The row key
+    content hash, the black box's content hash, the pass settings (:func:`pass_settings`: precision, layout,
+    effective dtypes on this device) and the data record (what image an index is). The row key
     adds the protocol (settings and explained-class rule) that scored the map. Left out on purpose, because
     they change memory or speed and never a value: ``max_forward_batch`` and the data loading arguments
     (:data:`DATA_LOADING_ARGS`); paths are left out where a content hash stands for them."""
@@ -169,6 +207,8 @@ def row_keys(records: dict[str, dict], blackbox_sha256: str, data: dict, protoco
                 "hparams": {k: v for k, v in record["hparams"].items() if k != "max_forward_batch"},
                 "checkpoint_sha256": (record["checkpoint"] or {}).get("sha256"),
                 "blackbox_sha256": blackbox_sha256, "data": data}
+        if passes is not None:
+            what["passes"] = passes
         explanation[key] = content_key(what)
         rows[key] = content_key({"explanation": explanation[key], "protocol": protocol})
     return explanation, rows
@@ -250,8 +290,9 @@ def note_rerun(out: Path, header: dict, num_images: int) -> None:
             print(f"{out}: the rows of {name!r} on {len(redo)} images are computed again (they were made with "
                   f"other settings{': ' + '; '.join(why) if why else ''})")
         for name, key in header["explanation_keys"].items():
-            if before.get("explanation_keys", {}).get(name) != key and (out / "maps" / name).is_dir():
-                shutil.rmtree(out / "maps" / name)
+            maps = out / "maps" / safe_name(name, "method")  # never a folder outside OUT/maps
+            if before.get("explanation_keys", {}).get(name) != key and maps.is_dir():
+                shutil.rmtree(maps)
     atomic_write_json(path, header, default=str)
 
 
@@ -259,6 +300,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser = build_parser()
     cfg = parser.parse_args(normalise_args(sys.argv[1:] if argv is None else list(argv)))
     validate_args(cfg)  # every value (explainer names too), before the output folder, data or black box are touched
+    check_trainer_precision(cfg.trainer.precision)
     specs = explainer_specs(cfg)
     keys = explainer_keys(specs)
     if cfg.label_randomisation_blackbox and cfg.randomisation_images < 1:
@@ -292,9 +334,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     records = method_records(keys, specs, methods)
     protocol = _plain(settings.to_dict(image_size))
     blackbox_sha256 = blackbox.content_hash()
-    explanation_keys, keys_of_rows = row_keys(records, blackbox_sha256, data_record, protocol)
+    device = evaluation_device(cfg.trainer.accelerator)
+    passes = pass_settings(blackbox, device, cfg.trainer.precision)
+    explanation_keys, keys_of_rows = row_keys(records, blackbox_sha256, data_record, protocol, passes)
     header = {"protocol": protocol, "blackbox": model if model.startswith("ckpt") else blackbox.spec,
-              "blackbox_sha256": blackbox_sha256, "data": data_record, "seed": cfg.seed, "methods": records,
+              "blackbox_sha256": blackbox_sha256, "passes": passes, "machine": describe(device),
+              "data": data_record, "seed": cfg.seed, "methods": records,
               "methods_hparams": {key: r["hparams"] for key, r in records.items()},
               "checkpoints": {key: r["checkpoint"] for key, r in records.items() if r["checkpoint"]},
               "explanation_keys": explanation_keys, "row_keys": keys_of_rows,
@@ -403,7 +448,7 @@ def randomisation_report(check: RandomisationCheck, names: list[str], out: Path,
     for name in names:
         values = [r["spearman"] for r in table if r["explainer"] == name and r["step"] > 0]
         values += [by_label[name]] if by_label else []
-        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
+        lines.append(f"| {markdown_cell(name)} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
     atomic_write(out / "summary.md", (out / "summary.md").read_text() + "\n".join(lines) + "\n")
     return table
 
