@@ -152,6 +152,14 @@ def test_evaluation_during_fit_and_test_with_inference_mode(tmp_path):
     assert sanity.last_results["gradient"][1.0] < 0.9
 
 
+def test_an_alias_that_is_not_a_file_name_is_refused_at_construction():
+    for alias in ("../x", "/abs/dir", "val/x"):
+        with pytest.raises(ValueError, match=r"explainer alias .* cannot name a file"):
+            ExplainerEvaluation([{"name": "gradient", "alias": alias}], num_images=2)
+        with pytest.raises(ValueError, match=r"explainer alias .* cannot name a file"):
+            ModelRandomisationCheck([{"name": "gradient", "alias": alias}], num_images=2)
+
+
 def test_probe_shards_cover_the_probe_set_once():
     loader = scenes_loader(shuffle=True)
     whole = collect_probe(loader, num_images=5)

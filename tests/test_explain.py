@@ -194,6 +194,17 @@ def test_nothing_is_written_outside_out(folder, tiny_blackbox_path, tmp_path):
     assert summary["explained"] == len(GOOD) - 2  # the two files under nested/
 
 
+@pytest.mark.parametrize("method", ["../x", "/abs/dir", ".hidden", "a b"])
+def test_a_method_name_that_is_not_a_file_name_is_refused_first(folder, tiny_predictor_path, tmp_path, method):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"--method .* cannot name a file"):
+        explain.main(["--images", str(folder), "--out", str(out), f"--method={method}"])
+    if "/" not in method:  # NAME=PATH with a separator in NAME reads as a path
+        with pytest.raises(ValueError, match=r"--ckpt_path NAME .* cannot name a file"):
+            explain.main(["--images", str(folder), "--out", str(out), "--ckpt_path", f"{method}={tiny_predictor_path}"])
+    assert not out.exists()
+
+
 def test_predictor_checkpoint_and_clear_errors(folder, tiny_predictor_path, tiny_blackbox_path, tmp_path):
     out = tmp_path / "out"
     with warnings.catch_warnings():

@@ -186,7 +186,8 @@ def relative_l2(maps: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
 
 def test_relative_l2_flags_a_mixed_up_batch():
     maps = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    assert relative_l2(maps, maps.clone()).max() == 0 and relative_l2(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2)) == 0
+    assert relative_l2(maps, maps.clone()).max() == 0
+    assert relative_l2(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2)) == 0
     assert relative_l2(maps, maps.flip(0))[[0, 2]].min() > 10 * GRADIENT_REL_L2
 
 

@@ -88,3 +88,22 @@ def test_torchscript_with_class_input_and_clear_errors(tiny_predictor_path, eage
         export.main(["--ckpt_path", str(tiny_predictor_path), "--format=onnx", "--out", str(tmp_path / "x.onnx")])
     with pytest.raises(SystemExit):
         export.main(["--ckpt_path", str(tiny_predictor_path), "--format=tflite", "--out", str(tmp_path / "x")])
+
+
+def test_out_that_is_the_checkpoint_itself_is_refused(tiny_predictor_path, tiny_blackbox_path, tmp_path):
+    """--out naming the checkpoint (by its path, through a symbolic link, a hard link or '..') or the black box
+    it exports is refused before anything is written: the checkpoint's bytes stay as they were."""
+    ckpt, blackbox = tmp_path / "p.ckpt", tmp_path / "bb.pt"
+    ckpt.write_bytes(tiny_predictor_path.read_bytes())
+    blackbox.write_bytes(tiny_blackbox_path.read_bytes())
+    original, original_bb = ckpt.read_bytes(), blackbox.read_bytes()
+    (tmp_path / "link.ckpt").symlink_to(ckpt)
+    (tmp_path / "hard.ckpt").hardlink_to(ckpt)
+    (tmp_path / "sub").mkdir()
+    for out in (ckpt, tmp_path / "link.ckpt", tmp_path / "hard.ckpt", tmp_path / "sub" / ".." / "p.ckpt"):
+        with pytest.raises(ValueError, match=r"--out .* is the file --ckpt_path .* the export would overwrite it"):
+            export.main(["--ckpt_path", str(ckpt), "--format=torchscript", "--out", str(out), f"--image_size={SIZE}"])
+    with pytest.raises(ValueError, match=r"--out .* is the file the black box .* would overwrite it"):
+        export.main(["--ckpt_path", str(ckpt), "--format=onnx", "--out", str(blackbox), f"--image_size={SIZE}",
+                     "--blackbox", f"ckpt:{blackbox}"])
+    assert ckpt.read_bytes() == original and blackbox.read_bytes() == original_bb

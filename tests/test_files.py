@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 
-from saliency_lab.core.files import FolderBusyError, FolderLock, atomic_write
+from saliency_lab.core.files import FolderBusyError, FolderLock, atomic_write, atomic_write_json, safe_name
 from saliency_lab.metrics.report import write_reports
 from saliency_lab.metrics.rows import RowStore, content_key
 from saliency_lab.metrics.suite import METRIC_NAMES, EvaluationSettings
@@ -160,3 +160,19 @@ def test_second_lock_is_refused_and_a_dead_holder_leaves_no_stale_lock(tmp_path,
         holder.wait()
     assert (tmp_path / ".lock").is_file()  # the file stays, but it is no lock any more
     FolderLock(tmp_path).acquire().release()
+
+
+def test_every_json_record_is_strict_json(tmp_path):
+    """atomic_write_json (run.json, randomisation.json, the callbacks' records, *_metrics.json) writes NaN and
+    +-inf as null: Python's json reads NaN tokens, but browsers, jq and strict parsers refuse them."""
+    path = atomic_write_json(tmp_path / "r.json", {"a": math.nan, "b": [math.inf, -math.inf, 1.5], "c": (2, "x")})
+    strict = json.loads(path.read_text(), parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
+    assert strict == {"a": None, "b": [None, None, 1.5], "c": [2, "x"]}
+
+
+def test_safe_name_rule():
+    for good in ("gradient", "rise_2k", "igos++", "a.b-c", "x" * 100):
+        assert safe_name(good, "alias") == good
+    for bad in ("", ".", "..", "../x", "/abs", "a/b", "a\\b", ".hidden", "a b", "a|b", "x" * 101, None, 3):
+        with pytest.raises(ValueError, match=r"^alias .* cannot name a file"):
+            safe_name(bad, "alias")

@@ -26,7 +26,8 @@ from saliency_lab.datamodules import (BadAnnotationWarning, BadImageError, BadIm
                          COCODetection, ImageNetFolder, fashion_mnist)
 from saliency_lab.datamodules.scene_export import export_coco
 from saliency_lab.core.blackbox import BlackBox, blackbox_record, create_network
-from saliency_lab.core.checkpoints import RemoteCheckpointError
+from saliency_lab.core.checkpoints import (DamagedCheckpointError, RemoteCheckpointError, UnsafeCheckpointError,
+                                          safe_load)
 from saliency_lab.metrics import causal_curves, explained_class, faithfulness_mf, pointing_game, pr_auc
 from saliency_lab.metrics.causal import CausalProtocol
 
@@ -230,6 +231,55 @@ def test_train_local_malicious_ckpt_path_is_refused_naming_the_file(evil, tmp_pa
     err = _refused(capsys, ["fit", "--config", EXPERIMENT, *SMALL, "--weights_only=false"])
     assert "unrecognized arguments: --weights_only" in err  # weights_only is not an option: always True
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["half", "last byte", "empty", "garbage", "legacy half"])
+def test_truncated_checkpoint_is_called_damaged_not_unsafe(tiny_predictor_path, tmp_path, damage):
+    """A checkpoint cut short (an interrupted copy or download) or that is no checkpoint at all is named as
+    damaged or truncated; the weights_only refusal of a pickled payload keeps its own message."""
+    raw = tiny_predictor_path.read_bytes()
+    legacy = io.BytesIO()
+    torch.save({"w": torch.ones(64)}, legacy, _use_new_zipfile_serialization=False)
+    content = {"half": raw[:len(raw) // 2], "last byte": raw[:-1], "empty": b"", "garbage": b"not a checkpoint " * 9,
+               "legacy half": legacy.getvalue()[:len(legacy.getvalue()) // 2]}[damage]
+    path = tmp_path / "cut.ckpt"
+    path.write_bytes(content)
+    with pytest.raises(DamagedCheckpointError, match=rf"cannot read {re_escape(str(path))}: the checkpoint file is "
+                                                     "damaged or truncated") as caught:
+        safe_load(path)
+    assert "weights_only" not in str(caught.value)
+    with pytest.raises(DamagedCheckpointError, match="damaged or truncated"):
+        explainers.recorded_name(path)  # evaluate.py --ckpt_path PATH reads the recorded name first
+
+
+def test_unsafe_checkpoint_message_stays_distinct_from_damaged(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"state_dict": {}, "payload": _Payload(marker)}, tmp_path / "evil.ckpt")
+    refused = r"refusing to load .*evil\.ckpt: it is not loadable with weights_only=True \(UnpicklingError: "
+    with pytest.raises(UnsafeCheckpointError, match=refused + ".*unsupported GLOBAL posix.system") as caught:
+        safe_load(tmp_path / "evil.ckpt")
+    assert "damaged" not in str(caught.value) and not isinstance(caught.value, DamagedCheckpointError)
+    assert not marker.exists()
+
+
+def test_train_truncated_ckpt_path_is_called_damaged(tiny_predictor_path, tmp_path, capsys):
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(tiny_predictor_path.read_bytes()[:4096])
+    err = _refused(capsys, ["fit", "--config", EXPERIMENT, *SMALL, f"--run_dir={tmp_path}", f"--ckpt_path={cut}"])
+    assert f"--ckpt_path {cut}: cannot read {cut}: the checkpoint file is damaged or truncated" in err
+    assert "weights_only" not in err and not (tmp_path / "checkpoints").exists()
+
+
+def test_train_ckpt_path_of_another_model_class_names_both_classes(tmp_path, capsys, monkeypatch, repo_root):
+    """The committed mask-predictor checkpoint given to the classifier config: refused naming both classes,
+    instead of Lightning silently building the checkpoint's model."""
+    monkeypatch.chdir(repo_root)
+    predictor = "assets/embedded_predictor_game.ckpt"
+    err = _refused(capsys, ["fit", "--config", EXPERIMENT, *SMALL, f"--run_dir={tmp_path}", f"--ckpt_path={predictor}"])
+    assert (f"--ckpt_path {predictor}: it is a checkpoint of "
+            "saliency_lab.lightning_modules.mask_predictor.MaskPredictor, but the config builds "
+            "saliency_lab.lightning_modules.classifier.") in err, err[-2000:]
+    assert not (tmp_path / "checkpoints").exists()
 
 
 @pytest.mark.slow

@@ -1,11 +1,14 @@
-"""metrics/report.py: the paired comparison of two methods."""
+"""metrics/report.py: the paired comparison of two methods, non-finite rows, strict JSON, Markdown cells."""
 from __future__ import annotations
 
+import json
 import math
+import warnings
 
 import pytest
 
-from saliency_lab.metrics.report import PAIRED_KEYS, paired_difference
+from saliency_lab.metrics import EvaluationSettings
+from saliency_lab.metrics.report import PAIRED_KEYS, markdown_cell, paired_difference, summarise, write_reports
 
 
 def _rows(method, values, nan_at=None):
@@ -30,3 +33,61 @@ def test_paired_difference_mean_interval_and_pairing():
     assert same["deletion"] == {"mean": 0.0, "low": 0.0, "high": 0.0, "images": 4}
     with pytest.raises(ValueError, match="no image was scored for both"):
         paired_difference(a, "a", "zzz")
+
+
+def _scored(index, method, **values):
+    row = {"index": index, "method": method, "label": 0, "target": 0, "seconds": 0.5, "forwards": 1.0,
+           "backwards": 1.0, "deletion": 0.2, "insertion": 0.6, "mf": 10.0, "mi": 50.0, "pointing_game": 1.0,
+           "iou": 0.5, "f1": 0.5}
+    return {**row, **values}
+
+
+def _strict(text: str):
+    """json.loads that refuses NaN / Infinity tokens (strict JSON, as browsers and jq read it)."""
+    return json.loads(text, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
+
+
+def test_non_finite_rows_are_excluded_named_and_results_json_is_strict(tmp_path):
+    """A row whose deletion is NaN and one whose insertion is inf (a black box that returned NaN / inf) do
+    not shadow the good rows of their method: left out of every mean, counted, named in a warning by method
+    and image; results.json parses as strict JSON."""
+    rows = [_scored(0, "a", deletion=0.1), _scored(1, "a", deletion=math.nan, mi=0.0),
+            _scored(2, "a", deletion=0.3, insertion=math.inf, seconds=math.inf), _scored(3, "a", deletion=0.5),
+            *(_scored(i, "b", mf=20.0) for i in range(4))]
+    header = {"protocol": EvaluationSettings().resolve(32).to_dict(32), "blackbox": "timm:x",
+              "data": {"name": "d", "split": "test"}}
+    with pytest.warns(RuntimeWarning, match=r"counted as excluded 'non_finite': a: images \[1, 2\]"):
+        results = write_reports(rows, ["a", "b"], header, tmp_path)
+    saved = _strict((tmp_path / "results.json").read_text())
+    a = saved["methods"]["a"]
+    assert a["deletion"] == pytest.approx(0.3) and a["insertion"] == pytest.approx(0.6)  # rows 0 and 3
+    assert a["mi"] == pytest.approx(50.0) and a["seconds_per_image"] == pytest.approx(0.5) and a["images"] == 4
+    assert saved["excluded"]["non_finite"] == {"a": 2, "b": 0} and saved["non_finite_rows"] == {"a": [1, 2]}
+    assert saved["methods"]["b"]["deletion"] == pytest.approx(0.2) and saved == results
+    text = (tmp_path / "results.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    with warnings.catch_warnings(record=True) as caught:  # the callback's aggregation: the same numbers
+        warnings.simplefilter("always")
+        summary, excluded = summarise(rows, ["a", "b"])
+    assert summary["a"]["deletion"] == pytest.approx(0.3) and excluded["non_finite"] == {"a": 2, "b": 0}
+    assert any("a: images [1, 2]" in str(w.message) for w in caught)
+
+
+def test_markdown_cells_escape_pipes_and_html():
+    assert markdown_cell("a|b") == "a\\|b"
+    assert markdown_cell("<b>bold</b> & co") == "&lt;b&gt;bold&lt;/b&gt; &amp; co"
+    assert markdown_cell("two\nlines") == "two lines"
+    class_name = "Class|<script>alert(1)</script>"
+    cell = markdown_cell(class_name)
+    assert "|" not in cell.replace("\\|", "") and "<" not in cell and ">" not in cell
+
+
+def test_paired_difference_skips_a_metric_that_older_rows_do_not_have():
+    """Rows written before a metric existed (e.g. ROAD) have no value for it: the comparison leaves that metric
+    out instead of failing."""
+    from saliency_lab.metrics.report import paired_difference
+
+    rows = [{"index": i, "method": m, "deletion": 0.1 * i + (0.05 if m == "a" else 0.0)}
+            for i in range(4) for m in ("a", "b")]
+    out = paired_difference(rows, "a", "b", keys=("deletion", "road_morf"))
+    assert set(out) == {"deletion"} and abs(out["deletion"]["mean"] - 0.05) < 1e-9

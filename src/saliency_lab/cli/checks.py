@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 from saliency_lab import explainers
 from saliency_lab.core.blackbox import checkpoint_of
 from saliency_lab.core.checkpoints import remote_scheme
+from saliency_lab.core.files import safe_name
 from saliency_lab.core.resources import resolve_resource
 from saliency_lab.explainers import ExplainerSpec, parse_spec
 from saliency_lab.metrics import TARGET_RULES, make_protocol
@@ -136,6 +137,10 @@ def _local_files(paths: Sequence[str]) -> bool:
 
 
 def _ckpt_ok(value, cfg) -> bool:
+    for entry in value or []:
+        wanted = split_ckpt_entry(entry)[0]
+        if wanted is not None:  # a NAME= names the method's results and its maps/NAME folder
+            safe_name(wanted, "method NAME")
     return _local_files([split_ckpt_entry(entry)[1] for entry in value or []])
 
 

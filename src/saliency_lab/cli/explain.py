@@ -43,7 +43,7 @@ from saliency_lab.datamodules.image_files import (DEFAULT_MAX_PIXELS, ImageFiles
 from saliency_lab.core.blackbox import BlackBox
 from saliency_lab.core.checkpoints import safe_load
 from saliency_lab.cli.args import normalise_args
-from saliency_lab.core.files import atomic_write_json
+from saliency_lab.core.files import atomic_write_json, safe_name
 from saliency_lab.lightning_modules.explanation import ExplanationModule
 
 
@@ -92,6 +92,17 @@ def _split_ckpt(entry: str) -> tuple[str | None, str]:
     if not sep or "/" in wanted or Path(entry).exists():
         return None, entry
     return wanted, path
+
+
+def check_names(cfg) -> None:
+    """The method name (``--method``, or the NAME of ``--ckpt_path NAME=PATH``) is recorded in every output and
+    may name files: a safe file name (``core.files.safe_name``) or a ValueError, before anything is read or
+    written."""
+    if cfg.method is not None:
+        safe_name(cfg.method, "--method")
+    wanted = _split_ckpt(cfg.ckpt_path)[0] if cfg.ckpt_path is not None else None
+    if wanted is not None:
+        safe_name(wanted, "--ckpt_path NAME")
 
 
 def build(cfg) -> tuple[BlackBox, str, str, Any, list[dict]]:
@@ -145,6 +156,7 @@ def check_run(out: Path, header: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict | None:
     cfg = build_parser().parse_args(normalise_args(sys.argv[1:] if argv is None else list(argv)))
+    check_names(cfg)
     out = Path(cfg.out)
     files = collect_images(cfg.images, exclude=out)
     blackbox, spec, name, explainer, checkpoints = build(cfg)

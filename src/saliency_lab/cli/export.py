@@ -17,14 +17,31 @@ against eager PyTorch and the largest difference is printed.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 import torch
 
 from saliency_lab.datamodules.image_files import recorded_input_size
 from saliency_lab.core.blackbox import BlackBox
 from saliency_lab.core.checkpoints import safe_load
+from saliency_lab.core.resources import resolve_resource
 from saliency_lab.lightning_modules.exported_predictor import FORMATS, example_inputs, export, load_graph, run_exported
+
+
+def refuse_overwriting(out: str, inputs: dict[str, str]) -> None:
+    """A ValueError when the file ``out`` is one of the ``inputs`` (what names it -> path): the same path once
+    resolved (symbolic links, ``..``, a packaged ``assets/`` file) or the same file under another name (a hard
+    link). Writing it would destroy the checkpoint being exported; checked before anything is read or written."""
+    target = Path(out)
+    for option, path in inputs.items():
+        source = Path(resolve_resource(path))
+        same = target.resolve() == source.resolve() or (
+            target.exists() and source.exists() and os.path.samefile(target, source))
+        if same:
+            raise ValueError(f"--out {out} is the file {option} {path} reads: the export would overwrite it; "
+                             "write the export to another file")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -40,10 +57,13 @@ def main(argv: list[str] | None = None) -> dict:
                         "(default: the one the checkpoint records)")
     parser.add_argument("--check_images", type=int, default=8, help="random images of the parity check (0: none)")
     args = parser.parse_args(argv)
+    refuse_overwriting(args.out, {"--ckpt_path": args.ckpt_path})
 
     blackbox = BlackBox(args.blackbox) if args.blackbox else None
     graph, description = load_graph(args.ckpt_path, blackbox, args.class_input)
     spec = args.blackbox or description["blackbox"]
+    if spec.startswith("ckpt:"):
+        refuse_overwriting(args.out, {"the black box": spec.removeprefix("ckpt:")})
     checkpoints = [safe_load(args.ckpt_path)]
     if spec.startswith("ckpt:"):
         checkpoints.append(safe_load(spec.removeprefix("ckpt:")))

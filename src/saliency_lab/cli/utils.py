@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import netrc
 import os
-import pickle
 import sys
 from pathlib import Path
 
@@ -24,7 +23,8 @@ from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import WandbLogger as _LightningWandbLogger
 from pytorch_lightning.utilities import rank_zero_info
 
-from saliency_lab.core.checkpoints import UnsafeCheckpointError, remote_scheme, safe_load
+from saliency_lab.core.checkpoints import (DamagedCheckpointError, UnsafeCheckpointError, is_weights_only_refusal,
+                                          remote_scheme, safe_load)
 from saliency_lab.core.files import atomic_write_json
 from saliency_lab.core.resources import current_class_path
 
@@ -85,7 +85,7 @@ def ckpt_path_problem(path: str | None, allow_remote: bool = False) -> str | Non
 
     Refused: a URL or Lightning's model registry without ``allow_remote``, a missing local file, and a local
     file that ``torch.load(weights_only=True)`` refuses (probed memory-mapped: the pickle is read, the
-    tensors are not).
+    tensors are not), and a file that cannot be read at all (truncated, damaged: said so, naming it).
     """
     if path is None or str(path) in LIGHTNING_CKPT_KEYWORDS:
         return None
@@ -103,13 +103,15 @@ def ckpt_path_problem(path: str | None, allow_remote: bool = False) -> str | Non
         return f"--ckpt_path {text}: no such checkpoint file"
     try:
         torch.load(text, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as err:  # how torch refuses an object that is not plain data
-        return _refusal(text, err)
-    except Exception:  # e.g. a legacy (non-zip) file that cannot be memory-mapped: read it whole
-        try:
-            safe_load(text)
-        except UnsafeCheckpointError as err:
+    except Exception as err:
+        if is_weights_only_refusal(err):  # how torch refuses an object that is not plain data
             return _refusal(text, err)
+        try:  # e.g. a legacy (non-zip) file that cannot be memory-mapped: read it whole
+            safe_load(text)
+        except UnsafeCheckpointError as refused:
+            return _refusal(text, refused)
+        except DamagedCheckpointError as damaged:  # truncated, damaged, not a checkpoint: says so
+            return f"--ckpt_path {text}: {damaged}"
     return None
 
 

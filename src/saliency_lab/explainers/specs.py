@@ -7,8 +7,11 @@ A spec is
   ``{"name": "rise", "alias": "rise_2k", "n_masks": 2000}``, ``{"name": "predictor_ct", "checkpoint": "ct.ckpt"}``;
 - (Python API only) a factory ``blackbox -> explainer`` whose ``__name__`` is its key.
 
-The *key* is the name results are reported under (the alias, else the name). The reserved name ``"self"``
-stands for an explainer the caller supplies itself (a LightningModule's own ``as_explainer()``).
+The *key* is the name results are reported under (the alias, else the name). It names files and folders
+(``evaluate.py``'s ``maps/KEY/``), so a name or alias must be a safe file name (``core.files.safe_name``: 1 to
+100 characters of ``[A-Za-z0-9._+-]``, not starting with '.'); :func:`parse_spec` refuses any other. The
+reserved name ``"self"`` stands for an explainer the caller supplies itself (a LightningModule's own
+``as_explainer()``).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from typing import Any, Union
 
 import torch.nn as nn
 
+from saliency_lab.core.files import safe_name
 from saliency_lab.explainers.base import Explainer
 from saliency_lab.explainers.registry import build
 
@@ -39,15 +43,18 @@ class ParsedSpec:
 
 
 def parse_spec(spec: ExplainerSpec) -> ParsedSpec:
-    """Parse one spec (see the module docstring); a dict without ``name`` or any other type is refused."""
+    """Parse one spec (see the module docstring); a dict without ``name``, a name or alias that is not a safe
+    file name (ValueError naming it) or any other type is refused."""
     if isinstance(spec, str):
-        return ParsedSpec(key=spec, name=spec, hparams={})
+        return ParsedSpec(key=safe_name(spec, "explainer name"), name=spec, hparams={})
     if isinstance(spec, Mapping):
         if "name" not in spec:
             raise ValueError(f"an explainer dict needs a 'name', got {dict(spec)}")
         hparams = {k: v for k, v in spec.items() if k not in _SPEC_KEYS}
         checkpoint = spec.get("checkpoint")
-        return ParsedSpec(key=str(spec.get("alias", spec["name"])), name=str(spec["name"]), hparams=hparams,
+        name = safe_name(str(spec["name"]), "explainer name")
+        key = safe_name(str(spec["alias"]), "explainer alias") if "alias" in spec else name
+        return ParsedSpec(key=key, name=name, hparams=hparams,
                           checkpoint=None if checkpoint is None else str(checkpoint))
     if callable(spec):
         return ParsedSpec(key=spec.__name__, name=None, hparams={}, factory=spec)

@@ -358,6 +358,12 @@ def scan_evaluation(out: Path) -> RowSet:
 PAIRED_KEYS = ("deletion", "insertion", "deletion_norm", "insertion_norm", "road_morf", "road_lerf", "road_gap", "mf", "mi", "pointing_game", "iou", "f1")
 
 
+def _value(row: dict, key: str) -> float:
+    """A row's value of ``key`` as a float, NaN where absent or None."""
+    value = row.get(key)
+    return math.nan if value is None else float(value)
+
+
 def paired_difference(rows: list[dict], a: str, b: str, keys: Iterable[str] = PAIRED_KEYS,
                       resamples: int = 2000, seed: int = 0) -> dict[str, dict[str, float]]:
     """Per metric, the mean over images of (method ``a`` - method ``b``) on the images both were scored on,
@@ -372,8 +378,10 @@ def paired_difference(rows: list[dict], a: str, b: str, keys: Iterable[str] = PA
     generator = torch.Generator().manual_seed(seed)
     out = {}
     for key in keys:
-        diff = torch.tensor([float(mine[a][i][key]) - float(mine[b][i][key]) for i in common], dtype=torch.float64)
-        diff = diff[diff.isfinite()]  # e.g. M_F of an image whose curve is degenerate (NaN), or a broken row (inf)
+        diff = torch.tensor([_value(mine[a][i], key) - _value(mine[b][i], key) for i in common], dtype=torch.float64)
+        # not finite: e.g. M_F of an image whose curve is degenerate (NaN), a broken row (inf), or a metric its rows
+        # predate (absent, e.g. ROAD)
+        diff = diff[diff.isfinite()]
         if len(diff) == 0:
             continue
         means = diff[torch.randint(len(diff), (resamples, len(diff)), generator=generator)].mean(1)
