@@ -14,6 +14,12 @@ method had one; bare = the summed time of the replayed calls.
 ratio = explanation time / bare time, median over the images. ``metrics`` is deletion + insertion under the RISE
 preset (``metrics.causal_curves``) of a random map, timed the same way.
 
+*Plain replay*: the same calls replayed on a float32, channels-first copy of the black box (``precision="32"``,
+``channels_last=False``, no fast block): what the passes would cost without the project's pass settings.
+``vs plain`` = explanation time / plain replay time; above 1.0 the method is slower than a plain float32 run of
+its own passes on this CPU, i.e. the pass settings chosen for this device cost time instead of saving it. The
+first line names the CPU (model, capability, native bf16), which decides both.
+
 ``--clock cpu`` (default) times with this process's CPU time: on a machine shared with other jobs a low-priority
 process waits for the cores, which is no property of the method (use ``--threads 1``: with 2 threads an
 operation also waits for its slower thread, and spin-waiting counts as CPU time). ``--clock wall`` on an idle
@@ -22,6 +28,7 @@ machine.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -34,6 +41,7 @@ import torch.nn as nn
 from saliency_lab import explainers
 from saliency_lab.datamodules import embedded_batch
 from saliency_lab.core.blackbox import BlackBox
+from saliency_lab.core.timing import Stopwatch
 
 ENTRY_POINTS = ("logits", "features", "features_and_logits")
 
@@ -82,7 +90,7 @@ def _scalar(out) -> torch.Tensor:
     return sum(_scalar(o) for o in out)
 
 
-def bare_seconds(model, calls: list[list], image: torch.Tensor, clock) -> float:
+def bare_seconds(model, calls: list[list], image: torch.Tensor, clock, plain: bool = False) -> float:
     """Replay ``calls`` (:class:`RecordingBlackBox`) on ``model`` alone, once each and in their order, on
     ``image`` repeated to each call's rows (channels-first, built before the clock starts): the summed time of
     the calls. A full replay lasts as long as the method's own passes, so a change of machine load during the
@@ -95,12 +103,20 @@ def bare_seconds(model, calls: list[list], image: torch.Tensor, clock) -> float:
             inputs[rows] = image[:1].expand(rows, -1, -1, -1).contiguous()
         leaf = inputs[rows].clone().requires_grad_(backward)
         start = clock()
-        with model.fast(fast), torch.set_grad_enabled(backward):
+        with model.fast(fast and not plain), torch.set_grad_enabled(backward):
             out = getattr(model, entry)(leaf)
             if backward:
                 _scalar(out).backward()
         total += clock() - start
     return total
+
+
+def plain_copy(model: BlackBox) -> BlackBox:
+    """The same network and weights as a float32, channels-first black box (the plain replay's)."""
+    return BlackBox.from_module(copy.deepcopy(model.net).to(memory_format=torch.contiguous_format),
+                                mean=model.mean.flatten().tolist(), std=model.std.flatten().tolist(),
+                                num_classes=model.num_classes, feature_layers=list(model.feature_modules),
+                                precision="32", channels_last=False)
 
 
 def measure(name: str, model, data: dict, targets: torch.Tensor, args) -> dict:
@@ -122,23 +138,28 @@ def measure(name: str, model, data: dict, targets: torch.Tensor, args) -> dict:
             explainer(data["image"][b:b + 1], targets[b:b + 1], data["index"][b:b + 1])
     run(0)  # warm-up: oneDNN builds its kernels per input shape
     bare_seconds(model, proxy.calls, data["image"][:1], args.clock_fn)
-    ratios, seconds, bares, passes = [], [], [], []
+    plain = plain_copy(model)
+    bare_seconds(plain, proxy.calls, data["image"][:1], args.clock_fn, plain=True)
+    ratios, seconds, bares, passes, plains = [], [], [], [], []
     for b in range(args.images):
         proxy.calls = []
         start = args.clock_fn()
         run(b)
         spent = args.clock_fn() - start
         bare = bare_seconds(model, proxy.calls, data["image"][b:b + 1], args.clock_fn)
+        plains.append(spent / bare_seconds(plain, proxy.calls, data["image"][b:b + 1], args.clock_fn, plain=True))
         ratios.append(spent / bare)
         seconds.append(spent)
         bares.append(bare)
         passes.append(sum(rows * (2 if backward else 1) for _, rows, _, backward in proxy.calls))
         print(f"  {name} image {b}: {spent:7.3f} s, bare passes {bare:7.3f} s -> {spent / bare:.3f}x "
               f"({sum(c[1] for c in proxy.calls)} rows forward, {sum(c[1] for c in proxy.calls if c[3])} backward, "
-              f"{len(proxy.calls)} calls, fast {any(c[2] for c in proxy.calls)})  [{load()}]", flush=True)
+              f"{len(proxy.calls)} calls, fast {any(c[2] for c in proxy.calls)}); vs plain float32 replay "
+              f"{plains[-1]:.3f}x  [{load()}]", flush=True)
     result = {"method": name, "hparams": args.hparams.get(name, {}), "images": args.images,
               "seconds": statistics.median(seconds), "bare_seconds": statistics.median(bares),
-              "ratio": statistics.median(ratios), "min_ratio": min(ratios), "max_ratio": max(ratios)}
+              "ratio": statistics.median(ratios), "min_ratio": min(ratios), "max_ratio": max(ratios),
+              "vs_plain": statistics.median(plains)}
     print(f"{name}: per-image {args.clock} time / bare passes, median of {args.images}: {result['ratio']:.3f}x "
           f"(images {result['min_ratio']:.3f}-{result['max_ratio']:.3f}x; target <= 1.15); median "
           f"{result['seconds']:.3f} s vs {result['bare_seconds']:.3f} s  [{load()}]", flush=True)
@@ -164,14 +185,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     data = embedded_batch(args.images)
     with torch.no_grad():
         targets = model.logits(data["image"]).argmax(1)
-    print(f"embedded black box (precision {model.precision}), {args.images} test images "
+    print(Stopwatch(clock="wall").header())
+    print(f"embedded black box (precision {model.precision}, channels_last {model.channels_last}), {args.images} test images "
           f"{tuple(data['image'].shape[-2:])}, {args.threads} threads, {args.clock} clock  [{load()}]", flush=True)
     results = [measure(name.strip(), model, data, targets, args) for name in args.methods.split(",") if name.strip()]
-    print("\n| method | settings | per-image s | bare passes s | ratio (median) | range over images |")
-    print("|---|---|---|---|---|---|")
+    print("\n| method | settings | per-image s | bare passes s | ratio (median) | range over images | vs plain float32 replay |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['method']} | {r['hparams'] or 'defaults'} | {r['seconds']:.3f} | {r['bare_seconds']:.3f} | "
-              f"{r['ratio']:.3f}x | {r['min_ratio']:.3f}-{r['max_ratio']:.3f}x |")
+              f"{r['ratio']:.3f}x | {r['min_ratio']:.3f}-{r['max_ratio']:.3f}x | {r['vs_plain']:.3f}x |")
     return results
 
 

@@ -198,3 +198,15 @@ def test_the_cluster_block_on_an_exported_imagenet_folder(tmp_path):
     results = json.loads((work / "outputs/imagenet/resnet50_evaluation/results.json").read_text())
     assert {"gradcam", "rise"} <= set(results["methods"]) and len(results["methods"]) == 3, results["methods"]
     assert all(stats["images"] == 2 for stats in results["methods"].values())
+
+
+def test_make_test_also_runs_the_metric_and_conformance_tests_on_an_emulated_plain_cpu():
+    """CI runs ``make test``; its recipe ends with ``make test-emulated-cpu``, which runs the explainer conformance
+    and metric tests again with ATen's scalar kernels and oneDNN capped at AVX2 (a CPU without AVX-512 or bf16)."""
+    makefile = (ROOT / "Makefile").read_text()
+    test_recipe = re.search(r"^test:.*\n((?:\t.*\n)+)", makefile, flags=re.M).group(1)
+    assert "test-emulated-cpu" in test_recipe.splitlines()[-1]
+    emulated = re.search(r"^test-emulated-cpu:.*\n\t(.*)$", makefile, flags=re.M).group(1)
+    assert "ATEN_CPU_CAPABILITY=default" in emulated and "ONEDNN_MAX_CPU_ISA=AVX2" in emulated
+    listed = re.search(r"^EMULATED_TESTS := (.*)$", makefile, flags=re.M).group(1)
+    assert "tests/test_explainers_conformance.py" in listed and "tests/test_metrics_*.py" in listed

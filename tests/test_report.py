@@ -91,3 +91,54 @@ def test_paired_difference_skips_a_metric_that_older_rows_do_not_have():
             for i in range(4) for m in ("a", "b")]
     out = paired_difference(rows, "a", "b", keys=("deletion", "road_morf"))
     assert set(out) == {"deletion"} and abs(out["deletion"]["mean"] - 0.05) < 1e-9
+
+
+def _evaluation_folder(path, rows, split="test", blackbox_sha256="aa" * 32, deletion_steps=10):
+    """A minimal evaluate.py --out folder: rows and the run.json fields that decide comparability."""
+    from saliency_lab.metrics.rows import RowStore
+
+    path.mkdir()
+    record = {"data": {"name": "ClutteredFashionMNIST", "split": split, "init_args": {"num_test": 4}},
+              "protocol": {"protocol": {"steps": deletion_steps, "max_forward_batch": 64}},
+              "blackbox_sha256": blackbox_sha256}
+    (path / "run.json").write_text(json.dumps(record))
+    RowStore(path / "rows").append(rows)
+    return path
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"split": "val"}, "data.split: 'test' -> 'val'"),
+    ({"deletion_steps": 20}, "protocol.protocol.steps: 10 -> 20"),
+    ({"blackbox_sha256": "bb" * 32}, "blackbox_sha256: "),
+])
+def test_report_against_a_folder_of_other_data_protocol_or_black_box_is_refused_unless_forced(
+        tmp_path, capsys, change, named):
+    from saliency_lab.cli import report
+
+    mine = _evaluation_folder(tmp_path / "mine", [_scored(i, "a", deletion=0.1 * i) for i in range(4)])
+    other = _evaluation_folder(tmp_path / "other", [_scored(i, "a", deletion=0.1 * i + 0.05) for i in range(4)],
+                               **change)
+    with pytest.raises(ValueError, match=r"--against .*cannot be paired.*--force true") as refused:
+        report.main([str(mine), "--compare", "a", "a", "--against", str(other), "--resamples", "50"])
+    assert named in str(refused.value)
+    table = report.main([str(mine), "--compare", "a", "a", "--against", str(other), "--resamples", "50",
+                         "--force", "true"])
+    assert table["deletion"]["mean"] == pytest.approx(-0.05) and table["deletion"]["images"] == 4
+    assert "compared anyway (--force true)" in capsys.readouterr().out
+
+
+def test_report_against_a_comparable_folder_runs_and_a_folder_without_records_is_refused(tmp_path):
+    from saliency_lab.cli import report
+
+    mine = _evaluation_folder(tmp_path / "mine", [_scored(i, "a", deletion=0.2) for i in range(4)])
+    same = _evaluation_folder(tmp_path / "same", [_scored(i, "a", deletion=0.1) for i in range(4)])
+    # only the memory knob differs: comparable
+    record = json.loads((same / "run.json").read_text())
+    record["protocol"]["protocol"]["max_forward_batch"] = 8
+    (same / "run.json").write_text(json.dumps(record))
+    table = report.main([str(mine), "--compare", "a", "a", "--against", str(same), "--resamples", "50"])
+    assert table["deletion"]["mean"] == pytest.approx(0.1)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    with pytest.raises(ValueError, match=r"bare has no run.json or results.json"):
+        report.main([str(mine), "--compare", "a", "a", "--against", str(bare)])
