@@ -60,6 +60,7 @@ def test_writes_every_output(tiny_blackbox, tmp_path):
     assert len(lines) == 1 + 6 * 2 and lines[0].startswith("index,method,label,target,deletion")
     assert "| rise |" in (tmp_path / "summary.md").read_text()
     assert "road_morf | road_lerf | road_gap" in (tmp_path / "summary.md").read_text()
+    assert not (tmp_path / "agreement.json").exists()  # two methods: no ranking to agree on
     assert saved["protocol"]["road_fractions"] == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 
 
@@ -438,3 +439,13 @@ def test_the_trainer_precision_evaluate_honours_runs(tiny_blackbox, tmp_path):
     results = evaluate.main(args_for(tiny_blackbox, tmp_path, "--num_images=2", "--explainers=gradient",
                                      "--method_hparams={}", "--trainer.precision=32-true"))
     assert results["methods"]["gradient"]["images"] == 2 and results["passes"]["trainer_precision"] == "32-true"
+
+
+def test_three_methods_or_more_get_the_metric_agreement(tiny_blackbox, tmp_path):
+    """Kendall's W and the metric x metric Spearman table of the evaluated methods, as JSON, Markdown and a figure."""
+    evaluate.main(args_for(tiny_blackbox, tmp_path, "--num_images=4", "--explainers=gradient,rise,gradcam"))
+    agreement = json.loads((tmp_path / "agreement.json").read_text())
+    assert agreement["methods"] == ["gradient", "rise", "gradcam"] and agreement["images"] == 4
+    assert 0.0 <= agreement["w_of_means"] <= 1.0 and agreement["spearman"]["deletion"]["deletion"] == 1.0
+    assert "Kendall's W" in (tmp_path / "agreement.md").read_text()
+    assert (tmp_path / "agreement.png").read_bytes()[:4] == b"\x89PNG"

@@ -99,7 +99,7 @@ def test_explains_a_mixed_folder_and_names_the_bad_files_once(folder, tiny_black
     assert set(index) == GOOD
     written = _tree(out)
     expected = {rel for entry in index.values() for rel in entry["outputs"].values()}
-    assert written == expected | {"index.jsonl", "run.json", "skipped.json"}
+    assert written == expected | {"index.jsonl", "run.json", "skipped.json", ".lock"}
     for rel, entry in index.items():
         original = np.array(load_rgb(folder / rel, orient=True))
         height, width = original.shape[:2]
@@ -250,3 +250,219 @@ def test_two_processes_write_what_one_does(folder, tiny_blackbox_path, tmp_path,
         assert second[rel]["class"] == entry["class"]
         np.testing.assert_allclose(np.load(two / entry["outputs"]["npy"]), np.load(one / entry["outputs"]["npy"]),
                                    rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hostile folders, stops, run records, locks, large and 32-bit images
+
+
+def _small_pngs(folder: Path, count: int, side: int = 20) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    paths = [folder / f"img{i:03d}.png" for i in range(count)]
+    for path in paths:
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(path)
+    return paths
+
+
+def test_fifo_socket_and_device_files_are_skipped_and_named_never_opened(tiny_blackbox_path, tmp_path, repo_root):
+    import os
+    import socket
+
+    from saliency_lab.datamodules.image_files import find_images
+
+    images = tmp_path / "in"
+    _small_pngs(images, 1)
+    os.mkfifo(images / "a.png")  # opening it would block forever: no writer ever comes
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(images / "b.png"))
+    (images / "c.png").symlink_to("/dev/null")
+    try:
+        files, skipped = find_images([images], follow_symlinks=True)
+        assert [f.relative for f in files] == ["img000.png"]
+        problems = dict(skipped)
+        assert "named pipe (FIFO)" in problems[str(images / "a.png")]
+        assert "socket" in problems[str(images / "b.png")]
+        assert "device file" in problems[str(images / "c.png")]
+        out = tmp_path / "out"
+        cmd = [sys.executable, "explain.py", "--images", str(images), "--out", str(out), "--method=gradient",
+               f"--blackbox=ckpt:{tiny_blackbox_path}", f"--image_size={SIZE}", "--progress=false"]
+        result = subprocess.run(cmd, cwd=repo_root, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    finally:
+        server.close()
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "BadImageWarning" in result.stderr and "named pipe (FIFO)" in result.stderr
+    named = {entry["path"]: entry["problem"] for entry in json.loads((out / "skipped.json").read_text())}
+    assert "named pipe (FIFO)" in named[str(images / "a.png")] and "socket" in named[str(images / "b.png")]
+    assert set(read_index(out)) == {"img000.png"}
+
+
+def test_a_symlink_out_of_the_inputs_is_skipped_unless_followed(tiny_blackbox_path, tmp_path):
+    images, outside = tmp_path / "in", tmp_path / "elsewhere"
+    _small_pngs(images, 1)
+    secret = _small_pngs(outside, 1)[0]
+    (images / "link_out.png").symlink_to(secret)
+    (images / "link_in.png").symlink_to(images / "img000.png")  # stays inside the inputs: followed
+    with pytest.warns(BadImageWarning, match="outside the input folders"):
+        summary = _run(images, tmp_path / "out", tiny_blackbox_path, "--method=gradient")
+    assert set(read_index(tmp_path / "out")) == {"img000.png", "link_in.png"}
+    assert summary["skipped"] == [str(images / "link_out.png")]
+    named = json.loads((tmp_path / "out" / "skipped.json").read_text())
+    assert "--follow_symlinks true" in named[0]["problem"] and str(secret.resolve()) in named[0]["problem"]
+    followed = _run(images, tmp_path / "followed", tiny_blackbox_path, "--method=gradient", "--follow_symlinks=true")
+    assert followed["explained"] == 3 and followed["skipped"] == []
+    assert "--follow_symlinks" in explain.build_parser().format_help()
+
+
+def test_output_folders_under_the_inputs_are_never_explained(tiny_blackbox_path, tmp_path):
+    images = tmp_path / "in"
+    _small_pngs(images, 2)
+    first = _run(images, images / "maps", tiny_blackbox_path, "--method=gradient")
+    assert first["explained"] == 2
+    assert json.loads((images / "maps" / "run.json").read_text())["saliency_lab_output"] == "explain"
+    with pytest.warns(BadImageWarning, match="output folder"):
+        second = _run(images, images / "maps2", tiny_blackbox_path, "--method=gradient")
+    assert set(read_index(images / "maps2")) == {"img000.png", "img001.png"}  # not maps/img000.map.png, ...
+    assert second["files"] == 2 and second["skipped"] == [str(images / "maps")]
+    again = _run(images, images / "maps", tiny_blackbox_path, "--method=gradient")  # maps2 is skipped too
+    assert again["files"] == 2 and again["explained"] == 2
+    from saliency_lab.datamodules.image_files import find_images
+
+    with pytest.raises(FileNotFoundError, match=r"maps \(a saliency-lab output folder"):
+        find_images([images / "maps"])  # an output folder named as the input is not explained either
+
+
+def test_sigterm_stops_after_the_current_batch_and_a_rerun_resumes(tiny_blackbox_path, tmp_path, repo_root):
+    import os
+    import signal
+    import time
+
+    images, out = tmp_path / "in", tmp_path / "out"
+    _small_pngs(images, 10)
+    args = ["--method=rise", "--method_hparams={n_masks: 300}", "--batch_size=1"]
+    cmd = [sys.executable, "explain.py", "--images", str(images), "--out", str(out), *args,
+           f"--blackbox=ckpt:{tiny_blackbox_path}", f"--image_size={SIZE}", "--progress=false"]
+    process = subprocess.Popen(cmd, cwd=repo_root, env=subprocess_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "index.jsonl").is_file() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert process.poll() is None, "the run ended before it could be stopped: " + process.stderr.read()[-2000:]
+        sent = time.monotonic()
+        os.kill(process.pid, signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+        stopped_after = time.monotonic() - sent
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 143, stderr[-3000:]
+    assert stopped_after < 10, stopped_after
+    assert "the same command resumes" in stderr
+    lines = (out / "index.jsonl").read_text().splitlines()
+    assert 1 <= len(lines) < 10 and len(read_index(out)) == len(lines)  # every line complete, outputs there
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.npy")}
+    summary = _run(images, out, tiny_blackbox_path, *args)
+    assert summary["explained"] == 10 and len((out / "index.jsonl").read_text().splitlines()) == 10
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps, "files explained before the stop were redone"
+
+
+def test_run_record_refuses_other_settings_and_resumes_with_the_same(tiny_blackbox_path, tiny_predictor_path,
+                                                                      tmp_path):
+    images, out = tmp_path / "in", tmp_path / "out"
+    _small_pngs(images, 2)
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(f"class {k}" for k in range(10)))
+    _run(images, out, tiny_blackbox_path, "--method=gradient", f"--class_names={names}")
+    record = json.loads((out / "run.json").read_text())
+    assert record["blackbox_sha256"] == BlackBox(f"ckpt:{tiny_blackbox_path}").content_hash()
+    assert record["precision"] == "32-true" and record["target"] == "predicted" and record["image_size"] == SIZE
+    assert record["map_size"]["max_map_side"] == 4096 and record["class_names_sha256"]
+    with pytest.raises(ValueError, match=r"other settings \(precision: '32-true' -> 'bf16-mixed'\)"):
+        _run(images, out, tiny_blackbox_path, "--method=gradient", f"--class_names={names}", "--precision=bf16-mixed")
+    names.write_text("\n".join(f"kind {k}" for k in range(10)))
+    with pytest.raises(ValueError, match=r"other settings \(class_names_sha256: "):
+        _run(images, out, tiny_blackbox_path, "--method=gradient", f"--class_names={names}")
+    with pytest.raises(ValueError, match=r"max_map_side: 4096 -> 100"):
+        _run(images, out, tiny_blackbox_path, "--method=gradient", "--max_map_side=100")
+    names.write_text("\n".join(f"class {k}" for k in range(10)))
+    summary = _run(images, out, tiny_blackbox_path, "--method=gradient", f"--class_names={names}")
+    assert summary["explained"] == 2 and len((out / "index.jsonl").read_text().splitlines()) == 2
+    # a predictor checkpoint is recorded by content: a copy elsewhere resumes, other weights are refused
+    predicted = tmp_path / "predicted"
+    explain.main(["--images", str(images), "--out", str(predicted), "--ckpt_path", str(tiny_predictor_path),
+                  f"--image_size={SIZE}", "--progress=false"])
+    copy = tmp_path / "copy.ckpt"
+    copy.write_bytes(tiny_predictor_path.read_bytes())
+    resumed = explain.main(["--images", str(images), "--out", str(predicted), "--ckpt_path", str(copy),
+                            f"--image_size={SIZE}", "--progress=false"])
+    assert resumed["explained"] == 2
+    checkpoint = torch.load(copy, weights_only=False)
+    first = next(k for k, v in checkpoint["state_dict"].items() if v.is_floating_point())
+    checkpoint["state_dict"][first] = checkpoint["state_dict"][first] + 1
+    torch.save(checkpoint, copy)
+    with pytest.raises(ValueError, match="ckpt_sha256"):
+        explain.main(["--images", str(images), "--out", str(predicted), "--ckpt_path", str(copy),
+                      f"--image_size={SIZE}", "--progress=false"])
+
+
+def test_a_folder_locked_by_another_run_is_refused(tiny_blackbox_path, tmp_path):
+    from saliency_lab.core.files import FolderBusyError, FolderLock
+
+    images, out = tmp_path / "in", tmp_path / "out"
+    _small_pngs(images, 1)
+    with FolderLock(out, "test holder"):
+        with pytest.raises(FolderBusyError, match=rf"{out} is in use by another explain run \(pid"):
+            _run(images, out, tiny_blackbox_path, "--method=gradient")
+        assert not (out / "run.json").exists() and not (out / "index.jsonl").exists()
+    assert _run(images, out, tiny_blackbox_path, "--method=gradient")["explained"] == 1  # released: runs
+
+
+def test_maps_of_large_images_are_saved_at_a_bounded_size(tiny_blackbox_path, tmp_path):
+    from saliency_lab.datamodules.image_files import load_image, map_size
+
+    assert map_size(6000, 200) == (4096, 137) and map_size(300, 200) == (300, 200)
+    assert map_size(10, 5000, max_side=100) == (1, 100)
+    images, out = tmp_path / "in", tmp_path / "out"
+    images.mkdir()
+    Image.new("RGB", (6000, 200), (200, 30, 90)).save(images / "wide.png")
+    _run(images, out, tiny_blackbox_path, "--method=gradient")
+    entry = read_index(out)["wide.png"]
+    assert (entry["width"], entry["height"]) == (6000, 200)
+    assert (entry["map_width"], entry["map_height"]) == (4096, 137)
+    assert np.load(out / entry["outputs"]["npy"]).shape == (137, 4096)
+    for kind in ("map", "overlay"):
+        assert max(Image.open(out / entry["outputs"][kind]).size) <= 4096
+    # a large JPEG is decoded at a reduced scale, never below its saved map size
+    Image.new("RGB", (10000, 120), (10, 200, 30)).save(tmp_path / "long.jpg")
+    image, size = load_image(tmp_path / "long.jpg")
+    assert size == (10000, 120) and image.size == (5000, 60)
+
+
+@pytest.mark.parametrize("mode", ["F", "I"])
+def test_32_bit_images_are_scaled_by_their_range(tmp_path, mode):
+    from saliency_lab.datamodules.image_files import ImageFile
+
+    values = np.linspace(-5.0, 20.0, 12 * 16).reshape(12, 16)
+    array = values.astype(np.float32) if mode == "F" else (values * 1e6).astype(np.int32)
+    path = tmp_path / f"deep_{mode}.tif"
+    Image.fromarray(array, mode).save(path)
+    assert Image.open(path).mode == mode
+    sample = ImageFiles([ImageFile(str(path), path.name)], SIZE)[0]
+    assert "problem" not in sample, sample
+    grey = sample["original"][..., 0].numpy().astype(np.float64)
+    assert torch.equal(sample["original"][..., 0], sample["original"][..., 2])
+    assert grey.min() == 0 and grey.max() == 255  # min -> 0, max -> 255 (not clipped at 255)
+    expected = np.round((array - array.min()) / (float(array.max()) - float(array.min())) * 255)
+    np.testing.assert_array_equal(grey, expected)
+
+
+def test_a_float_image_with_nan_is_a_bad_file_named_with_the_reason(tmp_path):
+    from saliency_lab.datamodules.image_files import ImageFile
+
+    array = np.ones((8, 8), np.float32)
+    array[3, 3] = np.nan
+    path = tmp_path / "nan.tif"
+    Image.fromarray(array, "F").save(path)
+    sample = ImageFiles([ImageFile(str(path), path.name)], SIZE)[0]
+    assert "non-finite pixel values" in sample["problem"] and str(path) in sample["problem"]

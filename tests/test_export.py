@@ -107,3 +107,22 @@ def test_out_that_is_the_checkpoint_itself_is_refused(tiny_predictor_path, tiny_
         export.main(["--ckpt_path", str(ckpt), "--format=onnx", "--out", str(blackbox), f"--image_size={SIZE}",
                      "--blackbox", f"ckpt:{blackbox}"])
     assert ckpt.read_bytes() == original and blackbox.read_bytes() == original_bb
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_exported_graph_answers_out_of_range_or_non_finite_images_with_nan_masks(fmt, tiny_predictor_path, images,
+                                                                                 tmp_path):
+    """Pixels in 0..255, a normalised tensor or a NaN give an all-NaN mask for that image only, not a
+    plausible-looking map; the valid images of the batch keep their masks."""
+    out = tmp_path / f"predictor.{fmt}"
+    export.main(["--ckpt_path", str(tiny_predictor_path), "--format", fmt, "--out", str(out), f"--image_size={SIZE}",
+                 "--check_images=0"])
+    batch = images[:4].clone()
+    valid = run_exported(out, fmt, (batch,))
+    assert torch.isfinite(valid).all()
+    batch[0] = batch[0] * 255  # 0..255 pixels
+    batch[1] = batch[1] - 0.5  # a normalised tensor
+    batch[2, 0, 3, 3] = float("nan")
+    masks = run_exported(out, fmt, (batch,))
+    assert torch.isnan(masks[:3]).all()
+    torch.testing.assert_close(masks[3], valid[3], atol=TOLERANCE, rtol=0)

@@ -3,20 +3,27 @@
 Per input file (``STEM`` = its sanitised relative path, ``image_files.output_stem``), under the output
 folder:
 
-- ``STEM.map.png``  the saliency map at the file's own size as a 16-bit greyscale PNG, min-max scaled to
+- ``STEM.map.png``  the saliency map at its saved size as a 16-bit greyscale PNG, min-max scaled to
   0..65535 per map (a constant map is all 0); ``map_min``/``map_max`` in the index undo the scaling;
 - ``STEM.map.npy``  the same map as float32 (H, W), unscaled (the explainer's own values);
 - ``STEM.overlay.png``  the map over a grey copy of the image (``callbacks.figures.overlay_image``);
 - a line of ``index.jsonl``: ``file`` (relative path), ``path`` (as given), ``outputs``, ``width``,
-  ``height``, ``method``, ``class`` (the explained class), ``class_name`` (null where unknown),
+  ``height`` (the file's, as viewers show it), ``map_width``, ``map_height`` (the saved maps'), ``method``,
+  ``class`` (the explained class), ``class_name`` (null where unknown),
   ``probability`` (its softmax probability on the resized image), ``cost`` (``forwards``, ``backwards``:
   black-box passes per image; ``seconds``: explainer wall time per image), ``map_min``, ``map_max``.
 
-The maps are resized back from the black box's S x S input to H x W bilinearly. Files are written under
-temporary names and renamed, and the index line comes last, so a file listed in the index is complete
-and a killed run leaves nothing half-written behind a line; :func:`read_index` is what a rerun skips.
-Bad files are collected on every process and named in ONE ``BadImageWarning`` at the end (and listed in
-``skipped.json``); the run goes on.
+The saved size: the file's own W x H, or, for a file whose longer side exceeds ``max_map_side`` (default
+4096), W x H scaled down so that the longer side is ``max_map_side`` (aspect ratio kept, each side
+rounded, at least 1; ``image_files.map_size``): a 30000 x 20000 scan gives a 4096 x 2731 map, not
+2.4 GB of float32. The maps are resized from the black box's S x S input to that size bilinearly.
+
+Files are written under temporary names and renamed, and the index line comes last, so a file listed in
+the index is complete and a killed run leaves nothing half-written behind a line; :func:`read_index` is
+what a rerun skips.
+Bad files, and the files discovery skipped (not regular files, symlinks out of the inputs, other runs'
+output folders), are collected on every process and named in ONE ``BadImageWarning`` at the end (and
+listed in ``skipped.json``); the run goes on.
 """
 from __future__ import annotations
 
@@ -107,14 +114,15 @@ class ExplanationWriter(BasePredictionWriter):
         files: the inputs, by dataset position (the ``index`` of a prediction).
         method: the explainer's name, recorded in the index.
         class_names: names of the black box's classes (None: unknown, ``class_name`` is null).
+        skipped: (path, problem) of the files skipped before decoding (``image_files.find_images``).
     """
 
     def __init__(self, out: str | os.PathLike, files: Sequence[ImageFile], method: str,
-                 class_names: Sequence[str] | None = None):
+                 class_names: Sequence[str] | None = None, skipped: Sequence[tuple[str, str]] = ()):
         super().__init__(write_interval="batch")
         self.out, self.files, self.method = Path(out), list(files), method
         self.class_names = list(class_names) if class_names is not None else None
-        self.bad: list[tuple[str, str]] = []  # this process's bad files
+        self.bad: list[tuple[str, str]] = list(skipped)  # this process's bad files
         self.skipped: list[tuple[str, str]] = []  # every process's, after the run
         self.written = 0
 
@@ -125,7 +133,7 @@ class ExplanationWriter(BasePredictionWriter):
             return
         entries = []
         for j, i in enumerate(prediction["index"].tolist()):
-            entry = self._write_file(self.files[i], batch["original"][j], prediction["saliency"][j])
+            entry = self._write_file(self.files[i], batch["original"][j], batch["size"][j], prediction["saliency"][j])
             if entry is None:
                 continue
             target = int(prediction["target"][j])
@@ -138,8 +146,11 @@ class ExplanationWriter(BasePredictionWriter):
             append_lines(self.out / INDEX, entries)
             self.written += len(entries)
 
-    def _write_file(self, file: ImageFile, original: torch.Tensor, saliency: torch.Tensor) -> dict | None:
-        """Write one file's three outputs; returns its index entry without the prediction fields."""
+    def _write_file(self, file: ImageFile, original: torch.Tensor, size: Sequence[int], saliency: torch.Tensor
+                    ) -> dict | None:
+        """Write one file's three outputs: ``original`` (h, w, 3) uint8 is the image at the saved map size,
+        ``size`` the file's (W, H), ``saliency`` (1, S, S). Returns its index entry without the prediction
+        fields."""
         outputs = output_paths(output_stem(file.relative))
         targets = {kind: self.out / rel for kind, rel in outputs.items()}
         folder = targets["map"].parent
@@ -147,20 +158,27 @@ class ExplanationWriter(BasePredictionWriter):
             self.bad.append((file.path, f"its output folder {folder} resolves outside {self.out}; not written"))
             return None
         folder.mkdir(parents=True, exist_ok=True)
-        height, width = original.shape[:2]
-        full = F.interpolate(saliency[None].float(), size=(height, width), mode="bilinear",
+        map_height, map_width = original.shape[:2]
+        full = F.interpolate(saliency[None].float(), size=(map_height, map_width), mode="bilinear",
                              align_corners=False)[0, 0]
         levels, low, high = map_to_uint16(full)
         _replace(targets["npy"], lambda tmp: _save_npy(tmp, full.numpy().astype(np.float32)))
         _replace(targets["map"], lambda tmp: Image.fromarray(levels).save(tmp, format="PNG"))
         _replace(targets["overlay"], lambda tmp: Image.fromarray(overlay_image(original, full).numpy()).save(
             tmp, format="PNG"))
+        width, height = size
         return {"file": file.relative, "path": file.path, "outputs": outputs, "width": int(width),
-                "height": int(height), "map_min": low, "map_max": high}
+                "height": int(height), "map_width": int(map_width), "map_height": int(map_height),
+                "map_min": low, "map_max": high}
 
     def on_predict_end(self, trainer, pl_module) -> None:
-        bad = self.skipped = sorted(set(_gather(self.bad)))
-        if not trainer.is_global_zero:
+        self.report(sorted(set(_gather(self.bad))), trainer.is_global_zero)
+
+    def report(self, bad: list[tuple[str, str]], global_zero: bool = True) -> None:
+        """Keep ``bad`` (every process's) as :attr:`skipped`; on the global-zero process, write
+        ``skipped.json`` and name them in one warning."""
+        self.skipped = bad
+        if not global_zero:
             return
         atomic_write_json(self.out / SKIPPED, [{"path": p, "problem": why} for p, why in bad], ensure_ascii=False)
         if bad:

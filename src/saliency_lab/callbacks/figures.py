@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -122,4 +123,24 @@ def curves_figure(fractions: Tensor, mean_curves: Mapping[str, tuple[Tensor, Ten
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
     axes[0].set_ylabel("p(explained class)")
+    return figure
+
+
+def agreement_figure(result: Mapping) -> Figure:
+    """A heatmap of :func:`saliency_lab.metrics.agreement.metric_agreement`'s metric x metric Spearman table
+    (-1 blue to +1 red, values written in the cells; an undefined pair is left blank)."""
+    metrics = result["metrics"]
+    grid = np.array([[result["spearman"][a][b] for b in metrics] for a in metrics], dtype=float)
+    figure = _new_figure(1.0 + 0.55 * len(metrics), 0.8 + 0.5 * len(metrics))
+    ax = figure.add_subplot()
+    image = ax.imshow(grid, vmin=-1, vmax=1, cmap="RdBu_r")
+    ax.set_xticks(range(len(metrics)), metrics, rotation=60, ha="right")
+    ax.set_yticks(range(len(metrics)), metrics)
+    for i in range(len(metrics)):
+        for j in range(len(metrics)):
+            if np.isfinite(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", fontsize=7)
+    ax.set_title(f"Metric agreement on {len(result['methods'])} methods (Kendall's W per image "
+                 f"{result['w_per_image']:.2f})", fontsize=9)
+    figure.colorbar(image, ax=ax, shrink=0.8, label="Spearman of the methods' rankings")
     return figure

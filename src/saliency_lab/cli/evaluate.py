@@ -33,7 +33,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from torch.utils.data import DataLoader, Subset
 
 from saliency_lab import explainers
-from saliency_lab.callbacks.figures import curves_figure, overlay_grid
+from saliency_lab.callbacks.figures import agreement_figure, curves_figure, overlay_grid
 from saliency_lab.callbacks.sanity import explainer_factories, label_randomisation
 from saliency_lab.cli.checks import ckpt_spec, listed_specs, validate_args
 from saliency_lab.cli.utils import WandbLogger, plain_build_errors
@@ -45,6 +45,7 @@ from saliency_lab.datamodules import collate_samples
 from saliency_lab.explainers import ExplainerSpec, build_explainer, explainer_keys, parse_spec
 from saliency_lab.lightning_modules.evaluation import COST_KEYS, EvaluationModule, RandomisationCheck
 from saliency_lab.metrics import TARGET_RULES, EvaluationSettings, RowStore, explained_class
+from saliency_lab.metrics.agreement import agreement_markdown, metric_agreement
 from saliency_lab.metrics.report import markdown_cell, mean_curves, write_reports
 from saliency_lab.metrics.rows import RowSet, content_key
 from saliency_lab.metrics.sanity import check_fractions, randomisation_table
@@ -372,6 +373,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         rows = RowStore(out / "rows").scan(keys_of_rows, range(num_images))
         results = write_reports(rows, list(methods), header, out)
         write_figures(rows, list(methods), subset, sorted(overlay), out)
+        write_agreement(rows, list(methods), out)
         label = (label_randomisation_rows(cfg, blackbox, untrained, subset, out, blackbox_sha256)
                  if check and cfg.label_randomisation_blackbox else None)
         randomisation = randomisation_report(check, [key for key, _ in untrained], out, label) if check else []
@@ -383,6 +385,20 @@ def main(argv: list[str] | None = None) -> dict | None:
         return results
     finally:
         lock.release()
+
+
+def write_agreement(rows: RowSet, methods: list[str], out: Path) -> dict | None:
+    """How much the metrics agree on the methods' order (:func:`metrics.agreement.metric_agreement`): Kendall's W
+    and the metric x metric Spearman table as ``agreement.json``, ``agreement.md`` and ``agreement.png``; only
+    with 3 methods or more (with two, every ranking is a coin)."""
+    if len(methods) < 3:
+        return None
+    result = metric_agreement([row for m in methods for row in rows.of(m)], methods)
+    atomic_write_json(out / "agreement.json", result)
+    atomic_write(out / "agreement.md", agreement_markdown(result))
+    fig = agreement_figure(result)
+    atomic_write(out / "agreement.png", lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
+    return result
 
 
 def randomisation_settings(cfg, methods: list[tuple[str, ExplainerSpec]], subset, out: Path,

@@ -5,9 +5,14 @@
                       [--accelerator auto --devices 2 --strategy ddp --precision bf16-mixed]
 
 Inputs: folders (recursively) and files of any size and mode; ``datamodules/image_files.py`` documents
-which files are taken, how modes become RGB (EXIF orientation applied, alpha dropped, greyscale
-replicated, palette mapped, 16-bit reduced to 8) and the resize rule: the whole image is resized to the
-black box's S x S input (no crop, no padding); each map is resized back to the file's own size.
+which files are taken (regular files only: a FIFO, socket or device file is skipped and named, never
+opened; a symlink leading out of the input folders is skipped and named unless ``--follow_symlinks
+true``; a folder holding another run's output record is skipped), how modes become RGB (EXIF orientation
+applied, alpha dropped, greyscale replicated, palette mapped, 16-bit reduced to 8, 32-bit integer and
+float scaled by their own range) and the resize rule: the whole image is resized to the black box's
+S x S input (no crop, no padding); each map is resized back to the file's own size, or, for a file
+whose longer side exceeds ``--max_map_side``, to that size scaled down to fit (index.jsonl records
+both).
 
 The explained class is the black box's prediction on the resized image. The black box: ``--blackbox``, or
 the one recorded in ``--ckpt_path``. S: ``--image_size``, else the training data's size recorded in a
@@ -20,15 +25,27 @@ Outputs, per input file, under ``--out`` with the relative paths mirrored and sa
 (16-bit), ``X.map.npy`` (float32), ``X.overlay.png``, and a line of ``index.jsonl`` (see
 ``callbacks/explanation_writer.py``). Bad files (truncated, not an image, decompression bombs over
 ``--max_pixels``) are skipped and named in one warning (and ``skipped.json``); the run goes on. The same
-command again skips the files already in the index (a killed run resumes); ``run.json`` keeps the
-settings, and a rerun with other settings into the same folder is refused.
+command again skips the files already in the index (a killed run resumes); ``run.json`` keeps every
+setting that changes a map (:func:`run_settings`: the method and its hyper-parameters, the black box by
+content hash and its options, the ``--ckpt_path`` predictor by content hash, S, the precision, the class
+names, the target rule and the map size rule) and marks the folder as an explain output; a rerun with
+other settings into the same folder is refused, naming the settings that differ. One run at a time
+writes a folder (``core.files.FolderLock`` on ``--out``: a second run is refused while the first runs).
+
+Stopping: SIGTERM (and Ctrl-C) stops the run after the batch being explained; every file in the index
+is complete, the process exits with status 128 + the signal (143 for SIGTERM, 130 for Ctrl-C), and the
+same command resumes.
 
 Runs on Lightning's predict loop, so devices, DDP, precision and the progress bar are Lightning's.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +55,13 @@ from torch.utils.data import DataLoader
 
 from saliency_lab import explainers
 from saliency_lab.callbacks.explanation_writer import ExplanationWriter, read_index
-from saliency_lab.datamodules.image_files import (DEFAULT_MAX_PIXELS, ImageFiles, collate_files, collect_images,
-                                     read_class_names, recorded_class_names, recorded_input_size)
+from saliency_lab.datamodules.image_files import (DECODE_BYTES_PER_PIXEL, DEFAULT_MAX_MAP_SIDE, DEFAULT_MAX_PIXELS,
+                                                  OUTPUT_MARKER, ImageFiles, collate_files, find_images,
+                                                  read_class_names, recorded_class_names, recorded_input_size)
 from saliency_lab.core.blackbox import BlackBox
 from saliency_lab.core.checkpoints import safe_load
 from saliency_lab.cli.args import normalise_args
-from saliency_lab.core.files import atomic_write_json, safe_name
+from saliency_lab.core.files import FolderLock, atomic_write_json, file_sha256, safe_name
 from saliency_lab.lightning_modules.explanation import ExplanationModule
 
 
@@ -68,7 +86,19 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--max_forward_batch", type=int, default=256, help="memory knob of the explainer")
     parser.add_argument("--seed", type=int, default=0, help="seed of stochastic explainers")
     parser.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                        help="larger images are skipped as decompression bombs")
+                        help="images whose header claims more pixels are skipped as decompression bombs. Decoding "
+                             f"one image holds up to {DECODE_BYTES_PER_PIXEL} bytes a pixel, so the default "
+                             f"({DEFAULT_MAX_PIXELS:,}) costs <= {DECODE_BYTES_PER_PIXEL} x {DEFAULT_MAX_PIXELS:,} "
+                             "= 1.4 GB per decoding process (the main one and each --num_workers worker); a batch "
+                             "keeps only the S x S inputs and the images at their saved map size, and writing a "
+                             "map at --max_map_side 4096 needs 1.3 GB, so the default batch size of 8 needs < 3.5 "
+                             "GB in all (image_files.py: Memory)")
+    parser.add_argument("--max_map_side", type=int, default=DEFAULT_MAX_MAP_SIDE,
+                        help="the longest side of a saved map: maps of larger images are saved scaled down to "
+                             "fit (aspect ratio kept); index.jsonl records map_width and map_height")
+    parser.add_argument("--follow_symlinks", type=bool, default=False,
+                        help="explain symlinked files whose target lies outside the input folders (default: "
+                             "skipped and named); symlinked folders are never followed")
     parser.add_argument("--accelerator", type=str, default="cpu")
     parser.add_argument("--devices", type=int | str, default=1)
     parser.add_argument("--strategy", type=str, default="auto")
@@ -142,23 +172,106 @@ def build(cfg) -> tuple[BlackBox, str, str, Any, list[dict]]:
     return blackbox, spec, name, explainer, checkpoints
 
 
+# run.json keys that are recorded for the reader but do not change a map (paths: the content is compared)
+_INFORMATIONAL = ("ckpt_path", "blackbox")
+
+
+def names_sha256(names: list[str] | None) -> str | None:
+    """Hex SHA-256 of the class names (one a line), None when unknown."""
+    return None if names is None else hashlib.sha256("\n".join(names).encode("utf-8")).hexdigest()
+
+
+def run_settings(cfg, blackbox: BlackBox, spec: str, name: str, explainer, size: int, precision: str,
+                 names: list[str] | None) -> dict:
+    """The run record (``run.json``): every setting that changes a map or an index line, by content where it
+    is a file (the black box's weights by ``BlackBox.content_hash``, the predictor by ``file_sha256``), and
+    :data:`_INFORMATIONAL` paths; :data:`OUTPUT_MARKER` marks the folder as an explain output."""
+    hparams = {k: v for k, v in explainer.hparams.items() if k != "max_forward_batch"}
+    options = {k: v for k, v in blackbox.config()["init_args"].items() if k not in ("model", "weights")}
+    checkpoint = _split_ckpt(cfg.ckpt_path)[1] if cfg.ckpt_path is not None else None
+    return json.loads(json.dumps({
+        OUTPUT_MARKER: "explain", "method": name, "hparams": hparams,
+        "ckpt_sha256": file_sha256(checkpoint) if checkpoint is not None else None,
+        "blackbox_architecture": blackbox.spec, "blackbox_sha256": blackbox.content_hash(),
+        "blackbox_options": options, "image_size": int(size), "precision": precision,
+        "class_names_sha256": names_sha256(names), "target": "predicted",
+        "map_size": {"rule": "the file's size, scaled down to fit max_map_side", "max_map_side": cfg.max_map_side},
+        "ckpt_path": cfg.ckpt_path, "blackbox": spec}, default=str))
+
+
+def _changes(before, now, prefix: str = "") -> list[str]:
+    """The leaves that differ between two JSON records, as 'a.b: old -> new'."""
+    if isinstance(before, dict) and isinstance(now, dict):
+        return [c for k in sorted(set(before) | set(now), key=str)
+                for c in _changes(before.get(k), now.get(k), f"{prefix}{k}.")]
+    return [] if before == now else [f"{prefix.rstrip('.')}: {before!r} -> {now!r}"]
+
+
 def check_run(out: Path, header: dict) -> None:
-    """A rerun into ``out`` must explain with the same settings, or its maps would mix with the old ones."""
+    """A rerun into ``out`` must explain with the same settings (all but :data:`_INFORMATIONAL`), or its maps
+    would mix with the old ones: a ValueError naming each differing setting (old -> new); else ``run.json``
+    is (re)written."""
     path = out / "run.json"
     if path.is_file():
         before = json.loads(path.read_text())
-        changed = sorted(k for k in header if before.get(k) != header[k])
+        compared = [k for k in sorted(set(before) | set(header)) if k not in _INFORMATIONAL]
+        changed = _changes({k: before.get(k) for k in compared}, {k: header.get(k) for k in compared})
         if changed:
-            raise ValueError(f"{out} holds maps made with other settings ({', '.join(changed)} differ); use another "
-                             "--out or delete the folder")
+            raise ValueError(f"{out} holds maps made with other settings ({'; '.join(changed)}); use another "
+                             "--out, rerun with the old settings, or delete the folder")
     atomic_write_json(path, header)
+
+
+class RunStopped(BaseException):
+    """SIGTERM (or SIGINT) arrived: the run stops after the current batch (a BaseException, like
+    KeyboardInterrupt, so that nothing on the way catches it as an error)."""
+
+
+class StopOnSignal(pl.Callback):
+    """Raises :class:`RunStopped` at the end of the predict batch during which :meth:`request` was called
+    (after the writer has written it: the callbacks run in order, this one last)."""
+
+    def __init__(self):
+        self.signal: int | None = None
+
+    def request(self, signum: int, frame=None) -> None:
+        self.signal = signum
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self.signal is not None:
+            raise RunStopped(self.signal)
+
+
+@contextmanager
+def stop_on_signals(stopper: StopOnSignal):
+    """While active, SIGTERM and SIGINT ask ``stopper`` to stop; a second signal acts as it did before
+    (the default: the process ends at once). The previous handlers come back afterwards. Only in the main
+    thread (signal handlers cannot be set elsewhere)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signals = (signal.SIGTERM, signal.SIGINT)
+    previous = {s: signal.getsignal(s) for s in signals}
+
+    def handle(signum, frame):
+        stopper.request(signum, frame)
+        for s in signals:
+            signal.signal(s, previous[s])
+
+    for s in signals:
+        signal.signal(s, handle)
+    try:
+        yield
+    finally:
+        for s in signals:
+            signal.signal(s, previous[s])
 
 
 def main(argv: list[str] | None = None) -> dict | None:
     cfg = build_parser().parse_args(normalise_args(sys.argv[1:] if argv is None else list(argv)))
     check_names(cfg)
     out = Path(cfg.out)
-    files = collect_images(cfg.images, exclude=out)
+    files, skipped = find_images(cfg.images, exclude=out, follow_symlinks=cfg.follow_symlinks)
     blackbox, spec, name, explainer, checkpoints = build(cfg)
     size = cfg.image_size or recorded_input_size(checkpoints, spec)
     if size is None:
@@ -166,27 +279,55 @@ def main(argv: list[str] | None = None) -> dict | None:
                          "(a bare black-box record does not store it): pass --image_size")
     names = (read_class_names(cfg.class_names, blackbox.num_classes) if cfg.class_names
              else recorded_class_names(checkpoints, blackbox.num_classes))
-    hparams = {k: v for k, v in explainer.hparams.items() if k != "max_forward_batch"}
-    header = {"method": name, "ckpt_path": cfg.ckpt_path, "blackbox": spec, "image_size": int(size),
-              "hparams": json.loads(json.dumps(hparams, default=str)), "target": "predicted"}
-
-    done = read_index(out)
-    todo = [f for f in files if f.relative not in done]
-    print(f"[explain] {len(files)} image files, {len(files) - len(todo)} already explained in {out}; {name} on "
-          f"{len(todo)} at {size}x{size}", flush=True)
-    writer = ExplanationWriter(out, todo, name, names)
+    stopper = StopOnSignal()
+    writer = ExplanationWriter(out, [], name, names, skipped)
     trainer = pl.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy,
                          num_nodes=cfg.num_nodes, precision=cfg.precision, logger=False, enable_checkpointing=False,
                          inference_mode=False, enable_model_summary=False, enable_progress_bar=cfg.progress,
-                         default_root_dir=str(out), callbacks=[writer])
+                         default_root_dir=str(out), callbacks=[writer, stopper])
+    header = run_settings(cfg, blackbox, spec, name, explainer, size, str(trainer.precision), names)
+    # one run per folder: the global-zero process holds the lock for the whole run (DDP ranks do not take it)
+    lock = FolderLock(out, "explain run")
     if trainer.is_global_zero:
-        out.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    try:
+        with stop_on_signals(stopper):
+            return _explain(cfg, trainer, writer, header, files, blackbox, explainer, size)
+    except RunStopped as stop:
+        _stop_other_ranks(trainer)
+        print(f"[explain] stopped by signal {stop.args[0]} after a complete batch; {len(read_index(out))} files in "
+              f"{out / 'index.jsonl'}; the same command resumes", file=sys.stderr, flush=True)
+        raise SystemExit(128 + int(stop.args[0])) from None
+    finally:
+        lock.release()
+
+
+def _stop_other_ranks(trainer: pl.Trainer) -> None:
+    """Pass a stop on to the DDP processes this one started (each stops after its own current batch)."""
+    kill = getattr(trainer.strategy.launcher, "kill", None)
+    if trainer.is_global_zero and callable(kill):
+        kill(signal.SIGTERM)
+
+
+def _explain(cfg, trainer: pl.Trainer, writer: ExplanationWriter, header: dict, files: list, blackbox: BlackBox,
+             explainer, size: int) -> dict | None:
+    """Check the run record, explain the files not in the index yet, report; the summary on global zero."""
+    out = Path(cfg.out)
+    if trainer.is_global_zero:
         check_run(out, header)
+    done = read_index(out)
+    todo = [f for f in files if f.relative not in done]
+    print(f"[explain] {len(files)} image files, {len(files) - len(todo)} already explained in {out}; "
+          f"{header['method']} on {len(todo)} at {size}x{size}", flush=True)
+    writer.files = todo
     if todo:
         module = ExplanationModule(blackbox, explainer, [f.seed_index for f in todo])
-        loader = DataLoader(ImageFiles(todo, size, cfg.max_pixels), batch_size=cfg.batch_size, shuffle=False,
-                            num_workers=cfg.num_workers, collate_fn=collate_files)
+        data = ImageFiles(todo, size, cfg.max_pixels, cfg.max_map_side)
+        loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers,
+                            collate_fn=collate_files)
         trainer.predict(module, dataloaders=loader, return_predictions=False)
+    elif trainer.is_global_zero:
+        writer.report(sorted(set(writer.bad)))
     if not trainer.is_global_zero:
         return None
     index = read_index(out)

@@ -1,11 +1,81 @@
 """``saliency-lab report OUT --compare A B``: the paired difference of two methods of an evaluation folder, with a
-95% bootstrap interval over the images both have (:func:`saliency_lab.metrics.report.paired_difference`)."""
+95% bootstrap interval over the images both have (:func:`saliency_lab.metrics.report.paired_difference`).
+
+``--against OTHER`` reads B from another evaluation folder. Rows are paired by dataset index, so the two folders
+must have scored the same images the same way: their run records (``run.json``, else ``results.json``) must agree
+on :data:`COMPARED` (the data, split included; the protocol, except ``max_forward_batch``, which changes no
+score; the black box by content hash). Otherwise the comparison is refused, naming each difference, unless
+``--force true``.
+"""
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from saliency_lab.metrics.report import paired_difference, scan_evaluation
+
+COMPARED = ("data", "protocol", "blackbox_sha256")
+_NOT_COMPARED = ("max_forward_batch",)  # a memory knob: no score depends on it
+
+
+def _boolean(value: str) -> bool:
+    """``true``/``false`` (also yes/no, 1/0), case-insensitive, as the other commands read booleans."""
+    lowered = value.strip().lower()
+    if lowered in ("true", "yes", "1"):
+        return True
+    if lowered in ("false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def run_record(folder: Path) -> dict | None:
+    """The run record of an evaluation folder: its ``run.json``, else its ``results.json``; None when it has
+    neither."""
+    for name in ("run.json", "results.json"):
+        path = folder / name
+        if path.is_file():
+            return json.loads(path.read_text())
+    return None
+
+
+def _without(value, keys: tuple[str, ...]):
+    """``value`` with ``keys`` removed from every nested dict."""
+    if isinstance(value, dict):
+        return {k: _without(v, keys) for k, v in value.items() if k not in keys}
+    return value
+
+
+def _changes(before, now, prefix: str = "") -> list[str]:
+    """The leaves that differ between two JSON records, as 'a.b: mine -> other'."""
+    if isinstance(before, dict) and isinstance(now, dict):
+        return [c for k in sorted(set(before) | set(now), key=str)
+                for c in _changes(before.get(k), now.get(k), f"{prefix}{k}.")]
+    return [] if before == now else [f"{prefix.rstrip('.')}: {before!r} -> {now!r}"]
+
+
+def comparability_problems(mine: Path, other: Path) -> list[str]:
+    """Why rows of ``other`` cannot be paired with rows of ``mine``: a missing run record, or each
+    :data:`COMPARED` leaf that differs ('data.split: 'test' -> 'val''). Empty when they can."""
+    records = {folder: run_record(folder) for folder in (mine, other)}
+    missing = [f"{folder} has no run.json or results.json" for folder, record in records.items() if record is None]
+    if missing:
+        return missing
+    picked = [_without({k: records[f].get(k) for k in COMPARED}, _NOT_COMPARED) for f in (mine, other)]
+    return _changes(*picked)
+
+
+def check_against(mine: Path, other: Path, force: bool) -> None:
+    """Refuse (ValueError naming every difference) to pair ``other``'s rows with ``mine`` unless ``force``."""
+    problems = comparability_problems(mine, other)
+    if not problems:
+        return
+    text = "; ".join(problems)
+    if force:
+        print(f"--against {other}: compared anyway (--force true) although {text}")
+        return
+    raise ValueError(f"--against {other}: its rows cannot be paired with those of {mine} ({text}); a paired "
+                     "difference needs the same images, protocol and black box. Pass --force true to compare anyway")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -14,10 +84,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("out", type=Path, help="an evaluate.py --out folder")
     parser.add_argument("--compare", nargs=2, metavar=("A", "B"), required=True)
     parser.add_argument("--against", type=Path, default=None,
-                        help="read B from this other output folder (e.g. the same method at another setting)")
+                        help="read B from this other output folder (e.g. the same method at another setting); "
+                             "refused when the two folders differ in data, protocol or black box")
+    parser.add_argument("--force", type=_boolean, default=False,
+                        help="true: compare --against a folder whose data, protocol or black box differ")
     parser.add_argument("--resamples", type=int, default=2000)
     args = parser.parse_args(argv)
     a, b = args.compare
+    if args.against is not None:
+        check_against(args.out, args.against, args.force)
     mine = scan_evaluation(args.out)
     rows = list(mine.of(a))
     if args.against is not None:  # B from another folder, renamed so that A and B may be one method

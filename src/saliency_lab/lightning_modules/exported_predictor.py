@@ -15,6 +15,12 @@ Inputs and outputs of the exported file:
   same forward pass that gives the features), as ``evaluate.py`` and ``explain.py`` explain by default;
 - ``masks``   (B, 1, S, S) float32, higher = more important (CT / MGnet: in [0, 1]; BT: >= 0).
 
+Input check, inside the graph (both formats): an image with any value outside [0, 1] or not finite (NaN,
++-inf) gets an all-NaN mask instead of a plausible-looking one (the other images of the batch are
+unaffected). An exported graph cannot raise a readable error in ONNX Runtime, so the NaN mask is the
+signal: check ``isnan(masks).any()`` where inputs may be wrong (0..255 pixels, a normalised tensor). The
+class input is not checked: a class outside [0, K) is an indexing error in the runtime.
+
 Deliberate deviation: post-hoc tuning is not exported (it ranks every pixel and runs the black box
 ``posthoc_points + 1`` more times per image); a checkpoint that records it exports the base predictor.
 
@@ -60,11 +66,19 @@ class PredictorGraph(nn.Module):
         self.eval()
 
     def forward(self, images: Tensor, classes: Tensor | None = None) -> Tensor:
-        """images (B, 3, S, S) in [0, 1] [, classes (B,) int64] -> masks (B, 1, S, S)."""
+        """images (B, 3, S, S) in [0, 1] [, classes (B,) int64] -> masks (B, 1, S, S); an image outside
+        [0, 1] or not finite gets an all-NaN mask (the module docstring's input check)."""
         features, logits = self.blackbox.features_and_logits(images)
         if classes is None:
             classes = logits.argmax(dim=1)
-        return self.net.mask(features, classes, images.shape[-2:])
+        masks = self.net.mask(features, classes, images.shape[-2:])
+        return torch.where(valid_images(images).view(-1, 1, 1, 1), masks, torch.full_like(masks, float("nan")))
+
+
+def valid_images(images: Tensor) -> Tensor:
+    """(B,) bool: True where every value of the image (B, 3, H, W) is finite and in [0, 1]."""
+    inside = torch.isfinite(images) & (images >= 0) & (images <= 1)
+    return inside.flatten(1).all(dim=1)
 
 
 def load_graph(path: str | os.PathLike, blackbox: nn.Module | None = None, class_input: bool = False
@@ -165,7 +179,8 @@ def export(graph: PredictorGraph, description: dict, size: int, fmt: str, out: s
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {FORMATS}, got {fmt!r}")
     description = {**description, "image_size": int(size), "inputs": {
-        "images": f"(B, 3, {size}, {size}) float32 RGB in [0, 1]",
+        "images": f"(B, 3, {size}, {size}) float32 RGB in [0, 1] (an image outside [0, 1] or not finite gets "
+                  "an all-NaN mask)",
         **({"classes": "(B,) int64, the class to explain"} if graph.class_input else {})},
         "outputs": {"masks": f"(B, 1, {size}, {size}) float32, higher = more important"}}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
