@@ -205,6 +205,26 @@ def test_a_method_name_that_is_not_a_file_name_is_refused_first(folder, tiny_pre
     assert not out.exists()
 
 
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_explainers_refuse_a_lightning_precision_they_cannot_honour(folder, tiny_blackbox_path, tmp_path, precision):
+    """RISE's and IASSA's float32 masks meet bf16 scores under a Trainer autocast (a dtype error after the black box
+    was built): refused first, pointing to the black box's own precision option; a predictor runs under it."""
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=rf"--precision={precision} is not supported.*blackbox.init_args.precision"):
+        explain.main(["--images", str(folder), "--out", str(out), "--method=rise", f"--precision={precision}",
+                      f"--blackbox=ckpt:{tiny_blackbox_path}"])
+    assert not out.exists()
+
+
+def test_a_predictor_runs_under_bf16_mixed(folder, tiny_predictor_path, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BadImageWarning)
+        summary = explain.main(["--images", str(folder / "rgb.png"), "--out", str(tmp_path / "out"), "--ckpt_path",
+                                str(tiny_predictor_path), "--image_size=32", "--progress=false",
+                                "--precision=bf16-mixed"])
+    assert summary["explained"] == 1
+
+
 def test_predictor_checkpoint_and_clear_errors(folder, tiny_predictor_path, tiny_blackbox_path, tmp_path):
     out = tmp_path / "out"
     with warnings.catch_warnings():

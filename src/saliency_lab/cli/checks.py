@@ -249,3 +249,19 @@ def validate_args(cfg, rules: Sequence[Rule] = EVALUATE_RULES) -> None:
     found = problems(cfg, rules)
     if found:
         raise ValueError("invalid option value(s), nothing was run:\n  " + "\n  ".join(found))
+
+
+# Trainer precisions the explainers can honour: they run their passes at the black box's own precision
+# (--blackbox.init_args.precision), so a Trainer-level autocast would only mix dtypes inside the methods
+# (RISE's and IASSA's tensordot of float32 masks with bf16 scores).
+HONOURED_TRAINER_PRECISIONS = (None, "32", "32-true", 32)
+
+
+def check_trainer_precision(precision, flag: str) -> None:
+    """Refuse, before any work, a Trainer precision (``flag``: the option that gave it) the explainers and metrics
+    cannot honour, naming the option that does what the user wants."""
+    if precision not in HONOURED_TRAINER_PRECISIONS:
+        raise ValueError(f"{flag}={precision} is not supported for explainers: every method and metric runs its "
+                         "passes at the black box's precision; use --blackbox.init_args.precision=bf16 (or auto, "
+                         "the default: bf16 where the device computes it natively) and leave "
+                         f"{flag} at 32-true")

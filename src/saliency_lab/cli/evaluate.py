@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Subset
 from saliency_lab import explainers
 from saliency_lab.callbacks.figures import agreement_figure, curves_figure, overlay_grid
 from saliency_lab.callbacks.sanity import explainer_factories, label_randomisation
-from saliency_lab.cli.checks import ckpt_spec, listed_specs, validate_args
+from saliency_lab.cli.checks import HONOURED_TRAINER_PRECISIONS, check_trainer_precision, ckpt_spec, listed_specs, validate_args
 from saliency_lab.cli.utils import WandbLogger, plain_build_errors
 from saliency_lab.core.blackbox import BlackBox
 from saliency_lab.cli.args import normalise_args
@@ -153,20 +153,6 @@ def method_records(keys: list[str], specs: list[ExplainerSpec], methods: dict) -
         checkpoint = parsed.checkpoint and {"path": str(parsed.checkpoint), "sha256": file_sha256(parsed.checkpoint)}
         records[key] = {"name": parsed.name, "hparams": _plain(methods[key].hparams), "checkpoint": checkpoint}
     return records
-
-
-# Trainer precisions evaluate.py can honour: the passes run at the black box's own precision
-# (--blackbox.init_args.precision), so a Trainer-level autocast would only mix dtypes inside the methods.
-HONOURED_TRAINER_PRECISIONS = (None, "32", "32-true", 32)
-
-
-def check_trainer_precision(precision) -> None:
-    """Refuse, before any work, a ``--trainer.precision`` the explainers and metrics cannot honour."""
-    if precision not in HONOURED_TRAINER_PRECISIONS:
-        raise ValueError(f"--trainer.precision={precision} is not supported by evaluate: every method and metric "
-                         "runs its passes at the black box's precision; use --blackbox.init_args.precision=bf16 "
-                         "(or auto, the default: bf16 where the device computes it natively) and leave "
-                         "--trainer.precision at 32-true")
 
 
 def pass_settings(blackbox: BlackBox, device: torch.device | str, trainer_precision) -> dict:
@@ -301,7 +287,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser = build_parser()
     cfg = parser.parse_args(normalise_args(sys.argv[1:] if argv is None else list(argv)))
     validate_args(cfg)  # every value (explainer names too), before the output folder, data or black box are touched
-    check_trainer_precision(cfg.trainer.precision)
+    check_trainer_precision(cfg.trainer.precision, "--trainer.precision")
     specs = explainer_specs(cfg)
     keys = explainer_keys(specs)
     if cfg.label_randomisation_blackbox and cfg.randomisation_images < 1:

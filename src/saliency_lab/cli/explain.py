@@ -2,7 +2,7 @@
 
     python explain.py --images DIR_OR_FILES... --out DIR (--method NAME | --ckpt_path PATH) [--blackbox SPEC]
                       [--batch_size N] [--image_size S] [--method_hparams '{n_masks: 2000}']
-                      [--accelerator auto --devices 2 --strategy ddp --precision bf16-mixed]
+                      [--accelerator auto --devices 2 --strategy ddp] [--precision bf16-mixed: --ckpt_path only]
 
 Inputs: folders (recursively) and files of any size and mode; ``datamodules/image_files.py`` documents
 which files are taken (regular files only: a FIFO, socket or device file is skipped and named, never
@@ -61,6 +61,7 @@ from saliency_lab.datamodules.image_files import (DECODE_BYTES_PER_PIXEL, DEFAUL
 from saliency_lab.core.blackbox import BlackBox
 from saliency_lab.core.checkpoints import safe_load
 from saliency_lab.cli.args import normalise_args
+from saliency_lab.cli.checks import check_trainer_precision
 from saliency_lab.core.files import FolderLock, atomic_write_json, file_sha256, safe_name
 from saliency_lab.lightning_modules.explanation import ExplanationModule
 
@@ -103,7 +104,10 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--devices", type=int | str, default=1)
     parser.add_argument("--strategy", type=str, default="auto")
     parser.add_argument("--num_nodes", type=int, default=1)
-    parser.add_argument("--precision", type=str | None, default=None, help="e.g. bf16-mixed (default: 32)")
+    parser.add_argument("--precision", type=str | None, default=None,
+                        help="Lightning precision of a trained predictor's pass (--ckpt_path), e.g. bf16-mixed "
+                             "(default: 32); explainers (--method) run at the black box's precision "
+                             "(--blackbox.init_args.precision) and refuse any other")
     parser.add_argument("--progress", type=bool, default=True, help="Lightning's progress bar")
     return parser
 
@@ -130,6 +134,7 @@ def check_names(cfg) -> None:
     written."""
     if cfg.method is not None:
         safe_name(cfg.method, "--method")
+        check_trainer_precision(cfg.precision, "--precision")  # a trained predictor (--ckpt_path) runs under any
     wanted = _split_ckpt(cfg.ckpt_path)[0] if cfg.ckpt_path is not None else None
     if wanted is not None:
         safe_name(wanted, "--ckpt_path NAME")
