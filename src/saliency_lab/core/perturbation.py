@@ -10,6 +10,8 @@ A *substrate* A is the image that replaces the pixels a mask removes:
 - ``"zero"``   black,
 - ``"blur"``   a gaussian blur of the image itself (torchvision, reflect padding),
 - ``"random"`` a random constant colour per image plus gaussian noise, clamped to [0, 1],
+- ``"noise"``  one fixed image of uniform [0, 1] noise (seed 0), the same for every image of a size: a held-out
+               perturbation family of the metrics (docs/heldout.md), never a training substrate,
 - a tensor     (3, H, W) or (B, 3, H, W) in [0, 1], used as given.
 """
 
@@ -25,7 +27,8 @@ from torchvision.transforms.v2 import functional as TF
 from saliency_lab.core.blackbox import IMAGENET_MEAN
 from saliency_lab.core.seeding import seeded_generator
 
-SUBSTRATES: tuple[str, ...] = ("mean", "zero", "blur", "random")
+SUBSTRATES: tuple[str, ...] = ("mean", "zero", "blur", "random", "noise")
+NOISE_SUBSTRATE_SEED = 0
 # docs/methods.md §1: std of the noise on the random-colour substrate, in [0, 1] pixel units.
 NOISE_STD = 0.055
 
@@ -149,6 +152,13 @@ def random_colour_noise(images: Tensor, seeds: Tensor, noise_std: float = NOISE_
     return torch.cat(draws)
 
 
+def fixed_noise(images: Tensor, seed: int = NOISE_SUBSTRATE_SEED) -> Tensor:
+    """(B, C, H, W): one (C, H, W) image of uniform [0, 1] noise drawn from ``seed`` on the CPU, repeated for every
+    image: deterministic, and independent of the batch, the device and what ran before."""
+    noise = torch.rand(tuple(images.shape[1:]), generator=torch.Generator().manual_seed(seed))
+    return noise.to(images.device, images.dtype).expand_as(images).clone()
+
+
 def _constant_colour(colour: Sequence[float] | Tensor, images: Tensor) -> Tensor:
     """(B, C, H, W) image filled with a per-channel colour given in [0, 1]."""
     colour = torch.as_tensor(colour, dtype=images.dtype, device=images.device).reshape(-1)
@@ -218,6 +228,8 @@ def make_substrate(
         if blur_kernel is None or blur_sigma is None:
             raise ValueError('substrate "blur" needs blur_kernel and blur_sigma')
         return gaussian_blur(images, blur_kernel, blur_sigma)
+    if spec == "noise":
+        return fixed_noise(images)
     if spec == "random":
         if seeds is not None:
             return random_colour_noise(images, seeds, noise_std)

@@ -70,7 +70,7 @@ from saliency_lab.core.seeding import derive_seeds, per_image_uniforms
 from saliency_lab.explainers.mask_predictor import EXPLAINER_FORMAT, MaskPredictorExplainer, predictor_class, recipe_class
 from saliency_lab.lightning_modules.feature_filter import STREAM_SUBSTRATE, FrozenBlackBoxModule
 from saliency_lab.lightning_modules.teacher import load_teacher_maps, rank_targets
-from saliency_lab.metrics import TARGET_RULES, CausalProtocol
+from saliency_lab.metrics import HELDOUT_PRESETS, TARGET_RULES, CausalProtocol
 from saliency_lab.networks.controllers import skewness
 from saliency_lab.networks.feature_filter import load_filter
 from saliency_lab.networks.mask_generator import MaskPredictorNet, generator_widths, upsample
@@ -284,6 +284,10 @@ class MaskPredictor(FrozenBlackBoxModule):
                 raise ValueError(f"{name} must be a non-empty list of {GAME_SUBSTRATES}, got {list(choices)}")
         if game_ranking not in ("logit", "mask"):
             raise ValueError(f"game_ranking must be 'logit' or 'mask', got {game_ranking!r}")
+        heldout = sorted(set(game_protocols) & set(HELDOUT_PRESETS))
+        if heldout:
+            raise ValueError(f"game_protocols {heldout}: held-out perturbation families (docs/heldout.md) are only "
+                             "scored, never trained or tuned on")
         unknown = sorted(set(game_protocols) - set(GAME_PROTOCOLS))
         if unknown:
             raise ValueError(f"game_protocols must be presets of {GAME_PROTOCOLS}, got {list(game_protocols)}")

@@ -12,6 +12,7 @@ from saliency_lab.metrics.accumulators import (
     ValueMean,
 )
 from saliency_lab.metrics.causal import (
+    HELDOUT_PRESETS,
     PROTOCOL_PRESETS,
     TARGET_RULES,
     CausalProtocol,
@@ -37,6 +38,7 @@ from saliency_lab.metrics.localisation import (
 )
 
 __all__ = [
+    "HELDOUT_PRESETS",
     "LOCALISATION_NAMES",
     "METRIC_NAMES",
     "PROTOCOL_PRESETS",

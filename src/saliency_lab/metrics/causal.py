@@ -10,6 +10,7 @@ model's softmax probability of c, U the number of ranking units, n the number of
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, Union
 
@@ -25,7 +26,7 @@ Model = Callable[[Tensor], Tensor]
 # Whether the curve loop runs its passes in a BlackBox.fast() block (bf16 for precision="auto" black boxes on bf16
 # hardware): per-image AUCs within 1e-3 of float32 (benchmarks/fast_blackbox.py, tests/test_fast_blackbox.py)
 FAST_PASSES = True
-_CURVE_SUBSTRATES = ("mean", "zero", "blur")
+_CURVE_SUBSTRATES = ("mean", "zero", "blur", "noise")
 _UPSAMPLE_MODES = ("nearest", "bilinear")
 # The rules that choose the explained class (the one list the whole project validates against).
 TARGET_RULES = ("predicted", "label")
@@ -125,6 +126,30 @@ class CausalProtocol:
                       blur_kernel=kernel, blur_sigma=sigma, upsample="bilinear")
         return cls(**{**fields, **overrides})
 
+    # The held-out perturbation families (docs/heldout.md): scored, never trained or tuned on.
+    @classmethod
+    def noise(cls, image_size: int, **overrides: Any) -> CausalProtocol:
+        """Held out: :meth:`rise`'s pixels and steps with a fixed uniform-noise image (``core.perturbation.fixed_noise``)
+        as the deletion and the insertion substrate."""
+        return cls.rise(image_size, **{"deletion_substrate": "noise", "insertion_substrate": "noise", **overrides})
+
+    @classmethod
+    def blur_wide(cls, image_size: int, **overrides: Any) -> CausalProtocol:
+        """Held out: :meth:`rise`'s pixels and steps, both substrates a blur of sigma 12 px at 224 scaled to the image
+        (3.43 at 64), kernel the odd size 2 ceil(2 sigma) + 1 (49 at 224, 15 at 64): wider than :meth:`rise`'s,
+        narrower than :meth:`igos`'s."""
+        sigma = 12.0 * image_size / 224
+        kernel = 2 * math.ceil(2 * sigma) + 1
+        fields = {"deletion_substrate": "blur", "insertion_substrate": "blur", "blur_kernel": kernel,
+                  "blur_sigma": sigma}
+        return cls.rise(image_size, **{**fields, **overrides})
+
+    @classmethod
+    def grid16(cls, image_size: int, **overrides: Any) -> CausalProtocol:
+        """Held out: :meth:`igos`'s blur, steps and bilinear cells on a finer grid, 16 x 16 at 64 px (4-pixel
+        cells; 56 x 56 at 224): r = max(2, round(16 * image_size / 64))."""
+        return cls.igos(image_size, **{"units": max(2, round(16 * image_size / 64)), **overrides})
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable record of every knob; a tensor substrate is recorded as "tensor"."""
         record = dataclasses.asdict(self)
@@ -135,7 +160,11 @@ class CausalProtocol:
         return record
 
 
-PROTOCOL_PRESETS: dict[str, Callable[..., CausalProtocol]] = {"rise": CausalProtocol.rise, "igos": CausalProtocol.igos}
+PROTOCOL_PRESETS: dict[str, Callable[..., CausalProtocol]] = {
+    "rise": CausalProtocol.rise, "igos": CausalProtocol.igos,
+    "noise": CausalProtocol.noise, "blur_wide": CausalProtocol.blur_wide, "grid16": CausalProtocol.grid16}
+# The presets of the held-out families; the fourth held-out family, ROAD, is a metric of its own (metrics.road).
+HELDOUT_PRESETS = ("noise", "blur_wide", "grid16")
 ProtocolSpec = Union[CausalProtocol, str, Mapping[str, Any]]
 
 
