@@ -1,6 +1,10 @@
 """``saliency-lab report OUT --compare A B``: the paired difference of two methods of an evaluation folder, with a
 95% bootstrap interval over the images both have (:func:`saliency_lab.metrics.report.paired_difference`).
 
+``saliency-lab report OUT --strata``: every metric of every method by the black box's confidence quartile and
+by correct vs misclassified images (:mod:`saliency_lab.metrics.strata`), printed and written to ``OUT/strata.md``
+and ``OUT/strata.json``.
+
 ``--against OTHER`` reads B from another evaluation folder. Rows are paired by dataset index, so the two folders
 must have scored the same images the same way: their run records (``run.json``, else ``results.json``) must agree
 on :data:`COMPARED` (the data, split included; the protocol, except ``max_forward_batch``, which changes no
@@ -13,7 +17,9 @@ import argparse
 import json
 from pathlib import Path
 
+from saliency_lab.core.files import atomic_write, atomic_write_json
 from saliency_lab.metrics.report import paired_difference, scan_evaluation
+from saliency_lab.metrics.strata import strata_markdown, stratified_means
 
 COMPARED = ("data", "protocol", "blackbox_sha256")
 _NOT_COMPARED = ("max_forward_batch",)  # a memory knob: no score depends on it
@@ -78,11 +84,28 @@ def check_against(mine: Path, other: Path, force: bool) -> None:
                      "difference needs the same images, protocol and black box. Pass --force true to compare anyway")
 
 
+def write_strata(out: Path) -> dict:
+    """The stratified means of every method of ``out`` (its reported rows, curves included: the clean image's
+    probability is the first point of a deletion curve), printed and written as strata.md and strata.json."""
+    rowset = scan_evaluation(out)
+    methods = rowset.methods()
+    rows = [row for method in methods for row in rowset.of(method, curves=True)]
+    result = stratified_means(rows, methods)
+    text = strata_markdown(result)
+    atomic_write(out / "strata.md", text)
+    atomic_write_json(out / "strata.json", result)
+    print(text)
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description="Paired comparison of two methods of an evaluate.py output "
                                                  "folder: " + paired_difference.__doc__)
     parser.add_argument("out", type=Path, help="an evaluate.py --out folder")
-    parser.add_argument("--compare", nargs=2, metavar=("A", "B"), required=True)
+    parser.add_argument("--compare", nargs=2, metavar=("A", "B"), default=None)
+    parser.add_argument("--strata", action="store_true",
+                        help="every metric by confidence quartile and by correct vs misclassified images, written "
+                             "to OUT/strata.md and OUT/strata.json")
     parser.add_argument("--against", type=Path, default=None,
                         help="read B from this other output folder (e.g. the same method at another setting); "
                              "refused when the two folders differ in data, protocol or black box")
@@ -90,6 +113,10 @@ def main(argv: list[str] | None = None) -> dict:
                         help="true: compare --against a folder whose data, protocol or black box differ")
     parser.add_argument("--resamples", type=int, default=2000)
     args = parser.parse_args(argv)
+    if (args.compare is None) == (not args.strata):
+        parser.error("give exactly one of --compare A B and --strata")
+    if args.strata:
+        return write_strata(args.out)
     a, b = args.compare
     if args.against is not None:
         check_against(args.out, args.against, args.force)
