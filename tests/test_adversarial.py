@@ -1,0 +1,58 @@
+"""core/adversarial.py: MI-FGSM reaches its goal within its L_inf budget, deterministically."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from saliency_lab.core.adversarial import mi_fgsm
+from saliency_lab.core.blackbox import BlackBox
+from saliency_lab.datamodules import embedded_batch
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    blackbox = BlackBox("embedded", precision="32")
+    images = embedded_batch(8)["image"]
+    with torch.no_grad():
+        predicted = blackbox(images).argmax(1)
+    return blackbox, images, predicted
+
+
+def test_untargeted_attack_flips_the_prediction_within_the_budget(embedded):
+    blackbox, images, predicted = embedded
+    eps = 8 / 255
+    adversarial = mi_fgsm(blackbox, images, predicted, eps=eps, steps=10)
+    assert (adversarial - images).abs().max() <= eps + 1e-6
+    assert adversarial.min() >= 0 and adversarial.max() <= 1
+    with torch.no_grad():
+        flipped = (blackbox(adversarial).argmax(1) != predicted).float().mean()
+    assert flipped >= 0.75, flipped
+    assert torch.equal(adversarial, mi_fgsm(blackbox, images, predicted, eps=eps, steps=10))  # deterministic
+
+
+def test_targeted_attack_reaches_its_target(embedded):
+    blackbox, images, predicted = embedded
+    target = (predicted + 1) % blackbox.num_classes
+    adversarial = mi_fgsm(blackbox, images, target, eps=16 / 255, steps=20, targeted=True)
+    with torch.no_grad():
+        reached = (blackbox(adversarial).argmax(1) == target).float().mean()
+    assert reached >= 0.75, reached
+
+
+def test_bad_settings_are_refused(embedded):
+    blackbox, images, predicted = embedded
+    with pytest.raises(ValueError, match="eps > 0"):
+        mi_fgsm(blackbox, images, predicted, eps=0.0)
+
+
+@pytest.mark.slow
+def test_the_adversarial_experiment_writes_its_table(tmp_path):
+    from experiments import adversarial
+
+    result = adversarial.main(["--num_images", "6", "--methods", "gradient,rise", "--method_hparams",
+                               '{"rise": {"n_masks": 16}}', "--out", str(tmp_path)])
+    assert result["attacked"] >= 2 and set(result["methods"]) == {"gradient", "rise"}
+    assert all(0.0 <= r["auroc_insertion"] <= 1.0 for r in result["methods"].values())
+    assert "| gradient |" in (tmp_path / "adversarial.md").read_text()
+    assert adversarial.auroc(torch.tensor([0.9, 0.8]), torch.tensor([0.1, 0.2]), higher_is_natural=True) == 1.0
+    assert adversarial.auroc(torch.tensor([0.1, 0.2]), torch.tensor([0.9, 0.8]), higher_is_natural=False) == 1.0
