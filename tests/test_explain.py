@@ -398,8 +398,9 @@ def test_run_record_refuses_other_settings_and_resumes_with_the_same(tiny_blackb
     assert record["blackbox_sha256"] == BlackBox(f"ckpt:{tiny_blackbox_path}").content_hash()
     assert record["precision"] == "32-true" and record["target"] == "predicted" and record["image_size"] == SIZE
     assert record["map_size"]["max_map_side"] == 4096 and record["class_names_sha256"]
-    with pytest.raises(ValueError, match=r"other settings \(precision: '32-true' -> 'bf16-mixed'\)"):
-        _run(images, out, tiny_blackbox_path, "--method=gradient", f"--class_names={names}", "--precision=bf16-mixed")
+    with pytest.raises(ValueError, match=r"other settings \(blackbox_options.precision: 'auto' -> 'bf16'\)"):
+        _run(images, out, tiny_blackbox_path, "--method=gradient", f"--class_names={names}",
+             "--blackbox.init_args.precision=bf16")
     names.write_text("\n".join(f"kind {k}" for k in range(10)))
     with pytest.raises(ValueError, match=r"other settings \(class_names_sha256: "):
         _run(images, out, tiny_blackbox_path, "--method=gradient", f"--class_names={names}")
@@ -417,6 +418,9 @@ def test_run_record_refuses_other_settings_and_resumes_with_the_same(tiny_blackb
     resumed = explain.main(["--images", str(images), "--out", str(predicted), "--ckpt_path", str(copy),
                             f"--image_size={SIZE}", "--progress=false"])
     assert resumed["explained"] == 2
+    with pytest.raises(ValueError, match=r"other settings \(precision: '32-true' -> 'bf16-mixed'\)"):
+        explain.main(["--images", str(images), "--out", str(predicted), "--ckpt_path", str(copy),
+                      f"--image_size={SIZE}", "--progress=false", "--precision=bf16-mixed"])
     checkpoint = torch.load(copy, weights_only=False)
     first = next(k for k, v in checkpoint["state_dict"].items() if v.is_floating_point())
     checkpoint["state_dict"][first] = checkpoint["state_dict"][first] + 1

@@ -265,3 +265,12 @@ def check_trainer_precision(precision, flag: str) -> None:
                          "passes at the black box's precision; use --blackbox.init_args.precision=bf16 (or auto, "
                          "the default: bf16 where the device computes it natively) and leave "
                          f"{flag} at 32-true")
+
+
+def changed_leaves(before, now, prefix: str = "") -> list[str]:
+    """The leaves that differ between two JSON records, as 'a.b: old -> new' (how reruns and comparisons name
+    what changed between two run records)."""
+    if isinstance(before, dict) and isinstance(now, dict):
+        return [c for k in sorted(set(before) | set(now), key=str)
+                for c in changed_leaves(before.get(k), now.get(k), f"{prefix}{k}.")]
+    return [] if before == now else [f"{prefix.rstrip('.')}: {before!r} -> {now!r}"]

@@ -35,7 +35,8 @@ from torch.utils.data import DataLoader, Subset
 from saliency_lab import explainers
 from saliency_lab.callbacks.figures import agreement_figure, curves_figure, overlay_grid
 from saliency_lab.callbacks.sanity import explainer_factories, label_randomisation
-from saliency_lab.cli.checks import HONOURED_TRAINER_PRECISIONS, check_trainer_precision, ckpt_spec, listed_specs, validate_args
+from saliency_lab.cli.checks import (HONOURED_TRAINER_PRECISIONS, changed_leaves, check_trainer_precision, ckpt_spec,
+                                     listed_specs, validate_args)
 from saliency_lab.cli.utils import WandbLogger, plain_build_errors
 from saliency_lab.core.blackbox import BlackBox
 from saliency_lab.cli.args import normalise_args
@@ -83,7 +84,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--num_workers", type=int, default=0)
     parser.add_class_arguments(EvaluationSettings, "settings",
-                               help="metric knobs; settings.protocol: preset 'rise' or 'igos', or CausalProtocol fields")
+                               help="metric knobs; settings.protocol: a preset ('rise', 'igos', or the held-out 'noise', "
+                                    "'blur_wide', 'grid16'), or CausalProtocol fields")
     parser.add_argument("--target", type=str, default="predicted", help=f"explained class: one of {TARGET_RULES}")
     parser.add_argument("--max_forward_batch", type=int, default=256, help="memory knob of metrics and methods")
     parser.add_argument("--seed", type=int, default=0, help="seed of every stochastic method")
@@ -243,13 +245,6 @@ def reusable_maps(source: Path, header: dict) -> dict[str, tuple[Path, dict[int,
     return reuse
 
 
-def _changes(before, now, prefix: str = "") -> list[str]:
-    """The leaves that differ between two JSON records, as 'a.b: old -> new'."""
-    if isinstance(before, dict) and isinstance(now, dict):
-        return [c for k in sorted(set(before) | set(now), key=str)
-                for c in _changes(before.get(k), now.get(k), f"{prefix}{k}.")]
-    return [] if before == now else [f"{prefix.rstrip('.')}: {before!r} -> {now!r}"]
-
 
 def note_rerun(out: Path, header: dict, num_images: int) -> None:
     """Write run.json; on a rerun, say which methods' rows are computed again and why, and delete the saved
@@ -272,7 +267,7 @@ def note_rerun(out: Path, header: dict, num_images: int) -> None:
             redo = {i for i in stored.indices(name).tolist() if i < limit} - set(current.indices(name).tolist())
             if not redo:
                 continue  # a new method, or its rows are there
-            why = _changes({**common, "method": before.get("methods", {}).get(name)},
+            why = changed_leaves({**common, "method": before.get("methods", {}).get(name)},
                            {**{k: header[k] for k in common}, "method": header["methods"][name]})
             print(f"{out}: the rows of {name!r} on {len(redo)} images are computed again (they were made with "
                   f"other settings{': ' + '; '.join(why) if why else ''})")

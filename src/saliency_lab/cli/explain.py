@@ -61,7 +61,7 @@ from saliency_lab.datamodules.image_files import (DECODE_BYTES_PER_PIXEL, DEFAUL
 from saliency_lab.core.blackbox import BlackBox
 from saliency_lab.core.checkpoints import safe_load
 from saliency_lab.cli.args import normalise_args
-from saliency_lab.cli.checks import check_trainer_precision
+from saliency_lab.cli.checks import changed_leaves, check_trainer_precision
 from saliency_lab.core.files import FolderLock, atomic_write_json, file_sha256, safe_name
 from saliency_lab.lightning_modules.explanation import ExplanationModule
 
@@ -204,13 +204,6 @@ def run_settings(cfg, blackbox: BlackBox, spec: str, name: str, explainer, size:
         "ckpt_path": cfg.ckpt_path, "blackbox": spec}, default=str))
 
 
-def _changes(before, now, prefix: str = "") -> list[str]:
-    """The leaves that differ between two JSON records, as 'a.b: old -> new'."""
-    if isinstance(before, dict) and isinstance(now, dict):
-        return [c for k in sorted(set(before) | set(now), key=str)
-                for c in _changes(before.get(k), now.get(k), f"{prefix}{k}.")]
-    return [] if before == now else [f"{prefix.rstrip('.')}: {before!r} -> {now!r}"]
-
 
 def check_run(out: Path, header: dict) -> None:
     """A rerun into ``out`` must explain with the same settings (all but :data:`_INFORMATIONAL`), or its maps
@@ -220,7 +213,7 @@ def check_run(out: Path, header: dict) -> None:
     if path.is_file():
         before = json.loads(path.read_text())
         compared = [k for k in sorted(set(before) | set(header)) if k not in _INFORMATIONAL]
-        changed = _changes({k: before.get(k) for k in compared}, {k: header.get(k) for k in compared})
+        changed = changed_leaves({k: before.get(k) for k in compared}, {k: header.get(k) for k in compared})
         if changed:
             raise ValueError(f"{out} holds maps made with other settings ({'; '.join(changed)}); use another "
                              "--out, rerun with the old settings, or delete the folder")

@@ -17,6 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
+from saliency_lab.cli.checks import changed_leaves
 from saliency_lab.core.files import atomic_write, atomic_write_json
 from saliency_lab.metrics.report import paired_difference, scan_evaluation
 from saliency_lab.metrics.strata import strata_markdown, stratified_means
@@ -52,13 +53,6 @@ def _without(value, keys: tuple[str, ...]):
     return value
 
 
-def _changes(before, now, prefix: str = "") -> list[str]:
-    """The leaves that differ between two JSON records, as 'a.b: mine -> other'."""
-    if isinstance(before, dict) and isinstance(now, dict):
-        return [c for k in sorted(set(before) | set(now), key=str)
-                for c in _changes(before.get(k), now.get(k), f"{prefix}{k}.")]
-    return [] if before == now else [f"{prefix.rstrip('.')}: {before!r} -> {now!r}"]
-
 
 def comparability_problems(mine: Path, other: Path) -> list[str]:
     """Why rows of ``other`` cannot be paired with rows of ``mine``: a missing run record, or each
@@ -68,7 +62,7 @@ def comparability_problems(mine: Path, other: Path) -> list[str]:
     if missing:
         return missing
     picked = [_without({k: records[f].get(k) for k in COMPARED}, _NOT_COMPARED) for f in (mine, other)]
-    return _changes(*picked)
+    return changed_leaves(*picked)
 
 
 def check_against(mine: Path, other: Path, force: bool) -> None:
