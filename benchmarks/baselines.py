@@ -2,7 +2,7 @@
 Inversion and LIME. Black-box passes and seconds per image.
 
     python -m benchmarks.baselines [--methods mpert,xpert,finv,lime] [--batch 8] [--single 1] [--threads 2]
-                                   [--max_forward_batch 256]
+                                   [--max_forward_batch 256] [--device auto] [--clock wall|cpu]
 
 On the embedded black box and embedded test images (64 x 64, explained class = the prediction), per method at
 its docs/methods.md defaults:
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
@@ -28,6 +27,7 @@ import torch
 from saliency_lab import explainers
 from saliency_lab.datamodules import embedded_batch
 from saliency_lab.core.blackbox import BlackBox
+from saliency_lab.core.timing import Stopwatch, add_timing_arguments, stopwatch_from_args
 
 # Cheap settings of each method for the warm-up (oneDNN builds its kernels per shape on first use).
 WARM_UP = {"mpert": {"iterations": 2}, "xpert": {"iterations": 2}, "finv": {"inversion_iterations": 1,
@@ -51,10 +51,12 @@ def exact_counts(explainer, images: int) -> tuple[int, int]:
     return per_image[0] * images, per_image[1] * images
 
 
-def timed(explainer, images, targets, indices) -> tuple[float, float, torch.Tensor]:
-    start, cpu = time.perf_counter(), time.process_time()
-    saliency = explainer(images, targets, indices)
-    return time.perf_counter() - start, time.process_time() - cpu, saliency
+def timed(stopwatch: Stopwatch, explainer, images, targets, indices) -> tuple[float, float, torch.Tensor]:
+    """(seconds of ``stopwatch``'s clock (wall by default), CPU seconds of this process, saliency), synchronised
+    on the stopwatch's device."""
+    cpu = Stopwatch(stopwatch.device, "cpu")
+    (saliency, cpu_seconds), seconds = stopwatch.time(lambda: cpu.time(lambda: explainer(images, targets, indices)))
+    return seconds, cpu_seconds, saliency
 
 
 def bench(name: str, model, data: dict, targets: torch.Tensor, args) -> dict:
@@ -62,7 +64,7 @@ def bench(name: str, model, data: dict, targets: torch.Tensor, args) -> dict:
     images, indices = data["image"], data["index"]
     explainers.build(name, model, max_forward_batch=args.max_forward_batch, **WARM_UP[name])(
         images, targets, indices)
-    wall, cpu, together = timed(explainer, images, targets, indices)
+    wall, cpu, together = timed(args.stopwatch, explainer, images, targets, indices)
     cost, batch = explainer.cost, len(images)
     exact = exact_counts(explainer, batch)
     print(f"{name}: B={batch}: {wall / batch:.2f} s/image ({cpu / batch:.2f} s CPU), forwards {cost.forwards / batch:.0f}"
@@ -70,7 +72,7 @@ def bench(name: str, model, data: dict, targets: torch.Tensor, args) -> dict:
           f"{exact[1] // batch}: match {(cost.forwards, cost.backwards) == exact}", flush=True)
     single_wall, diffs = [], []
     for b in range(args.single):
-        seconds, _, alone = timed(explainer, images[b:b + 1], targets[b:b + 1], indices[b:b + 1])
+        seconds, _, alone = timed(args.stopwatch, explainer, images[b:b + 1], targets[b:b + 1], indices[b:b + 1])
         single_wall.append(seconds)
         diffs.append((alone[0] - together[b]).abs().max().item())
     if single_wall:
@@ -87,13 +89,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--single", type=int, default=1, help="images explained alone (the first of the batch)")
     parser.add_argument("--max_forward_batch", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=2)
+    add_timing_arguments(parser, threads=2, clock="wall")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    model = BlackBox("embedded")
+    args.stopwatch = stopwatch_from_args(args)
+    model = BlackBox("embedded").to(args.stopwatch.device)
     data = embedded_batch(args.batch)
+    data["image"] = data["image"].to(args.stopwatch.device)
     with torch.no_grad():
         targets = model.logits(data["image"]).argmax(1)
+    print(args.stopwatch.header())
     print(f"embedded black box, {args.batch} test images {tuple(data['image'].shape[-2:])}, {args.threads} threads, "
           f"max_forward_batch {args.max_forward_batch}", flush=True)
     results = {name.strip(): bench(name.strip(), model, data, targets, args) for name in args.methods.split(",")}

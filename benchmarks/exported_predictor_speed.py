@@ -1,32 +1,33 @@
 """Images per second of the exported predictor: eager PyTorch vs TorchScript vs onnxruntime, on the CPU.
 
     python -m benchmarks.exported_predictor_speed [--ckpt_path outputs/demo/predictor_ct/checkpoints/last.ckpt] [--batches 1 32]
-                                [--repeats 15] [--threads 2]
+                                [--repeats 15] [--threads 2] [--clock wall|cpu]
 
 The predictor (black-box features + filter + generator + controller + upsampling, the class predicted by
 the black box: ``saliency_lab.lightning_modules.exported_predictor.PredictorGraph``) is exported to both formats in a
 temporary folder and the three runtimes are timed side by side in this one process: per batch size, each
 repeat times one call of each runtime in turn (after warm-up calls), so machine noise hits all three
 alike; the table reports medians. The same number of intra-op threads for torch and onnxruntime. The
-1-minute load average is printed with the figures: on a shared machine torch's intra-op threads lose most
+load average is printed with the figures: on a shared machine torch's intra-op threads lose most
 when other processes hold the cores (README, "Your own images..."). Embedded test images (64 x 64).
 Without a trained checkpoint, a predictor with random weights on the embedded black box (speed does not
-depend on the weights). Each runtime's output is checked against eager first.
+depend on the weights). Each runtime's output is checked against eager first. The runtimes run on the CPU
+whatever ``--device`` says (onnxruntime's CPU session is the point of the comparison).
 """
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
 import torch
 
 
+from saliency_lab.core.machine import load_average
+from saliency_lab.core.timing import Stopwatch, add_timing_arguments, stopwatch_from_args
 from saliency_lab.datamodules import embedded_batch
 from saliency_lab.lightning_modules.exported_predictor import (export, load_graph, load_torchscript,
                                                   onnx_session)
@@ -37,11 +38,12 @@ IMAGE_SIZE = 64
 
 def random_predictor(folder: Path) -> Path:
     """A CT predictor checkpoint with random weights on the embedded black box."""
+    from saliency_lab.core.blackbox import BlackBox
     from saliency_lab.lightning_modules.mask_predictor import MaskPredictor
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # untrained filter
-        model = MaskPredictor(blackbox="embedded", filter_checkpoint=None, mode="ct")
+        model = MaskPredictor(blackbox=BlackBox("embedded"), filter_checkpoint=None, mode="ct")
     checkpoint = {"state_dict": model.state_dict()}
     model.on_save_checkpoint(checkpoint)
     path = folder / "random_predictor.ckpt"
@@ -71,17 +73,18 @@ def runtimes(ckpt: Path, folder: Path, threads: int) -> dict:
     return {"eager": eager, "torchscript": torchscript, "onnxruntime": onnxruntime}
 
 
-def side_by_side(functions: dict, images: torch.Tensor, repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each function, timed in turn within every repeat."""
+def side_by_side(functions: dict, images: torch.Tensor, repeats: int, warmup: int = 2,
+                 stopwatch: Stopwatch | None = None) -> dict[str, float]:
+    """Median seconds per call of each function, timed in turn within every repeat (by ``stopwatch``: by default
+    the wall clock on the CPU)."""
+    stopwatch = stopwatch or Stopwatch()
     for fn in functions.values():
         for _ in range(warmup):
             fn(images)
     times: dict[str, list[float]] = {name: [] for name in functions}
     for _ in range(repeats):
         for name, fn in functions.items():
-            start = time.perf_counter()
-            fn(images)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(stopwatch.time(lambda: fn(images))[1])
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -90,11 +93,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--ckpt_path", type=Path, default=DEFAULT_CKPT, help="a trained predictor checkpoint")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=2, help="intra-op threads of torch and onnxruntime")
+    add_timing_arguments(parser, threads=2, clock="wall")  # --threads: intra-op threads of torch and onnxruntime
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    load_before = os.getloadavg()[0]
-    images = embedded_batch(max(args.batches), IMAGE_SIZE)["image"]
+    stopwatch = stopwatch_from_args(args)
+    if stopwatch.device.type != "cpu":  # the runtimes compared here are CPU ones
+        print(f"--device {args.device}: this benchmark runs on the CPU; timing on the CPU")
+        stopwatch = Stopwatch(torch.device("cpu"), args.clock)
+    print(stopwatch.header(), flush=True)
+    load_before = load_average()
+    images = embedded_batch(max(args.batches), image_size=IMAGE_SIZE)["image"]
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = args.ckpt_path if args.ckpt_path.is_file() else random_predictor(Path(tmp))
         functions = runtimes(ckpt, Path(tmp), args.threads)
@@ -105,12 +112,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 raise RuntimeError(f"{name} differs from eager PyTorch by {difference:.2e}")
         rows = []
         for batch in args.batches:
-            seconds = side_by_side(functions, images[:batch], args.repeats)
+            seconds = side_by_side(functions, images[:batch], args.repeats, stopwatch=stopwatch)
             rows.append({"batch": batch, **{name: batch / s for name, s in seconds.items()}})
     print(f"predictor: {ckpt if args.ckpt_path.is_file() else 'random weights (no trained checkpoint)'}; "
           f"{IMAGE_SIZE}x{IMAGE_SIZE} embedded test images; CPU, {args.threads} threads; median of "
-          f"{args.repeats} side-by-side repeats; torch {torch.__version__}; 1-min load average {load_before:.1f} "
-          f"before, {os.getloadavg()[0]:.1f} after on {os.cpu_count()} cores (other processes share the CPU)")
+          f"{args.repeats} side-by-side repeats ({args.clock} clock); torch {torch.__version__}; {load_before} "
+          f"before, {load_average()} after (other processes share the CPU)")
     print(f"{'batch':>5} | {'eager img/s':>12} | {'TorchScript img/s':>17} | {'onnxruntime img/s':>17} | "
           f"{'TS / eager':>10} | {'ORT / eager':>11}")
     for row in rows:

@@ -2,7 +2,7 @@
 
     python -m benchmarks.fast_blackbox [--rounds 7] [--images 256] [--map-images 4]
         [--methods rise,iassa,igos_pp,gradient,integrated_gradients,smoothgrad] [--compile default]
-        [--skip-maps] [--skip-metrics] [--threads 2] [--clock wall|cpu]
+        [--skip-maps] [--skip-metrics] [--threads 2] [--clock wall|cpu] [--device auto]
 
 On the committed embedded black box (assets/embedded_blackbox.pt) and embedded test scenes (64 x 64):
 
@@ -27,9 +27,7 @@ The machine may be shared: the load average is printed with the figures; only ra
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import time
 
 import torch
 
@@ -37,6 +35,8 @@ import torch
 from saliency_lab import explainers
 from saliency_lab.datamodules import embedded_batch
 from saliency_lab.core.blackbox import BlackBox, probability_gap
+from saliency_lab.core.machine import load_average
+from saliency_lab.core.timing import CLOCKS, Stopwatch, add_timing_arguments, stopwatch_from_args, synchronize
 from saliency_lab.explainers.faithfulness import PROBABILITY_TOLERANCE, map_spearman
 
 OPTIONS = {  # name -> BlackBox keyword arguments, every one explicit: the defaults are now channels-last and
@@ -49,15 +49,19 @@ OPTIONS = {  # name -> BlackBox keyword arguments, every one explicit: the defau
 FAST = "bf16+channels_last"
 
 
-def load() -> str:
-    return "load average %.2f %.2f %.2f" % os.getloadavg()
+def make(device: torch.device | str = "cpu", **options) -> BlackBox:
+    return BlackBox("embedded", **options).to(device)
 
 
-def make(**options) -> BlackBox:
-    return BlackBox("embedded", **options)
+def synchronised_clock(stopwatch: Stopwatch):
+    """The stopwatch's clock, read after the device finished its queued work (for ``map_spearman``)."""
+    def clock() -> float:
+        synchronize(stopwatch.device)
+        return CLOCKS[stopwatch.clock]()
+    return clock
 
 
-def speed(boxes: dict, images: torch.Tensor, rounds: int, clock=time.perf_counter) -> None:
+def speed(boxes: dict, images: torch.Tensor, rounds: int, stopwatch: Stopwatch) -> None:
     forward_batch = images.repeat(256 // len(images) + 1, 1, 1, 1)[:256]
     backward_batch = forward_batch[:80]
 
@@ -75,17 +79,15 @@ def speed(boxes: dict, images: torch.Tensor, rounds: int, clock=time.perf_counte
         times = {option: [] for option in boxes}
         for _ in range(rounds):
             for option, box in boxes.items():
-                start = clock()
-                fn(box)
-                times[option].append(clock() - start)
+                times[option].append(stopwatch.time(lambda: fn(box))[1])
         base = statistics.median(times["fp32"])
         cells = "  ".join(f"{option} {statistics.median(t) * 1e3:.0f} ms ({base / statistics.median(t):.2f}x)"
                           for option, t in times.items())
-        print(f"speed {name} (median of {rounds}): {cells}  [{load()}]", flush=True)
+        print(f"speed {name} (median of {rounds}): {cells}  [{load_average()}]", flush=True)
 
 
-def probabilities(boxes: dict, count: int) -> None:
-    images = embedded_batch(count)["image"]
+def probabilities(boxes: dict, count: int, device: torch.device | str = "cpu") -> None:
+    images = embedded_batch(count)["image"].to(device)
     for option, box in boxes.items():
         if option == "fp32":
             continue
@@ -96,36 +98,36 @@ def probabilities(boxes: dict, count: int) -> None:
 
 
 def maps(fast: BlackBox, reference: BlackBox, methods: list[str], count: int, igos_iterations: int,
-         clock=time.perf_counter, channels_last: BlackBox | None = None) -> None:
+         stopwatch: Stopwatch, channels_last: BlackBox | None = None) -> None:
     """Per method: Spearman of its maps on ``fast`` (bf16 + channels-last) against ``reference`` (fp32,
     contiguous) and the end-to-end time of both; with ``channels_last`` (fp32, channels-last: what a method that
     does not opt in to bf16 runs on by default), also that box's time, called right after the other two."""
     data = embedded_batch(count)
-    images, indices = data["image"], data["index"]
+    images, indices = data["image"].to(stopwatch.device), data["index"]
     with torch.no_grad():
         targets = reference.logits(images).argmax(1)
+    clock = synchronised_clock(stopwatch)
     for name in methods:
         hparams = {"iterations": igos_iterations} if name in ("igos_pp", "igos") else {}
         result = map_spearman(name, fast, reference, images, targets, indices, clock=clock, **hparams)
         layout = ""
         if channels_last is not None:
-            start = clock()
-            explainers.build(name, channels_last, **hparams)(images, targets, indices)
-            seconds = clock() - start
+            seconds = stopwatch.time(lambda: explainers.build(name, channels_last, **hparams)(images, targets,
+                                                                                             indices))[1]
             layout = f", fp32 channels-last {seconds:.2f} s -> {result.seconds_reference / seconds:.2f}x"
         print(f"maps {name}{hparams or ''}: Spearman {FAST} vs fp32 over {count} images: min "
               f"{result.spearman.min():.4f}, median {result.spearman.median():.4f} (bar {result.bar}: "
               f"{'holds' if result.holds else 'FAILS'}); time fp32 {result.seconds_reference:.2f} s, fast "
               f"{result.seconds_fast:.2f} s -> {result.seconds_reference / result.seconds_fast:.2f}x{layout}  "
-              f"[{load()}]", flush=True)
+              f"[{load_average()}]", flush=True)
 
 
-def metrics(fast: BlackBox, reference: BlackBox, count: int, clock=time.perf_counter) -> None:
+def metrics(fast: BlackBox, reference: BlackBox, count: int, stopwatch: Stopwatch) -> None:
     import saliency_lab.metrics.causal as causal
     from saliency_lab.metrics import CausalProtocol, causal_curves
 
     data = embedded_batch(count)
-    images, indices = data["image"], data["index"]
+    images, indices = data["image"].to(stopwatch.device), data["index"]
     with torch.no_grad():
         targets = reference.logits(images).argmax(1)
     saliency = explainers.build("rise", reference, n_masks=1000)(images, targets, indices)
@@ -135,9 +137,8 @@ def metrics(fast: BlackBox, reference: BlackBox, count: int, clock=time.perf_cou
     try:
         for option, box in (("fp32", reference), (FAST, fast), ("fp32 again", reference), (FAST + " again", fast)):
             causal.FAST_PASSES = True
-            start = clock()
-            results[option] = causal_curves(box, images, saliency, targets, protocol)
-            seconds[option] = clock() - start
+            results[option], seconds[option] = stopwatch.time(
+                lambda: causal_curves(box, images, saliency, targets, protocol))
     finally:
         causal.FAST_PASSES = previous
     for key in ("deletion", "insertion"):
@@ -146,8 +147,8 @@ def metrics(fast: BlackBox, reference: BlackBox, count: int, clock=time.perf_cou
               f"{(out - ref).abs().max():.4f}, mean diff {(out - ref).mean():+.5f}", flush=True)
     base = min(seconds["fp32"], seconds["fp32 again"])
     quick = min(seconds[FAST], seconds[FAST + " again"])
-    print(f"metrics time (best of 2): fp32 {base:.2f} s, {FAST} {quick:.2f} s -> {base / quick:.2f}x  [{load()}]",
-          flush=True)
+    print(f"metrics time (best of 2): fp32 {base:.2f} s, {FAST} {quick:.2f} s -> {base / quick:.2f}x  "
+          f"[{load_average()}]", flush=True)
 
 
 def main() -> None:
@@ -161,32 +162,32 @@ def main() -> None:
     parser.add_argument("--compile", default=None, help="also time torch.compile(mode=COMPILE) black boxes")
     parser.add_argument("--skip-maps", action="store_true")
     parser.add_argument("--skip-metrics", action="store_true")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                        help="time with the wall clock or this process's CPU time (a shared machine: use cpu with "
-                             "--threads 1, waiting for the cores is then not counted)")
+    add_timing_arguments(parser, threads=2, clock="wall")
     args = parser.parse_args()
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    torch.set_num_threads(args.threads)
-    print(f"embedded black box embedded_blackbox.pt, {args.threads} threads, torch {torch.__version__}  [{load()}]",
-          flush=True)
-    boxes = {option: make(**kwargs) for option, kwargs in OPTIONS.items()}
+    stopwatch = stopwatch_from_args(args)
+    device = stopwatch.device
+    print(stopwatch.header(), flush=True)
+    print(f"embedded black box embedded_blackbox.pt, {args.threads} threads, torch {torch.__version__}  "
+          f"[{load_average()}]", flush=True)
+    boxes = {option: make(device, **kwargs) for option, kwargs in OPTIONS.items()}
     if args.compile:
+        wall = Stopwatch(device, "wall")  # compile time: seconds that pass, whatever --clock says
         for option in ("fp32", FAST):
-            start = time.perf_counter()
-            box = make(**OPTIONS[option], compile=args.compile)
-            with torch.no_grad():  # the first call compiles (forward); the backward compiles on its first call
-                box.logits(embedded_batch(2)["image"].repeat(128, 1, 1, 1))
-            print(f"compile {option} mode={args.compile}: first forward {time.perf_counter() - start:.0f} s",
-                  flush=True)
+            def first_forward():
+                box = make(device, **OPTIONS[option], compile=args.compile)
+                with torch.no_grad():  # the first call compiles (forward); the backward compiles on its first call
+                    box.logits(embedded_batch(2)["image"].to(device).repeat(128, 1, 1, 1))
+                return box
+            box, seconds = wall.time(first_forward)
+            print(f"compile {option} mode={args.compile}: first forward {seconds:.0f} s", flush=True)
             boxes[f"compiled {option}"] = box
-    speed(boxes, embedded_batch(16)["image"], args.rounds, clock)
-    probabilities(boxes, args.images)
+    speed(boxes, embedded_batch(16)["image"].to(device), args.rounds, stopwatch)
+    probabilities(boxes, args.images, device)
     if not args.skip_maps:
         maps(boxes[FAST], boxes["fp32"], [m.strip() for m in args.methods.split(",") if m.strip()],
-             args.map_images, args.igos_iterations, clock, boxes["channels_last"])
+             args.map_images, args.igos_iterations, stopwatch, boxes["channels_last"])
     if not args.skip_metrics:
-        metrics(boxes[FAST], boxes["fp32"], args.metric_images, clock)
+        metrics(boxes[FAST], boxes["fp32"], args.metric_images, stopwatch)
 
 
 if __name__ == "__main__":

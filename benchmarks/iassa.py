@@ -1,6 +1,7 @@
 """IASSA's speed at default settings (B = 1 vs B = 16) and the peak memory of its attention step.
 
-    python -m benchmarks.iassa [--images-single 2] [--batch 16] [--skip-speed] [--skip-memory]
+    python -m benchmarks.iassa [--images-single 2] [--batch 16] [--skip-speed] [--skip-memory] [--threads 2]
+                               [--device auto] [--clock wall|cpu]
 
 1. Seconds and black-box forwards per image on the embedded black box and embedded test images (64 x 64) at
    the default settings (5 rounds, 45/8 px windows at 224 -> 12.9/2.3 px, row attention, max_forward_batch
@@ -19,7 +20,6 @@ import json
 import resource
 import subprocess
 import sys
-import time
 
 import torch
 
@@ -28,37 +28,44 @@ from saliency_lab import explainers
 import saliency_lab.explainers.iassa as iassa  # registers "iassa"
 from saliency_lab.datamodules import embedded_batch
 from saliency_lab.core.blackbox import BlackBox
+from saliency_lab.core.timing import Stopwatch, add_timing_arguments, stopwatch_from_args
 
 RESNET50_LEVELS = ((256, 56), (512, 28), (1024, 14), (2048, 7))  # (channels, side) at 224
 
 
-def speed(single: int, batch: int) -> dict:
-    model = BlackBox("embedded")
+def speed(single: int, batch: int, stopwatch: Stopwatch | None = None) -> dict:
+    stopwatch = stopwatch or Stopwatch()
+    model = BlackBox("embedded").to(stopwatch.device)
     data = embedded_batch(batch)
-    images = data["image"]
+    images = data["image"].to(stopwatch.device)
     with torch.no_grad():
         targets = model.logits(images).argmax(1)
     explainer = explainers.build("iassa", model)  # defaults
     explainer(images[:1], targets[:1])  # warm-up
-    start = time.perf_counter()
-    forwards_single = 0
-    for i in range(single):
-        explainer(images[i:i + 1], targets[i:i + 1])
-        forwards_single += explainer.cost.forwards
-    seconds_single = (time.perf_counter() - start) / single
-    start = time.perf_counter()
-    explainer(images, targets)
-    seconds_batch = (time.perf_counter() - start) / batch
+
+    def singles() -> int:
+        forwards = 0
+        for i in range(single):
+            explainer(images[i:i + 1], targets[i:i + 1])
+            forwards += explainer.cost.forwards
+        return forwards
+
+    forwards_single, seconds = stopwatch.time(singles)
+    seconds_single = seconds / single
+    seconds_batch = stopwatch.time(lambda: explainer(images, targets))[1] / batch
     forwards_batch = explainer.cost.forwards / batch
     # the floor: forwards_batch images per image, in full chunks of max_forward_batch, nothing else
     chunk = explainer.max_forward_batch
     stack = images.repeat(chunk // batch + 1, 1, 1, 1)[:chunk]
-    with torch.no_grad():
-        model.logits(stack)
-        start = time.perf_counter()
+
+    def bare_forwards():
         for _ in range(8):
             model.logits(stack)
-    bare = (time.perf_counter() - start) / (8 * chunk) * forwards_batch
+
+    with torch.no_grad():
+        model.logits(stack)
+        seconds = stopwatch.time(bare_forwards)[1]
+    bare = seconds / (8 * chunk) * forwards_batch
     return {"image_size": int(images.shape[-1]), "hparams": {k: v for k, v in explainer.hparams.items()
                                                              if k != "feature_extractor"},
             "B=1": {"images": single, "seconds_per_image": round(seconds_single, 3),
@@ -98,13 +105,27 @@ def _peak_rss() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def attention_child(mode: str, batch: int, budget_mb: float) -> dict:
-    """One attention step in this (fresh) process: Phi' from synthetic ResNet-50-shaped maps, then A x S."""
+def attention_child(mode: str, batch: int, budget_mb: float, clock: str = "wall") -> dict:
+    """One attention step in this (fresh) process, on the CPU: Phi' from synthetic ResNet-50-shaped maps, then
+    A x S (the peak resident memory is the figure)."""
+    stopwatch = Stopwatch(torch.device("cpu"), clock)
     generator = torch.Generator().manual_seed(0)
     maps = [torch.rand(batch, c, s, s, generator=generator).sub_(0.5).clamp_(min=0) for c, s in RESNET50_LEVELS]
     saliency = torch.rand(batch, 1, 224, 224, generator=generator)
     before = _reset_peak_rss()
-    start = time.perf_counter()
+    (grid, phi, fn, rows, temporary), setup = stopwatch.time(lambda: _attention_setup(mode, maps, batch, budget_mb))
+    adjusted, apply = stopwatch.time(lambda: iassa.adjust_map(saliency, grid, fn, 0.5))
+    after = _peak_rss()
+    assert torch.isfinite(adjusted).all()
+    return {"mode": mode, "batch": batch, "grid": list(grid), "phi_columns": phi.shape[2],
+            "phi_mb": round(phi.numel() * 4 / 2**20, 1), "rows_per_chunk": rows,
+            "largest_temporary_mb": round(temporary / 2**20, 1),
+            "peak_growth_mb": round(after - before, 1), "setup_seconds": round(setup, 2),
+            "a_times_s_seconds": round(apply, 2)}
+
+
+def _attention_setup(mode: str, maps: list, batch: int, budget_mb: float) -> tuple:
+    """Phi' and the A x S function of ``mode``: (grid, phi, fn, rows per chunk, largest temporary in bytes)."""
     grid = iassa.attention_grid([m.shape[-2:] for m in maps], (224, 224))
     phi = iassa.lrpf_features(maps, grid)
     positions = phi.shape[1]
@@ -117,24 +138,15 @@ def attention_child(mode: str, batch: int, budget_mb: float) -> dict:
         matrix = iassa.attention_matrix(phi, "row", 1.0, rows)
         fn = lambda v: torch.bmm(matrix, v[:, :, None]).squeeze(-1)  # noqa: E731
         temporary = 2 * batch * positions * positions * 4
-    setup = time.perf_counter() - start
-    start = time.perf_counter()
-    adjusted = iassa.adjust_map(saliency, grid, fn, 0.5)
-    apply = time.perf_counter() - start
-    after = _peak_rss()
-    assert torch.isfinite(adjusted).all()
-    return {"mode": mode, "batch": batch, "grid": list(grid), "phi_columns": phi.shape[2],
-            "phi_mb": round(phi.numel() * 4 / 2**20, 1), "rows_per_chunk": rows,
-            "largest_temporary_mb": round(temporary / 2**20, 1),
-            "peak_growth_mb": round(after - before, 1), "setup_seconds": round(setup, 2),
-            "a_times_s_seconds": round(apply, 2)}
+    return grid, phi, fn, rows, temporary
 
 
-def memory(batch: int, budget_mb: float) -> list[dict]:
+def memory(batch: int, budget_mb: float, threads: int = 2, clock: str = "wall") -> list[dict]:
     results = []
     for mode in ("chunked", "dense"):
         out = subprocess.run([sys.executable, __file__, "--attention-child", mode, "--batch", str(batch),
-                              "--budget-mb", str(budget_mb)], check=True, capture_output=True, text=True)
+                              "--budget-mb", str(budget_mb), "--threads", str(threads), "--clock", clock,
+                              "--device", "cpu"], check=True, capture_output=True, text=True)
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     return results
 
@@ -147,13 +159,15 @@ def main() -> None:
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--attention-child", choices=("chunked", "dense"), help=argparse.SUPPRESS)
+    add_timing_arguments(parser, threads=2, clock="wall")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    stopwatch = stopwatch_from_args(args)
     if args.attention_child:
-        print(json.dumps(attention_child(args.attention_child, args.batch, args.budget_mb)))
+        print(json.dumps(attention_child(args.attention_child, args.batch, args.budget_mb, args.clock)))
         return
+    print(stopwatch.header(), flush=True)
     if not args.skip_speed:
-        result = speed(args.images_single, args.batch)
+        result = speed(args.images_single, args.batch, stopwatch)
         print(json.dumps(result, indent=1))
         single, batched = result["B=1"], result[f"B={args.batch}"]
         print(f"IASSA at defaults, {result['image_size']} px: B=1 {single['seconds_per_image']} s/image "
@@ -162,7 +176,7 @@ def main() -> None:
               f"alone {result['bare_forward_seconds_per_image']} s/image; per forward {result['ms_per_forward']} ms -> "
               f"{result['speedup_per_forward']}x")
     if not args.skip_memory:
-        for row in memory(8, args.budget_mb):
+        for row in memory(8, args.budget_mb, args.threads, args.clock):
             print(json.dumps(row))
             print(f"attention step, {row['mode']}: grid {row['grid']}, batch {row['batch']}, Phi' {row['phi_mb']} MB "
                   f"({row['phi_columns']} columns), rows/chunk {row['rows_per_chunk']}, largest temporary "

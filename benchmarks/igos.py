@@ -37,9 +37,7 @@ to its floor often, ~13 trials). The machine may be shared: figures are noisy; t
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import time
 
 import torch
 
@@ -48,15 +46,17 @@ from saliency_lab import explainers
 import saliency_lab.explainers.igos  # noqa: F401  registers igos_pp / igos
 from saliency_lab.datamodules import embedded_batch
 from saliency_lab.core.blackbox import BlackBox
+from saliency_lab.core.timing import Stopwatch, add_timing_arguments, stopwatch_from_args
 from benchmarks.pass_overhead import measure
 
 
-def timed_call(explainer, images, targets, indices) -> tuple[float, float, torch.Tensor]:
-    """(wall seconds, CPU seconds of this process, saliency). CPU time is less sensitive to other jobs
-    taking the cores (it does not count time spent descheduled), so both are reported."""
-    start, cpu = time.perf_counter(), time.process_time()
-    saliency = explainer(images, targets, indices)
-    return time.perf_counter() - start, time.process_time() - cpu, saliency
+def timed_call(stopwatch: Stopwatch, explainer, images, targets, indices) -> tuple[float, float, torch.Tensor]:
+    """(seconds of ``stopwatch``'s clock (wall by default), CPU seconds of this process, saliency), synchronised on
+    the stopwatch's device. CPU time is less sensitive to other jobs taking the cores (it does not count time
+    spent descheduled), so both are reported."""
+    cpu = Stopwatch(stopwatch.device, "cpu")
+    (saliency, cpu_seconds), seconds = stopwatch.time(lambda: cpu.time(lambda: explainer(images, targets, indices)))
+    return seconds, cpu_seconds, saliency
 
 
 def exact_counts(explainer, trials: torch.Tensor, ran: torch.Tensor) -> tuple[int, int]:
@@ -78,12 +78,8 @@ def pass_limit(name: str, model, data: dict, targets: torch.Tensor, args) -> Non
     if args.converge_tol is not None:
         hparams["converge_tol"] = args.converge_tol
     options = argparse.Namespace(hparams={name: hparams}, images=args.pass_limit, clock=args.clock,
-                                 clock_fn=time.process_time if args.clock == "cpu" else time.perf_counter)
+                                 stopwatch=args.stopwatch)
     measure(name, model, data, targets, options)
-
-
-def load() -> str:
-    return "load average %.2f %.2f %.2f" % os.getloadavg()
 
 
 def bench(name: str, model, data: dict, targets: torch.Tensor, args) -> None:
@@ -106,13 +102,14 @@ def bench(name: str, model, data: dict, targets: torch.Tensor, args) -> None:
     for b in range(args.single):
         if b == min(1, args.single - 1):
             for _ in range(args.repeats):
-                seconds, cpu, together = timed_call(explainer, images, targets, indices)
+                seconds, cpu, together = timed_call(args.stopwatch, explainer, images, targets, indices)
                 batch_seconds.append(seconds)
                 batch_cpu.append(cpu)
                 cost, trials, ran = explainer.cost, explainer.last_trials, explainer.last_iterations
                 print(f"  B={len(images)} call: {seconds:7.2f} s ({cpu:7.2f} s CPU), {cost.forwards} forwards, "
                       f"{cost.backwards} backwards", flush=True)
-        seconds, cpu, saliency = timed_call(explainer, images[b:b + 1], targets[b:b + 1], indices[b:b + 1])
+        seconds, cpu, saliency = timed_call(args.stopwatch, explainer, images[b:b + 1], targets[b:b + 1],
+                                            indices[b:b + 1])
         assert (explainer.cost.forwards, explainer.cost.backwards) == exact_counts(explainer, explainer.last_trials,
                                                                                     explainer.last_iterations)
         single_seconds.append(seconds)
@@ -171,18 +168,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="calls of the whole batch")
     parser.add_argument("--iterations", type=int, default=None, help="override T (default: the method's, 15)")
     parser.add_argument("--max_forward_batch", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--pass-limit", type=int, default=0, metavar="K",
                         help="only the per-image time / bare-pass ratio, on K images one at a time")
     parser.add_argument("--converge_tol", type=float, default=None)
-    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                        help="--pass-limit: wall clock or this process's CPU time (for a shared machine)")
+    add_timing_arguments(parser, threads=2, clock="wall")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    model = BlackBox("embedded")
+    args.stopwatch = stopwatch_from_args(args)
+    model = BlackBox("embedded").to(args.stopwatch.device)
     data = embedded_batch(args.batch)
+    data["image"] = data["image"].to(args.stopwatch.device)
     with torch.no_grad():
         targets = model.logits(data["image"]).argmax(1)
+    print(args.stopwatch.header())
     print(f"embedded black box, {args.batch} test images {tuple(data['image'].shape[-2:])}, {args.threads} threads, "
           f"max_forward_batch {args.max_forward_batch}", flush=True)
     for name in args.methods.split(","):

@@ -1,6 +1,6 @@
 """Cost of the bad-image check per file (datamodules.common.image_problem), quick vs full.
 
-    python -m benchmarks.image_check [--files 2000] [--repeats 5]
+    python -m benchmarks.image_check [--files 2000] [--repeats 5] [--clock wall|cpu]
 
 Writes N random 500x375 JPEGs (ImageNet's typical size) into a temporary folder, reads them once so they
 are in the page cache, then times ``drop_bad_images`` over all of them with 2 threads: "quick" (the header
@@ -16,10 +16,11 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 
-from saliency_lab.core.timing import Stopwatch
+from saliency_lab.core.timing import Stopwatch, add_timing_arguments, stopwatch_from_args
 from saliency_lab.datamodules.common import drop_bad_images
 
 IMAGENET_TRAIN = 1_281_167
@@ -29,7 +30,12 @@ def main() -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=5)
+    add_timing_arguments(parser, threads=2, clock="wall")
     args = parser.parse_args()
+    stopwatch = stopwatch_from_args(args)
+    if stopwatch.device.type != "cpu":  # reading files: nothing runs on an accelerator
+        stopwatch = Stopwatch(torch.device("cpu"), args.clock)
+    print(stopwatch.header(), flush=True)
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as folder:
         paths = []
@@ -42,7 +48,7 @@ def main() -> dict:
             Path(path).read_bytes()
         result = {}
         for verify in ("quick", "full"):
-            seconds = Stopwatch().median(lambda: drop_bad_images(paths, verify, workers=2), args.repeats)
+            seconds = stopwatch.median(lambda: drop_bad_images(paths, verify, workers=2), args.repeats)
             per_file = seconds / len(paths)
             result[verify] = {"us_per_file": round(per_file * 1e6, 1),
                               "imagenet_train_minutes": round(per_file * IMAGENET_TRAIN / 60, 1)}

@@ -30,9 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import statistics
-import time
 
 import torch
 import torch.nn as nn
@@ -41,7 +39,8 @@ import torch.nn as nn
 from saliency_lab import explainers
 from saliency_lab.datamodules import embedded_batch
 from saliency_lab.core.blackbox import BlackBox
-from saliency_lab.core.timing import Stopwatch
+from saliency_lab.core.machine import load_average
+from saliency_lab.core.timing import Stopwatch, add_timing_arguments, stopwatch_from_args
 
 ENTRY_POINTS = ("logits", "features", "features_and_logits")
 
@@ -90,24 +89,25 @@ def _scalar(out) -> torch.Tensor:
     return sum(_scalar(o) for o in out)
 
 
-def bare_seconds(model, calls: list[list], image: torch.Tensor, clock, plain: bool = False) -> float:
+def bare_seconds(model, calls: list[list], image: torch.Tensor, stopwatch: Stopwatch, plain: bool = False) -> float:
     """Replay ``calls`` (:class:`RecordingBlackBox`) on ``model`` alone, once each and in their order, on
     ``image`` repeated to each call's rows (channels-first, built before the clock starts): the summed time of
-    the calls. A full replay lasts as long as the method's own passes, so a change of machine load during the
-    explanation hits the replay alike (timing a few repeats of each call shape instead swung the ratio by +-15%
-    on the shared machine)."""
+    the calls, each timed by ``stopwatch`` (synchronised on its device). A full replay lasts as long as the
+    method's own passes, so a change of machine load during the explanation hits the replay alike (timing a few
+    repeats of each call shape instead swung the ratio by +-15% on the shared machine)."""
     inputs: dict[int, torch.Tensor] = {}
     total = 0.0
     for entry, rows, fast, backward in calls:
         if rows not in inputs:
             inputs[rows] = image[:1].expand(rows, -1, -1, -1).contiguous()
         leaf = inputs[rows].clone().requires_grad_(backward)
-        start = clock()
-        with model.fast(fast and not plain), torch.set_grad_enabled(backward):
-            out = getattr(model, entry)(leaf)
-            if backward:
-                _scalar(out).backward()
-        total += clock() - start
+
+        def call(entry=entry, fast=fast, backward=backward, leaf=leaf):
+            with model.fast(fast and not plain), torch.set_grad_enabled(backward):
+                out = getattr(model, entry)(leaf)
+                if backward:
+                    _scalar(out).backward()
+        total += stopwatch.time(call)[1]
     return total
 
 
@@ -137,17 +137,16 @@ def measure(name: str, model, data: dict, targets: torch.Tensor, args) -> dict:
         def run(b):
             explainer(data["image"][b:b + 1], targets[b:b + 1], data["index"][b:b + 1])
     run(0)  # warm-up: oneDNN builds its kernels per input shape
-    bare_seconds(model, proxy.calls, data["image"][:1], args.clock_fn)
-    plain = plain_copy(model)
-    bare_seconds(plain, proxy.calls, data["image"][:1], args.clock_fn, plain=True)
+    stopwatch = args.stopwatch
+    bare_seconds(model, proxy.calls, data["image"][:1], stopwatch)
+    plain = plain_copy(model).to(stopwatch.device)
+    bare_seconds(plain, proxy.calls, data["image"][:1], stopwatch, plain=True)
     ratios, seconds, bares, passes, plains = [], [], [], [], []
     for b in range(args.images):
         proxy.calls = []
-        start = args.clock_fn()
-        run(b)
-        spent = args.clock_fn() - start
-        bare = bare_seconds(model, proxy.calls, data["image"][b:b + 1], args.clock_fn)
-        plains.append(spent / bare_seconds(plain, proxy.calls, data["image"][b:b + 1], args.clock_fn, plain=True))
+        spent = stopwatch.time(lambda: run(b))[1]
+        bare = bare_seconds(model, proxy.calls, data["image"][b:b + 1], stopwatch)
+        plains.append(spent / bare_seconds(plain, proxy.calls, data["image"][b:b + 1], stopwatch, plain=True))
         ratios.append(spent / bare)
         seconds.append(spent)
         bares.append(bare)
@@ -155,19 +154,15 @@ def measure(name: str, model, data: dict, targets: torch.Tensor, args) -> dict:
         print(f"  {name} image {b}: {spent:7.3f} s, bare passes {bare:7.3f} s -> {spent / bare:.3f}x "
               f"({sum(c[1] for c in proxy.calls)} rows forward, {sum(c[1] for c in proxy.calls if c[3])} backward, "
               f"{len(proxy.calls)} calls, fast {any(c[2] for c in proxy.calls)}); vs plain float32 replay "
-              f"{plains[-1]:.3f}x  [{load()}]", flush=True)
+              f"{plains[-1]:.3f}x  [{load_average()}]", flush=True)
     result = {"method": name, "hparams": args.hparams.get(name, {}), "images": args.images,
               "seconds": statistics.median(seconds), "bare_seconds": statistics.median(bares),
               "ratio": statistics.median(ratios), "min_ratio": min(ratios), "max_ratio": max(ratios),
               "vs_plain": statistics.median(plains)}
     print(f"{name}: per-image {args.clock} time / bare passes, median of {args.images}: {result['ratio']:.3f}x "
           f"(images {result['min_ratio']:.3f}-{result['max_ratio']:.3f}x; target <= 1.15); median "
-          f"{result['seconds']:.3f} s vs {result['bare_seconds']:.3f} s  [{load()}]", flush=True)
+          f"{result['seconds']:.3f} s vs {result['bare_seconds']:.3f} s  [{load_average()}]", flush=True)
     return result
-
-
-def load() -> str:
-    return "load average %.2f %.2f %.2f" % os.getloadavg()
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -176,18 +171,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="registered explainers, and 'metrics' for deletion + insertion")
     parser.add_argument("--images", type=int, default=3)
     parser.add_argument("--hparams", type=json.loads, default={}, help="JSON {method: {hparam: value}}")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
+    add_timing_arguments(parser, threads=1, clock="cpu")
     args = parser.parse_args(argv)
-    args.clock_fn = time.process_time if args.clock == "cpu" else time.perf_counter
-    torch.set_num_threads(args.threads)
-    model = BlackBox("embedded")
+    args.stopwatch = stopwatch_from_args(args)
+    model = BlackBox("embedded").to(args.stopwatch.device)
     data = embedded_batch(args.images)
+    data["image"] = data["image"].to(args.stopwatch.device)
     with torch.no_grad():
         targets = model.logits(data["image"]).argmax(1)
-    print(Stopwatch(clock="wall").header())
+    print(args.stopwatch.header())
     print(f"embedded black box (precision {model.precision}, channels_last {model.channels_last}), {args.images} test images "
-          f"{tuple(data['image'].shape[-2:])}, {args.threads} threads, {args.clock} clock  [{load()}]", flush=True)
+          f"{tuple(data['image'].shape[-2:])}, {args.threads} threads, {args.clock} clock  [{load_average()}]",
+          flush=True)
     results = [measure(name.strip(), model, data, targets, args) for name in args.methods.split(",") if name.strip()]
     print("\n| method | settings | per-image s | bare passes s | ratio (median) | range over images | vs plain float32 replay |")
     print("|---|---|---|---|---|---|---|")

@@ -1,6 +1,7 @@
 """Speed of the learned mask predictor against the black-box work it cannot avoid.
 
-    python -m benchmarks.predictor [--batch 64] [--repeats 7] [--mode ct]
+    python -m benchmarks.predictor [--batch 64] [--repeats 7] [--mode ct] [--threads 1] [--device auto]
+                                   [--clock wall|cpu]
 
 1. Explaining a batch (``MaskPredictor.as_explainer()``: one feature pass of the black box + generator +
    controller + upsampling) against one plain black-box forward of the same batch. Target: ratio <= 1.25.
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 import warnings
 from pathlib import Path
 
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from saliency_lab.datamodules import embedded_batch
 from saliency_lab.core.resources import packaged
 from saliency_lab.core.blackbox import BlackBox
+from saliency_lab.core.timing import Stopwatch, add_timing_arguments, stopwatch_from_args
 from saliency_lab.lightning_modules.mask_predictor import MaskPredictor
 
 
@@ -47,19 +48,19 @@ def build(mode: str) -> MaskPredictor:
         return MaskPredictor(blackbox=blackbox, filter_checkpoint=None, mode=mode)
 
 
-def alternate(first, second, repeats: int) -> tuple[float, float]:
-    """Medians of ``repeats`` alternated timings of two callables (after one warm-up call of each)."""
+def alternate(first, second, repeats: int, stopwatch: Stopwatch | None = None) -> tuple[float, float]:
+    """Medians of ``repeats`` alternated timings of two callables (after one warm-up call of each), by
+    ``stopwatch`` (default: the wall clock on the CPU)."""
+    stopwatch = stopwatch or Stopwatch()
     first(), second()
     times = ([], [])
     for _ in range(repeats):
         for fn, out in ((first, times[0]), (second, times[1])):
-            start = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - start)
+            out.append(stopwatch.time(fn)[1])
     return statistics.median(times[0]), statistics.median(times[1])
 
 
-def explain_vs_forward(module: MaskPredictor, images, repeats: int) -> dict:
+def explain_vs_forward(module: MaskPredictor, images, repeats: int, stopwatch: Stopwatch | None = None) -> dict:
     blackbox, explainer = module.blackbox, module.as_explainer(max_forward_batch=images.shape[0])
     with torch.no_grad():
         targets = blackbox.logits(images).argmax(1)
@@ -71,11 +72,11 @@ def explain_vs_forward(module: MaskPredictor, images, repeats: int) -> dict:
     def explain():
         explainer(images, targets)
 
-    bare, method = alternate(forward, explain, repeats)
+    bare, method = alternate(forward, explain, repeats, stopwatch)
     return {"forward_s": bare, "explain_s": method, "ratio": method / bare}
 
 
-def step_vs_bare(module: MaskPredictor, batch: dict, repeats: int) -> dict:
+def step_vs_bare(module: MaskPredictor, batch: dict, repeats: int, stopwatch: Stopwatch | None = None) -> dict:
     module.train()
     blackbox, net = module.blackbox, module.net
     optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-3)
@@ -106,8 +107,8 @@ def step_vs_bare(module: MaskPredictor, batch: dict, repeats: int) -> dict:
         mask.mean().backward()
         optimizer.step()
 
-    step, bare = alternate(training_step, bare_blackbox, repeats)
-    generator, _ = alternate(generator_alone, lambda: None, repeats)
+    step, bare = alternate(training_step, bare_blackbox, repeats, stopwatch)
+    generator, _ = alternate(generator_alone, lambda: None, repeats, stopwatch)
     return {"step_s": step, "bare_blackbox_s": bare, "generator_s": generator, "ratio": step / (bare + generator)}
 
 
@@ -116,20 +117,20 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--mode", default="ct", choices=["ct", "bt", "mgnet"])
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1: stable figures on a shared machine, where 2-thread ops stall)")
+    add_timing_arguments(parser, threads=1, clock="wall")  # 1 thread: stable figures on a shared machine
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    stopwatch = stopwatch_from_args(args)
+    print(stopwatch.header(), flush=True)
     torch.manual_seed(0)
-    module = build(args.mode)
-    batch = embedded_batch(args.batch)
+    module = build(args.mode).to(stopwatch.device)
+    batch = {key: value.to(stopwatch.device) for key, value in embedded_batch(args.batch).items()}
     print(f"black box {module.blackbox.spec} {module.blackbox.feature_channels}, generator widths "
           f"{module.net.generator.widths}, mode {args.mode}, batch {args.batch} x {tuple(batch['image'].shape[1:])}")
     module.eval()
-    explain = explain_vs_forward(module, batch["image"], args.repeats)
+    explain = explain_vs_forward(module, batch["image"], args.repeats, stopwatch)
     print(f"1. explain {explain['explain_s'] * 1e3:.1f} ms vs one black-box forward {explain['forward_s'] * 1e3:.1f} ms"
           f" -> ratio {explain['ratio']:.3f} (target <= 1.25)")
-    step = step_vs_bare(module, batch, args.repeats)
+    step = step_vs_bare(module, batch, args.repeats, stopwatch)
     print(f"2. training step {step['step_s'] * 1e3:.1f} ms vs bare black-box work {step['bare_blackbox_s'] * 1e3:.1f} ms"
           f" + generator {step['generator_s'] * 1e3:.1f} ms -> ratio {step['ratio']:.3f} (target <= 1.3)")
 

@@ -2,6 +2,9 @@
 50,000 images x 13 methods).
 
     python -m benchmarks.rows_memory [--images 50000] [--methods 13] [--curve 225] [--old_images 1000]
+                                     [--threads 2] [--clock wall|cpu]
+
+Everything runs on the CPU (files and JSON; ``--device`` is accepted and ignored).
 
 1. Writes a synthetic rows folder as ``evaluate.py`` leaves it after a 2-process run: two ``rows-rank*.jsonl``
    files, every (image, method) row with the current key, 13 metrics, the cost and two curves of ``--curve``
@@ -25,10 +28,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+import torch
 
+
+from saliency_lab.core.timing import Stopwatch, add_timing_arguments, stopwatch_from_args
 from saliency_lab.metrics.suite import METRIC_NAMES
 
 KEY, STALE = "0123456789abcdef", "fedcba9876543210"
@@ -66,7 +71,7 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def child_new(folder: Path, images: int, methods: int) -> dict:
+def child_new(folder: Path, images: int, methods: int, stopwatch: Stopwatch | None = None) -> dict:
     from saliency_lab.metrics.report import mean_curves, write_reports
     from saliency_lab.metrics.rows import RowStore
     from saliency_lab.metrics.suite import EvaluationSettings
@@ -77,22 +82,15 @@ def child_new(folder: Path, images: int, methods: int) -> dict:
               "data": {"name": "synthetic", "split": "test"}}
     out = folder.parent / "report"
     out.mkdir(exist_ok=True)
+    stopwatch = stopwatch or Stopwatch()
     base = _rss_mb()
     seconds = {}
-    start = time.perf_counter()
-    done = RowStore(folder).finished(keys)
-    seconds["finished (resume read)"] = time.perf_counter() - start
+    done, seconds["finished (resume read)"] = stopwatch.time(lambda: RowStore(folder).finished(keys))
     assert sum(len(v) for v in done.values()) == images * methods
     del done
-    start = time.perf_counter()
-    rowset = RowStore(folder).scan(keys, range(images))
-    seconds["scan (index)"] = time.perf_counter() - start
-    start = time.perf_counter()
-    results = write_reports(rowset, names, header, out)
-    seconds["write_reports"] = time.perf_counter() - start
-    start = time.perf_counter()
-    curves = mean_curves(rowset.rows(curves=True), names)
-    seconds["mean_curves"] = time.perf_counter() - start
+    rowset, seconds["scan (index)"] = stopwatch.time(lambda: RowStore(folder).scan(keys, range(images)))
+    results, seconds["write_reports"] = stopwatch.time(lambda: write_reports(rowset, names, header, out))
+    curves, seconds["mean_curves"] = stopwatch.time(lambda: mean_curves(rowset.rows(curves=True), names))
     assert results["num_images"] == images and len(curves) == methods
     return {"rss_after_imports_mb": base, "peak_rss_mb": _rss_mb(), "seconds": seconds}
 
@@ -108,9 +106,10 @@ def child_old(folder: Path) -> dict:
     return {"rss_after_imports_mb": base, "peak_rss_mb": _rss_mb(), "rows": len(rows)}
 
 
-def in_child(kind: str, folder: Path, images: int, methods: int) -> dict:
+def in_child(kind: str, folder: Path, images: int, methods: int, threads: int = 2, clock: str = "wall") -> dict:
     out = subprocess.run([sys.executable, __file__, "--child", kind, "--folder", str(folder), "--images", str(images),
-                          "--methods", str(methods)], capture_output=True, text=True, check=True)
+                          "--methods", str(methods), "--threads", str(threads), "--clock", clock, "--device", "cpu"],
+                         capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -122,25 +121,31 @@ def main() -> None:
     parser.add_argument("--old_images", type=int, default=1000)
     parser.add_argument("--folder", type=Path, default=None, help="work folder (default: a temporary one, deleted)")
     parser.add_argument("--child", choices=["new", "old"], default=None, help=argparse.SUPPRESS)
+    add_timing_arguments(parser, threads=2, clock="wall")
     args = parser.parse_args()
+    stopwatch = stopwatch_from_args(args)
+    if stopwatch.device.type != "cpu":  # files and JSON: nothing here runs on an accelerator
+        stopwatch = Stopwatch(torch.device("cpu"), args.clock)
     if args.child:
-        measure = child_new(args.folder, args.images, args.methods) if args.child == "new" else child_old(args.folder)
+        measure = (child_new(args.folder, args.images, args.methods, stopwatch) if args.child == "new"
+                   else child_old(args.folder))
         print(json.dumps(measure))
         return
+    print(stopwatch.header(), flush=True)
     work = args.folder or Path(tempfile.mkdtemp(prefix="rows_memory_"))
     try:
-        start = time.perf_counter()
-        size = write_rows(work / "big" / "rows", args.images, args.methods, args.curve)
+        size, seconds = stopwatch.time(lambda: write_rows(work / "big" / "rows", args.images, args.methods,
+                                                          args.curve))
         rows = args.images * (args.methods + 1)
         print(f"rows folder: {args.images} images x {args.methods} methods (+1 stale copy of one method) = {rows} rows, "
-              f"curves of {args.curve} points, {size / 2**30:.2f} GiB, written in {time.perf_counter() - start:.0f} s")
-        new = in_child("new", work / "big" / "rows", args.images, args.methods)
+              f"curves of {args.curve} points, {size / 2**30:.2f} GiB, written in {seconds:.0f} s")
+        new = in_child("new", work / "big" / "rows", args.images, args.methods, args.threads, args.clock)
         grown = new["peak_rss_mb"] - new["rss_after_imports_mb"]
         print(f"new reading (finished + scan + write_reports + mean_curves): peak RSS {new['peak_rss_mb']:.0f} MiB, "
               f"{grown:.0f} MiB above the {new['rss_after_imports_mb']:.0f} MiB after imports")
         print("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in new["seconds"].items()))
         write_rows(work / "small" / "rows", args.old_images, args.methods, args.curve)
-        old = in_child("old", work / "small" / "rows", args.old_images, args.methods)
+        old = in_child("old", work / "small" / "rows", args.old_images, args.methods, args.threads, args.clock)
         per_row = (old["peak_rss_mb"] - old["rss_after_imports_mb"]) * 2**20 / old["rows"]
         print(f"old reading (every row with its curves in a list) of {old['rows']} rows: peak RSS "
               f"{old['peak_rss_mb']:.0f} MiB, {per_row / 1024:.1f} KiB per row -> about {per_row * rows / 2**30:.1f} GiB "

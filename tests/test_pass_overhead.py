@@ -2,13 +2,12 @@
 backward, fast block) and the bare replay times them."""
 from __future__ import annotations
 
-import time
-
 import torch
 
 from saliency_lab import explainers
 from benchmarks.pass_overhead import RecordingBlackBox, bare_seconds
 from saliency_lab.core.blackbox import BlackBox
+from saliency_lab.core.timing import Stopwatch
 
 
 def test_recording_matches_the_explainers_own_count(tiny_blackbox_path):
@@ -32,5 +31,5 @@ def test_recording_matches_the_explainers_own_count(tiny_blackbox_path):
     assert [c[0] for c in proxy.calls] == ["logits"] and proxy.calls[0][1:] == [2, False, True]
     assert gradient.cost.backwards == 2
 
-    seconds = bare_seconds(box, proxy.calls, images[:1], time.perf_counter)
+    seconds = bare_seconds(box, proxy.calls, images[:1], Stopwatch())
     assert seconds > 0
