@@ -449,3 +449,12 @@ def test_three_methods_or_more_get_the_metric_agreement(tiny_blackbox, tmp_path)
     assert 0.0 <= agreement["w_of_means"] <= 1.0 and agreement["spearman"]["deletion"]["deletion"] == 1.0
     assert "Kendall's W" in (tmp_path / "agreement.md").read_text()
     assert (tmp_path / "agreement.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_and_explain_default_to_a_gpu_where_one_is_visible():
+    from saliency_lab.cli import explain
+
+    assert evaluate.build_parser().get_defaults().trainer.accelerator == "auto"
+    assert explain.build_parser().get_defaults().accelerator == "auto"
+    assert evaluate.evaluation_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert evaluate.evaluation_device("gpu").type == "cuda" and evaluate.evaluation_device("cpu").type == "cpu"

@@ -110,7 +110,7 @@ def build_parser() -> ArgumentParser:
     parser.add_class_arguments(pl.Trainer, "trainer", instantiate=False, skip=TRAINER_SKIPPED,
                                help="Trainer arguments (accelerator, devices, strategy, precision, ...); "
                                     f"evaluate.py sets {sorted(TRAINER_FIXED)} itself")
-    parser.set_defaults({"trainer.accelerator": "cpu", "trainer.devices": 1})
+    parser.set_defaults({"trainer.accelerator": "auto", "trainer.devices": 1})  # a GPU where one is visible
     parser.add_argument("--wandb", type=bool, default=True, help="also log tables and images to W&B")
     parser.add_argument("--wandb_project", type=str, default="saliency-lab")
     return parser

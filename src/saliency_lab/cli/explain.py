@@ -100,7 +100,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--follow_symlinks", type=bool, default=False,
                         help="explain symlinked files whose target lies outside the input folders (default: "
                              "skipped and named); symlinked folders are never followed")
-    parser.add_argument("--accelerator", type=str, default="cpu")
+    parser.add_argument("--accelerator", type=str, default="auto", help="auto: a GPU where one is visible, else the CPU")
     parser.add_argument("--devices", type=int | str, default=1)
     parser.add_argument("--strategy", type=str, default="auto")
     parser.add_argument("--num_nodes", type=int, default=1)
