@@ -73,12 +73,12 @@ BAD_VALUES = {
     "batch_size 0": (["--batch_size=0"], "--batch_size 0: must be an int >= 1"),
     "num_workers -1": (["--num_workers=-1"], "--num_workers -1: must be an int >= 0"),
     "protocol name": (["--settings.protocol=deletion"],
-                      "--settings.protocol 'deletion': unknown protocol preset 'deletion'; known: ['igos', 'rise']; "
-                      "must be 'rise', 'igos' or a dict"),
+                      "--settings.protocol 'deletion': unknown protocol preset 'deletion'; known: ['blur_wide', "
+                      "'grid16', 'igos', 'noise', 'rise']; must be a preset"),
     "protocol field": (["--settings.protocol={steps: 0}"],  # parsed into every CausalProtocol field
                        "--settings.protocol {'units': 'pixel', 'steps': 0, "),
     "protocol field reason": (["--settings.protocol={steps: 0}"],
-                              ".*: steps must be an int >= 1, got 0; must be 'rise', 'igos' or a dict of valid "
+                              ".*: steps must be an int >= 1, got 0; must be a preset .* or a dict of valid "
                               "CausalProtocol fields"),
     "protocol unknown field": (["--settings.protocol={stepz: 4}"],
                                "--settings.protocol {'stepz': 4}: CausalProtocol.__init__() got an unexpected keyword "

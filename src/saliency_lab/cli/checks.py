@@ -206,7 +206,8 @@ EVALUATE_RULES: tuple[Rule, ...] = (
     Rule("num_images", optional(int_in(1)), "an int >= 1 (the first N images of the split), or unset for all"),
     Rule("batch_size", int_in(1), "an int >= 1"),
     Rule("num_workers", int_in(0), "an int >= 0"),
-    Rule("settings.protocol", _protocol_ok, "'rise', 'igos' or a dict of valid CausalProtocol fields"),
+    Rule("settings.protocol", _protocol_ok, "a preset ('rise', 'igos', or a held-out one: 'noise', 'blur_wide', "
+         "'grid16') or a dict of valid CausalProtocol fields"),
     Rule("target", one_of(*TARGET_RULES), " or ".join(repr(rule) for rule in TARGET_RULES)),
     Rule("settings.mf_steps", int_in(1), "an int >= 1 (the number of steps of M_F's preserving curve)"),
     Rule("settings.mf_eps", number_in(0), "a number >= 0 (images with q_O - q_F <= mf_eps are excluded from M_F)"),
