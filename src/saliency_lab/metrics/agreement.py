@@ -21,7 +21,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from scipy.stats import rankdata
+from scipy.stats import rankdata, spearmanr
 
 # Metrics where lower is better; every other one in a ranking is higher-is-better.
 LOWER_IS_BETTER = ("deletion", "deletion_norm", "road_morf")
@@ -51,11 +51,10 @@ def kendalls_w(scores: np.ndarray) -> float:
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman correlation of two score vectors (average ranks for ties); NaN when either is constant."""
-    ra, rb = rankdata(a), rankdata(b)
-    if ra.std() == 0 or rb.std() == 0:
+    """Spearman correlation of two score vectors (scipy; average ranks for ties); NaN when either is constant."""
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
         return math.nan
-    return float(np.corrcoef(ra, rb)[0, 1])
+    return float(spearmanr(a, b).statistic)
 
 
 def per_image_values(rows: Sequence[Mapping], methods: Sequence[str],
