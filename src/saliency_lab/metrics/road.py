@@ -163,7 +163,3 @@ def road_scores(model: Model, images: Tensor, saliency: Tensor, targets: Tensor,
     morf, lerf = curves[0].mean(1), curves[1].mean(1)
     return RoadScores(morf, lerf, lerf - morf, curves[0], curves[1], torch.tensor(fractions))
 
-
-def as_numpy_removed(removed: Tensor) -> np.ndarray:
-    """Flat indices of the removed pixels of an (H, W) bool mask (Quantus' ``indices`` argument)."""
-    return np.flatnonzero(removed.cpu().numpy().reshape(-1))
