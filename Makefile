@@ -12,7 +12,7 @@ SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup data browser demo test test-fast test-emulated-cpu clean-demo
+.PHONY: setup data browser demo test test-fast test-emulated-cpu clean-demo gpu-check-deps
 
 setup: $(VENV)/.installed
 
@@ -59,3 +59,20 @@ test-fast: setup data browser
 
 clean-demo:
 	rm -rf outputs/demo
+
+# build/gpu_deps: the packages benchmarks/gpu_check.py needs on a GPU machine beyond the torch, torchvision,
+# lightning, timm, torchmetrics and onnx it has there (the list: `python -m benchmarks.gpu_check --print-deps`),
+# as wheels for its Python 3.12; there: PYTHONPATH=src:build/gpu_deps python -m benchmarks.gpu_check --out DIR.
+# Not part of `make test`.
+GPU_DEPS_DIR := build/gpu_deps
+
+gpu-check-deps: setup
+	rm -rf $(GPU_DEPS_DIR) && mkdir -p $(GPU_DEPS_DIR)
+	deps="$$(PYTHONPATH=src:. $(PY) -m benchmarks.gpu_check --print-deps)"; \
+	if [ -n "$$deps" ]; then \
+		$(PIP) install --quiet --target $(GPU_DEPS_DIR) --python-version 3.12 --only-binary=:all: \
+			--platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --no-deps $$deps; \
+	else \
+		echo "benchmarks/gpu_check.py needs nothing beyond the GPU machine's own packages"; \
+	fi
+	@du -sh $(GPU_DEPS_DIR)

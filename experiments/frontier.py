@@ -60,7 +60,7 @@ from saliency_lab.metrics.rows import RowStore
 PRESETS = ("rise", "igos")
 QUALITY_KEYS = ("deletion", "insertion", "deletion_norm", "insertion_norm")
 LOWER_IS_BETTER = {"deletion", "deletion_norm"}
-DEFAULT_CONFIG = "configs/experiment/embedded_evaluate.yaml"
+DEFAULT_CONFIG = "configs/evaluate/embedded_evaluate.yaml"
 
 # XPert on the embedded black box (embedded_claims_table1.yaml): area weight 3 growing by 1.034554 per iteration
 # over 300 iterations. Fewer iterations keep the schedule's end points: growth^(300/T) and the learning rate

@@ -169,7 +169,7 @@ def train(name: str, out: Path, filter_ckpt: Path, blackbox: str, seed: int = 0)
         make_teacher(blackbox)
     if not (ROOT / run_dir / "fit_metrics.json").is_file():
         resume = ["--ckpt_path=last"] if (ROOT / run_dir / "checkpoints" / "last.ckpt").is_file() else []
-        run([*CLI, "fit", "--config", f"configs/experiment/{CONFIGS[kind]}",
+        run([*CLI, "fit", "--config", f"configs/train/{CONFIGS[kind]}",
              f"--run_dir={run_dir}", f"--model.init_args.blackbox.init_args.model={blackbox}",
              f"--model.init_args.filter_checkpoint={filter_ckpt}", *([] if name.endswith("_fp32") else FAST),
              *overrides, *seeding, *resume])
@@ -181,7 +181,7 @@ def evaluate(out: Path, preset: str, args, methods: str = "[]", hparams: str = "
     """results.json of one evaluation on the first ``args.num_images`` images of ``args.split`` (or
     ``num_images``), reused when it exists."""
     if not (ROOT / out / "results.json").is_file():
-        run([*CLI, "evaluate", "--config", "configs/experiment/embedded_evaluate.yaml",
+        run([*CLI, "evaluate", "--config", "configs/evaluate/embedded_evaluate.yaml",
              f"--blackbox.init_args.model={args.blackbox}", f"--split={args.split}", f"--explainers={methods}",
              f"--method_hparams={hparams}", f"--settings.protocol={preset}", f"--num_images={num_images or args.num_images}",
              "--batch_size=25", f"--blackbox.init_args.precision={args.precision}",

@@ -4,10 +4,10 @@
                                           [--dry_run]
 
 For each training seed s, the three demo predictors are trained with their configs as they are
-(configs/experiment/embedded_predictor_ct.yaml, embedded_predictor_bt.yaml, embedded_mgnet.yaml; after the
+(configs/train/embedded_predictor_ct.yaml, embedded_predictor_bt.yaml, embedded_mgnet.yaml; after the
 demo's filter stage) with ``--seed_everything=s`` (initialisation, batch order, seeded workers) and
 ``--model.init_args.draw_seed=s`` (the per-image substrate draws), into OUT/seed{s}/{ct,bt,mgnet}. Then
-``evaluate.py --config configs/experiment/embedded_claims_predictors.yaml`` scores that seed's checkpoints next
+``evaluate.py --config configs/evaluate/embedded_claims_predictors.yaml`` scores that seed's checkpoints next
 to Grad-CAM on the same test images into OUT/seed{s}/evaluation (so M_F's per-image min-max is across the same
 methods as the single-seed claims run). Prints one table: method x metric, mean ± sd (n - 1) over the seeds.
 Finished trainings (fit_metrics.json) and evaluations (results.json) are reused; an interrupted training resumes
@@ -29,13 +29,13 @@ from experiments.predictor_ablation import fmt_seeds
 from saliency_lab.metrics.report import SUMMARY_KEYS
 
 CONFIGS = {"ct": "embedded_predictor_ct.yaml", "bt": "embedded_predictor_bt.yaml", "mgnet": "embedded_mgnet.yaml"}
-CLAIMS = "configs/experiment/embedded_claims_predictors.yaml"
+CLAIMS = "configs/evaluate/embedded_claims_predictors.yaml"
 
 
 def train_command(kind: str, seed: int, out: Path, filter_ckpt: Path) -> list[str]:
     run_dir = out / f"seed{seed}" / kind
     resume = ["--ckpt_path=last"] if (ROOT / run_dir / "checkpoints" / "last.ckpt").is_file() else []
-    return [*CLI, "fit", "--config", f"configs/experiment/{CONFIGS[kind]}", f"--run_dir={run_dir}",
+    return [*CLI, "fit", "--config", f"configs/train/{CONFIGS[kind]}", f"--run_dir={run_dir}",
             f"--model.init_args.filter_checkpoint={filter_ckpt}", f"--seed_everything={seed}",
             f"--model.init_args.draw_seed={seed}", *resume]
 

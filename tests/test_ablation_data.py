@@ -57,7 +57,7 @@ def test_hard_scenes_parse_as_evaluate_reads_them(monkeypatch):
     from saliency_lab.cli import evaluate
 
     monkeypatch.chdir(ROOT)
-    cfg = evaluate.build_parser().parse_args(["--config", "configs/experiment/embedded_evaluate.yaml",
+    cfg = evaluate.build_parser().parse_args(["--config", "configs/evaluate/embedded_evaluate.yaml",
                                               "--data", "configs/data/embedded_hard.yaml"])
     init = cfg.data.init_args
     assert init.seed == 1

@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 
-from saliency_lab.core.blackbox import BlackBox, blackbox_record, create_network
+from saliency_lab.core.blackbox import WEIGHTS_ENV, BlackBox, blackbox_record, create_network, resolve_weights
 from saliency_lab.core.checkpoints import UnsafeCheckpointError
 from saliency_lab.lightning_modules.classifier import Classifier
 
@@ -138,3 +138,70 @@ def test_clear_errors_for_bad_specs(tmp_path):
         BlackBox(**TINY, feature_levels=9)
     # a command-line null that jsonargparse hands over as text is read as the null it was (random weights)
     assert BlackBox(**TINY, weights="None").config()["init_args"]["weights"] is None
+
+
+def _weights_folder(tmp_path):
+    """A weights folder holding ``w.pth`` (TINY's network) and a working directory without it: (folder, cwd, net)."""
+    folder, cwd = tmp_path / "weights", tmp_path / "work"
+    folder.mkdir()
+    cwd.mkdir()
+    torch.manual_seed(1)
+    net = create_network(TINY["model"], TINY["num_classes"], TINY["model_kwargs"]).eval()
+    torch.save(net.state_dict(), folder / "w.pth")
+    return folder, cwd, net
+
+
+def test_relative_weights_are_found_under_the_weights_folder_variable(tmp_path, monkeypatch):
+    """A relative ``weights`` path missing under the working directory is read from $SALIENCY_LAB_WEIGHTS; the
+    config keeps the name as given (a checkpoint names the file, not this machine's folder); a file under the
+    working directory wins over the folder's."""
+    folder, cwd, net = _weights_folder(tmp_path)
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv(WEIGHTS_ENV, str(folder))
+    x = torch.rand(2, 3, 32, 32)
+    box = BlackBox(**TINY, weights="w.pth")
+    assert torch.allclose(box.net(x), net(x), atol=1e-6)
+    assert box.config()["init_args"]["weights"] == "w.pth"
+    assert resolve_weights("w.pth") == str(folder / "w.pth")
+    torch.manual_seed(2)
+    local = create_network(TINY["model"], TINY["num_classes"], TINY["model_kwargs"])
+    torch.save(local.state_dict(), cwd / "w.pth")
+    assert resolve_weights("w.pth") == "w.pth"  # the working directory's file comes first
+    assert not torch.allclose(BlackBox(**TINY, weights="w.pth").net(x), net(x))
+
+
+def test_content_hash_is_of_the_weights_not_of_where_they_were_found(tmp_path, monkeypatch):
+    """The same file through the variable, by its absolute path or copied elsewhere hashes the same (evaluation rows
+    are keyed by it); other weights under the same name hash differently."""
+    folder, cwd, _ = _weights_folder(tmp_path)
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv(WEIGHTS_ENV, str(folder))
+    through_variable = BlackBox(**TINY, weights="w.pth").content_hash()
+    assert through_variable == BlackBox(**TINY, weights=str(folder / "w.pth")).content_hash()
+    elsewhere = tmp_path / "copy"
+    elsewhere.mkdir()
+    (elsewhere / "w.pth").write_bytes((folder / "w.pth").read_bytes())
+    monkeypatch.setenv(WEIGHTS_ENV, str(elsewhere))
+    assert BlackBox(**TINY, weights="w.pth").content_hash() == through_variable
+    torch.save(create_network(TINY["model"], TINY["num_classes"], TINY["model_kwargs"]).state_dict(), elsewhere / "w.pth")
+    assert BlackBox(**TINY, weights="w.pth").content_hash() != through_variable
+
+
+@pytest.mark.parametrize("variable", [None, "empty folder"])
+def test_missing_weights_name_the_file_the_variable_and_the_overrides(tmp_path, monkeypatch, variable):
+    monkeypatch.chdir(tmp_path)
+    if variable is None:
+        monkeypatch.delenv(WEIGHTS_ENV, raising=False)
+    else:
+        (tmp_path / "empty").mkdir()
+        monkeypatch.setenv(WEIGHTS_ENV, str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError) as error:
+        BlackBox(**TINY, weights="resnet50-0676ba61.pth")
+    message = str(error.value)
+    assert "resnet50-0676ba61.pth" in message and WEIGHTS_ENV in message
+    assert "--model.init_args.blackbox.init_args.weights=PATH" in message and "--blackbox.init_args.weights=PATH" in message
+    assert ("is not set" in message) == (variable is None)
+    if variable is not None:
+        assert str(tmp_path / "empty") in message
+    with pytest.raises(FileNotFoundError, match="absolute path"):
+        BlackBox(**TINY, weights=str(tmp_path / "nowhere" / "w.pth"))

@@ -13,7 +13,7 @@ import yaml
 
 from tests.conftest import ROOT, subprocess_env
 
-EXPERIMENT = "configs/experiment/embedded_classifier.yaml"
+EXPERIMENT = "configs/train/embedded_classifier.yaml"
 SMALL = ["--data.init_args.image_size=32", "--data.init_args.batch_size=8", "--data.init_args.num_workers=0",
          "--data.init_args.num_train=32", "--data.init_args.num_val=16", "--data.init_args.num_test=16",
          "--model.init_args.blackbox.init_args.model_kwargs={channels: [8, 16, 24, 32]}"]
@@ -115,17 +115,11 @@ def checkpoint_callbacks(path, entries=None):
     return found
 
 
-def trains_a_model(path) -> bool:
-    """A train.py experiment: it sets a model, as a block or as dotted keys over a config it includes."""
-    return any(str(key) == "model" or str(key).startswith("model.") for key in yaml.safe_load(path.read_text()) or {})
-
-
-@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs" / "experiment").glob("*.yaml")
-                                          if trains_a_model(p)))
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs" / "train").glob("*.yaml")))
 def test_every_training_config_refreshes_last_ckpt_unconditionally(config):
     """A monitored ModelCheckpoint writes last.ckpt only when the metric improves (a stale last.ckpt); every
     training config needs an unmonitored one with save_last, and no monitored one may write last.ckpt."""
-    found = checkpoint_callbacks(ROOT / "configs" / "experiment" / config)
+    found = checkpoint_callbacks(ROOT / "configs" / "train" / config)
     assert not [c for c in found if c.get("save_last") and c.get("monitor")], config
     assert [c for c in found if c.get("save_last") and not c.get("monitor") and c.get("save_top_k", 1) != 0], config
 

@@ -159,7 +159,7 @@ def test_valid_values_pass(tmp_path):
 def test_every_evaluate_config_passes_the_checks(repo_root, config):
     """The rules refuse none of the shipped evaluate.py configs, except for files that training runs make or the
     user sets (e.g. outputs/demo/*/checkpoints/last.ckpt, a COCO-trained resnet50's weights)."""
-    cfg = evaluate.build_parser().parse_args(["--config", str(repo_root / "configs" / "experiment" / config)])
+    cfg = evaluate.build_parser().parse_args(["--config", str(repo_root / "configs" / "evaluate" / config)])
     assert [line for line in problems(cfg) if ": no such file " not in line] == []
 
 

@@ -45,7 +45,7 @@ def tiny_game_checkpoint(repo_root, tiny_blackbox_path, tmp_path, monkeypatch):
     run_dir = tmp_path / "game_run"
     monkeypatch.chdir(repo_root)
     with unittest.mock.patch.object(sys, "argv", ["train.py"]):
-        train.main(["fit", "--config", "configs/experiment/embedded_predictor_game.yaml", f"--run_dir={run_dir}",
+        train.main(["fit", "--config", "configs/train/embedded_predictor_game.yaml", f"--run_dir={run_dir}",
                     f"--model.init_args.blackbox.init_args.model=ckpt:{tiny_blackbox_path}",
                     "--model.init_args.filter_checkpoint=null", *shlex.split(TRAIN),
                     "--trainer.logger=configs/logger/csv.yaml", f"--trainer.logger.init_args.save_dir={run_dir}"])
@@ -80,7 +80,7 @@ def test_demo_runs_every_stage_and_reuses_them(repo_root, tmp_path, tiny_blackbo
 
 def test_the_demo_trains_every_predictor_config_and_names_them_apart():
     assert set(demo.PREDICTOR_CONFIGS) == {"predictor_ct", "predictor_bt", "mgnet", "predictor_game"}
-    assert demo.PREDICTOR_CONFIGS["predictor_game"] == "configs/experiment/embedded_predictor_game.yaml"
+    assert demo.PREDICTOR_CONFIGS["predictor_game"] == "configs/train/embedded_predictor_game.yaml"
 
 
 def test_a_committed_game_checkpoint_stands_in_only_for_its_black_box(repo_root, monkeypatch, tmp_path,
@@ -118,7 +118,7 @@ def test_the_committed_game_checkpoint_loads_and_scores_as_documented(repo_root,
     on the committed black box in float32: the first 8 embedded test scenes score what assets/README.md states."""
     monkeypatch.chdir(repo_root)
     results = evaluate.main([
-        "--config", "configs/experiment/embedded_evaluate.yaml", "--explainers=[]", f"--ckpt_path=[{demo.COMMITTED_GAME}]",
+        "--config", "configs/evaluate/embedded_evaluate.yaml", "--explainers=[]", f"--ckpt_path=[{demo.COMMITTED_GAME}]",
         "--blackbox.init_args.precision=32", "--num_images=8", "--batch_size=8", "--data.init_args.num_test=8",
         "--data.init_args.num_workers=0", "--data.init_args.cache=false", "--overlay_images=0", "--wandb=false",
         f"--out={tmp_path}"])

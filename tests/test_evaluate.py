@@ -314,15 +314,14 @@ def test_wandb_tables_and_images_are_logged(tiny_blackbox, tmp_path, monkeypatch
     assert [str(p).rsplit("/", 1)[-1] for p in logged["evaluation/figures"]] == ["curves.png", "overlays.png"]
 
 
-EVALUATE_CONFIGS = sorted(path.name for path in (Path(__file__).parents[1] / "configs" / "experiment").glob("*.yaml")
-                          if "run_dir" not in yaml.safe_load(path.read_text()))  # train.py experiments have one
+EVALUATE_CONFIGS = sorted(path.name for path in (Path(__file__).parents[1] / "configs" / "evaluate").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("config", EVALUATE_CONFIGS)
 def test_every_evaluate_config_parses_into_its_objects(repo_root, config):
-    """Each evaluate.py experiment (the README's commands) parses, with a configs/trainer/*.yaml on top, into a
+    """Each configs/evaluate/ config (the README's commands) parses, with a configs/trainer/*.yaml on top, into a
     black box spec, explainer specs the registry knows and a protocol that resolves."""
-    cfg = evaluate.build_parser().parse_args(["--config", str(repo_root / "configs" / "experiment" / config),
+    cfg = evaluate.build_parser().parse_args(["--config", str(repo_root / "configs" / "evaluate" / config),
                                               "--trainer", str(repo_root / "configs" / "trainer" / "cpu_ddp.yaml")])
     assert cfg.blackbox.class_path == "saliency_lab.core.blackbox.BlackBox" and cfg.blackbox.init_args.model
     assert cfg.trainer.devices == 2 and cfg.trainer.strategy == "ddp"

@@ -40,10 +40,8 @@ def test_the_noise_substrate_is_one_fixed_image_independent_of_the_batch():
 
 
 def _training_configs() -> list[Path]:
-    """Every config ``saliency-lab fit`` reads: configs/model/* and the experiment configs with a model section."""
-    experiments = [p for p in sorted((CONFIGS / "experiment").glob("*.yaml"))
-                   if "model" in (yaml.safe_load(p.read_text()) or {})]
-    return sorted((CONFIGS / "model").glob("*.yaml")) + experiments
+    """Every config ``saliency-lab fit`` reads: configs/model/* and configs/train/** (the parts they include)."""
+    return sorted((CONFIGS / "model").glob("*.yaml")) + sorted((CONFIGS / "train").rglob("*.yaml"))
 
 
 HELDOUT_MARKERS = re.compile(r"\b(noise|blur_wide|grid16|road)\b|\bunits:\s*(16|56)\b|blur_sigma:\s*(12|3\.4)")

@@ -31,7 +31,7 @@ from saliency_lab.core.checkpoints import (DamagedCheckpointError, RemoteCheckpo
 from saliency_lab.metrics import causal_curves, explained_class, faithfulness_mf, pointing_game, pr_auc
 from saliency_lab.metrics.causal import CausalProtocol
 
-EXPERIMENT = "configs/experiment/embedded_classifier.yaml"
+EXPERIMENT = "configs/train/embedded_classifier.yaml"
 SMALL = ["--data.init_args.image_size=32", "--data.init_args.batch_size=8", "--data.init_args.num_workers=0",
          "--data.init_args.num_train=16", "--data.init_args.num_val=8", "--data.init_args.num_test=8",
          "--model.init_args.blackbox.init_args.model_kwargs={channels: [8, 16, 24, 32]}"]

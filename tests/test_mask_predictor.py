@@ -209,6 +209,23 @@ def test_filter_checkpoint_record_and_loading(tiny_blackbox_path, tmp_path):
     assert not model.net.filter.embedding.requires_grad
 
 
+def test_filter_validation_logs_the_same_keys_whatever_the_fake_draws(tiny_blackbox_path, scenes, monkeypatch):
+    """Under DDP every rank must log the same keys, or the ranks' all-reduces pair up wrongly and the run hangs:
+    a batch whose images all keep their real class (no fake one) logs fake_gate too, and the epoch means weigh
+    every image once."""
+    module = FeatureFilterModule(blackbox=BlackBox(f"ckpt:{tiny_blackbox_path}"))
+    logged: list[list[str]] = []
+    monkeypatch.setattr(module, "log", lambda name, *a, **k: logged[-1].append(name))
+    batch = {"image": scenes["image"][:4], "label": scenes["label"][:4], "index": scenes["index"][:4]}
+    for fake_prob in (0.001, 0.999):  # (almost surely) no fake class, then only fake classes
+        module.hparams.fake_prob = fake_prob
+        logged.append([])
+        module._step(batch, "val")
+    assert logged[0] == logged[1] and {"val/real_gate", "val/fake_gate"} <= set(logged[0]), logged
+    real, fake = (module.gate_means[f"val_{name}"] for name in ("real_gate", "fake_gate"))
+    assert int(real.weight) == 4 and int(fake.weight) == 4  # each image counted once, in its own mean
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Loss, substrates, explainer, post-hoc tuning
 
@@ -464,7 +481,7 @@ def test_a_checkpoint_for_another_black_box_is_refused(tiny_blackbox_path, scene
 # train.py end to end (subprocesses)
 
 IMAGENET_CONFIGS = ["imagenet_resnet50_filter", "imagenet_resnet50_ct", "imagenet_resnet50_bt", "imagenet_resnet50_mgnet",
-                    "imagenet_vgg19_ct", "imagenet_googlenet_ct"]
+                    "imagenet_vgg19_filter", "imagenet_vgg19_ct", "imagenet_googlenet_filter", "imagenet_googlenet_ct"]
 EMBEDDED_PREDICTORS = ["embedded_predictor_ct", "embedded_predictor_bt", "embedded_mgnet", "embedded_predictor_game"]
 CPU = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto"]
 
@@ -520,7 +537,7 @@ def test_fast_dev_run_of_every_imagenet_config(repo_root, imagenet_export, tmp_p
     runs = {}
     for config in IMAGENET_CONFIGS:
         run_dir = tmp_path / config
-        args = ["fit", "--config", f"configs/experiment/{config}.yaml", "--trainer.fast_dev_run=true",
+        args = ["fit", "--config", f"configs/train/{config}.yaml", "--trainer.fast_dev_run=true",
                 f"--run_dir={run_dir}", f"--data.init_args.root={imagenet_export}",
                 f"--data.init_args.image_size={SIZE}", "--data.init_args.batch_size=4", "--data.init_args.num_workers=0",
                 "--model.init_args.blackbox.init_args.weights=null",
@@ -546,7 +563,7 @@ GAME_CONFIGS = {"embedded_predictor_game": "embedded_predictor_ct", "imagenet_re
 
 
 def resolved_config(name: str, *overrides: str):
-    """train.py's parse of configs/experiment/NAME.yaml (its ``config:`` include resolved), nothing instantiated."""
+    """train.py's parse of configs/train/NAME.yaml (its ``config:`` includes resolved), nothing instantiated."""
     from saliency_lab.cli.utils import SaliencyCLI
 
     class ParseOnly(SaliencyCLI):
@@ -561,7 +578,7 @@ def resolved_config(name: str, *overrides: str):
 
     with unittest.mock.patch.object(sys, "argv", ["train.py"]):  # pytest's own arguments are not train.py's
         return ParseOnly(subclass_mode_model=True, subclass_mode_data=True, run=False,
-                         args=["--config", f"configs/experiment/{name}.yaml", *overrides]).config
+                         args=["--config", f"configs/train/{name}.yaml", *overrides]).config
 
 
 @pytest.mark.parametrize("config", sorted(GAME_CONFIGS))
@@ -598,9 +615,9 @@ def test_embedded_game_config_builds_the_game_predictor(repo_root, monkeypatch, 
 
 @pytest.fixture(scope="module")
 def embedded_filter(repo_root, tiny_blackbox_path, tmp_path_factory):
-    """A real (2-step) run of configs/experiment/embedded_filter.yaml: its last.ckpt feeds the predictors."""
+    """A real (2-step) run of configs/train/embedded_filter.yaml: its last.ckpt feeds the predictors."""
     run_dir = tmp_path_factory.mktemp("filter")
-    proc = run_train(repo_root, "fit", "--config", "configs/experiment/embedded_filter.yaml", f"--run_dir={run_dir}",
+    proc = run_train(repo_root, "fit", "--config", "configs/train/embedded_filter.yaml", f"--run_dir={run_dir}",
                      f"--model.init_args.blackbox.init_args.model=ckpt:{tiny_blackbox_path}", *embedded_data(),
                      "--trainer.limit_train_batches=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -610,7 +627,7 @@ def embedded_filter(repo_root, tiny_blackbox_path, tmp_path_factory):
 
 
 def predictor_args(config, tiny_blackbox_path, filter_path, run_dir, *extra):
-    return ["fit", "--config", f"configs/experiment/{config}.yaml", f"--run_dir={run_dir}",
+    return ["fit", "--config", f"configs/train/{config}.yaml", f"--run_dir={run_dir}",
             f"--model.init_args.blackbox.init_args.model=ckpt:{tiny_blackbox_path}",
             f"--model.init_args.filter_checkpoint={filter_path}", *extra]
 

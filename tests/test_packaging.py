@@ -44,7 +44,7 @@ def installed(repo_root, tmp_path_factory) -> tuple[Path, dict, Path]:
     assert len(wheels) == 1 and wheels[0].name.startswith(f"saliency_lab-{__version__}-")
     names = zipfile.ZipFile(wheels[0]).namelist()
     for packaged in ("saliency_lab/py.typed", "saliency_lab/assets/embedded_blackbox.pt",
-                     "saliency_lab/configs/experiment/embedded_evaluate.yaml", "saliency_lab/configs/data/embedded.yaml"):
+                     "saliency_lab/configs/evaluate/embedded_evaluate.yaml", "saliency_lab/configs/data/embedded.yaml"):
         assert packaged in names, packaged
     assert {name.split("/")[0] for name in names} <= {"saliency_lab", f"saliency_lab-{__version__}.dist-info"}
 
@@ -93,7 +93,7 @@ def test_the_wheel_works_from_outside_the_checkout(installed, repo_root):
     assert sorted(Path(row["file"]).name for row in index) == ["photo0.png", "photo1.png"]
 
     # saliency-lab evaluate with a config that ships with the package, on 2 images
-    run([str(bin_dir / "saliency-lab"), "evaluate", "--config", "configs/experiment/embedded_evaluate.yaml",
+    run([str(bin_dir / "saliency-lab"), "evaluate", "--config", "configs/evaluate/embedded_evaluate.yaml",
          "--explainers=gradient,gradcam", "--num_images=2", "--batch_size=2", "--wandb=false", "--out=evaluation",
          "--trainer.enable_progress_bar=false"], work, env)
     results = json.loads((work / "evaluation" / "results.json").read_text())

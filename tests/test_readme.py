@@ -170,29 +170,33 @@ TINY_EVALUATE = ["--trainer.accelerator=cpu", "--trainer.precision=32-true", f"-
 def test_the_cluster_block_on_an_exported_imagenet_folder(tmp_path):
     """The three stages as written (filter, CT predictor reading the filter's checkpoint, evaluation reading the
     predictor's), on the embedded scenes exported as an ImageNet folder (10 classes, 32 px) with a random-weight
-    ResNet-50 file, on the CPU, with tiny settings appended; run from a folder outside the checkout, so the configs
-    come from the package."""
+    ResNet-50 file under the configs' file name in the folder the block exports as SALIENCY_LAB_WEIGHTS, on the
+    CPU, with tiny settings appended; run from a folder outside the checkout, so the configs come from the
+    package."""
     from torchvision.models import resnet50
 
     from saliency_lab.datamodules.scene_export import export_imagenet
 
     imagenet = export_imagenet(tmp_path / "imagenet", {"train": 16, "val": 8}, image_size=SIZE)
     torch.manual_seed(0)
-    weights = tmp_path / "resnet50.pth"
-    torch.save(resnet50(num_classes=10).state_dict(), weights)
+    weights = tmp_path / "weights"  # the folder the block exports; the configs name the file in it
+    weights.mkdir()
+    torch.save(resnet50(num_classes=10).state_dict(), weights / "resnet50-0676ba61.pth")
     work = tmp_path / "work"
     work.mkdir()
     (block,) = code_blocks(task_section(3), "bash")
-    lines = commands(block, {"IMAGENET": str(imagenet), "RESNET50_WEIGHTS": str(weights)})
+    exports, *lines = commands(block, {"IMAGENET": str(imagenet)})
+    assert exports[0] == "export" and exports[1].partition("=")[0] == "SALIENCY_LAB_WEIGHTS", exports
+    env = {**subprocess_env(), "SALIENCY_LAB_WEIGHTS": str(weights)}
     assert [words[:2] for words in lines] == [["saliency-lab", "fit"]] * 2 + [["saliency-lab", "evaluate"]], lines
     stages = [w[w.index("--config") + 1] for w in lines]
-    assert stages == ["configs/experiment/imagenet_resnet50_filter.yaml", "configs/experiment/imagenet_resnet50_ct.yaml",
-                      "configs/experiment/imagenet_resnet50_evaluate.yaml"]
+    assert stages == ["configs/train/imagenet_resnet50_filter.yaml", "configs/train/imagenet_resnet50_ct.yaml",
+                      "configs/evaluate/imagenet_resnet50.yaml"]
     for words in lines[:2]:
-        run([*as_cli(words), *TINY_FIT], cwd=work)
+        run([*as_cli(words), *TINY_FIT], cwd=work, env=env)
     for run_dir in ("resnet50_filter", "resnet50_ct"):
         assert (work / "outputs/imagenet" / run_dir / "checkpoints/last.ckpt").is_file(), run_dir
-    run([*as_cli(lines[2]), *TINY_EVALUATE], cwd=work)
+    run([*as_cli(lines[2]), *TINY_EVALUATE], cwd=work, env=env)
     import json
 
     results = json.loads((work / "outputs/imagenet/resnet50_evaluation/results.json").read_text())

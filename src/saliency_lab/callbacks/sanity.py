@@ -7,7 +7,7 @@ method whose maps survive the loss of the weights explains the image, not the mo
 Label randomisation: the maps of a classifier trained on shuffled labels must differ from those of the
 classifier trained on the true labels (:func:`label_randomisation`, :class:`LabelRandomisationCheck`). The
 second black box comes from ``train.py`` with the datamodule's ``shuffle_labels`` option (e.g.
-``configs/experiment/embedded_classifier_shuffled.yaml``).
+``configs/train/embedded_classifier_shuffled.yaml``).
 """
 from __future__ import annotations
 

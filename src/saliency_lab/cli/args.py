@@ -6,7 +6,8 @@
   (``weights``, ``num_classes``, ``precision``, ...). ``--blackbox_weights`` and ``--num_classes`` (earlier
   spellings of explain) still read as ``--blackbox.init_args.weights`` / ``num_classes``.
 - ``--ckpt_path`` is every command's checkpoint option (``--ckpt`` still reads as it).
-- ``--config configs/...`` falls back to the installed package's copy (:func:`resolve_config_args`).
+- ``--config configs/...`` falls back to the installed package's copy (:func:`resolve_config_args`), and
+  ``evaluate`` refuses a ``configs/train/`` config, naming the command that reads it.
 """
 from __future__ import annotations
 
@@ -25,10 +26,11 @@ def is_blackbox_spec(value: str) -> bool:
     return bool(_SPEC.search(value))
 
 
-def normalise_args(argv: list[str]) -> list[str]:
-    """``argv`` with the shorthands of the module docstring spelled out and packaged configs resolved."""
+def normalise_args(argv: list[str], command: str | None = None) -> list[str]:
+    """``argv`` with the shorthands of the module docstring spelled out and packaged configs resolved; with
+    ``command`` (``"evaluate"``), a config of another command's folder is refused (``configs/train/``)."""
     out: list[str] = []
-    items = list(resolve_config_args(argv))
+    items = list(resolve_config_args(argv, command=command))
     i = 0
     while i < len(items):
         arg = items[i]

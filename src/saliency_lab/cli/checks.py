@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from saliency_lab import explainers
-from saliency_lab.core.blackbox import checkpoint_of
+from saliency_lab.core.blackbox import checkpoint_of, resolve_weights
 from saliency_lab.core.checkpoints import remote_scheme
 from saliency_lab.core.files import safe_name
 from saliency_lab.core.resources import resolve_resource
@@ -151,7 +151,13 @@ def _blackbox_model_ok(value, cfg) -> bool:
 
 def _weights_ok(value, cfg) -> bool:
     # BlackBox reads the text "None" / "null" (how jsonargparse hands over a nested null) as null too
-    return _local_files([] if value in (None, "None", "null") else [str(value)])
+    if value in (None, "None", "null"):
+        return True
+    try:  # a relative path is also looked up under $SALIENCY_LAB_WEIGHTS, as BlackBox does
+        found = resolve_weights(str(value))
+    except FileNotFoundError as err:
+        raise ValueError(str(err)) from None
+    return _local_files([found])
 
 
 def _not_evaluated(cfg) -> list[str]:

@@ -4,7 +4,7 @@ when its results are already there, so a re-run reuses finished stages and resum
 Stages (each a plain ``train.py`` / ``evaluate.py`` call that you can also run by hand):
   1. classifier — the embedded black box: the committed record ``assets/embedded_blackbox.pt`` (made by
      this same pipeline, see assets/README.md) is tested on the embedded test split; with
-     ``--train_classifier`` or without that file it is trained (configs/experiment/embedded_classifier.yaml);
+     ``--train_classifier`` or without that file it is trained (configs/train/embedded_classifier.yaml);
   2. filter — the feature filter (class selector) of the mask predictors (embedded_filter.yaml);
   3. predictor_ct, predictor_bt, mgnet, predictor_game — the learned mask predictors (embedded_predictor_*.yaml,
      embedded_mgnet.yaml), trained with the filter frozen. predictor_game (the deletion/insertion game alone,
@@ -28,13 +28,13 @@ from pathlib import Path
 from saliency_lab.core.blackbox import read_blackbox_record
 from saliency_lab.core.checkpoints import safe_load
 
-CLASSIFIER_CONFIG = "configs/experiment/embedded_classifier.yaml"
-FILTER_CONFIG = "configs/experiment/embedded_filter.yaml"
-PREDICTOR_CONFIGS = {"predictor_ct": "configs/experiment/embedded_predictor_ct.yaml",
-                     "predictor_bt": "configs/experiment/embedded_predictor_bt.yaml",
-                     "mgnet": "configs/experiment/embedded_mgnet.yaml",
-                     "predictor_game": "configs/experiment/embedded_predictor_game.yaml"}
-EVALUATE_CONFIG = "configs/experiment/embedded_evaluate.yaml"
+CLASSIFIER_CONFIG = "configs/train/embedded_classifier.yaml"
+FILTER_CONFIG = "configs/train/embedded_filter.yaml"
+PREDICTOR_CONFIGS = {"predictor_ct": "configs/train/embedded_predictor_ct.yaml",
+                     "predictor_bt": "configs/train/embedded_predictor_bt.yaml",
+                     "mgnet": "configs/train/embedded_mgnet.yaml",
+                     "predictor_game": "configs/train/embedded_predictor_game.yaml"}
+EVALUATE_CONFIG = "configs/evaluate/embedded_evaluate.yaml"
 CLI = (sys.executable, "-m", "saliency_lab.cli")  # the stages run as the saliency-lab command would
 COMMITTED_BLACKBOX = Path("assets/embedded_blackbox.pt")
 COMMITTED_GAME = Path("assets/embedded_predictor_game.ckpt")  # ~5.7 min of training the budget has no room for

@@ -1,6 +1,6 @@
 """Evaluate explainers on a black box: every method x every metric, resumable, single- or multi-process.
 
-    python evaluate.py --config configs/experiment/embedded_evaluate.yaml [--explainers a,b,c] [--ckpt_path PATH ...]
+    python evaluate.py --config configs/evaluate/embedded_evaluate.yaml [--explainers a,b,c] [--ckpt_path PATH ...]
                        [--num_images N] [--out DIR] [--trainer configs/trainer/cpu_ddp.yaml]
 
 The config mirrors the objects it builds: ``blackbox`` (``class_path: saliency_lab.core.blackbox.BlackBox`` + ``init_args``),
@@ -99,7 +99,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--label_randomisation_blackbox", type=str | None, default=None,
                         help="with --randomisation_images: also the label-randomisation check (Adebayo et al.) "
                              "against this black box trained on shuffled labels ('ckpt:PATH', e.g. from "
-                             "configs/experiment/embedded_classifier_shuffled.yaml)")
+                             "configs/train/embedded_classifier_shuffled.yaml)")
     parser.add_argument("--save_maps", type=bool, default=False,
                         help="save every map under OUT/maps/METHOD/INDEX.pt (not only the overlay images')")
     parser.add_argument("--maps_from", type=str | None, default=None,
@@ -280,7 +280,7 @@ def note_rerun(out: Path, header: dict, num_images: int) -> None:
 
 def main(argv: list[str] | None = None) -> dict | None:
     parser = build_parser()
-    cfg = parser.parse_args(normalise_args(sys.argv[1:] if argv is None else list(argv)))
+    cfg = parser.parse_args(normalise_args(sys.argv[1:] if argv is None else list(argv), command="evaluate"))
     validate_args(cfg)  # every value (explainer names too), before the output folder, data or black box are touched
     check_trainer_precision(cfg.trainer.precision, "--trainer.precision")
     specs = explainer_specs(cfg)

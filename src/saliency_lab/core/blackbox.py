@@ -8,7 +8,9 @@
     ``Classifier`` Lightning checkpoint or an exported black box), read with ``weights_only=True``;
   - ``"embedded"`` — the embedded black box that ships with the package (``assets/embedded_blackbox.pt``).
 Pretrained weights come from a local file (``weights=``, ``.pth``/``.pt`` state dict or ``.safetensors``);
-nothing is ever downloaded.
+nothing is ever downloaded. A relative ``weights`` path that does not exist under the working directory is looked
+up in the folder named by the environment variable ``SALIENCY_LAB_WEIGHTS`` (:func:`resolve_weights`), so the
+configs name a file (``resnet50-0676ba61.pth``) and the user names its folder once.
 
 Cheaper passes (figures and the faithfulness check: ``benchmarks/fast_blackbox.py``,
 :func:`probability_gap` here and ``explainers.faithfulness``):
@@ -38,8 +40,8 @@ from typing import Iterator, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from saliency_lab.core.checkpoints import safe_load
-from saliency_lab.core.resources import current_class_path, packaged
+from saliency_lab.core.checkpoints import remote_scheme, safe_load
+from saliency_lab.core.resources import current_class_path, packaged, resolve_resource
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -50,6 +52,7 @@ CLASS_PATH = "saliency_lab.core.blackbox.BlackBox"
 EMBEDDED = "embedded"  # model spec of the embedded black box that ships with the package
 EMBEDDED_RECORD = "assets/embedded_blackbox.pt"
 MAX_CLASSES = 100_000  # a record claiming more classes is corrupt (ImageNet-21k has 21,841)
+WEIGHTS_ENV = "SALIENCY_LAB_WEIGHTS"  # the folder where relative weights paths are looked up
 
 # Graph nodes giving stride-2..32 feature maps of torchvision CNNs, and their channels.
 TORCHVISION_FEATURE_NODES = {
@@ -90,6 +93,38 @@ def create_network(model: str, num_classes: int | None = None, model_kwargs: dic
         return torchvision.models.get_model(name, weights=None, **kwargs)
     raise ValueError(f"unknown black box {model!r}: expected 'timm:NAME', 'torchvision:NAME', 'module:PACKAGE.CLASS', "
                      "'ckpt:PATH' or 'embedded'")
+
+
+def resolve_weights(weights: str | os.PathLike) -> str:
+    """The file a ``weights`` argument names: the path itself when it exists (a packaged ``assets/...`` file
+    too; a URL is returned as it is, for :func:`saliency_lab.core.checkpoints.safe_load` to refuse), else, for a
+    relative path, the same relative path under the folder in ``$SALIENCY_LAB_WEIGHTS``.
+
+    Raises:
+        FileNotFoundError: neither exists; the message names the file, the variable and the command-line
+            override of training and of evaluation.
+    """
+    text = os.fspath(weights)
+    if remote_scheme(text) is not None:
+        return text
+    if os.path.exists(resolve_resource(text)):  # assets/... also falls back to the installed package's copy
+        return resolve_resource(text)
+    folder = os.environ.get(WEIGHTS_ENV, "")
+    if folder and not os.path.isabs(text):
+        candidate = os.path.join(folder, text)
+        if os.path.exists(candidate):
+            return candidate
+    if os.path.isabs(text):
+        where = "that absolute path does not exist"
+    elif folder:
+        where = f"neither under the working directory {os.getcwd()} nor under {WEIGHTS_ENV}={folder}"
+    else:
+        where = f"not under the working directory {os.getcwd()}, and {WEIGHTS_ENV} is not set"
+    raise FileNotFoundError(
+        f"no such file {text} (the black box's weights): {where}. Put the file in a folder and set "
+        f"{WEIGHTS_ENV}=FOLDER (relative weights paths are looked up there), or give its path: "
+        "--model.init_args.blackbox.init_args.weights=PATH for saliency-lab fit/validate/test, "
+        "--blackbox.init_args.weights=PATH for saliency-lab evaluate and explain.")
 
 
 def _import_module_class(qualified: str, spec: str) -> type:
@@ -204,7 +239,10 @@ class BlackBox(nn.Module):
             (see module docstring), or an ``nn.Module`` object (your own classifier; :meth:`from_module`).
         num_classes: output classes (default: the architecture's default, 1000 for ImageNet models; read from
             the output for a module).
-        weights: local file with weights for a timm/torchvision/module model (state dict or ``.safetensors``).
+        weights: local file with weights for a timm/torchvision/module model (state dict or ``.safetensors``);
+            a relative path missing under the working directory is looked up under ``$SALIENCY_LAB_WEIGHTS``
+            (:func:`resolve_weights`). :meth:`config` records it as given, so a checkpoint names the file,
+            not this machine's folder.
         model_kwargs: extra keyword arguments of the model constructor (e.g. timm ``channels``; a
             ``module:`` class's init args).
         mean, std: input normalisation (default: the model's pretrained config or ImageNet's; for a module, no
@@ -282,8 +320,9 @@ class BlackBox(nn.Module):
             std = std or record.get("std")
             state_dict = record["state_dict"]
         elif weights is not None:
-            state_dict = _state_dict_from(safe_load(weights), weights)
-            check_finite_weights(state_dict, str(weights))
+            found = resolve_weights(weights)
+            state_dict = _state_dict_from(safe_load(found), found)
+            check_finite_weights(state_dict, found)
         else:
             state_dict = None
         if feature_layers is not None and kind != "module":

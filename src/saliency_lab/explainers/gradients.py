@@ -12,8 +12,6 @@ Each gives per-channel attributions (B, 3, H, W), reduced to a map (B, 1, H, W) 
 from __future__ import annotations
 
 import torch
-from captum.attr import IntegratedGradients as CaptumIntegratedGradients
-from captum.attr import Saliency
 from torch import Tensor
 
 from saliency_lab.core.perturbation import make_substrate, scaled_blur
@@ -77,6 +75,8 @@ class Gradient(_CaptumAttribution):
         super().__init__(blackbox, channel_reduction=channel_reduction, **common)
 
     def _attribute(self, images: Tensor, targets: Tensor, seeds: Tensor) -> Tensor:
+        from captum.attr import Saliency  # captum (and its matplotlib) only where a captum method runs
+
         return Saliency(self._logits).attribute(_leaf(images), target=targets, abs=False)
 
 
@@ -113,6 +113,8 @@ class SmoothGrad(_CaptumAttribution):
         return max(1, self.max_forward_batch // self.n_samples)
 
     def _attribute(self, images: Tensor, targets: Tensor, seeds: Tensor) -> Tensor:
+        from captum.attr import Saliency
+
         noisy = torch.cat([self._noisy_copies(image, int(seed)) for image, seed in zip(images, seeds.tolist())])
         classes = targets.repeat_interleave(self.n_samples)
         saliency = Saliency(self._logits)
@@ -162,6 +164,8 @@ class IntegratedGradients(_CaptumAttribution):
     def _attribute(self, images: Tensor, targets: Tensor, seeds: Tensor) -> Tensor:
         kernel, sigma = scaled_blur(self.blur_kernel, self.blur_sigma, min(images.shape[-2:]))
         baselines = make_substrate(self.baseline, images, blur_kernel=kernel, blur_sigma=sigma)
+        from captum.attr import IntegratedGradients as CaptumIntegratedGradients
+
         return CaptumIntegratedGradients(self._logits).attribute(
             images, baselines=baselines, target=targets, n_steps=self.n_steps, method=self.method,
             internal_batch_size=self.max_forward_batch)

@@ -37,8 +37,6 @@ import math
 
 import numpy as np
 import torch
-from captum._utils.models.linear_model import SkLearnRidge
-from captum.attr import Lime as CaptumLime
 from torch import Tensor
 
 from saliency_lab.core.perturbation import make_substrate, scaled_blur
@@ -150,6 +148,10 @@ class LIME(Explainer):
         return make_substrate(self.substrate, images, blur_kernel=kernel, blur_sigma=sigma)
 
     def _explain(self, images: Tensor, targets: Tensor, seeds: Tensor) -> Tensor:
+        # captum (and its matplotlib) only where LIME runs, not for every user of the explainer registry
+        from captum._utils.models.linear_model import SkLearnRidge
+        from captum.attr import Lime as CaptumLime
+
         segments = self.segments(images)
         baselines = self.baselines(images, segments)
         self.last_segments = segments

@@ -187,7 +187,7 @@ class MGNet(MaskPredictorExplainer):
 
 @register("predictor_game")
 class PredictorGame(PredictorCT):
-    """The CT predictor trained by the deletion/insertion game alone (configs/experiment/embedded_predictor_game.yaml,
+    """The CT predictor trained by the deletion/insertion game alone (configs/train/embedded_predictor_game.yaml,
     the winner of experiments/predictor_ablation.py): at inference the same network and controller as
     ``predictor_ct``; its own name is what its checkpoints record (``MaskPredictor(method="predictor_game")``)."""
 

@@ -46,7 +46,7 @@ area_growth=1.0035`` is the released code's schedule.
 lambda weighs a reward in logits: lambda_0 = 300 suits ImageNet classifiers (logit gaps of tens). The embedded
 black box (label smoothing, ~5 logits between an image and its blur) needs a smaller lambda_0, or the penalty
 shrinks every mask to wherever the generator's ties put it before the reward can move it:
-configs/experiment/embedded_claims_table1.yaml sets lambda from 3 to ~80,000 (chosen on validation images).
+configs/evaluate/embedded_claims_table1.yaml sets lambda from 3 to ~80,000 (chosen on validation images).
 Pixel lengths (s, sigma, max_blur) scale with the image side (s = 2, sigma = 6 and max_blur = 5.7 px at 64),
 so the parameter grid keeps its 32 x 32 points and the masks cover the same fraction of the image at any size.
 

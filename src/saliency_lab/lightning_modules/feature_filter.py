@@ -18,7 +18,8 @@ from collections.abc import Mapping
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
 
 from saliency_lab.core.blackbox import BlackBox
 from saliency_lab.core.seeding import per_image_uniforms
@@ -29,6 +30,7 @@ BLACKBOX_PREFIX = "blackbox."
 # Streams of per-image randomness (the third part of seeded_generator's seed): one per use, so e.g. the
 # fake-class draw and the substrate draw of an image are independent.
 STREAM_FAKE_CLASS, STREAM_SUBSTRATE, STREAM_COLOUR = 1, 2, 3
+GATE_NAMES = ("real_gate", "fake_gate")
 VALIDATION_EPOCH = -1  # validation draws use this "epoch": the same substrates every epoch
 
 
@@ -112,6 +114,11 @@ class FeatureFilterModule(FrozenBlackBoxModule):
         self.save_hyperparameters(ignore=["blackbox"])
         self._set_blackbox(blackbox)
         self.filter = FeatureFilter(self.blackbox.feature_channels[-1], self.blackbox.num_classes)
+        # Mean gate of real and of fake classes per evaluation split. Metric objects, not per-batch means: a
+        # batch (or a whole DDP rank) may hold no fake class at all, and every rank must still log the same
+        # keys, or the ranks' all-reduces pair up wrongly and DDP hangs.
+        self.gate_means = nn.ModuleDict({f"{split}_{name}": MeanMetric(nan_strategy="ignore")
+                                         for split in ("val", "test") for name in GATE_NAMES})
 
     def _step(self, batch: dict, split: str) -> Tensor:
         images = self._images(batch)
@@ -138,10 +145,10 @@ class FeatureFilterModule(FrozenBlackBoxModule):
                  batch_size=size)
         self.log(f"{split}/acc", acc, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=size)
         if split != "train":
-            for name, chosen in (("real_gate", ~fake), ("fake_gate", fake)):
-                if chosen.any():
-                    self.log(f"{split}/{name}", gate[chosen].mean(), on_epoch=True, sync_dist=True,
-                             batch_size=int(chosen.sum()))
+            for name, chosen in zip(GATE_NAMES, (~fake, fake)):
+                metric = self.gate_means[f"{split}_{name}"]
+                metric.update(gate.detach()[chosen].float())
+                self.log(f"{split}/{name}", metric, on_epoch=True)
         return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:

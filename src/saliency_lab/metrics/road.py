@@ -27,8 +27,6 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from scipy.sparse import coo_matrix
-from scipy.sparse.linalg import spsolve
 from torch import Tensor
 
 from saliency_lab.core.blackbox import fast_passes
@@ -86,6 +84,9 @@ def linear_fill(image: np.ndarray, removed: np.ndarray) -> np.ndarray:
     x_j is the image's value for a kept neighbour and an unknown for a removed one. Same system as
     pytorch-grad-cam's ``NoisyLinearImputer`` and Quantus' ``noisy_linear_imputation``, built in one vectorised
     pass as a sparse matrix instead of element by element, and solved with scipy's ``spsolve``."""
+    from scipy.sparse import coo_matrix  # scipy only where ROAD runs, not for every user of the metrics
+    from scipy.sparse.linalg import spsolve
+
     channels, height, width = image.shape
     flat_removed = removed.reshape(-1)
     unknown_pixels = np.flatnonzero(flat_removed)

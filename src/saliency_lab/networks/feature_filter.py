@@ -76,7 +76,7 @@ class FeatureFilter(nn.Module):
         record = checkpoint.get("feature_filter") if isinstance(checkpoint, dict) else None
         if record is None:
             raise ValueError(f"{path} is not a feature-filter checkpoint (no 'feature_filter' record); train one "
-                             "with configs/experiment/*_filter.yaml")
+                             "with configs/train/*_filter.yaml")
         return cls.from_record(record), record
 
     def extra_repr(self) -> str:
@@ -88,7 +88,7 @@ def load_filter(path: str | None, blackbox: BlackBox) -> FeatureFilter:
     channels, classes = blackbox.feature_channels[-1], blackbox.num_classes
     if path is None:
         warnings.warn("no filter_checkpoint given: the feature filter is randomly initialised (untrained); train "
-                      "it first with a *_filter.yaml experiment", stacklevel=3)
+                      "it first with a configs/train/*_filter.yaml config", stacklevel=3)
         return FeatureFilter(channels, classes)
     module, record = FeatureFilter.from_checkpoint(path)
     if (module.channels, module.num_classes) != (channels, classes):
