@@ -4,12 +4,15 @@ A sample is a dict ``image`` (3,H,W) float32 in [0,1], ``label`` () long, ``mask
 ``boxes`` (K,4) float32 xyxy in pixels, ``index`` () long. A batch stacks all of them except ``boxes``,
 which stays a list of B tensors because K varies.
 
-The file-based datamodules (ImageNet, COCO) also share image decoding (``load_rgb``, ``rgb_to_tensor``)
-and the bad-file check (``drop_bad_images``, ``BadImageWarning``, ``BadImageError``).
+The file-based datamodules (ImageNet, COCO) also share image decoding (``load_rgb``, ``rgb_to_tensor``;
+``load_rgb_uint8`` with a choice of JPEG decoder) and the bad-file check (``drop_bad_images``,
+``BadImageWarning``, ``BadImageError``).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
+import io
 import os
 import warnings
 from collections.abc import Sequence
@@ -20,6 +23,11 @@ import pytorch_lightning as pl
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
+
+try:  # deprecated since torchvision 0.29 (superseded by TorchCodec); gone in some later release
+    from torchvision.io import ImageReadMode, decode_jpeg
+except ImportError:
+    ImageReadMode = decode_jpeg = None
 
 BATCH_KEYS = ("image", "label", "mask", "boxes", "index")
 
@@ -46,6 +54,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 """Lower-case suffixes of files that are taken as images; any other file (.txt, .xml, ...) is ignored."""
 
 VERIFY_MODES = ("quick", "full", "off")
+DECODERS = ("pil", "torchvision")
+"""JPEG decoders of :func:`load_rgb_uint8`: Pillow, or ``torchvision.io.decode_jpeg`` (both libjpeg-turbo)."""
 ON_ERROR_MODES = ("skip", "raise")
 _JPEG_START, _JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
 _PNG_START, _PNG_END = b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82"
@@ -129,6 +139,65 @@ def load_rgb(path: str | os.PathLike, orient: bool = False, max_pixels: int | No
 def rgb_to_tensor(img: Image.Image) -> torch.Tensor:
     """8-bit RGB PIL image (W,H) -> (3,H,W) float32 ``k/255`` in [0,1] (the embedded scenes' levels)."""
     return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float().div_(255)
+
+
+def rgb_to_uint8(img: Image.Image) -> torch.Tensor:
+    """8-bit RGB PIL image (W,H) -> (3,H,W) uint8 tensor (a channels-last view of one copy of the pixels)."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def _torchvision_decode_jpeg(data: bytearray) -> torch.Tensor:
+    """JPEG bytes -> (3,H,W) uint8 RGB through ``torchvision.io.decode_jpeg`` (no EXIF orientation, like
+    :func:`load_rgb`). torchvision 0.29 deprecates its image decoders (in favour of TorchCodec) and warns on every
+    call; that warning is silenced here. ``RuntimeError`` when the data is not a JPEG it can decode."""
+    if decode_jpeg is None:
+        raise RuntimeError("this torchvision has no torchvision.io.decode_jpeg")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+
+@functools.lru_cache(maxsize=1)
+def torchvision_jpeg_problem() -> str | None:
+    """Why ``torchvision.io.decode_jpeg`` cannot serve here (missing, or its image extension failed to load), or
+    None when it decodes a small JPEG."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 200, 30)).save(buffer, "JPEG")
+    try:
+        _torchvision_decode_jpeg(bytearray(buffer.getvalue()))
+    except RuntimeError as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def load_rgb_uint8(path: str | os.PathLike, decoder: str = "torchvision", max_pixels: int | None = None
+                   ) -> torch.Tensor:
+    """Decode an image file into a (3,H,W) uint8 RGB tensor; raise ``BadImageError`` naming the file if it fails.
+
+    ``decoder="pil"`` is :func:`load_rgb` (every mode rule there). ``decoder="torchvision"`` reads the file once,
+    reads its header with Pillow (the ``max_pixels`` refusal of decompression bombs, the format and the mode), then
+    decodes JPEGs whose header says RGB (YCbCr) or grayscale with ``torchvision.io.decode_jpeg``; every other file
+    (PNG, CMYK JPEGs, other formats), and every JPEG that torchvision refuses (truncated, corrupt), goes through
+    :func:`load_rgb`, so *which* files decode or fail, and the message naming a bad one, are Pillow's. Pillow's
+    wheels and torchvision's both decode with libjpeg-turbo (same IDCT, same chroma upsampling): for the files
+    torchvision takes the two give the same pixels (``tests/test_imagenet_loading.py`` checks this).
+    """
+    if decoder == "pil":
+        return rgb_to_uint8(load_rgb(path, max_pixels=max_pixels))
+    _check_option("decoder", decoder, DECODERS)
+    try:
+        with open(path, "rb") as f:
+            data = bytearray(f.read())
+        with _quiet_bomb_warnings(), Image.open(io.BytesIO(data)) as img:
+            fast = _size_problem(img, max_pixels) is None and img.format == "JPEG" and img.mode in ("RGB", "L")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        fast = False  # load_rgb below names the reason
+    if fast:
+        try:
+            return _torchvision_decode_jpeg(data)
+        except RuntimeError:
+            pass  # Pillow decides (it names what is wrong, or decodes what it can, e.g. LOAD_TRUNCATED_IMAGES)
+    return rgb_to_uint8(load_rgb(path, max_pixels=max_pixels))
 
 
 def _ends_are_intact(path: str) -> bool:

@@ -20,6 +20,25 @@ folder or an annotated synset outside it is an error, not a silently dropped cla
 Boxes: ImageNet's coordinates are 0-based pixel indices with xmax/ymax *inclusive* (xmin can be 0, xmax at
 most width-1); they become this project's xyxy with x2 = xmax + 1 (exclusive), clipped to the image. When
 an XML's ``<size>`` differs from the decoded image (a resized copy of ImageNet), boxes are rescaled.
+
+Decoding and resizing: two independent options. ``decoder`` picks the JPEG decoder: ``"torchvision"``
+(default: ``torchvision.io.decode_jpeg`` for RGB and grayscale JPEGs, Pillow for everything else and for every
+file torchvision refuses, see ``common.load_rgb_uint8``) or ``"pil"`` (``PIL.Image.open(path).convert("RGB")``
+through ``common.load_rgb``). ``resize`` picks where the crop, resize and flip run: ``"tensor"`` (default:
+``torchvision.transforms.v2`` on the (3,H,W) uint8 tensor, bilinear with ``antialias=True``) or ``"pil"`` (the
+same v2 transforms on the PIL image, i.e. Pillow's bilinear resize). ``decoder="pil", resize="pil"`` is what
+this module did before the options; the defaults load faster (docs/results/data_loading.md). torchvision 0.29
+deprecates its image decoders in favour of TorchCodec: should a later torchvision drop ``decode_jpeg``,
+``decoder="torchvision"`` fails at construction saying so, and ``decoder="pil"`` is the way on.
+Every choice gives the same pixels as ``decoder="pil", resize="pil"`` within ``PIXEL_TOLERANCE`` (in [0,1]
+units, the final float images for the same files and the same crop parameters): largest absolute difference
+at most 2/255, mean absolute difference at most 0.1/255. Why these bounds: the two decoders are the same
+libjpeg-turbo (same IDCT, same chroma upsampling) and agree exactly on the JPEGs both take; the two resize
+paths compute Pillow's antialiased bilinear filter in fixed point and differ only by rounding, one 8-bit level
+on under 1% of the values (measured: docs/results/data_loading.md). The max bound leaves one level of headroom
+over that; the mean bound sits well above the measured rounding and well below the coding error of the JPEG
+files themselves (0.58/255 on the quality-95 files there). A resize without antialiasing fails both (13/255
+max, 0.16/255 mean on a 500 x 375 file). ``tests/test_imagenet_loading.py`` checks the bounds.
 """
 from __future__ import annotations
 
@@ -34,12 +53,17 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from .common import (IMAGE_EXTENSIONS, SplitDataModule, boxes_to_mask, drop_bad_images, is_image_file, load_rgb,
-                     rgb_to_tensor)
+from PIL import Image
+
+from .common import (DECODERS, IMAGE_EXTENSIONS, SplitDataModule, _check_option, boxes_to_mask, drop_bad_images,
+                     is_image_file, load_rgb, load_rgb_uint8, rgb_to_tensor, torchvision_jpeg_problem)
 
 SPLITS = ("train", "val")
 SYNSET_FILES = ("synsets.txt", "LOC_synset_mapping.txt")
 DEFAULT_ANNOTATIONS = ("val_boxes", "LOC_val_solution.csv")  # looked up in root, in this order
+RESIZERS = ("tensor", "pil")
+PIXEL_TOLERANCE = {"max_abs": 2 / 255, "mean_abs": 0.1 / 255}
+"""Largest and mean absolute difference in [0,1] allowed between the images of two decoder/resize choices."""
 
 Objects = list[tuple[str, list[float]]]
 """(synset, [x1, y1, x2, y2]) per annotated object, in the annotation's pixel grid, x2/y2 exclusive."""
@@ -168,6 +192,16 @@ class BoxAnnotations:
 
 # --- the dataset -------------------------------------------------------------------------------------------
 
+def check_decoding(decoder: str, resize: str) -> None:
+    """``ValueError`` for an unknown ``decoder`` or ``resize``; ``RuntimeError`` when ``decoder="torchvision"``
+    cannot work here (torchvision's image extension did not load)."""
+    _check_option("decoder", decoder, DECODERS)
+    _check_option("resize", resize, RESIZERS)
+    if decoder == "torchvision" and (problem := torchvision_jpeg_problem()):
+        raise RuntimeError(f"decoder='torchvision' needs torchvision.io.decode_jpeg, which fails here ({problem});"
+                           f" use decoder='pil'")
+
+
 class ImageNetFolder(Dataset):
     """One ImageNet split. ``dataset[i]`` is a sample dict (see ``datamodules.common``).
 
@@ -201,6 +235,8 @@ class ImageNetFolder(Dataset):
         crop_fraction: val centre-crop fraction in (0, 1]; 1 resizes the shorter side straight to S.
         train_scale: area range of RandomResizedCrop.
         verify, on_error, scan_workers: the bad-file check (above); scan_workers = threads.
+        decoder: "pil" or "torchvision", the JPEG decoder (module docstring).
+        resize: "tensor" or "pil", where crop, resize and flip run (module docstring).
     """
 
     def __init__(
@@ -215,9 +251,13 @@ class ImageNetFolder(Dataset):
         verify: str = "quick",
         on_error: str = "skip",
         scan_workers: int = 8,
+        decoder: str = "torchvision",
+        resize: str = "tensor",
     ):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+        check_decoding(decoder, resize)
+        self.decoder, self.resize = decoder, resize
         if not 0 < crop_fraction <= 1:
             raise ValueError(f"crop_fraction must be in (0, 1], got {crop_fraction}")
         self.root, self.split, self.image_size = Path(root), split, int(image_size)
@@ -237,10 +277,10 @@ class ImageNetFolder(Dataset):
                                where=f"ImageNet {split} split {folder}")
         self.samples = [samples[i] for i in keep]
         if split == "train":
-            self.transform = v2.Compose([v2.RandomResizedCrop(self.image_size, scale=train_scale),
+            self.transform = v2.Compose([v2.RandomResizedCrop(self.image_size, scale=train_scale, antialias=True),
                                          v2.RandomHorizontalFlip()])
         else:
-            self.transform = v2.Compose([v2.Resize(int(self.image_size / crop_fraction)),
+            self.transform = v2.Compose([v2.Resize(int(self.image_size / crop_fraction), antialias=True),
                                          v2.CenterCrop(self.image_size)])
 
     def _list_images(self, folder: Path) -> list[tuple[str, int]]:
@@ -288,19 +328,30 @@ class ImageNetFolder(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def load(self, path: str) -> Image.Image | torch.Tensor:
+        """The decoded file as the resize path wants it: an 8-bit RGB PIL image (``resize="pil"``) or a
+        (3,H,W) uint8 tensor (``resize="tensor"``); ``BadImageError`` naming the file if it cannot be decoded."""
+        if self.resize == "pil":
+            if self.decoder == "pil":
+                return load_rgb(path)
+            return Image.fromarray(load_rgb_uint8(path, self.decoder).permute(1, 2, 0).numpy())
+        return load_rgb_uint8(path, self.decoder)
+
     def __getitem__(self, i: int) -> dict:
         path, label = self.samples[i]
-        image = load_rgb(path)
+        image = self.load(path)
         size = self.image_size
         if self.split == "train":
             image, boxes = self.transform(image), torch.zeros(0, 4)
         else:
-            boxes = tv_tensors.BoundingBoxes(self.own_boxes(i, *image.size), format="XYXY",
-                                             canvas_size=(image.height, image.width))
+            height, width = image.shape[-2:] if isinstance(image, torch.Tensor) else (image.height, image.width)
+            boxes = tv_tensors.BoundingBoxes(self.own_boxes(i, width, height), format="XYXY",
+                                             canvas_size=(height, width))
             image, boxes = self.transform(image, boxes)  # the crop clips boxes to the output canvas
             boxes = boxes.as_subclass(torch.Tensor)
             boxes = boxes[(boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])]
-        return {"image": rgb_to_tensor(image), "label": torch.tensor(label), "mask": boxes_to_mask(boxes, size, size),
+        image = image.float().div_(255).contiguous() if isinstance(image, torch.Tensor) else rgb_to_tensor(image)
+        return {"image": image, "label": torch.tensor(label), "mask": boxes_to_mask(boxes, size, size),
                 "boxes": boxes, "index": torch.tensor(i)}
 
 
@@ -323,6 +374,8 @@ class ImageNetDataModule(SplitDataModule):
         val_annotations: val boxes (XML folder or ``LOC_val_solution.csv``); default: found in root.
         verify, on_error: the bad-file check, see ``ImageNetFolder``.
         crop_fraction, train_scale: geometry, see ``ImageNetFolder``.
+        decoder, resize: "pil" | "torchvision" JPEG decoder and "tensor" | "pil" resize path (defaults and the
+            pixel tolerance between them: the module docstring).
     """
 
     test_split = "val"  # test/predict read the labelled val split
@@ -339,8 +392,11 @@ class ImageNetDataModule(SplitDataModule):
         on_error: str = "skip",
         crop_fraction: float = 0.875,
         train_scale: tuple[float, float] = (0.08, 1.0),
+        decoder: str = "torchvision",
+        resize: str = "tensor",
     ):
         super().__init__()
+        check_decoding(decoder, resize)
         self.save_hyperparameters()
         self.classes, self.class_names = resolve_classes(root, classes)
         self.num_classes = len(self.classes)
@@ -353,6 +409,6 @@ class ImageNetDataModule(SplitDataModule):
                 hp.root, split, hp.image_size, classes=self.classes,
                 annotations=hp.val_annotations if split == "val" else None,
                 crop_fraction=hp.crop_fraction, train_scale=hp.train_scale, verify=hp.verify,
-                on_error=hp.on_error)
+                on_error=hp.on_error, decoder=hp.decoder, resize=hp.resize)
         return self.datasets[split]
 
