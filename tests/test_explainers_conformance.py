@@ -35,6 +35,8 @@ FAST_HPARAMS = {
     # l1 = 0: on this untrained net p_c barely moves, and the L1 kink at M = 1 would keep the masks at 1.
     "igos_pp": {"iterations": 2, "ig_steps": 3, "resolution": 4, "scale_with_image": False, "l1": 0.0},
     "igos": {"iterations": 2, "ig_steps": 3, "resolution": 4, "scale_with_image": False, "l1": 0.0},
+    "igos_pp_insertion": {"iterations": 2, "ig_steps": 3, "resolution": 4, "scale_with_image": False, "l1": 0.0},
+    "igos_naive_insertion": {"iterations": 2, "ig_steps": 3, "resolution": 4, "scale_with_image": False, "l1": 0.0},
     "mpert": {"iterations": 3, "resolution": 4, "scale_with_image": False},
     "xpert": {"iterations": 3},
     "finv": {"inversion_iterations": 2, "class_iterations": 2},
@@ -277,7 +279,8 @@ def test_clear_errors_on_bad_input(name, make, batch):
 
 def test_registry_names_classes_and_errors(make, blackbox, checkpoints):
     assert NAMES == sorted(NAMES) and {"rise", "gradient", "smoothgrad", "integrated_gradients", "gradcam",
-                                      "gradcam_pp", "igos_pp", "igos", "iassa", "predictor_ct", "predictor_ct_posthoc",
+                                      "gradcam_pp", "igos_pp", "igos", "igos_pp_insertion", "igos_naive_insertion",
+                                      "iassa", "predictor_ct", "predictor_ct_posthoc",
                                       "predictor_bt", "mgnet", "predictor_game"} <= set(NAMES)
     for name in NAMES:
         explainer = make(name)

@@ -1,6 +1,7 @@
 """iGOS++ / I-GOS specifics: the objective and direction against the equations, a toy model with a known
 answer, batch independence, the per-image line search, exact cost formulas, NAG, BTV symmetry, validation,
-and a Lightning validation loop through ExplainerEvaluation."""
+the iGOS++ paper's ablations (insertion-only and naive I-GOS + insertion objectives, the Mx / My / Mx*My
+outputs, plain TV instead of BTV), and a Lightning validation loop through ExplainerEvaluation."""
 from __future__ import annotations
 
 import warnings
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from saliency_lab import explainers
-import saliency_lab.explainers.igos  # noqa: F401  registers igos_pp and igos
+import saliency_lab.explainers.igos  # noqa: F401  registers igos_pp, igos and their ablations
 from saliency_lab.explainers.igos import BTV_SIGMA, NOISE_STD, bilateral_total_variation, bilateral_weights, tv_norm
 from saliency_lab.core.perturbation import gaussian_blur, perturb, scaled_blur
 from saliency_lab.core.seeding import derive_seeds
@@ -144,6 +145,10 @@ def test_noise_and_btv_sigma_use_the_black_box_own_std(tiny_blackbox_path):
     ("igos_pp", {"btv_sigma": 0.0}, "btv_sigma"),
     ("igos_pp", {"btv_mix": 1.5}, "btv_mix"),
     ("igos", {"tv_beta": 0.5}, "tv_beta"),
+    ("igos_pp", {"smoothness": "bilateral_tv"}, "smoothness"),
+    ("igos_pp", {"mask": "xx"}, "mask"),
+    ("igos_pp_insertion", {"btv_mix": -0.5}, "btv_mix"),
+    ("igos_naive_insertion", {"tv_beta": 0.5}, "tv_beta"),
 ])
 def test_hyperparameter_validation(name, bad, message):
     with pytest.raises(ValueError, match=message):
@@ -204,15 +209,20 @@ def _explicit_objective(name, explainer, box, images, blur, targets, masks):
                ((m[..., :, 1:] - m[..., :, :-1]) ** 2).flatten(1).mean(1)
 
     up = F.interpolate(masks, size=size, mode="bilinear", align_corners=False)
-    if name == "igos":
-        model = score(images, blur, up)
-        return model, 1.0 * (1 - masks).abs().flatten(1).mean(1) + explainer.l2 * tv(masks)
-    mx, my = up[:, :1], up[:, 1:]
-    model = (score(images, blur, mx) - score(blur, images, my)
-             + score(images, blur, mx * my) - score(blur, images, mx * my))
-    combined = masks[:, :1] * masks[:, 1:]
+    if name in ("igos", "igos_naive_insertion"):  # one mask, I-GOS's regulariser
+        l1_tv = 1.0 * (1 - masks).abs().flatten(1).mean(1) + explainer.l2 * tv(masks)
+        if name == "igos":
+            return score(images, blur, up), l1_tv
+        return score(images, blur, up) - score(blur, images, up), l1_tv  # + an insertion term on the same mask
+    if name == "igos_pp_insertion":  # the insertion term alone, iGOS++'s regulariser on the one mask
+        model, combined = -score(blur, images, up), masks
+    else:
+        mx, my = up[:, :1], up[:, 1:]
+        model = (score(images, blur, mx) - score(blur, images, my)
+                 + score(images, blur, mx * my) - score(blur, images, mx * my))
+        combined = masks[:, :1] * masks[:, 1:]
     big = F.interpolate(combined, size=size, mode="bilinear", align_corners=False)
-    sigma2 = explainer.btv_sigma ** 2
+    sigma2 = explainer.btv_sigma ** 2 if explainer.smoothness == "bilateral" else float("inf")  # plain: w = 1
     w_v = (-((images[..., 1:, :] - images[..., :-1, :]) ** 2).mean(1, keepdim=True) / sigma2).exp()
     w_h = (-((images[..., :, 1:] - images[..., :, :-1]) ** 2).mean(1, keepdim=True) / sigma2).exp()
     btv = (w_v * (big[..., 1:, :] - big[..., :-1, :]) ** 2).flatten(1).mean(1) + \
@@ -221,12 +231,13 @@ def _explicit_objective(name, explainer, box, images, blur, targets, masks):
     return model, regulariser
 
 
-@pytest.mark.parametrize("name", ["igos_pp", "igos"])
-def test_objective_and_direction_follow_the_equations(name):
+@pytest.mark.parametrize("name, extra", [("igos_pp", {}), ("igos", {}), ("igos_pp", {"smoothness": "plain"}),
+                                         ("igos_pp_insertion", {}), ("igos_naive_insertion", {})])
+def test_objective_and_direction_follow_the_equations(name, extra):
     images = scenes(2)
     box = region_box(images)
     targets = torch.tensor([0, 1])
-    explainer = explainers.build(name, box, **TINY, noise_std=0.0, max_forward_batch=7)
+    explainer = explainers.build(name, box, **TINY, **extra, noise_std=0.0, max_forward_batch=7)
     batch = explainer._prepare(images, targets, derive_seeds(0, torch.arange(2)))
     masks = 0.2 + 0.8 * torch.rand(2, explainer._MASKS, 8, 8, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -241,20 +252,133 @@ def test_objective_and_direction_follow_the_equations(name):
     expected = explainer.model_grad_scale * model_grad + reg_grad
     assert model_grad.abs().max() > 1e-3  # the toy model's terms really contribute
     assert torch.allclose(direction, expected, rtol=1e-4, atol=1e-6 * expected.abs().max())
-    # The released code's halving of the model terms (igos_pp) is the default; the paper's Eq. 6 is 1.
-    assert explainer.model_grad_scale == (0.5 if name == "igos_pp" else 1.0)
+    # The released code's halving of the model terms (igos_pp, kept by its insertion-only ablation) is the
+    # default; the paper's Eq. 6 (and I-GOS) is 1.
+    assert explainer.model_grad_scale == (0.5 if name.startswith("igos_pp") else 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The paper's ablations: Table 3's objectives, Table 5's masks, BTV against plain TV
+
+
+def _ig_score(box, first, second, mask, targets, n):
+    """(1/n) sum_k p_c(phi(first, second, k/n * mask)) (B,), no noise: one IG score by hand."""
+    return sum(box.logits(perturb(first, k / n * mask, second)).softmax(1).gather(1, targets[:, None]).squeeze(1)
+               for k in range(1, n + 1)) / n
+
+
+def _setup(name, **extra):
+    images, targets = scenes(2), torch.tensor([0, 1])
+    box = region_box(images)
+    explainer = explainers.build(name, box, **TINY, **extra, noise_std=0.0, max_forward_batch=7)
+    batch = explainer._prepare(images, targets, derive_seeds(0, torch.arange(2)))
+    masks = 0.2 + 0.8 * torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    return images, targets, box, explainer, batch, masks
+
+
+def test_insertion_only_objective_has_no_deletion_term():
+    """igos_pp_insertion: L = -ins(M) + R(M), nothing else; a deletion term of either sign would show."""
+    images, targets, box, explainer, batch, masks = _setup("igos_pp_insertion")
+    assert [deletion for _, deletion in explainer._TERMS] == [False] and explainer.points_per_evaluation == 4
+    up = F.interpolate(masks, size=images.shape[-2:], mode="bilinear", align_corners=False)
+    n = explainer.ig_steps
+    insertion = _ig_score(box, batch.blur, images, up, targets, n)
+    deletion = _ig_score(box, images, batch.blur, up, targets, n)
+    assert deletion.abs().min() > 0.05  # the term that is absent is not negligible here
+    with torch.no_grad():
+        objective = explainer._objective(batch, masks, torch.arange(2))
+        regulariser = explainer._regulariser(batch, masks, torch.arange(2))
+    assert torch.allclose(objective, -insertion + regulariser, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(objective, deletion - insertion + regulariser, atol=1e-3)
+    # The same regulariser as iGOS++ on Mx * My with Mx = 1 (iGOS++'s BTV mix on the one mask).
+    full = explainers.build("igos_pp", box, **TINY, noise_std=0.0)
+    both = torch.cat([torch.ones_like(masks), masks], dim=1)
+    assert torch.allclose(full._regulariser(full._prepare(images, targets, derive_seeds(0, torch.arange(2))), both,
+                                            torch.arange(2)), regulariser)
+
+
+def test_naive_insertion_is_igos_plus_an_integrated_insertion_term():
+    """igos_naive_insertion: I-GOS's objective minus ins(M) on the same mask; the insertion direction is the
+    integrated gradient along k/n * M, not the plain gradient at M."""
+    images, targets, box, explainer, batch, masks = _setup("igos_naive_insertion")
+    igos = explainers.build("igos", box, **TINY, noise_std=0.0, max_forward_batch=7)
+    size, n, ids = images.shape[-2:], explainer.ig_steps, torch.arange(2)
+    leaf = masks.clone().requires_grad_(True)
+    insertion = _ig_score(box, batch.blur, images, F.interpolate(leaf, size=size, mode="bilinear"), targets, n)
+    (integrated,) = torch.autograd.grad(insertion.sum(), leaf)
+    with torch.no_grad():
+        assert torch.allclose(explainer._objective(batch, masks, ids),
+                              igos._objective(batch, masks, ids) - insertion.detach(), rtol=1e-5, atol=1e-6)
+    with torch.enable_grad():
+        direction, igos_direction = explainer._direction(batch, masks), igos._direction(batch, masks)
+    assert explainer.model_grad_scale == igos.model_grad_scale == 1.0
+    assert torch.allclose(direction, igos_direction - integrated, rtol=1e-4, atol=1e-6 * direction.abs().max())
+    # The plain gradient of p_c(phi(B, I, M)) at M itself is another direction.
+    leaf = masks.clone().requires_grad_(True)
+    plain = box.logits(perturb(batch.blur, F.interpolate(leaf, size=size, mode="bilinear"), images)).softmax(1)
+    (plain_grad,) = torch.autograd.grad(plain.gather(1, targets[:, None]).sum(), leaf)
+    assert integrated.abs().max() > 1e-3
+    assert not torch.allclose(direction, igos_direction - plain_grad, atol=0.1 * integrated.abs().max())
+
+
+def test_mask_option_returns_the_combined_map_or_either_component():
+    """mask: "xy" (default) is the output before the option existed, 1 - up(Mx * My), bit for bit; "x" / "y"
+    return 1 - up(Mx) / 1 - up(My) of the very same optimisation."""
+    images, targets, indices = scenes(2), torch.tensor([0, 1]), torch.tensor([3, 5])
+    box = region_box(images)
+    size, seeds = images.shape[-2:], derive_seeds(4, indices)
+    reference = explainers.build("igos_pp", box, **TINY, seed=4)
+    masks = reference._optimise(images, targets, seeds)  # (B, 2, h, w): Mx, My
+    assert masks.shape == (2, 2, 8, 8) and not torch.equal(masks[:, 0], masks[:, 1])
+    expected = {"xy": 1 - F.interpolate(masks[:, :1] * masks[:, 1:], size=size, mode="bilinear"),
+                "x": 1 - F.interpolate(masks[:, :1], size=size, mode="bilinear"),
+                "y": 1 - F.interpolate(masks[:, 1:], size=size, mode="bilinear")}
+    assert torch.equal(reference(images, targets, indices), expected["xy"])  # the default
+    for mask, maps in expected.items():
+        explainer = explainers.build("igos_pp", box, **TINY, seed=4, mask=mask)
+        assert torch.equal(explainer(images, targets, indices), maps), mask
+        assert explainer.cost == reference.cost and torch.equal(explainer.last_trials, reference.last_trials)
+    with pytest.raises(ValueError, match="mask must be one of"):
+        explainers.build("igos_pp", box, mask="z")
+
+
+def test_plain_smoothness_is_bilateral_tv_with_unit_weights():
+    """smoothness="plain" replaces every bilateral weight by 1: the same maps as BTV with sigma -> infinity
+    (exp(-dI^2 / sigma^2) == 1 in float32), other maps than BTV on a textured image."""
+    images, targets = scenes(2), torch.tensor([0, 0])
+    box = region_box(images)
+    plain = explainers.build("igos_pp", box, **TINY, smoothness="plain")(images, targets)
+    flat = explainers.build("igos_pp", box, **TINY, btv_sigma=1e6)(images, targets)
+    bilateral = explainers.build("igos_pp", box, **TINY)(images, targets)
+    assert torch.equal(plain, flat)
+    assert (plain - bilateral).abs().max() > 1e-3
+    insertion = explainers.build("igos_pp_insertion", box, **TINY, smoothness="plain")(images, targets)
+    assert torch.equal(insertion, explainers.build("igos_pp_insertion", box, **TINY, btv_sigma=1e6)(images, targets))
+    with pytest.raises(ValueError, match="smoothness must be one of"):
+        explainers.build("igos_pp", box, smoothness="tv")
+
+
+def test_ablation_variants_refuse_the_knobs_they_do_not_have():
+    box = RegionBox(0.5)
+    with pytest.raises(TypeError, match=r"unknown hyper-parameters \['mask'\]"):
+        explainers.build("igos_pp_insertion", box, mask="y")  # one mask only
+    with pytest.raises(TypeError, match=r"unknown hyper-parameters \['smoothness'\].*tv_beta"):
+        explainers.build("igos_naive_insertion", box, smoothness="plain")  # I-GOS's TV
+    assert explainers.build("igos_naive_insertion", box).points_per_evaluation == 40  # del + ins, n = 20 each
+    assert explainers.build("igos_pp_insertion", box).points_per_evaluation == 20
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Behaviour
 
 
-@pytest.mark.parametrize("name", ["igos_pp", "igos"])
+@pytest.mark.parametrize("name", ["igos_pp", "igos", "igos_pp_insertion", "igos_naive_insertion"])
 def test_masks_concentrate_on_the_region_the_model_reads(name):
     images = scenes(2)
     box = region_box(images)
     # On an 8 x 8 grid one region edge is a large share of the TV pairs: I-GOS's plain TV at L2 = 20 then
-    # outweighs its single model term and keeps the mask faint (contrast ~0.04), so it gets L2 = 2 here.
+    # outweighs its single model term and keeps the mask faint (contrast ~0.04), so it gets L2 = 2 here. The
+    # one-term insertion-only ablation is in the same place (contrast ~0.02 at L2 = 20), and so gets 2 as well.
     l2 = 20.0 if name == "igos_pp" else 2.0
     explainer = explainers.build(name, box, iterations=6, ig_steps=8, resolution=8, scale_with_image=False, l2=l2)
     saliency = explainer(images, torch.tensor([0, 0]))
@@ -276,7 +400,7 @@ def test_nag_runs_costs_one_pass_per_point_and_finds_the_region():
     assert (region_contrast(saliency) > 0.15).all(), region_contrast(saliency)
 
 
-@pytest.mark.parametrize("name", ["igos_pp", "igos"])
+@pytest.mark.parametrize("name", ["igos_pp", "igos", "igos_pp_insertion", "igos_naive_insertion"])
 def test_batch_gives_each_image_its_single_image_map(name):
     images, targets, indices = scenes(3), torch.tensor([0, 1, 0]), torch.tensor([4, 0, 9])
     box = region_box(images)
@@ -326,7 +450,8 @@ def test_line_search_is_per_image_and_finished_images_cost_nothing():
     assert max(box.rows) <= 13  # memory: never more than max_forward_batch images at once
 
 
-@pytest.mark.parametrize("name, terms", [("igos_pp", 4), ("igos", 1)])
+@pytest.mark.parametrize("name, terms", [("igos_pp", 4), ("igos", 1), ("igos_pp_insertion", 1),
+                                         ("igos_naive_insertion", 2)])
 def test_cost_is_exactly_the_formula(name, terms):
     images = scenes(2)
     box = region_box(images)

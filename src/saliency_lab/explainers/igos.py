@@ -22,6 +22,24 @@ Saliency = 1 - up(Mx * My).
 
 I-GOS (``igos``) optimises one mask: L = del(M) + L1 * mean|1 - M| + L2 * TV(M); saliency = 1 - up(M).
 
+The iGOS++ paper's ablations, as registered methods and options (docs/methods.md §2, "Ablations"):
+
+- Table 3, ``igos_pp_insertion``: iGOS++ with only its insertion term, one mask M (the insertion mask):
+  L = -ins(M) + L1 * mean|1 - M| + L2 * R(M), iGOS++'s IG direction (``model_grad_scale`` 0.5), R and line
+  search; saliency = 1 - up(M). No deletion term at all.
+- Table 3, ``igos_naive_insertion`` ("naive I-GOS + insertion"): I-GOS with an insertion term on its one mask,
+  L = del(M) - ins(M) + L1 * mean|1 - M| + L2 * TV(M), both model terms by IG (I-GOS's direction), I-GOS's TV
+  and ``model_grad_scale`` 1; saliency = 1 - up(M). *Deviation / reading:* the design notes do not define this
+  variant; it is the released code's one-mask ``iGOS_p`` (``--method iGOS+`` in its main.py) with I-GOS's TV in
+  place of that code's BTV mix, so that it differs from ``igos`` by the insertion term alone.
+- Table 5, ``igos_pp`` with ``mask``: "xy" (default) returns 1 - up(Mx * My), "x" the deletion mask
+  1 - up(Mx), "y" the insertion mask 1 - up(My), all three from the same optimisation (the option changes
+  only what is returned).
+- BTV against plain TV, ``smoothness`` of ``igos_pp`` / ``igos_pp_insertion``: "bilateral" (default) or
+  "plain": the H x W term of R with every weight w(u) = 1, i.e. R = (1 - mix) * TV(M) + mix * TV(up(M)); on
+  an image without edges (w = 1 everywhere) both give the same maps bit for bit. ``btv_mix=0`` is the other
+  way to drop BTV (TV at r x r only).
+
 Step: backtracking line search (Eq. 8) per image: alpha from ``ls_alpha0``, times ``ls_shrink`` while the
 objective (model terms + regulariser, fresh noise) fails L(clamp(M - a g)) <= L(M) - ls_c * a * |g|^2 and
 a >= ``ls_min_alpha``; then M <- clamp(M - a g, 0, 1) with the last a tried (also when it failed, as the
@@ -44,9 +62,9 @@ consecutive iterations each changed none of its mask cells by more than ``conver
 The rule reads only the image's own trajectory, so stopping does not depend on the batch. Iterations run per
 image: :attr:`last_iterations` (B,); their trials are the non-zero entries of :attr:`last_trials`.
 
-Cost per image (exact, :attr:`Explainer.cost`): with P = 4n (igos_pp) or n (igos) rows per evaluation,
-T_b <= T the iterations the image ran and t_i the line-search evaluations of iteration i
-(1 <= t_i <= :attr:`max_trials`, recorded in :attr:`last_trials`):
+Cost per image (exact, :attr:`Explainer.cost`): with P = 4n (igos_pp), 2n (igos_naive_insertion) or n (igos,
+igos_pp_insertion) rows per evaluation, T_b <= T the iterations the image ran and t_i the line-search
+evaluations of iteration i (1 <= t_i <= :attr:`max_trials`, recorded in :attr:`last_trials`):
 
     forwards = P * (2 T_b + sum_i t_i),   backwards = P * T_b     (line search)
     forwards = backwards = P * T_b                                 (nag)
@@ -97,6 +115,8 @@ REFERENCE_SIZE = 224
 FULL = "full"
 PAPER_RESOLUTIONS = (7, 14, 28, 56, FULL)  # the paper's; any int >= 2 is accepted
 OPTIMIZERS = ("line_search", "nag")
+SMOOTHNESS = ("bilateral", "plain")  # the H x W term of iGOS++'s R: bilateral TV (Eq. 7) or TV with weights 1
+MASK_OUTPUTS = ("xy", "x", "y")  # what iGOS++ returns: 1 - up(Mx * My), 1 - up(Mx) or 1 - up(My)
 # The released code's constants are in normalised units (image - mean) / std; they become [0, 1] pixel units
 # times the black box's own std (normalised_to_pixel). ImageNet's mean std serves models that declare none.
 NOISE_STD_NORMALISED = 0.2
@@ -295,6 +315,12 @@ class _IntegratedGradientOptimizedSaliency(Explainer):
                       l1=self.l1_weight(self.grid_size(*size), size), weights=self._bilateral_weights(images))
 
     def _explain(self, images: Tensor, targets: Tensor, seeds: Tensor) -> Tensor:
+        masks = self._optimise(images, targets, seeds)
+        return 1 - resize_masks(self._final_mask(masks), tuple(images.shape[-2:]))
+
+    def _optimise(self, images: Tensor, targets: Tensor, seeds: Tensor) -> Tensor:
+        """The optimised masks (B, MASKS, h, w) in [0, 1] at r x r (1 = keep the image) of images (B, 3, H, W)
+        in [0, 1], targets (B,) and per-image seeds (B,); sets :attr:`last_trials` and :attr:`last_iterations`."""
         size = tuple(images.shape[-2:])
         batch = self._prepare(images, targets, seeds)
         count = images.shape[0]
@@ -323,7 +349,7 @@ class _IntegratedGradientOptimizedSaliency(Explainer):
                 still = ((updated - current).flatten(1).abs().amax(1) <= self.converge_tol).cpu()
                 calm[ids] = torch.where(still, calm[ids] + 1, 0)
         self.last_trials, self.last_iterations = trials, done
-        return 1 - resize_masks(self._final_mask(masks), size)
+        return masks
 
     def _direction(self, batch: _Batch, masks: Tensor, ids: Tensor | None = None) -> Tensor:
         """Total gradient (Eq. 6) of masks (len(ids), MASKS, h, w) of images ``ids`` (None: all, in order):
@@ -449,16 +475,58 @@ class _IntegratedGradientOptimizedSaliency(Explainer):
         raise NotImplementedError
 
     def _final_mask(self, masks: Tensor) -> Tensor:
+        """The mask (B, 1, h, w) the saliency is 1 - up(.) of, from the optimised masks (B, MASKS, h, w)."""
         raise NotImplementedError
 
 
+class _BilateralSmoothed(_IntegratedGradientOptimizedSaliency):
+    """iGOS++'s regulariser on the product of its masks M = prod_j M_j (r x r), shared by ``igos_pp`` and
+    ``igos_pp_insertion``: L1 * mean|1 - M| + L2 * ((1 - mix) * TV(M) + mix * BTV(up(M))), BTV's weights from
+    the image (Eq. 7), or all 1 with ``smoothness="plain"`` (module docstring)."""
+
+    def __init__(self, blackbox, *, btv_beta: float, btv_sigma: float | None, btv_mix: float, smoothness: str,
+                 **rest):
+        super().__init__(blackbox, **rest)
+        if btv_sigma is None:
+            btv_sigma = normalised_to_pixel(BTV_SIGMA_NORMALISED, blackbox)
+        if btv_beta < 1 or btv_sigma <= 0 or not 0 <= btv_mix <= 1:
+            raise ValueError(f"need btv_beta >= 1, btv_sigma > 0 and 0 <= btv_mix <= 1, got {btv_beta}, "
+                             f"{btv_sigma}, {btv_mix}")
+        if smoothness not in SMOOTHNESS:
+            raise ValueError(f"smoothness must be one of {SMOOTHNESS}, got {smoothness!r}")
+        self.btv_beta = float(btv_beta)
+        self.btv_sigma = float(btv_sigma)
+        self.btv_mix = float(btv_mix)
+        self.smoothness = smoothness
+
+    def _bilateral_weights(self, images: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The H x W term's weights (vertical (N, 1, H-1, W), horizontal (N, 1, H, W-1)); None without that term."""
+        if self.btv_mix == 0:
+            return None
+        if self.smoothness == "plain":  # TV at H x W: BTV with every weight 1
+            count, _, height, width = images.shape
+            return (images.new_ones(count, 1, height - 1, width), images.new_ones(count, 1, height, width - 1))
+        return bilateral_weights(images, self.btv_sigma)
+
+    def _regulariser(self, batch: _Batch, masks: Tensor, ids: Tensor) -> Tensor:
+        combined = masks.prod(dim=1, keepdim=True)  # Mx * My at r x r, as the released code (M for one mask)
+        smooth = (1 - self.btv_mix) * tv_norm(combined, self.btv_beta)
+        if batch.weights is not None:
+            rows = ids.to(masks.device)
+            weights = (batch.weights[0][rows], batch.weights[1][rows])
+            smooth = smooth + self.btv_mix * bilateral_total_variation(resize_masks(combined, batch.size), weights,
+                                                                       self.btv_beta)
+        return batch.l1 * (1 - combined).abs().flatten(1).mean(1) + self.l2 * smooth
+
+
 @register("igos_pp")
-class IGOSPP(_IntegratedGradientOptimizedSaliency):
+class IGOSPP(_BilateralSmoothed):
     """iGOS++: a deletion mask and an insertion mask optimised with integrated gradients and bilateral TV.
 
     Paper: Khorram, Lawson & Fuxin, "iGOS++: Integrated Gradient Optimized Saliency by Bilateral
     Perturbations", ACM CHIL 2021 (arXiv:2012.15783). Objective, step and cost in the module docstring.
-    Output (B, 1, H, W) = 1 - up(Mx * My) in [0, 1]: higher = removing it hurts / keeping it helps class c.
+    Output (B, 1, H, W) = 1 - up(Mx * My) in [0, 1]: higher = removing it hurts / keeping it helps class c
+    (``mask`` "x" / "y": 1 - up(Mx) / 1 - up(My), the paper's Table 5).
 
     Args:
         resolution: mask cells per side at 224 px: 7, 14, 28 (default), 56 or "full"; see ``scale_with_image``.
@@ -472,6 +540,10 @@ class IGOSPP(_IntegratedGradientOptimizedSaliency):
         btv_sigma: sigma of the bilateral weights in [0, 1] pixel units (None: sqrt(0.01) normalised units
             times the black box's std, 0.0226 for ImageNet's; see module docstring).
         btv_mix: R = (1 - mix) * TV at r x r + mix * BTV at H x W (0.5 as the released code; 1 = pure BTV).
+        smoothness: "bilateral" (default): the H x W term is BTV (Eq. 7); "plain": TV with weights 1 there
+            (the BTV-vs-TV ablation; ``btv_sigma`` then unused).
+        mask: what the map is made of: "xy" (default, the paper's output) 1 - up(Mx * My); "x" the deletion
+            mask 1 - up(Mx); "y" the insertion mask 1 - up(My). The optimisation is the same for all three.
         noise_std: std of the gaussian noise added to every IG point, pixel units (None: 0.2 normalised
             units times the black box's std, 0.0452 for ImageNet's).
         optimizer: "line_search" (default, Eq. 8) or "nag" (fixed step ``nag_step``, Nesterov momentum).
@@ -493,41 +565,66 @@ class IGOSPP(_IntegratedGradientOptimizedSaliency):
     def __init__(self, blackbox, *, resolution: Resolution = 28, scale_with_image: bool = True,
                  iterations: int = 15, ig_steps: int = 20, l1: float | None = None, l2: float = 20.0,
                  btv_beta: float = 2.0, btv_sigma: float | None = None, btv_mix: float = 0.5,
+                 smoothness: str = "bilateral", mask: str = "xy",
                  noise_std: float | None = None, optimizer: str = "line_search", ls_alpha0: float = 1000.0,
                  ls_shrink: float = 0.2, ls_c: float = 1e-4, ls_min_alpha: float = 1e-5,
                  nag_step: float | None = None, blur_kernel: int = 51, blur_sigma: float = 50.0,
                  model_grad_scale: float = 0.5, converge_tol: float | None = None,
                  converge_patience: int = 2, **common):
         super().__init__(blackbox, resolution=resolution, scale_with_image=scale_with_image, iterations=iterations,
-                         ig_steps=ig_steps, l1=l1, l2=l2, noise_std=noise_std, optimizer=optimizer,
+                         ig_steps=ig_steps, l1=l1, l2=l2, btv_beta=btv_beta, btv_sigma=btv_sigma, btv_mix=btv_mix,
+                         smoothness=smoothness, noise_std=noise_std, optimizer=optimizer,
                          ls_alpha0=ls_alpha0, ls_shrink=ls_shrink, ls_c=ls_c, ls_min_alpha=ls_min_alpha,
                          nag_step=nag_step, blur_kernel=blur_kernel, blur_sigma=blur_sigma,
                          model_grad_scale=model_grad_scale, converge_tol=converge_tol,
                          converge_patience=converge_patience, **common)
-        if btv_sigma is None:
-            btv_sigma = normalised_to_pixel(BTV_SIGMA_NORMALISED, blackbox)
-        if btv_beta < 1 or btv_sigma <= 0 or not 0 <= btv_mix <= 1:
-            raise ValueError(f"need btv_beta >= 1, btv_sigma > 0 and 0 <= btv_mix <= 1, got {btv_beta}, "
-                             f"{btv_sigma}, {btv_mix}")
-        self.btv_beta = float(btv_beta)
-        self.btv_sigma = float(btv_sigma)
-        self.btv_mix = float(btv_mix)
-
-    def _bilateral_weights(self, images: Tensor) -> tuple[Tensor, Tensor] | None:
-        return bilateral_weights(images, self.btv_sigma) if self.btv_mix > 0 else None
-
-    def _regulariser(self, batch: _Batch, masks: Tensor, ids: Tensor) -> Tensor:
-        combined = masks.prod(dim=1, keepdim=True)  # Mx * My at r x r, as the released code
-        smooth = (1 - self.btv_mix) * tv_norm(combined, self.btv_beta)
-        if batch.weights is not None:
-            rows = ids.to(masks.device)
-            weights = (batch.weights[0][rows], batch.weights[1][rows])
-            smooth = smooth + self.btv_mix * bilateral_total_variation(resize_masks(combined, batch.size), weights,
-                                                                       self.btv_beta)
-        return batch.l1 * (1 - combined).abs().flatten(1).mean(1) + self.l2 * smooth
+        if mask not in MASK_OUTPUTS:
+            raise ValueError(f"mask must be one of {MASK_OUTPUTS} (Mx * My, Mx, My), got {mask!r}")
+        self.mask = mask
 
     def _final_mask(self, masks: Tensor) -> Tensor:
+        if self.mask == "x":
+            return masks[:, :1]
+        if self.mask == "y":
+            return masks[:, 1:]
         return masks.prod(dim=1, keepdim=True)
+
+
+@register("igos_pp_insertion")
+class IGOSPPInsertion(_BilateralSmoothed):
+    """iGOS++ with its insertion term only (the iGOS++ paper's Table 3 ablation): one mask M,
+
+        L = -ins(M) + L1 * mean|1 - M| + L2 * R(M),     R as iGOS++'s (module docstring),
+
+    optimised by iGOS++'s integrated-gradient direction (``model_grad_scale`` 0.5), BTV mix and line search;
+    output (B, 1, H, W) = 1 - up(M) in [0, 1], higher = revealing it restores class c. There is no deletion
+    term: the objective does not read phi(I, B, .) at all. Cost: as iGOS++ with P = n rows per evaluation.
+
+    Args: as :class:`IGOSPP` without ``mask`` (there is one mask). ``model_grad_scale`` keeps iGOS++'s 0.5 so
+    that this method differs from ``igos_pp`` by the removed terms only.
+    """
+
+    _TERMS = (((1,), False),)
+    _MASKS = 1
+
+    def __init__(self, blackbox, *, resolution: Resolution = 28, scale_with_image: bool = True,
+                 iterations: int = 15, ig_steps: int = 20, l1: float | None = None, l2: float = 20.0,
+                 btv_beta: float = 2.0, btv_sigma: float | None = None, btv_mix: float = 0.5,
+                 smoothness: str = "bilateral", noise_std: float | None = None, optimizer: str = "line_search",
+                 ls_alpha0: float = 1000.0, ls_shrink: float = 0.2, ls_c: float = 1e-4, ls_min_alpha: float = 1e-5,
+                 nag_step: float | None = None, blur_kernel: int = 51, blur_sigma: float = 50.0,
+                 model_grad_scale: float = 0.5, converge_tol: float | None = None,
+                 converge_patience: int = 2, **common):
+        super().__init__(blackbox, resolution=resolution, scale_with_image=scale_with_image, iterations=iterations,
+                         ig_steps=ig_steps, l1=l1, l2=l2, btv_beta=btv_beta, btv_sigma=btv_sigma, btv_mix=btv_mix,
+                         smoothness=smoothness, noise_std=noise_std, optimizer=optimizer,
+                         ls_alpha0=ls_alpha0, ls_shrink=ls_shrink, ls_c=ls_c, ls_min_alpha=ls_min_alpha,
+                         nag_step=nag_step, blur_kernel=blur_kernel, blur_sigma=blur_sigma,
+                         model_grad_scale=model_grad_scale, converge_tol=converge_tol,
+                         converge_patience=converge_patience, **common)
+
+    def _final_mask(self, masks: Tensor) -> Tensor:
+        return masks
 
 
 @register("igos")
@@ -538,8 +635,8 @@ class IGOS(_IntegratedGradientOptimizedSaliency):
     AAAI 2020. L = del(M) + L1 * mean|1 - M| + L2 * TV(M) (TV at r x r, exponent ``tv_beta``);
     output (B, 1, H, W) = 1 - up(M). Cost: as iGOS++ with P = n rows per evaluation (module docstring).
 
-    Args: as :class:`IGOSPP`, without the BTV and mix knobs, plus ``tv_beta`` (2, the released ``tv_norm``);
-    ``model_grad_scale`` defaults to 1 (the released I-GOS does not halve its IG).
+    Args: as :class:`IGOSPP`, without the BTV, mix, smoothness and mask knobs, plus ``tv_beta`` (2, the released
+    ``tv_norm``); ``model_grad_scale`` defaults to 1 (the released I-GOS does not halve its IG).
     """
 
     _TERMS = (((1,), True),)
@@ -567,3 +664,25 @@ class IGOS(_IntegratedGradientOptimizedSaliency):
 
     def _final_mask(self, masks: Tensor) -> Tensor:
         return masks
+
+
+@register("igos_naive_insertion")
+class IGOSNaiveInsertion(IGOS):
+    """"Naive I-GOS + insertion" (the iGOS++ paper's Table 3 ablation): I-GOS's one mask with an insertion term,
+
+        L = del(M) - ins(M) + L1 * mean|1 - M| + L2 * TV(M),
+
+    both model terms on the same mask M, each by its integrated gradient (I-GOS's direction, ``model_grad_scale``
+    1), I-GOS's TV at r x r and the same line search; output (B, 1, H, W) = 1 - up(M). Cost: as iGOS++ with
+    P = 2n rows per evaluation.
+
+    *Reading of the paper / deviation:* the design notes do not define this row; we take the released code's
+    one-mask ``iGOS_p`` (its main.py's ``--method iGOS+``), whose model terms are exactly these, but keep
+    I-GOS's plain TV instead of that code's BTV mix, so that this method differs from ``igos`` by the
+    insertion term alone (and from ``igos_pp`` by the single mask, the missing combined terms and the
+    smoothness term).
+
+    Args: as :class:`IGOS`.
+    """
+
+    _TERMS = (((1,), True), ((1,), False))  # del M, ins M
