@@ -200,10 +200,7 @@ def _model_args_and_precision(path: Path) -> tuple[dict, str | None]:
 
 
 def test_embedded_recipe_is_the_game_config():
-    """GAME_RECIPE is what embedded_predictor_game.yaml (configs/train, formerly configs/experiment) trains."""
-    found = [p for p in (ROOT / "configs/train/embedded_predictor_game.yaml",
-                         ROOT / "configs/experiment/embedded_predictor_game.yaml") if p.is_file()]
-    assert found, "embedded_predictor_game.yaml is in neither configs/train nor configs/experiment"
-    args, precision = _model_args_and_precision(found[0])
+    """GAME_RECIPE is what configs/train/embedded_predictor_game.yaml trains."""
+    args, precision = _model_args_and_precision(ROOT / "configs/train/embedded_predictor_game.yaml")
     assert {key: args.get(key) for key in gpu_check.GAME_RECIPE} == gpu_check.GAME_RECIPE
     assert precision == "bf16-mixed"

@@ -9,6 +9,7 @@
     saliency-lab export-scenes --format imagenet --out DIR   the embedded scenes as an ImageNet / COCO folder
     saliency-lab export-blackbox CKPT OUT [--half]           a classifier checkpoint as a black-box record
     saliency-lab teacher --method rise --out FILE            teacher maps for the predictor's teacher loss
+    saliency-lab cost --config CONFIG [--out DIR]            passes, FLOPs, memory and GPU-hours of a config
 
 ``--config configs/...`` and ``assets/...`` paths that do not exist in the working directory are read from the
 installed package (:mod:`saliency_lab.core.resources`).
@@ -28,6 +29,7 @@ SUBCOMMANDS = {
     "export-scenes": ("saliency_lab.cli.export_scenes", "the embedded scenes in ImageNet or COCO layout"),
     "export-blackbox": ("saliency_lab.cli.export_blackbox", "a classifier checkpoint as a black-box record"),
     "teacher": ("saliency_lab.cli.teacher", "a costly explainer's maps for the predictor's teacher loss"),
+    "cost": ("saliency_lab.cli.cost", "black-box passes, FLOPs, memory and GPU-hours of a training or evaluation config"),
 }
 
 
