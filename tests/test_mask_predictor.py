@@ -480,8 +480,9 @@ def test_a_checkpoint_for_another_black_box_is_refused(tiny_blackbox_path, scene
 # ---------------------------------------------------------------------------------------------------------
 # train.py end to end (subprocesses)
 
-IMAGENET_CONFIGS = ["imagenet_resnet50_filter", "imagenet_resnet50_ct", "imagenet_resnet50_bt", "imagenet_resnet50_mgnet",
-                    "imagenet_vgg19_filter", "imagenet_vgg19_ct", "imagenet_googlenet_filter", "imagenet_googlenet_ct"]
+# The ResNet-50 and GoogLeNet filter and CT configs run end to end at 224 px in tests/test_imagenet_chain.py (without
+# the probe-set callbacks, which the configs here run); VGG-19's chain is the documented longer run only.
+IMAGENET_CONFIGS = ["imagenet_resnet50_bt", "imagenet_resnet50_mgnet", "imagenet_vgg19_filter", "imagenet_vgg19_ct"]
 EMBEDDED_PREDICTORS = ["embedded_predictor_ct", "embedded_predictor_bt", "embedded_mgnet", "embedded_predictor_game"]
 CPU = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto"]
 
