@@ -10,12 +10,13 @@ without pretrained weights, a random 10-class state dict standing in for the wei
 docs/cluster.md writes them, each a ``saliency-lab`` subprocess with ``--processes`` DDP processes (gloo) from a
 folder outside the checkout:
 
-1. ``configs/train/imagenet_CNN_filter.yaml``: the feature filter, one epoch;
-2. ``configs/train/imagenet_CNN_ct.yaml``: the CT predictor reading stage 1's checkpoint, ``--epochs`` epochs;
+1. the filter config (``configs/train/imagenet_resnet50_filter.yaml`` for ResNet-50), one epoch;
+2. the CT config (``configs/train/imagenet_resnet50_ct.yaml``) reading stage 1's checkpoint, ``--epochs`` epochs;
    with ``--kill_and_resume`` (default on) it is SIGKILLed once ``last.ckpt`` holds the end of its first epoch,
    and restarted with ``--ckpt_path last``;
-3. ``configs/evaluate/imagenet_CNN.yaml``: RISE, iGOS++, IASSA and the stage-2 predictor on the first
-   ``--eval_images`` validation images, every metric, the causal protocol ``rise`` with ``--steps`` steps.
+3. the evaluation config (``configs/evaluate/imagenet_resnet50.yaml``): RISE, iGOS++, IASSA and the stage-2
+   predictor on the first ``--eval_images`` validation images, every metric, the causal protocol ``rise`` with
+   ``--steps`` steps.
 
 Only the probe-set callbacks of the training configs are replaced (``--trainer.callbacks`` keeps the checkpoint
 ones): at 224 px they cost minutes per validation on a CPU, and they run at small sizes in the tests.
@@ -176,8 +177,9 @@ def summary_table(result: dict, command: str) -> str:
     lines += [f"| {stage} | {value:.1f} |" for stage, value in result["seconds"].items()]
     lines += ["", "| method | images | deletion | insertion | seconds / image |", "|---|---|---|---|---|"]
     for name, stats in summary.items():
-        lines.append(f"| {name} | {stats.get('images')} | {stats.get('deletion', float('nan')):.3f} | "
-                     f"{stats.get('insertion', float('nan')):.3f} | {stats.get('seconds_per_image', float('nan')):.2f} |")
+        deletion, insertion, seconds = (stats.get(key, float("nan")) for key in
+                                        ("deletion", "insertion", "seconds_per_image"))
+        lines.append(f"| {name} | {stats.get('images')} | {deletion:.3f} | {insertion:.3f} | {seconds:.2f} |")
     return "\n".join(lines) + "\n"
 
 

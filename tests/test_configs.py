@@ -64,6 +64,7 @@ def test_every_training_config_parses_with_the_training_parser(name):
     assert cfg.model.class_path.startswith("saliency_lab.lightning_modules.") and cfg.run_dir
     assert cfg.data.class_path.startswith("saliency_lab.datamodules.") and cfg.seed_everything == 0
     assert cfg.trainer.logger.init_args.name == Path(name).stem  # the W&B run is named after its config
+    assert cfg.trainer.accelerator == "auto"  # a GPU where one is visible; the overlays (trainer/*_ddp) pick one
     if name.startswith("imagenet_"):
         cnn = name.split("_")[1]
         assert cfg.model.init_args.blackbox.init_args.model == f"torchvision:{cnn}"
