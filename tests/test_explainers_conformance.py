@@ -46,11 +46,13 @@ FAST_HPARAMS = {
     "predictor_ct_posthoc": {"posthoc_points": 5},
     "predictor_bt": {},
     "mgnet": {},
+    "mgnet_ct_posthoc": {"eta": 2.0, "h": 3.0},
+    "predictor_square": {},
     "predictor_game": {},
 }
 # The checkpoint (of a MaskPredictor mode) each trained method is built from.
 TRAINED_FROM = {"predictor_ct": "ct", "predictor_ct_posthoc": "ct", "predictor_bt": "bt", "mgnet": "mgnet",
-                "predictor_game": "ct"}
+                "mgnet_ct_posthoc": "mgnet", "predictor_square": "square", "predictor_game": "ct"}
 COMMON = {"max_forward_batch": 12, "seed": 3}
 # Exact black-box passes per image at FAST_HPARAMS: (forwards, backwards).
 COST_PER_IMAGE = {
@@ -67,6 +69,8 @@ COST_PER_IMAGE = {
     "predictor_ct": (1, 0),
     "predictor_bt": (1, 0),
     "mgnet": (1, 0),
+    "mgnet_ct_posthoc": (1, 0),
+    "predictor_square": (1, 0),
     "predictor_game": (1, 0),
     "predictor_ct_posthoc": (1 + 5 + 1, 0),  # the feature pass + posthoc_points + 1 measured ranks
 }
@@ -281,7 +285,8 @@ def test_registry_names_classes_and_errors(make, blackbox, checkpoints):
     assert NAMES == sorted(NAMES) and {"rise", "gradient", "smoothgrad", "integrated_gradients", "gradcam",
                                       "gradcam_pp", "igos_pp", "igos", "igos_pp_insertion", "igos_naive_insertion",
                                       "iassa", "predictor_ct", "predictor_ct_posthoc",
-                                      "predictor_bt", "mgnet", "predictor_game"} <= set(NAMES)
+                                      "predictor_bt", "predictor_square", "mgnet", "mgnet_ct_posthoc",
+                                      "predictor_game"} <= set(NAMES)
     for name in NAMES:
         explainer = make(name)
         assert isinstance(explainer, explainers.Explainer) and explainer.name == name

@@ -24,7 +24,7 @@ from saliency_lab.datamodules import ClutteredFashionMNIST, collate_samples
 from saliency_lab.lightning_modules.feature_filter import FeatureFilterModule
 from saliency_lab.lightning_modules.mask_predictor import (MaskDistribution, MaskPredictor, hinge_loss, top_fraction_mask,
                                               total_variation)
-from saliency_lab.networks.controllers import CTController, make_controller, skewness, standardise
+from saliency_lab.networks.controllers import CTController, SquareController, make_controller, skewness, standardise
 from saliency_lab.networks.feature_filter import FeatureFilter
 from saliency_lab.networks.mask_generator import (GENERATOR_PRESETS, PRESET_RATIOS, MaskGenerator, MaskPredictorNet, derive_widths,
                                      generator_widths, upsample)
@@ -142,6 +142,23 @@ def test_ct_eta_and_h_shape_a_right_skewed_mask():
     # BT on gaussian input: half the pixels off, also right-skewed
     bt = make_controller("bt")(z)
     assert abs((bt == 0).float().mean() - 0.5) < 0.02 and skewness(bt) > 0
+
+
+def test_square_controller_values_range_non_monotonicity_and_gradient():
+    # raw -2..2: mean 0, population std sqrt(2), so z^2 / max z^2 = raw^2 / 4 (the std and eps cancel)
+    raw = torch.tensor([-2.0, -1.0, 0.0, 1.0, 2.0]).view(1, 1, 1, 5)
+    controller = make_controller("square")
+    assert isinstance(controller, SquareController) and controller.config() == {"kind": "square"}
+    torch.testing.assert_close(controller(raw * 3 + 7), torch.tensor([1.0, 0.25, 0.0, 0.25, 1.0]).view(1, 1, 1, 5))
+    # non-monotonic: along increasing raw values the mask first falls, then rises
+    steps = controller(raw).flatten().diff()
+    assert (steps[:2] < 0).all() and (steps[2:] > 0).all()
+    noise = (torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 3 + 5).requires_grad_()
+    mask = controller(noise)
+    assert (mask >= 0).all() and (mask <= 1).all() and (mask.flatten(1).amax(1) == 1).all()
+    (grad,) = torch.autograd.grad((mask * torch.rand_like(mask)).sum(), noise)
+    assert torch.isfinite(grad).all() and (grad.abs().flatten(1).sum(1) > 0).all()
+    assert torch.equal(controller(torch.ones(2, 1, 4, 4)), torch.zeros(2, 1, 4, 4))  # constant map: z = 0
 
 
 def test_skewness_matches_scipy_and_the_accumulating_metric():
@@ -401,6 +418,36 @@ def test_explainer_contract_and_posthoc_tuning_keeps_the_ranking(tiny_blackbox_p
     assert model.net.training is False and not any(p.requires_grad for p in model.blackbox.parameters())
 
 
+def test_mgnet_ct_posthoc_is_ct_of_mgnet_masks_and_leaves_mgnet_unchanged(tiny_blackbox_path, scenes):
+    model = predictor(tiny_blackbox_path, "mgnet").eval()
+    checkpoint = _checkpoint_of(model)
+    blackbox, images, index = model.blackbox, scenes["image"], scenes["index"]
+    with torch.no_grad():
+        features = blackbox.features(images)
+        targets = blackbox.logits(images).argmax(1)
+        a, b = model.net.raw(features, targets).abs().unbind(1)
+        reference = model.net.mask(features, targets, (SIZE, SIZE))
+    ratio = (a / (a + b + 1e-6)).unsqueeze(1)  # MGnet's mask before upsampling, by hand
+    z = (ratio - ratio.mean((2, 3), keepdim=True)) / (ratio.std((2, 3), unbiased=False, keepdim=True) + 1e-5)
+    expected = F.interpolate(torch.sigmoid(2.0 * z) ** 3.0, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
+    tuned = explainers.build("mgnet_ct_posthoc", blackbox, checkpoint=checkpoint, eta=2.0, h=3.0)
+    assert tuned.hparams["eta"] == pytest.approx(2.0) and tuned.hparams["h"] == pytest.approx(3.0)
+    torch.testing.assert_close(tuned(images, targets, index), expected, atol=1e-5, rtol=1e-5)
+    assert tuned.cost.forwards == 8 and tuned.cost.backwards == 0
+    defaults = explainers.build("mgnet_ct_posthoc", blackbox, checkpoint=checkpoint).hparams
+    assert (defaults["eta"], defaults["h"]) == pytest.approx((1.5, 2.5))
+    plain = explainers.build("mgnet", blackbox, checkpoint=checkpoint)  # mgnet's defaults: untouched, to the bit
+    assert torch.equal(plain(images, targets, index), reference) and "eta" not in plain.hparams
+    with pytest.raises(ValueError, match="cannot be loaded as 'mgnet_ct_posthoc'"):
+        explainers.build("mgnet_ct_posthoc", blackbox, checkpoint=_checkpoint_of(predictor(tiny_blackbox_path)))
+
+
+def _checkpoint_of(model: MaskPredictor) -> dict:
+    checkpoint = {"state_dict": model.state_dict()}
+    model.on_save_checkpoint(checkpoint)
+    return checkpoint
+
+
 def _fit_briefly(model, scenes, tmp_path, steps=2):
     trainer = pl.Trainer(max_steps=steps, limit_val_batches=0, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
@@ -410,7 +457,8 @@ def _fit_briefly(model, scenes, tmp_path, steps=2):
     return trainer
 
 
-@pytest.mark.parametrize("mode, name", [("ct", "predictor_ct"), ("bt", "predictor_bt"), ("mgnet", "mgnet")])
+@pytest.mark.parametrize("mode, name", [("ct", "predictor_ct"), ("bt", "predictor_bt"), ("square", "predictor_square"),
+                                        ("mgnet", "mgnet")])
 def test_checkpoint_round_trip_through_the_registry(tiny_blackbox_path, scenes, tmp_path, mode, name):
     model = predictor(tiny_blackbox_path, mode)
     trainer = _fit_briefly(model, scenes, tmp_path)

@@ -74,7 +74,7 @@ from saliency_lab.core.machine import describe
 from saliency_lab.core.timing import default_device
 from saliency_lab.core.resources import config_folder, resolve_resource
 from saliency_lab.explainers import build_explainer, explainer_keys, parse_spec
-from saliency_lab.explainers.mask_predictor import RECIPES, predictor_class
+from saliency_lab.explainers.mask_predictor import RECIPES, VARIANTS
 from saliency_lab.metrics import EvaluationSettings
 from saliency_lab.metrics.suite import score_saliency
 from saliency_lab.networks.mask_generator import MaskPredictorNet, generator_widths
@@ -440,9 +440,10 @@ def load_evaluation(path: str, args) -> EvaluationSetup:
 
 
 def random_predictor(name: str, blackbox: BlackBox, hparams: dict, common: dict):
-    """The trained method ``name`` (``predictor_ct``, ``predictor_bt``, ``mgnet``, ``predictor_game``,
-    ``predictor_ct_posthoc``) with a randomly initialised network of the black box's generator preset."""
-    cls = RECIPES.get(name) or (predictor_class("ct", True) if name == "predictor_ct_posthoc" else None)
+    """The trained method ``name`` (a recipe's, ``predictor_ct``, ``mgnet``, ..., or an inference variant,
+    ``predictor_ct_posthoc``, ``mgnet_ct_posthoc``) with a randomly initialised network of the black box's
+    generator preset."""
+    cls = RECIPES.get(name) or VARIANTS.get(name)
     if cls is None:
         raise ValueError(f"{name}: only the mask predictors can be built without their checkpoint")
     channels = list(blackbox.feature_channels)

@@ -75,11 +75,12 @@ from saliency_lab.networks.controllers import skewness
 from saliency_lab.networks.feature_filter import load_filter
 from saliency_lab.networks.mask_generator import MaskPredictorNet, generator_widths, upsample
 
-MODES = {"ct": "ct", "bt": "bt", "mgnet": "none"}  # mode -> controller
+MODES = {"ct": "ct", "bt": "bt", "square": "square", "mgnet": "none"}  # mode -> controller
 # Loss weights by mode (None in the constructor = these). MGnet: Dabkowski & Gal's code defaults.
 LOSS_DEFAULTS = {
     "ct": {"ce_weight": 1.0, "area_weight": 0.0, "area_power": 1.0, "tv_weight": 0.0, "bg_weight": 0.0},
     "bt": {"ce_weight": 1.0, "area_weight": 0.0, "area_power": 1.0, "tv_weight": 0.0, "bg_weight": 0.0},
+    "square": {"ce_weight": 1.0, "area_weight": 0.0, "area_power": 1.0, "tv_weight": 0.0, "bg_weight": 0.0},
     "mgnet": {"ce_weight": 0.3, "area_weight": 8.0, "area_power": 0.3, "tv_weight": 0.5, "bg_weight": 1.0},
 }
 AREA_EPS = 5e-4  # Dabkowski's (M + eps) ** power: a finite gradient at M = 0
@@ -170,7 +171,8 @@ class MaskPredictor(FrozenBlackBoxModule):
         blackbox: the frozen :class:`saliency_lab.core.blackbox.BlackBox`; only its config goes into checkpoints.
         filter_checkpoint: the stage-1 checkpoint of :class:`FeatureFilterModule` (None: an untrained
             random filter, with a warning — for tests).
-        mode: ``"ct"``, ``"bt"`` or ``"mgnet"``.
+        mode: ``"ct"``, ``"bt"``, ``"square"`` (the paper's non-monotonic x^2 transformer, Fig. 2c; explains as
+            ``predictor_square``) or ``"mgnet"``.
         eta, h, trainable_controller: CT's parameters (docs/methods.md: 1.5, 2.5, fixed).
         widths, width_ratio: generator block widths (default: the paper's preset for ResNet-50 / VGG-19 /
             GoogLeNet, half the skip channels otherwise; see ``networks.mask_generator.generator_widths``).

@@ -6,6 +6,8 @@ norm without affine parameters), so the mask's *distribution* is fixed by the co
 - ``"bt"``    M^d = ReLU(z)                     >= 0, unbounded above (about half of the entries are 0);
 - ``"ct"``    M^d = sigmoid(eta * z) ** h       in (0, 1); with eta = 1.5, h = 2.5 a standard-normal z gives
                                                 a right-skewed mask (mean ~0.28, a long tail towards 1);
+- ``"square"`` M^d = z ** 2 / max_j z_j ** 2    in [0, 1]; the paper's non-monotonic x^2 transformer (its Fig. 2c):
+                                                both tails of z are salient, the image's mean value is not;
 - ``"none"``  the MGnet head (Dabkowski & Gal): two channels (a, b), M = |a| / (|a| + |b|), no
               standardisation (their area / smoothness losses shape the mask instead).
 
@@ -20,7 +22,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-CONTROLLERS = ("none", "bt", "ct")
+CONTROLLERS = ("none", "bt", "ct", "square")
 EPS = 1e-5
 
 
@@ -98,6 +100,24 @@ class CTController(Controller):
         return f"eta={self.eta:.3g}, h={self.h:.3g}, trainable={self.trainable}"
 
 
+class SquareController(Controller):
+    """The x^2 transformer (the paper's Fig. 2c): M^d = z^2 / max_j z_j^2 per image, in [0, 1].
+
+    Shapes: (B, 1, h, w) -> (B, 1, h, w). Non-monotonic in z: 0 at the image's mean (z = 0), growing towards
+    both tails, so the ranking of M^d is not the ranking of M^g (the paper's non-monotonic transformer).
+
+    *Deviation / our choice:* our sources name the transformer x^2 only, without its normalisation to
+    [0, 1]; we divide by the image's largest z^2 (the maximum entry is exactly 1; a constant map gives 0
+    everywhere, since its z is 0). The maximum carries a gradient like every other entry.
+    """
+
+    kind = "square"
+
+    def forward(self, raw: Tensor) -> Tensor:
+        squared = standardise(raw).pow(2)
+        return squared / squared.amax((1, 2, 3), keepdim=True).clamp_min(EPS)
+
+
 class RatioHead(Controller):
     """MGnet's head: M = |a| / (|a| + |b| + eps) from two channels (a, b); in [0, 1]."""
 
@@ -116,11 +136,13 @@ class RatioHead(Controller):
 
 
 def make_controller(kind: str, eta: float = 1.5, h: float = 2.5, trainable: bool = False) -> Controller:
-    """``"none"`` (MGnet ratio head), ``"bt"`` or ``"ct"`` (with ``eta``, ``h``, ``trainable``)."""
+    """``"none"`` (MGnet ratio head), ``"bt"``, ``"square"`` or ``"ct"`` (with ``eta``, ``h``, ``trainable``)."""
     if kind == "ct":
         return CTController(eta, h, trainable)
     if kind == "bt":
         return BTController()
+    if kind == "square":
+        return SquareController()
     if kind == "none":
         return RatioHead()
     raise ValueError(f"unknown controller {kind!r}; choose from {CONTROLLERS}")

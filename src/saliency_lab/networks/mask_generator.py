@@ -130,7 +130,7 @@ class MaskGenerator(nn.Module):
     Args:
         feature_channels: channels of the levels, shallow to deep (``BlackBox.feature_channels``).
         widths: block widths, deep to shallow (one per level but the last; see :func:`generator_widths`).
-        out_channels: 1 (BT / CT) or 2 (MGnet ratio head).
+        out_channels: 1 (BT / CT / x^2) or 2 (MGnet ratio head).
         extra_upsamples: blocks of 3x3 conv (-> the last width), BN, ReLU, pixel shuffle x2 after the last skip
             level, without a skip (ours, for the mask-resolution ablation; the paper stops at stride 4).
     """
@@ -168,13 +168,14 @@ class MaskPredictorNet(nn.Module):
     """Feature filter (frozen) -> :class:`MaskGenerator` -> distribution controller.
 
     ``forward(features, classes)``: ``features`` = ``BlackBox.features(images)`` (shallow to deep),
-    ``classes`` (B,) the explained classes -> M^d (B, 1, h_0, w_0) (values in [0, 1] for CT / MGnet, >= 0 for
-    BT). ``mask(features, classes, size)`` upsamples it bilinearly to the image size.
+    ``classes`` (B,) the explained classes -> M^d (B, 1, h_0, w_0) (values in [0, 1] for CT / x^2 / MGnet, >= 0
+    for BT). ``mask(features, classes, size)`` upsamples it bilinearly to the image size.
 
     Args:
         feature_channels, num_classes: of the black box.
         widths: generator block widths (see :func:`generator_widths`).
-        controller: ``"ct"``, ``"bt"`` or ``"none"`` (MGnet's two-channel ratio head).
+        controller: ``"ct"``, ``"bt"``, ``"square"`` (the x^2 transformer) or ``"none"`` (MGnet's two-channel
+            ratio head).
         eta, h, trainable_controller: CT's parameters.
         filter_bias: b of the feature filter at inference.
         extra_upsamples: see :class:`MaskGenerator` (0: the paper's stride-4 mask).
