@@ -264,3 +264,34 @@ def test_evaluate_on_an_embedded_coco_export(tmp_path):
     for key in ("iou", "f1", "iou_top", "f1_top", "iou_pixel", "f1_pixel", "pointing_game", "deletion", "insertion"):
         assert stats[key] is not None and math.isfinite(stats[key]), key
     assert 0 <= stats["iou"] <= 1 and 0 <= stats["f1"] <= 1 and stats["forwards_per_image"] > 25
+
+
+# -- snapshots: the maps after k rounds of one run ----------------------------------------------------------
+def test_snapshot_after_k_rounds_equals_a_fresh_run_with_k_iterations(blackbox, images):
+    x, targets = images
+    kwargs = dict(window=120.0, stride=60.0, window_decay=20.0, stride_decay=10.0)  # windows shrink round by round
+    long = explainers.build("iassa", blackbox, iterations=5, max_forward_batch=16, **kwargs)
+    maps, cost = long.explain_with_snapshots(x, targets, (1, 2, 3, 5), indices=torch.tensor([4, 7, 9]))
+    assert sorted(maps) == [1, 2, 3, 5] and long.snapshots == () and long.hparams == explainers.build(
+        "iassa", blackbox, iterations=5, max_forward_batch=16, **kwargs).hparams
+    for k in (1, 2, 3, 5):
+        fresh = explainers.build("iassa", blackbox, iterations=k, max_forward_batch=16, **kwargs)
+        assert torch.equal(maps[k], fresh(x, targets, torch.tensor([4, 7, 9]))), k  # bit for bit
+        assert cost[k]["forwards"] == fresh.cost.forwards and cost[k]["backwards"] == 0
+        assert cost[k]["seconds"] >= 0 and cost[k]["cpu_seconds"] >= 0
+    assert not torch.equal(maps[1], maps[5]) and torch.equal(maps[5], long(x, targets))
+    assert cost[1]["forwards"] < cost[2]["forwards"] < cost[5]["forwards"] == long.cost.forwards
+    # the estimate output and early stopping by tol: every snapshot still equals its fresh run
+    probe = Probe(constant=0.7)
+    stop = dict(window=4, stride=2, window_decay=1.0, reference_size=12, attention="none", tol=1e-6,
+                output="estimate", max_forward_batch=64)
+    image = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(3))
+    maps, cost = explainers.build("iassa", probe, iterations=4, **stop).explain_with_snapshots(
+        image, torch.tensor([0, 1]), (1, 3, 4))
+    for k in (1, 3, 4):
+        fresh = explainers.build("iassa", probe, iterations=k, **stop)
+        assert torch.equal(maps[k], fresh(image, torch.tensor([0, 1]))) and cost[k]["forwards"] == fresh.cost.forwards
+    with pytest.raises(ValueError, match="snapshots"):
+        long.explain_with_snapshots(x, targets, (0, 2))
+    with pytest.raises(ValueError, match="snapshots"):
+        long.explain_with_snapshots(x, targets, (6,))

@@ -30,6 +30,7 @@ Where we differ from the authors' released code (IASSA-Saliency), and why:
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -348,6 +349,35 @@ class IASSA(Explainer):
         self.output = output
         self.attention_memory_mb = float(attention_memory_mb)
         self.trace: dict = {}
+        self.snapshots: tuple[int, ...] = ()  # set only inside explain_with_snapshots
+        self.snapshot_maps: dict[int, Tensor] = {}
+        self.snapshot_cost: dict[int, dict[str, float]] = {}
+
+    def explain_with_snapshots(self, images: Tensor, targets: Tensor, snapshots: Sequence[int],
+                               indices: Tensor | None = None) -> tuple[dict[int, Tensor], dict[int, dict[str, float]]]:
+        """The maps after k rounds for every k in ``snapshots`` (each in [1, ``iterations``]), from one call.
+
+        Returns ({k: saliency (B, 1, H, W)}, {k: cost}). ``saliency[k]`` equals, bit for bit, what this explainer
+        returns with ``iterations=k`` (round k's windows and Monte-Carlo sums depend only on the rounds before
+        it, never on the total count, and early stopping by ``tol`` stops both alike); ``saliency[iterations]``
+        is the ordinary output. ``cost[k]`` is what that k-round call costs: ``forwards`` and ``backwards`` of
+        the batch (as ``cost``), and ``seconds`` / ``cpu_seconds``, the batch's wall and process time from the
+        start of the explanation to the end of round k. So one run with ``iterations=25`` and snapshots
+        (1, 2, 3, 5, 10, 15, 25) is a performance-vs-iterations study for the price of its longest point.
+        The hyper-parameters, hence evaluate.py's keys of this explainer, are unchanged.
+        """
+        wanted = tuple(sorted({int(k) for k in snapshots}))
+        if not wanted or any(not 1 <= k <= self.iterations for k in wanted):
+            raise ValueError(f"snapshots must lie in [1, iterations = {self.iterations}], got {list(snapshots)}")
+        self.snapshots, self.snapshot_maps, self.snapshot_cost = wanted, {}, {}
+        try:
+            self(images, targets, indices)
+        finally:
+            self.snapshots = ()
+        maps = {k: m.detach().to(device=images.device, dtype=images.dtype) for k, m in self.snapshot_maps.items()}
+        cost = dict(self.snapshot_cost)
+        self.snapshot_maps, self.snapshot_cost = {}, {}
+        return maps, cost
 
     # -- the method ---------------------------------------------------------------------------------
     def _explain(self, images: Tensor, targets: Tensor, seeds: Tensor) -> Tensor:
@@ -360,6 +390,7 @@ class IASSA(Explainer):
         estimate = adjusted = None
         active = list(range(batch))
         trace = {"iterations": [0] * batch, "masks": [[] for _ in range(batch)], "change": [[] for _ in range(batch)]}
+        clock = (time.perf_counter(), time.process_time())
         for step in range(self.iterations):
             boxes = sliding_windows(height, width, *self._geometry(min(height, width), step), device=images.device)
             if step == 0:
@@ -375,6 +406,7 @@ class IASSA(Explainer):
             fresh = self._estimate(numerator[index], denominator[index], score_sum[index], score_count[index])
             if estimate is None:
                 estimate, adjusted = fresh, adjust_map(fresh, grid, self._bind(attention, index), self.beta)
+                self._snapshot(step + 1, adjusted, estimate, clock)
                 continue
             previous = estimate[index]
             change = ((fresh - previous).flatten(1).norm(dim=1) /
@@ -384,10 +416,24 @@ class IASSA(Explainer):
             for b, value in zip(active, change.tolist()):
                 trace["change"][b].append(value)
             active = [b for b, value in zip(active, change.tolist()) if not value < self.tol]
+            self._snapshot(step + 1, adjusted, estimate, clock)
             if not active:
                 break
+        for k in self.snapshots:  # every image stopped early (tol): a call with k rounds stops there too
+            if k not in self.snapshot_maps:
+                self._snapshot(k, adjusted, estimate, clock, exact_round=False)
         self.trace = trace
         return adjusted if self.output == "adjusted" else estimate
+
+    def _snapshot(self, rounds: int, adjusted: Tensor, estimate: Tensor, clock: tuple[float, float],
+                  exact_round: bool = True) -> None:
+        """Keep the output after ``rounds`` rounds (a copy) and the cost so far, when ``rounds`` is a snapshot."""
+        if rounds not in self.snapshots or (exact_round and rounds in self.snapshot_maps):
+            return
+        self.snapshot_maps[rounds] = (adjusted if self.output == "adjusted" else estimate).clone()
+        self.snapshot_cost[rounds] = {"forwards": self.cost.forwards, "backwards": self.cost.backwards,
+                                      "seconds": time.perf_counter() - clock[0],
+                                      "cpu_seconds": time.process_time() - clock[1]}
 
     def _geometry(self, size: int, step: int) -> tuple[float, float]:
         return window_schedule(size, step, self.window, self.stride, self.window_decay, self.stride_decay,
