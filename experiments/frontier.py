@@ -44,16 +44,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import io
 import json
 import math
 import re
+import shlex
+import subprocess
 from pathlib import Path
 
 import torch
 
 
 from saliency_lab import explainers
+from saliency_lab.core.machine import cpu_model
 from saliency_lab.metrics.report import paired_difference
 from saliency_lab.metrics.rows import RowStore
 
@@ -61,6 +65,20 @@ PRESETS = ("rise", "igos")
 QUALITY_KEYS = ("deletion", "insertion", "deletion_norm", "insertion_norm")
 LOWER_IS_BETTER = {"deletion", "deletion_norm"}
 DEFAULT_CONFIG = "configs/evaluate/embedded_evaluate.yaml"
+
+
+def provenance(script: str, argv: list[str]) -> str:
+    """Date, commit, CPU model and the exact command ``python -m SCRIPT ARGV``: the header every results table
+    carries."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    command = f"python -m {script} " + shlex.join(argv)
+    return (f"Measured {datetime.date.today().isoformat()}, commit `{commit}`, machine: {cpu_model()} "
+            f"({torch.get_num_threads()} torch threads). Command: `{command}`.")
+
 
 # XPert on the embedded black box (embedded_claims_table1.yaml): area weight 3 growing by 1.034554 per iteration
 # over 300 iterations. Fewer iterations keep the schedule's end points: growth^(300/T) and the learning rate

@@ -42,11 +42,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
 import io
 import math
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -233,26 +231,12 @@ def btv_against_plain(rows: list[Row], result: dict[str, dict], resamples: int) 
     return "\n".join(lines) + "\n"
 
 
-def provenance(args) -> str:
-    """Date, commit, CPU model and the exact command: the header every results table carries."""
-    from saliency_lab.core.machine import cpu_model
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    command = "python -m experiments.igos_ablation " + shlex.join(args.argv)
-    return (f"Measured {datetime.date.today().isoformat()}, commit `{commit}`, machine: {cpu_model()} "
-            f"({torch.get_num_threads()} torch threads). Command: `{command}`.")
-
-
 TITLES = {"resolution": "Mask resolution: BTV against plain TV",
           "table3": "Table 3: which objective", "table5": "Table 5: which mask"}
 
 
 def report(studies: dict[str, list[Row]], result: dict[str, dict], args) -> str:
-    header = provenance(args)
+    header = frontier.provenance("experiments.igos_ablation", args.argv)
     budget = ", ".join(f"{k} {v}" for k, v in args.budget.items()) or "the defaults (15 iterations, 20 IG points)"
     parts = [f"# iGOS++ ablations ({args.split} split, first {args.num_images} images; every variant at {budget})",
              ""]

@@ -639,7 +639,7 @@ def evaluation_table(result: dict, gpus: Sequence[GPU]) -> list[str]:
                      f"| {_g(r['flops_per_image'] / 1e9)} | {_dtype(r['bf16_fraction'])} "
                      f"| {_g(r['memory_bytes'] / GB)} | {r['images']:,} | "
                      + " | ".join(_g(hours[key][n]) for n in names) + " |")
-    lines.append(f"| **total** | | | | | | | | " + " | ".join(f"**{_g(hours['total'][n])}**" for n in names) + " |")
+    lines.append("| **total** | | | | | | | | " + " | ".join(f"**{_g(hours['total'][n])}**" for n in names) + " |")
     return lines
 
 
@@ -656,7 +656,7 @@ def short_commit() -> str:
 def markdown(report: dict) -> str:
     gpus = [parse_gpus([name])[0] for name in report["gpus"]]
     machine = report["machine"]
-    lines = [f"# Cost", "",
+    lines = ["# Cost", "",
              f"Measured {report['date']}, commit `{report['commit']}`, machine: {machine['cpu']} "
              f"({machine['logical_cores']} logical cores, {machine['torch_threads']} torch threads, torch "
              f"{machine['torch']}, device {machine['device']}). Command: `{report['command']}`.",
