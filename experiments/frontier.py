@@ -80,6 +80,22 @@ def provenance(script: str, argv: list[str]) -> str:
             f"({torch.get_num_threads()} torch threads). Command: `{command}`.")
 
 
+def add_study_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    """The options every study driver shares (call it last: ``--evaluate_args`` takes the rest of the line):
+    ``--out`` (default outputs/NAME), ``--table`` (default OUT/NAME.md), ``--config``, ``--threads``,
+    ``--resamples``, ``--report_only``, ``--dry_run``, ``--evaluate_args``."""
+    parser.add_argument("--out", type=Path, default=Path(f"outputs/{name}"))
+    parser.add_argument("--table", type=Path, default=None, help=f"default OUT/{name}.md")
+    parser.add_argument("--config", type=Path, default=Path(DEFAULT_CONFIG),
+                        help="evaluate.py config giving the black box, data and metric settings (frontier's)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--resamples", type=int, default=2000)
+    parser.add_argument("--report_only", action="store_true", help="evaluate nothing; report the finished rows")
+    parser.add_argument("--dry_run", action="store_true", help="print the evaluate.py commands and stop")
+    parser.add_argument("--evaluate_args", nargs=argparse.REMAINDER, default=[],
+                        help="everything after it goes to every evaluate.py run")
+
+
 # XPert on the embedded black box (embedded_claims_table1.yaml): area weight 3 growing by 1.034554 per iteration
 # over 300 iterations. Fewer iterations keep the schedule's end points: growth^(300/T) and the learning rate
 # scaled as XPert's own default is (the released 0.01 x 800 iterations / T).

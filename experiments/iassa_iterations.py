@@ -301,16 +301,7 @@ def parse_args(argv: list[str] | None = None):
                         help="deletion / insertion protocols (default rise; rise,igos adds iGOS++'s)")
     parser.add_argument("--road", action="store_true", help="also compute ROAD (not one of the paper's metrics)")
     parser.add_argument("--batch_size", type=int, default=8, help="images explained together (default 8)")
-    parser.add_argument("--out", type=Path, default=Path("outputs/iassa_iterations"))
-    parser.add_argument("--table", type=Path, default=None, help="default OUT/iassa_iterations.md")
-    parser.add_argument("--config", type=Path, default=Path(frontier.DEFAULT_CONFIG),
-                        help="evaluate.py config giving the black box, data and metric settings (frontier's)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--resamples", type=int, default=2000)
-    parser.add_argument("--report_only", action="store_true", help="evaluate nothing; report the finished rows")
-    parser.add_argument("--dry_run", action="store_true", help="print the evaluate.py commands and stop")
-    parser.add_argument("--evaluate_args", nargs=argparse.REMAINDER, default=[],
-                        help="everything after it goes to every evaluate.py run")
+    frontier.add_study_arguments(parser, "iassa_iterations")
     args = parser.parse_args(argv)
     unknown = [p for p in args.presets if p not in frontier.PRESETS]
     if unknown:

@@ -46,7 +46,6 @@ import io
 import math
 import shlex
 import sys
-from pathlib import Path
 
 import torch
 
@@ -264,16 +263,7 @@ def parse_args(argv: list[str] | None = None):
                         help="mask cells per side of the resolution study (default 4,8,16,32,64)")
     parser.add_argument("--image_size", type=int, default=64,
                         help="the data's image side, only to spot the grid the defaults already use (default 64)")
-    parser.add_argument("--out", type=Path, default=Path("outputs/igos_ablation"))
-    parser.add_argument("--table", type=Path, default=None, help="default OUT/igos_ablation.md")
-    parser.add_argument("--config", type=Path, default=Path(frontier.DEFAULT_CONFIG),
-                        help="evaluate.py config giving the black box, data and metric settings (frontier's)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--resamples", type=int, default=2000)
-    parser.add_argument("--report_only", action="store_true", help="evaluate nothing; report the finished rows")
-    parser.add_argument("--dry_run", action="store_true", help="print the evaluate.py commands and stop")
-    parser.add_argument("--evaluate_args", nargs=argparse.REMAINDER, default=[],
-                        help="everything after it goes to every evaluate.py run")
+    frontier.add_study_arguments(parser, "igos_ablation")
     args = parser.parse_args(argv)
     unknown = [s for s in args.studies if s not in STUDIES]
     if unknown:
