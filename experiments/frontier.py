@@ -82,7 +82,7 @@ def provenance(script: str, argv: list[str]) -> str:
 
 def add_study_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     """The options every study driver shares (call it last: ``--evaluate_args`` takes the rest of the line):
-    ``--out`` (default outputs/NAME), ``--table`` (default OUT/NAME.md), ``--config``, ``--threads``,
+    ``--out`` (default outputs/<name>), ``--table`` (default <out>/<name>.md), ``--config``, ``--threads``,
     ``--resamples``, ``--report_only``, ``--dry_run``, ``--evaluate_args``."""
     parser.add_argument("--out", type=Path, default=Path(f"outputs/{name}"))
     parser.add_argument("--table", type=Path, default=None, help=f"default OUT/{name}.md")
