@@ -113,9 +113,9 @@ METRIC_ROW_KEYS = ("protocol", "forwards_per_image", "seconds", "images_per_seco
 MAP_TOLERANCE = 1e-3
 
 # embedded_predictor_game.yaml over embedded_predictor_ct.yaml (configs/): the recipe the embedded section trains.
-GAME_RECIPE = {"mode": "ct", "eta": 1.5, "h": 5.0, "target": "predicted", "blur_prob": 0.5, "lr": 0.01,
-               "method": "predictor_game", "ce_weight": 0.0, "deletion_weight": 1.0, "insertion_weight": 1.0,
-               "game_protocols": ["rise", "igos"], "game_fraction_power": 3.0, "channels_last": True}
+# Its loss terms are read from configs/objectives/game.yaml when the module is built (build_predictor).
+GAME_RECIPE = {"mode": "ct", "eta": 1.5, "h": 5.0, "target": "predicted", "lr": 0.01, "method": "predictor_game",
+               "objectives": "configs/objectives/game.yaml", "channels_last": True}
 
 
 @dataclass(frozen=True)
@@ -318,8 +318,12 @@ def predictor_training_step(module, optimizer, images: torch.Tensor, dtype: torc
 
 def build_predictor(blackbox, **hparams):
     """A MaskPredictor in training mode with an untrained random filter (its warning silenced) and its Adam."""
+    from saliency_lab.core.resources import packaged
     from saliency_lab.lightning_modules.mask_predictor import MaskPredictor
+    from saliency_lab.lightning_modules.objectives import load_objectives
 
+    if isinstance(hparams.get("objectives"), str):
+        hparams = {**hparams, "objectives": load_objectives(packaged(hparams["objectives"]))}
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "no filter_checkpoint given: ... randomly initialised"

@@ -7,7 +7,7 @@
    controller + upsampling) against one plain black-box forward of the same batch. Target: ratio <= 1.25.
 2. One training step (clean forward, generator, substrate, perturbation, masked forward, backward, Adam step)
    against its bare work: the clean forward + the masked forward and backward through the black box alone
-   (two masked batches for MGnet / a bg_weight > 0: phi(I, M, A) and phi(I, 1 - M, A)),
+   (two masked batches for MGnet / a Destruction term: phi(I, M, A) and phi(I, 1 - M, A)),
    plus the generator's own cost (its forward, backward and Adam step on fixed features).
    Target: ratio <= 1.3.
 Both on embedded test images with the embedded black box (the committed assets/ record, else random weights of
@@ -30,6 +30,7 @@ from saliency_lab.core.resources import packaged
 from saliency_lab.core.blackbox import BlackBox
 from saliency_lab.core.timing import Stopwatch, add_timing_arguments, stopwatch_from_args
 from saliency_lab.lightning_modules.mask_predictor import MaskPredictor
+from saliency_lab.lightning_modules.objectives import Preservation
 
 
 CLASSIFIER_CONFIG = Path(__file__).resolve().parents[1] / "configs/model/embedded_classifier.yaml"
@@ -93,7 +94,8 @@ def step_vs_bare(module: MaskPredictor, batch: dict, repeats: int, stopwatch: St
         loss.backward()
         optimizer.step()
 
-    masked = 2 if module.weights["bg_weight"] else 1  # MGnet also pushes phi(I, 1 - M, A) through
+    # one masked batch per preservation-like term: phi(I, M, A), and phi(I, 1 - M, A) for MGnet's destroyer
+    masked = sum(1 for o in module.objectives if o.weight and isinstance(o, Preservation))
 
     def bare_blackbox():
         with torch.no_grad():

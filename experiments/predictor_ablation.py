@@ -22,41 +22,17 @@ so an interrupted ablation resumes. Prints:
   - the paired difference (variant - RISE) of deletion under each preset with its 95% bootstrap interval;
   - learning curves (``--curves``): every epoch checkpoint of those variants, evaluated like the rest.
 
-Variants (the demo recipe: 2 epochs x 150 batches of 128 = 300 steps, lr 1e-2 halved every epoch; every
-variant trains with bf16 autocast and channels-last, see ``FAST``):
-  ct, bt, mgnet              the demo configs as they are
-  game                       the shipped winner as it is: embedded_predictor_game.yaml (ct_pgame_only_fp3 under its
-                             own method name, predictor_game); its claims run is ``--split test --variants game``
-  ct_fp32, ct_game_fp32      ct and ct_game trained in float32 (without ``FAST``): is bf16 training faithful?
-  ct_game                    CT + the deletion and insertion game (weights 1; deletion into the mean colour,
-                             insertion into the training blur; see lightning_modules/mask_predictor.py), the soft
-                             top fraction thresholding logit(M) (the metric's order without CT's saturation)
-  ct_gamem, ct_gamem_*, ct_pgamem  the same with the top fraction thresholding the mask M itself (squashed near 0)
-  ct_del, ct_ins             CT + only the deletion / only the insertion half of the game
-  ct_game_only               the game without the CE (preservation) term
-  ct_game_subs               the game with mixed substrates (deletion: mean / strong blur / random colour;
-                             insertion: training blur / strong blur / random colour)
-  ct_game_t02                the game with a softer top fraction (temperature 0.2 instead of 0.05)
-  ct_pgame                   the game under the causal metrics' own protocols: per image the rise preset (pixels,
-                             mean colour / light blur) or the igos preset (8 x 8 cells, strong blur both ways)
-  ct_pgame_10x               ct_pgame trained 10x longer
-  ct_pgame_only              ct_pgame without the CE (preservation) term
-  ct_pgame_only_fp2, _fp3    ct_pgame_only with the game's fractions drawn as u^2 (u^3): more of the game on the
-                             small fractions that order the top of the ranking
-  ct_pgame_only_ins2         ct_pgame_only with the insertion game weighted 2
-  ct_pgame_only_fp3_10x      ct_pgame_only_fp3 trained 10x longer
-  ct_game_10x                ct_game trained 10x longer (10 epochs x 300 batches, lr halved every 3 epochs)
-  ct_game_s2                 ct_game with a finer mask: one more x2 upsampling block (stride 2 instead of 4)
-  ct_game_tv                 ct_game plus a smoothness term (tv_weight 1)
-  ct_teacher, ct_game_teacher, ct_pgame_teacher  CT (ct_game, ct_pgame) plus the teacher term toward RISE maps (500 masks) of the first
-                             320 training scenes, trained on those scenes (``TEACHER_MAPS``, made first)
-  ct_game_h2.5, ct_game_eta3 CT's shape under the game: the paper's h 2.5; a steeper sigmoid (eta 3)
-  bt_game, mgnet_game        the other heads under the game
-  ct_pgame_only_fp3_h2.5, ct_pgame_only_fp3_eta3, bt_pgame_only_fp3, mgnet_pgame_only_fp3
-                             the controllers under the game-only objective: CT with the paper's h 2.5, CT with a
-                             steeper sigmoid (eta 3), BT, and MGnet with its area/TV/background constraints
-  ct_h2.5, ct_6ep, mgnet_area8, ct_area1   the earlier ablations (paper's h; 3x longer; Dabkowski's area
-                             weight; CT plus MGnet's area term)
+Variants are training configs with readable names, one file each in ``configs/train/ablation/`` (``--variants NAME``
+trains ``configs/train/ablation/NAME.yaml``; ``game`` is ``configs/train/embedded_predictor_game.yaml`` itself, the
+shipped recipe). Each file says what it changes; the loss terms are composed by ``class_path``
+(``saliency_lab.lightning_modules.objectives``). The ``lever_*`` variants are the faithfulness levers measured in
+docs/results/levers.md, all in float32; the others are the earlier ablations of docs/results/predictor.md (bf16
+autocast + channels-last, as they were trained), among them ``ct_pgame_only_fp3``, the recipe that ships as
+``predictor_game``. ``*_teacher`` variants need the teacher maps, which the driver makes first.
+
+Presets: the causal protocols the variants are scored under, the training presets ``rise`` and ``igos`` and the
+held-out families ``noise``, ``blur_wide`` and ``grid16`` (docs/heldout.md); ROAD is in every evaluation and its
+columns come from the first preset's.
 """
 from __future__ import annotations
 
@@ -72,79 +48,28 @@ CLI = (sys.executable, "-m", "saliency_lab.cli")
 
 from saliency_lab.metrics.report import paired_difference
 
-CONFIGS = {"ct": "embedded_predictor_ct.yaml", "bt": "embedded_predictor_bt.yaml", "mgnet": "embedded_mgnet.yaml",
-           "game": "embedded_predictor_game.yaml"}
-GAME = ["--model.init_args.deletion_weight=1.0", "--model.init_args.insertion_weight=1.0"]
-MIXED_SUBSTRATES = ["--model.init_args.deletion_substrates=[mean, strong_blur, random]",
-                    "--model.init_args.insertion_substrates=[blur, strong_blur, random]"]
-# RISE (500 masks, mean colour) on the first 320 training scenes (the record holds its cost); the variant trains on those scenes only, so every image of every batch has its map.
+ABLATION = Path("configs/train/ablation")  # one training config per variant
+SHIPPED = {"game": Path("configs/train/embedded_predictor_game.yaml")}
+# RISE (500 masks, mean colour) on the first 320 training scenes (the record holds its cost): what the *_teacher
+# variants' Teacher term reads (their configs name this file).
 TEACHER_SCENES = 320
 TEACHER_MAPS = Path(f"outputs/teacher/rise500_{TEACHER_SCENES}.pt")
-# 320 scenes are 3 batches of 128 (the last one 64): 100 epochs are the demo's 300 steps, with the learning rate
-# halved once after 150 steps as the demo does, and validation at the halfway and final epochs only.
-TEACHER = [f"--model.init_args.teacher_maps={TEACHER_MAPS}", "--model.init_args.teacher_weight=1.0",
-           f"--data.init_args.num_train={TEACHER_SCENES}", "--trainer.max_epochs=100",
-           "--model.init_args.lr_step_epochs=50", "--trainer.check_val_every_n_epoch=50"]
-PROTOCOLS = ["--model.init_args.game_protocols=[rise, igos]"]
-ON_MASK = ["--model.init_args.game_ranking=mask"]
-GAME_ONLY_FP3 = [*GAME, *PROTOCOLS, "--model.init_args.ce_weight=0.0", "--model.init_args.game_fraction_power=3.0"]
-LONG = ["--trainer.max_epochs=10", "--trainer.limit_train_batches=300", "--model.init_args.lr_step_epochs=3"]
-VARIANTS = {
-    "ct": ("ct", []),
-    "ct_fp32": ("ct", []),
-    "ct_game_fp32": ("ct", GAME),
-    "bt": ("bt", []),
-    "mgnet": ("mgnet", []),
-    "game": ("game", []),
-    "ct_game": ("ct", GAME),
-    "ct_gamem": ("ct", [*GAME, *ON_MASK]),
-    "ct_gamem_subs": ("ct", [*GAME, *ON_MASK, *MIXED_SUBSTRATES]),
-    "ct_gamem_s2": ("ct", [*GAME, *ON_MASK, "--model.init_args.extra_upsamples=1"]),
-    "ct_gamem_tv": ("ct", [*GAME, *ON_MASK, "--model.init_args.tv_weight=1.0"]),
-    "ct_pgamem": ("ct", [*GAME, *ON_MASK, *PROTOCOLS]),
-    "ct_del": ("ct", ["--model.init_args.deletion_weight=1.0"]),
-    "ct_ins": ("ct", ["--model.init_args.insertion_weight=1.0"]),
-    "ct_game_only": ("ct", [*GAME, "--model.init_args.ce_weight=0.0"]),
-    "ct_game_subs": ("ct", [*GAME, *MIXED_SUBSTRATES]),
-    "ct_pgame": ("ct", [*GAME, *PROTOCOLS]),
-    "ct_pgame_10x": ("ct", [*GAME, *PROTOCOLS, *LONG]),
-    "ct_pgame_only": ("ct", [*GAME, *PROTOCOLS, "--model.init_args.ce_weight=0.0"]),
-    "ct_pgame_only_fp2": ("ct", [*GAME, *PROTOCOLS, "--model.init_args.ce_weight=0.0",
-                                 "--model.init_args.game_fraction_power=2.0"]),
-    "ct_pgame_only_fp3": ("ct", [*GAME, *PROTOCOLS, "--model.init_args.ce_weight=0.0",
-                                 "--model.init_args.game_fraction_power=3.0"]),
-    "ct_pgame_only_fp3_10x": ("ct", [*GAME, *PROTOCOLS, "--model.init_args.ce_weight=0.0",
-                                     "--model.init_args.game_fraction_power=3.0", *LONG]),
-    # the controllers under the game-only objective: the paper's h, a steeper CT, BT, and MGnet's constraints
-    "ct_pgame_only_fp3_h2.5": ("ct", [*GAME_ONLY_FP3, "--model.init_args.h=2.5"]),
-    "ct_pgame_only_fp3_eta3": ("ct", [*GAME_ONLY_FP3, "--model.init_args.eta=3.0"]),
-    "bt_pgame_only_fp3": ("bt", GAME_ONLY_FP3),
-    "mgnet_pgame_only_fp3": ("mgnet", GAME_ONLY_FP3),
-    "ct_pgame_only_ins2": ("ct", [*PROTOCOLS, "--model.init_args.ce_weight=0.0",
-                                  "--model.init_args.deletion_weight=1.0", "--model.init_args.insertion_weight=2.0"]),
-    "ct_game_t02": ("ct", [*GAME, "--model.init_args.game_temperature=0.2"]),
-    "ct_game_10x": ("ct", [*GAME, *LONG]),
-    "ct_game_s2": ("ct", [*GAME, "--model.init_args.extra_upsamples=1"]),
-    "ct_game_tv": ("ct", [*GAME, "--model.init_args.tv_weight=1.0"]),
-    "ct_teacher": ("ct", [*TEACHER]),
-    "ct_game_teacher": ("ct", [*GAME, *TEACHER]),
-    "ct_pgame_teacher": ("ct", [*GAME, *PROTOCOLS, *TEACHER]),
-    "ct_game_h2.5": ("ct", [*GAME, "--model.init_args.h=2.5"]),
-    "ct_game_eta3": ("ct", [*GAME, "--model.init_args.eta=3.0"]),
-    "bt_game": ("bt", GAME),
-    "mgnet_game": ("mgnet", GAME),
-    "ct_h2.5": ("ct", ["--model.init_args.h=2.5"]),
-    "ct_6ep": ("ct", ["--trainer.max_epochs=6", "--model.init_args.lr_step_epochs=2"]),
-    "mgnet_area8": ("mgnet", ["--model.init_args.area_weight=8.0"]),
-    "ct_area1": ("ct", ["--model.init_args.area_weight=1.0"]),
-}
-# bf16 autocast + channels-last (faster training steps where the CPU has bf16 units, docs/results/predictor.md);
-# every variant but *_fp32 uses it.
-FAST = ["--trainer.precision=bf16-mixed", "--model.init_args.channels_last=true"]
+
+
+def variant_config(name: str) -> Path:
+    """The training config of variant ``name`` (relative to the checkout)."""
+    return SHIPPED.get(name, ABLATION / f"{name}.yaml")
+
+
+def known_variants() -> list[str]:
+    return sorted([*SHIPPED, *(p.stem for p in (ROOT / ABLATION).glob("*.yaml"))])
+
+
 BASELINES = {"rise": "{rise: {n_masks: 4000}}", "igos_pp": "{}"}
-PRESETS = ("rise", "igos")
+PRESETS = ("rise", "igos", "noise", "blur_wide", "grid16")
 CAUSAL = ("deletion", "insertion", "deletion_norm", "insertion_norm")
-OTHER = ("mf", "mi", "pointing_game", "iou")
+OTHER = ("road_morf", "road_lerf", "mf", "mi", "pointing_game", "iou")
+PAIRED_OTHER = ("road_morf", "road_lerf", "road_gap", "mf")  # paired against the baselines too (first preset)
 
 
 def run(cmd: list[str]) -> None:
@@ -160,7 +85,6 @@ def make_teacher(blackbox: str) -> None:
 
 def train(name: str, out: Path, filter_ckpt: Path, blackbox: str, seed: int = 0) -> Path:
     """The run folder of variant ``name`` trained with ``seed`` (trained first unless it finished before)."""
-    kind, overrides = VARIANTS[name]
     run_dir = out / (name if seed == 0 else f"{name}_seed{seed}")
     # seed_everything: initialisation and batch order; draw_seed: the predictor's per-image substrate and game
     # draws. The data module's seed stays: it fixes the scenes themselves, the same for every training seed.
@@ -169,10 +93,9 @@ def train(name: str, out: Path, filter_ckpt: Path, blackbox: str, seed: int = 0)
         make_teacher(blackbox)
     if not (ROOT / run_dir / "fit_metrics.json").is_file():
         resume = ["--ckpt_path=last"] if (ROOT / run_dir / "checkpoints" / "last.ckpt").is_file() else []
-        run([*CLI, "fit", "--config", f"configs/train/{CONFIGS[kind]}",
-             f"--run_dir={run_dir}", f"--model.init_args.blackbox.init_args.model={blackbox}",
-             f"--model.init_args.filter_checkpoint={filter_ckpt}", *([] if name.endswith("_fp32") else FAST),
-             *overrides, *seeding, *resume])
+        run([*CLI, "fit", "--config", str(variant_config(name)), f"--run_dir={run_dir}",
+             f"--model.init_args.blackbox.init_args.model={blackbox}", f"--model.init_args.filter_checkpoint={filter_ckpt}",
+             *seeding, *resume])
     return run_dir
 
 
@@ -196,13 +119,14 @@ def rows_of(folder: Path) -> list[dict]:
 
 
 def summarise(folders: dict[str, Path], method: str | None, fit: dict | None) -> dict:
-    """One table row from the evaluations of one method under each preset."""
+    """One table row from the evaluations of one method under each preset (ROAD, M_F, M_I, pointing and IoU from
+    the first preset's)."""
     row = {}
     for preset, folder in folders.items():
         results = json.loads((ROOT / folder / "results.json").read_text())
         stats = results["methods"][method] if method else next(iter(results["methods"].values()))
         row.update({f"{preset}:{key}": stats.get(key) for key in CAUSAL})
-        if preset == "rise":
+        if preset == next(iter(folders)):
             row.update({key: stats.get(key) for key in OTHER})
     if fit:
         row["skewness"] = fit.get("val/mask_skewness")
@@ -231,7 +155,7 @@ def seed_averaged(rows_per_seed: list[list[dict]], method: str) -> list[dict]:
     """Per image, every paired key averaged over the seeds that scored it (images scored by every seed)."""
     by_seed = [{int(r["index"]): r for r in rows} for rows in rows_per_seed]
     common = set.intersection(*(set(m) for m in by_seed))
-    keys = ("deletion", "insertion", "deletion_norm", "insertion_norm", "pointing_game")
+    keys = ("deletion", "insertion", "deletion_norm", "insertion_norm", "pointing_game", *PAIRED_OTHER)
     return [{"index": i, "method": method,
              **{k: sum(float(m[i].get(k, float("nan"))) for m in by_seed) / len(by_seed) for k in keys}}
             for i in sorted(common)]
@@ -247,8 +171,9 @@ def paired_lines(name: str, rows_per_seed: dict[str, list[list[dict]]], baseline
         groups = [("seed mean", seed_averaged(per_seed, name))]
         if len(seeds) > 1:
             groups += [(f"seed {s}", [{**r, "method": name} for r in rows]) for s, rows in zip(seeds, per_seed)]
+        first = preset == next(iter(rows_per_seed))
         for label, mine in groups:
-            d = paired_difference(mine + theirs, name, baseline, keys=CAUSAL)
+            d = paired_difference(mine + theirs, name, baseline, keys=CAUSAL + (PAIRED_OTHER if first else ()))
             parts = [f"{k} {v['mean']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}]" for k, v in d.items()]
             images = next(iter(d.values()))["images"] if d else 0
             lines.append(f"  {name} - {baseline}, {preset} preset, {label} ({images} images): " + "; ".join(parts))
@@ -284,7 +209,7 @@ def main() -> None:
         counts = {k: int(v) for k, v in (item.split("=") for item in args.baseline_images.split(",") if item)}
     except ValueError:
         parser.error(f"--baseline_images must be NAME=N,..., got {args.baseline_images!r}")
-    for given, known, what in ((names, VARIANTS, "variants"), (baselines, BASELINES, "baselines"),
+    for given, known, what in ((names, known_variants(), "variants"), (baselines, BASELINES, "baselines"),
                                (presets, PRESETS, "presets"), (list(counts), baselines, "--baseline_images names")):
         unknown = sorted(set(given) - set(known))
         if unknown:

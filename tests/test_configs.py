@@ -21,6 +21,7 @@ from tests.conftest import ROOT, subprocess_env
 CONFIGS = ROOT / "configs"
 TRAIN = sorted(p.name for p in (CONFIGS / "train").glob("*.yaml"))
 EVALUATE = sorted(p.name for p in (CONFIGS / "evaluate").glob("*.yaml"))
+ABLATION = sorted(p.name for p in (CONFIGS / "train" / "ablation").glob("*.yaml"))
 CNNS = {"resnet50": "resnet50-0676ba61.pth", "vgg19": "vgg19-dcbb9e9d.pth", "googlenet": "googlenet-1378be20.pth"}
 STAGES = ("filter", "ct", "bt", "mgnet", "game")
 
@@ -71,6 +72,23 @@ def test_every_training_config_parses_with_the_training_parser(name):
         assert cfg.model.init_args.blackbox.init_args.weights == CNNS[cnn]
         assert (cfg.trainer.accelerator, cfg.trainer.devices, cfg.trainer.strategy) == ("auto", "auto", "auto")
         assert cfg.run_dir == f"outputs/imagenet/{Path(name).stem.removeprefix('imagenet_')}"
+
+
+def test_every_ablation_variant_parses_and_builds_its_loss_terms():
+    """experiments/predictor_ablation.py's variants (configs/train/ablation/): each parses with the training parser
+    and its loss terms build (the teacher's maps file is made by the driver, so the Teacher term is only resolved)."""
+    from saliency_lab.lightning_modules.objectives import Teacher, build_objective
+
+    assert len(ABLATION) >= 20 and {"lever_game.yaml", "lever_rise.yaml", "lever_shap.yaml"} <= set(ABLATION)
+    for name in ABLATION:
+        cfg = train_config(f"ablation/{name}")
+        assert cfg.model.class_path == "saliency_lab.lightning_modules.mask_predictor.MaskPredictor", name
+        for term in cfg.model.init_args.objectives or []:
+            spec = {"class_path": term.class_path, "init_args": term.init_args.as_dict()}
+            if term.class_path.endswith(".Teacher"):
+                assert set(spec["init_args"]) >= {"maps"}, name
+                continue
+            assert not isinstance(build_objective(spec), Teacher), name
 
 
 @pytest.mark.parametrize("name", EVALUATE)

@@ -41,10 +41,12 @@ def test_the_noise_substrate_is_one_fixed_image_independent_of_the_batch():
 
 def _training_configs() -> list[Path]:
     """Every config ``saliency-lab fit`` reads: configs/model/* and configs/train/** (the parts they include)."""
-    return sorted((CONFIGS / "model").glob("*.yaml")) + sorted((CONFIGS / "train").rglob("*.yaml"))
+    return sorted((CONFIGS / "model").glob("*.yaml")) + sorted((CONFIGS / "train").rglob("*.yaml")) + sorted(
+        (CONFIGS / "objectives").glob("*.yaml"))
 
 
-HELDOUT_MARKERS = re.compile(r"\b(noise|blur_wide|grid16|road)\b|\bunits:\s*(16|56)\b|blur_sigma:\s*(12|3\.4)")
+HELDOUT_MARKERS = re.compile(r"\b(noise|blur_wide|grid16|road)\b|\bunits:\s*(16|56)\b|blur_sigma:\s*(12|3\.4)"
+                             r"|\bgrids?:[^#]*\b16\b")
 
 
 def test_no_training_config_names_a_held_out_family():
@@ -61,9 +63,12 @@ def test_no_training_config_names_a_held_out_family():
 
 @pytest.mark.parametrize("family", HELDOUT_PRESETS)
 def test_the_training_objective_refuses_a_held_out_family(tiny_blackbox_path, family):
-    from saliency_lab.core.blackbox import BlackBox
-    from saliency_lab.lightning_modules.mask_predictor import MaskPredictor
+    from saliency_lab.lightning_modules.objectives import DeletionGame, FastSHAP, InsertionGame
 
-    with pytest.raises(ValueError, match="held-out perturbation families"):
-        MaskPredictor(blackbox=BlackBox(f"ckpt:{tiny_blackbox_path}"), filter_checkpoint=None,
-                      game_protocols=["rise", family])
+    for game in (DeletionGame, InsertionGame):
+        with pytest.raises(ValueError, match="held-out perturbation families"):
+            game(protocols=["rise", family])
+    with pytest.raises(ValueError, match="held-out"):  # the grid16 family's cells
+        DeletionGame(grids=[0, 8, 16])
+    with pytest.raises(ValueError, match="held-out"):
+        FastSHAP(grid=16)

@@ -22,8 +22,10 @@ from saliency_lab.core.blackbox import BlackBox
 from saliency_lab.core.seeding import per_image_uniforms
 from saliency_lab.datamodules import ClutteredFashionMNIST, collate_samples
 from saliency_lab.lightning_modules.feature_filter import FeatureFilterModule
-from saliency_lab.lightning_modules.mask_predictor import (MaskDistribution, MaskPredictor, hinge_loss, top_fraction_mask,
-                                              total_variation)
+from saliency_lab.lightning_modules.mask_predictor import MaskDistribution, MaskPredictor
+from saliency_lab.lightning_modules.objectives import (Area, DeletionGame, Destruction, InsertionGame, Preservation,
+                                                       Smoothness, build_objective, drawn_substrates, hinge_loss, load_objectives,
+                                                       top_fraction_mask, total_variation)
 from saliency_lab.networks.controllers import CTController, SquareController, make_controller, skewness, standardise
 from saliency_lab.networks.feature_filter import FeatureFilter
 from saliency_lab.networks.mask_generator import (GENERATOR_PRESETS, PRESET_RATIOS, MaskGenerator, MaskPredictorNet, derive_widths,
@@ -247,44 +249,61 @@ def test_filter_validation_logs_the_same_keys_whatever_the_fake_draws(tiny_black
 # Loss, substrates, explainer, post-hoc tuning
 
 
+def training_batch(model: MaskPredictor, images, index, epoch=0, mask=None):
+    """The loss terms' view of a batch, with a random mask M^d at a quarter of the image size unless given."""
+    if mask is None:
+        mask = torch.rand(images.shape[0], 1, SIZE // 4, SIZE // 4, generator=torch.Generator().manual_seed(0))
+    return model.training_batch(images, mask, torch.zeros(images.shape[0], dtype=torch.long), index, epoch)
+
+
 def test_substrates_are_per_image_and_mixed(tiny_blackbox_path, scenes):
-    model = predictor(tiny_blackbox_path)
+    model, term = predictor(tiny_blackbox_path), Preservation()
     images, index = scenes["image"], scenes["index"]
-    together = model.substrate(images, index, epoch=0)
-    alone = torch.cat([model.substrate(images[i:i + 1], index[i:i + 1], epoch=0) for i in range(8)])
+    together = term.substrate(training_batch(model, images, index))
+    alone = torch.cat([term.substrate(training_batch(model, images[i:i + 1], index[i:i + 1])) for i in range(8)])
     torch.testing.assert_close(together, alone)
     assert together.min() >= 0 and together.max() <= 1
-    assert not torch.equal(together, model.substrate(images, index, epoch=1))
-    many = model.substrate(images.repeat(8, 1, 1, 1), torch.arange(64), epoch=0)
+    assert not torch.equal(together, term.substrate(training_batch(model, images, index, epoch=1)))
+    many = term.substrate(training_batch(model, images.repeat(8, 1, 1, 1), torch.arange(64)))
     blurred = (many - images.repeat(8, 1, 1, 1)).abs().flatten(1).mean(1) < 0.1  # blur stays close to I
     assert 0.25 < blurred.float().mean() < 0.75
 
 
 def test_draw_seed_changes_the_draws_and_does_not_collide_with_the_data_seed(tiny_blackbox_path, scenes):
     images, index = scenes["image"], scenes["index"]
-    first = predictor(tiny_blackbox_path, draw_seed=0).substrate(images, index, epoch=0)
-    assert torch.equal(first, predictor(tiny_blackbox_path, draw_seed=0).substrate(images, index, epoch=0))
-    assert not torch.equal(first, predictor(tiny_blackbox_path, draw_seed=1).substrate(images, index, epoch=0))
+    term = Preservation()
+
+    def substrate(seed):
+        return term.substrate(training_batch(predictor(tiny_blackbox_path, draw_seed=seed), images, index))
+
+    first = substrate(0)
+    assert torch.equal(first, substrate(0)) and not torch.equal(first, substrate(1))
     # Lightning merges the model's and the datamodule's hyper-parameters and refuses one name with two values:
     # the datamodule's `seed` (the scenes) and the model's draw seed must not share a name.
     assert "seed" not in predictor(tiny_blackbox_path, draw_seed=1).hparams
 
 
-DABKOWSKI_CODE = {"class_loss": "hinge", "tv_reduction": "sum", "tv_border": 0.3}
+def dabkowski_code():
+    return [Preservation(0.3, loss="hinge"), Area(8.0, power=0.3), Smoothness(0.5, "sum", 0.3),
+            Destruction(1.0, loss="hinge")]
 
 
-GAME = {"deletion_weight": 1.0, "insertion_weight": 1.0, "deletion_substrates": ["mean", "random"],
-        "insertion_substrates": ["blur", "strong_blur"]}
+def game(mode="ct"):
+    first = [Preservation(0.3), Area(8.0, power=0.3), Smoothness(0.5), Destruction(1.0)] if mode == "mgnet" else [Preservation()]
+    return first + [DeletionGame(substrates=["mean", "random"]), InsertionGame(substrates=["blur", "strong_blur"])]
 
 
-PROTOCOL_GAME = {"deletion_weight": 1.0, "insertion_weight": 1.0, "game_protocols": ["rise", "igos"]}
+def protocol_game(**options):
+    return [DeletionGame(protocols=["rise", "igos"], **options), InsertionGame(protocols=["rise", "igos"], **options)]
 
 
-@pytest.mark.parametrize("mode, options", [("ct", {}), ("bt", {}), ("mgnet", {}), ("mgnet", DABKOWSKI_CODE),
-                                           ("ct", GAME), ("mgnet", GAME), ("ct", PROTOCOL_GAME)],
+@pytest.mark.parametrize("mode, objectives", [("ct", None), ("bt", None), ("mgnet", None), ("mgnet", "dabkowski"),
+                                              ("ct", "game"), ("mgnet", "game"), ("ct", "protocol_game")],
                          ids=["ct", "bt", "mgnet", "mgnet-hinge", "ct-game", "mgnet-game", "ct-protocol-game"])
-def test_loss_decreases_on_a_tiny_batch(tiny_blackbox_path, scenes, mode, options):
-    model = predictor(tiny_blackbox_path, mode, **options)
+def test_loss_decreases_on_a_tiny_batch(tiny_blackbox_path, scenes, mode, objectives):
+    terms_of = {None: lambda: None, "dabkowski": dabkowski_code, "game": lambda: game(mode),
+                "protocol_game": lambda: [Preservation(), *protocol_game()]}
+    model = predictor(tiny_blackbox_path, mode, objectives=terms_of[objectives]())
     model.train()
     optimizer = torch.optim.Adam([p for p in model.net.parameters() if p.requires_grad], lr=1e-2)
     images, index = scenes["image"], scenes["index"]
@@ -298,16 +317,16 @@ def test_loss_decreases_on_a_tiny_batch(tiny_blackbox_path, scenes, mode, option
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.005, losses
-    game = {"game_deletion", "game_insertion"} if options in (GAME, PROTOCOL_GAME) else set()
-    assert set(terms) == ({"ce", "area", "tv", "bg"} if mode == "mgnet" else {"ce"}) | game
+    played = {"game_deletion", "game_insertion"} if objectives in ("game", "protocol_game") else set()
+    assert set(terms) == ({"ce", "area", "tv", "bg"} if mode == "mgnet" else {"ce"}) | played
     assert not any(p.grad is not None for p in model.blackbox.parameters())
 
 
 def test_game_only_loss_skips_the_preserved_pass_and_draws_fractions_by_power(tiny_blackbox_path, scenes, monkeypatch):
-    """ce_weight 0 (CT has no bg term): the black box sees only the two game batches, and the loss is the game's;
-    game_fraction_power k draws the game's fractions as u^k from the same per-image uniforms."""
+    """No CE term (CT has no bg term): the black box sees only the two game batches, and the loss is the game's;
+    fraction_power k draws the game's fractions as u^k from the same per-image uniforms."""
     images, index = scenes["image"], scenes["index"]
-    plain = predictor(tiny_blackbox_path, **PROTOCOL_GAME, ce_weight=0.0)
+    plain = predictor(tiny_blackbox_path, objectives=protocol_game())
     with torch.no_grad():
         features, logits = plain.blackbox.features_and_logits(images)
     sizes = []
@@ -319,20 +338,23 @@ def test_game_only_loss_skips_the_preserved_pass_and_draws_fractions_by_power(ti
 
     seen = {}
     for power in (1.0, 3.0):
-        model = predictor(tiny_blackbox_path, **PROTOCOL_GAME, ce_weight=0.0, game_fraction_power=power)
-        def record(im, m, fractions, picks, deletion, p=power):
-            seen[(p, deletion)] = fractions
-            return torch.ones_like(m), im
+        model = predictor(tiny_blackbox_path, objectives=protocol_game(fraction_power=power))
+        for term in model.objectives:
+            def record(batch, fractions, picks, p=power, deletion=term.deletion):
+                seen[(p, deletion)] = fractions
+                return torch.ones_like(batch.mask), batch.images
 
-        monkeypatch.setattr(model, "protocol_game", record)
-        model.game_images(images, torch.rand(8, 1, SIZE, SIZE), index, 0)
+            monkeypatch.setattr(term, "protocol_game", record)
+            term.perturbations(training_batch(model, images, index))
     uniforms = per_image_uniforms(0, 0, 4, index, 2)
     torch.testing.assert_close(seen[(1.0, True)], uniforms[:, 0])
     torch.testing.assert_close(seen[(3.0, False)], uniforms[:, 1] ** 3)
-    with pytest.raises(ValueError, match="classification term"):
-        predictor(tiny_blackbox_path, ce_weight=0.0)
-    with pytest.raises(ValueError, match="game_fraction_power"):
-        predictor(tiny_blackbox_path, **GAME, game_fraction_power=0.0)
+    with pytest.raises(ValueError, match="scores the explained class"):
+        predictor(tiny_blackbox_path, objectives=[Preservation(0.0), Area(1.0)])
+    with pytest.raises(ValueError, match="at most once"):
+        predictor(tiny_blackbox_path, objectives=[Preservation(), Preservation(0.5)])
+    with pytest.raises(ValueError, match="fraction_power"):
+        DeletionGame(fraction_power=0.0)
 
 
 def test_top_fraction_mask_selects_the_top_pixels_softly():
@@ -349,19 +371,20 @@ def test_top_fraction_mask_selects_the_top_pixels_softly():
 
 
 def test_game_substrates_are_per_image(tiny_blackbox_path, scenes):
-    model = predictor(tiny_blackbox_path, **GAME)
+    model = predictor(tiny_blackbox_path)
     images, index = scenes["image"], scenes["index"]
     draws = torch.linspace(0, 0.99, 8)
-    together = model.game_substrate(images, ["mean", "blur", "strong_blur", "random"], draws, index, 0)
-    alone = torch.cat([model.game_substrate(images[i:i + 1], ["mean", "blur", "strong_blur", "random"], draws[i:i + 1],
-                                            index[i:i + 1], 0) for i in range(8)])
+    every = ["mean", "blur", "strong_blur", "random"]
+    together = drawn_substrates(training_batch(model, images, index), every, draws)
+    alone = torch.cat([drawn_substrates(training_batch(model, images[i:i + 1], index[i:i + 1]), every, draws[i:i + 1])
+                       for i in range(8)])
     torch.testing.assert_close(together, alone)
     torch.testing.assert_close(together[0], model.blackbox.mean[0].expand(3, SIZE, SIZE))  # draws < 1/4: the mean
     assert together.min() >= 0 and together.max() <= 1
-    with pytest.raises(ValueError, match="deletion_substrates"):
-        predictor(tiny_blackbox_path, deletion_substrates=["noise"])
-    with pytest.raises(ValueError, match="game_protocols"):
-        predictor(tiny_blackbox_path, game_protocols=["mine"])
+    with pytest.raises(ValueError, match="substrates"):
+        DeletionGame(substrates=["noise"])
+    with pytest.raises(ValueError, match="protocols"):
+        InsertionGame(protocols=["mine"])
 
 
 def test_protocol_game_perturbs_like_the_causal_metric(tiny_blackbox_path, scenes):
@@ -370,19 +393,20 @@ def test_protocol_game_perturbs_like_the_causal_metric(tiny_blackbox_path, scene
     from saliency_lab.metrics import CausalProtocol
     from saliency_lab.metrics.causal import rank_units, unit_scores
 
-    model = predictor(tiny_blackbox_path, **PROTOCOL_GAME, game_temperature=1e-4)
+    model, term = predictor(tiny_blackbox_path), DeletionGame(protocols=["rise", "igos"], temperature=1e-4)
     images = scenes["image"]
     mask = torch.rand(8, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    batch = training_batch(model, images, scenes["index"])
+    batch.mask = mask
     fractions = torch.full((8,), 0.25)
-    soft, substrate = model.protocol_game(images, mask, fractions, torch.full((8,), 0.9), deletion=True)
+    soft, substrate = term.protocol_game(batch, fractions, torch.full((8,), 0.9))
     protocol = CausalProtocol.igos(SIZE)
     grid = protocol.units
     top = rank_units(unit_scores(mask, grid)) < round(0.25 * grid * grid)
     expected = F.interpolate(top.view(8, 1, grid, grid).float(), size=(SIZE, SIZE), mode="bilinear",
                              align_corners=False)
     torch.testing.assert_close(soft, expected, atol=1e-3, rtol=0)
-    torch.testing.assert_close(substrate, model.game_substrate(images, ["strong_blur"], torch.zeros(8),
-                                                               scenes["index"], 0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(substrate, drawn_substrates(batch, ["strong_blur"], torch.zeros(8)), atol=1e-5, rtol=0)
 
 
 def test_hinge_and_smoothness_terms():
@@ -492,8 +516,8 @@ def test_checkpoint_round_trip_through_the_registry(tiny_blackbox_path, scenes, 
 def test_a_recipe_records_its_own_method_name(tiny_blackbox_path, scenes, tmp_path):
     """MaskPredictor(method=...): the game recipe's checkpoints record and explain as predictor_game, a method
     distinct from predictor_ct (same network and controller, so the two maps of one checkpoint agree)."""
-    model = predictor(tiny_blackbox_path, "ct", method="predictor_game", ce_weight=0.0, deletion_weight=1.0,
-                      insertion_weight=1.0)
+    model = predictor(tiny_blackbox_path, "ct", method="predictor_game",
+                      objectives=[DeletionGame(), InsertionGame()])
     assert model.explainer_name() == "predictor_game" and model.as_explainer().name == "predictor_game"
     assert model.as_explainer(posthoc=True).name == "predictor_ct_posthoc"  # post-hoc tuning: the controller's
     trainer = _fit_briefly(model, scenes, tmp_path, steps=1)
@@ -605,8 +629,7 @@ def test_fast_dev_run_of_every_imagenet_config(repo_root, imagenet_export, tmp_p
 
 # The game recipe (experiments/predictor_ablation.py's winner ct_pgame_only_fp3) on top of each CT config; the
 # embedded one also sets how the ablation trained it (bf16 autocast, channels-last), the ImageNet CT configs already do.
-GAME_RECIPE = {"method": "predictor_game", "ce_weight": 0.0, "deletion_weight": 1.0, "insertion_weight": 1.0,
-               "game_protocols": ["rise", "igos"], "game_fraction_power": 3.0}
+GAME_RECIPE = {"method": "predictor_game", "objectives": "configs/objectives/game.yaml"}
 GAME_CONFIGS = {"embedded_predictor_game": "embedded_predictor_ct", "imagenet_resnet50_game": "imagenet_resnet50_ct",
                 "imagenet_vgg19_game": "imagenet_vgg19_ct", "imagenet_googlenet_game": "imagenet_googlenet_ct"}
 
@@ -639,7 +662,9 @@ def test_game_configs_are_their_ct_config_plus_the_game_recipe(repo_root, monkey
     run = {"run_dir", "trainer.logger.init_args.name"}
     fast = {"trainer.precision", "model.init_args.channels_last"} if config.startswith("embedded") else set()
     assert changed == recipe | run | fast
-    assert {key: game[f"model.init_args.{key}"] for key in GAME_RECIPE} == GAME_RECIPE
+    assert game["model.init_args.method"] == "predictor_game"
+    shipped = [{"class_path": o.class_path, "init_args": o.init_args.as_dict()} for o in game["model.init_args.objectives"]]
+    assert shipped == [o.config() for o in load_objectives(repo_root / GAME_RECIPE["objectives"])]
     assert game["model.init_args.mode"] == "ct" and game["trainer.precision"] == "bf16-mixed"
     assert game["model.init_args.channels_last"] is True
     assert game["run_dir"].endswith("_game") and game["trainer.logger.init_args.name"] == config
@@ -651,9 +676,11 @@ def test_embedded_game_config_builds_the_game_predictor(repo_root, monkeypatch, 
     cfg = resolved_config("embedded_predictor_game")
     assert cfg.model.class_path == "saliency_lab.lightning_modules.mask_predictor.MaskPredictor"
     kwargs = {k: v for k, v in cfg.model.init_args.as_dict().items() if k not in ("blackbox", "filter_checkpoint")}
+    kwargs["objectives"] = [build_objective(spec) for spec in kwargs["objectives"]]
     model = predictor(tiny_blackbox_path, **kwargs)
     assert model.explainer_name() == "predictor_game" != predictor(tiny_blackbox_path).explainer_name()
-    assert model.weights["ce_weight"] == 0.0 and model.hparams.game_fraction_power == 3.0
+    assert [type(o) for o in model.objectives] == [DeletionGame, InsertionGame]
+    assert all(o.fraction_power == 3.0 and o.protocols == ("rise", "igos") for o in model.objectives)
     assert model.hparams.h == 5.0 and model.hparams.channels_last  # the embedded CT recipe's h, and FAST
     images, index = scenes["image"], scenes["index"]
     with torch.no_grad():

@@ -11,6 +11,7 @@ from saliency_lab import explainers
 from saliency_lab.datamodules import ClutteredFashionMNIST
 from saliency_lab.core.blackbox import BlackBox
 from saliency_lab.lightning_modules.mask_predictor import MaskPredictor
+from saliency_lab.lightning_modules.objectives import Preservation, Teacher
 from saliency_lab.lightning_modules.teacher import compute_teacher_maps, load_teacher_maps, rank_targets
 
 SIZE = 32
@@ -49,10 +50,10 @@ def test_teacher_maps_resume_and_train_the_mask_towards_them(tiny_blackbox_path,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # untrained filter
         torch.manual_seed(0)
-        model = MaskPredictor(blackbox=blackbox, filter_checkpoint=None,
-                              teacher_maps=str(tmp_path / "six.pt"), teacher_weight=1.0)
-    with pytest.raises(ValueError, match="together"):
-        MaskPredictor(blackbox=blackbox, filter_checkpoint=None, teacher_weight=1.0)
+        teacher = Teacher(maps=str(tmp_path / "six.pt"))
+        model = MaskPredictor(blackbox=blackbox, filter_checkpoint=None, objectives=[Preservation(), teacher])
+    with pytest.raises(ValueError, match="scores the explained class"):
+        MaskPredictor(blackbox=blackbox, filter_checkpoint=None, objectives=[teacher])
     images = torch.stack([dataset[i]["image"] for i in range(6)])
     index = torch.tensor([0, 1, 2, 3, 4, 5])
     with torch.no_grad():
@@ -60,11 +61,13 @@ def test_teacher_maps_resume_and_train_the_mask_towards_them(tiny_blackbox_path,
     optimizer = torch.optim.Adam([p for p in model.net.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for _ in range(15):
-        term = model.teacher_term(model.net(features, record["targets"]), index)
+        batch = model.training_batch(images, model.net(features, record["targets"]), record["targets"], index, 0)
+        term = teacher.value(batch, [], None)
         optimizer.zero_grad()
         term.backward()
         optimizer.step()
         losses.append(term.item())
     assert losses[-1] < losses[0] - 0.1, losses
-    unknown = model.teacher_term(model.net(features, record["targets"]), torch.arange(100, 106))
+    unknown = teacher.value(model.training_batch(images, model.net(features, record["targets"]), record["targets"],
+                                                 torch.arange(100, 106), 0), [], None)
     assert unknown.item() == 0.0  # images without a teacher map do not contribute

@@ -1,5 +1,5 @@
 """Teacher maps: a costly explainer's saliency, computed once on the first images of a training split, for the
-mask predictor's teacher loss (``MaskPredictor(teacher_maps=..., teacher_weight=...)``, an ablation lever).
+mask predictor's teacher loss (``objectives.Teacher(maps=...)``, an ablation lever).
 
     saliency-lab teacher --method rise --method_hparams '{n_masks: 1000}' --num_images 2000 \\
         --out outputs/teacher/rise1000.pt [--blackbox ckpt:assets/embedded_blackbox.pt] [--data.init_args...]
