@@ -23,9 +23,10 @@ from saliency_lab.core.seeding import per_image_uniforms
 from saliency_lab.datamodules import ClutteredFashionMNIST, collate_samples
 from saliency_lab.lightning_modules.feature_filter import FeatureFilterModule
 from saliency_lab.lightning_modules.mask_predictor import MaskDistribution, MaskPredictor
-from saliency_lab.lightning_modules.objectives import (Area, DeletionGame, Destruction, InsertionGame, Preservation,
-                                                       Smoothness, build_objective, drawn_substrates, hinge_loss, load_objectives,
-                                                       top_fraction_mask, total_variation)
+from saliency_lab.lightning_modules.objectives import (AmortisedRISE, Area, DeletionGame, Destruction, FastSHAP,
+                                                       InsertionGame, Preservation, Smoothness, build_objective,
+                                                       drawn_substrates, hinge_loss, load_objectives, top_fraction_mask,
+                                                       total_variation)
 from saliency_lab.networks.controllers import CTController, SquareController, make_controller, skewness, standardise
 from saliency_lab.networks.feature_filter import FeatureFilter
 from saliency_lab.networks.mask_generator import (GENERATOR_PRESETS, PRESET_RATIOS, MaskGenerator, MaskPredictorNet, derive_widths,
@@ -322,17 +323,35 @@ def test_loss_decreases_on_a_tiny_batch(tiny_blackbox_path, scenes, mode, object
     assert not any(p.grad is not None for p in model.blackbox.parameters())
 
 
+def loss_and_batches(model: MaskPredictor, scenes, monkeypatch) -> tuple:
+    """(loss, terms, the sizes of the black-box calls) of one loss computation on ``scenes``."""
+    images, index = scenes["image"], scenes["index"]
+    with torch.no_grad():
+        features, logits = model.blackbox.features_and_logits(images)
+    sizes = []
+    forward = model.blackbox.logits
+    monkeypatch.setattr(model.blackbox, "logits", lambda x: sizes.append(x.shape[0]) or forward(x))
+    loss, terms, _ = model.compute_loss(images, features, logits.argmax(1), index, 0)
+    return loss, terms, sizes
+
+
+def test_sampled_terms_cost_their_passes_in_one_black_box_call(tiny_blackbox_path, scenes, monkeypatch):
+    """AmortisedRISE with 3 masks and FastSHAP with 1 coalition pair: 5 perturbed batches in one call; the loss
+    is the weighted sum of the two terms and back-propagates to the generator."""
+    model = predictor(tiny_blackbox_path, objectives=[AmortisedRISE(samples=3), FastSHAP(0.5, samples=1)])
+    loss, terms, sizes = loss_and_batches(model, scenes, monkeypatch)
+    assert sizes == [(3 + 2) * len(scenes["image"])] and set(terms) == {"rise", "shap"}
+    assert loss.item() == pytest.approx(terms["rise"].item() + 0.5 * terms["shap"].item(), rel=1e-6)
+    loss.backward()
+    grads = [p.grad for p in model.net.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
 def test_game_only_loss_skips_the_preserved_pass_and_draws_fractions_by_power(tiny_blackbox_path, scenes, monkeypatch):
     """No CE term (CT has no bg term): the black box sees only the two game batches, and the loss is the game's;
     fraction_power k draws the game's fractions as u^k from the same per-image uniforms."""
     images, index = scenes["image"], scenes["index"]
-    plain = predictor(tiny_blackbox_path, objectives=protocol_game())
-    with torch.no_grad():
-        features, logits = plain.blackbox.features_and_logits(images)
-    sizes = []
-    forward = plain.blackbox.logits
-    monkeypatch.setattr(plain.blackbox, "logits", lambda x: sizes.append(x.shape[0]) or forward(x))
-    loss, terms, _ = plain.compute_loss(images, features, logits.argmax(1), index, 0)
+    loss, terms, sizes = loss_and_batches(predictor(tiny_blackbox_path, objectives=protocol_game()), scenes, monkeypatch)
     assert sizes == [2 * len(images)] and set(terms) == {"game_deletion", "game_insertion"}
     assert loss.item() == pytest.approx((terms["game_deletion"] + terms["game_insertion"]).item())
 

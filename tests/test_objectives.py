@@ -1,8 +1,6 @@
 """The mask predictor's loss terms (lightning_modules/objectives.py): configs, draws, and what each estimates."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import scipy.stats
 import torch
@@ -163,29 +161,3 @@ def test_the_game_over_drawn_grids_selects_whole_cells():
     cells = soft.view(3, 1, 4, SIZE // 4, 4, SIZE // 4)
     assert torch.allclose(cells, cells[:, :, :, :1, :, :1].expand_as(cells))  # constant over each 8 x 8 cell
     assert soft.flatten(1).mean(1).tolist() == pytest.approx([0.25] * 3, abs=1e-3)  # 4 of the 16 cells
-
-
-def test_sampled_terms_cost_their_passes_in_one_black_box_call(tiny_blackbox_path, monkeypatch):
-    import warnings
-
-    from saliency_lab.core.blackbox import BlackBox
-    from saliency_lab.datamodules import ClutteredFashionMNIST, collate_samples
-    from saliency_lab.lightning_modules.mask_predictor import MaskPredictor
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # untrained filter
-        torch.manual_seed(0)
-        model = MaskPredictor(blackbox=BlackBox(f"ckpt:{tiny_blackbox_path}"), filter_checkpoint=None,
-                              objectives=[AmortisedRISE(samples=3), FastSHAP(0.5, samples=1)])
-    scenes = collate_samples([ClutteredFashionMNIST("test", 64, num_scenes=4)[i] for i in range(4)])
-    images, index = scenes["image"], scenes["index"]
-    with torch.no_grad():
-        features, logits = model.blackbox.features_and_logits(images)
-    sizes = []
-    forward = model.blackbox.logits
-    monkeypatch.setattr(model.blackbox, "logits", lambda x: sizes.append(x.shape[0]) or forward(x))
-    loss, terms, _ = model.compute_loss(images, features, logits.argmax(1), index, 0)
-    assert sizes == [(3 + 2) * 4] and set(terms) == {"rise", "shap"}
-    assert loss.item() == pytest.approx(terms["rise"].item() + 0.5 * terms["shap"].item(), rel=1e-6)
-    loss.backward()
-    assert all(math.isfinite(p.grad.abs().sum().item()) for p in model.net.parameters() if p.grad is not None)
