@@ -208,6 +208,23 @@ def test_the_console_command_exits_with_the_message(repo_root):
     assert "saliency-lab evaluate --config configs/evaluate/imagenet_resnet50.yaml" in proc.stderr
 
 
+def test_packaged_config_values_resolve_outside_the_checkout(tmp_path, monkeypatch):
+    """--config and any option naming a configs/ file fall back to the installed package's copy."""
+    from saliency_lab.core.resources import resolve_config_args
+
+    monkeypatch.chdir(tmp_path)
+    args = resolve_config_args(["--config", "configs/train/embedded_predictor_ct.yaml",
+                                "--model.init_args.objectives", "configs/objectives/game.yaml",
+                                "--model.init_args.objectives=configs/objectives/game.yaml", "--trainer.max_epochs=1"])
+    game = str(packaged("configs/objectives/game.yaml"))
+    assert args == [
+        "--config", str(packaged("configs/train/embedded_predictor_ct.yaml")), "--model.init_args.objectives", game,
+        f"--model.init_args.objectives={game}", "--trainer.max_epochs=1"]
+    (tmp_path / "configs" / "objectives").mkdir(parents=True)
+    (tmp_path / "configs" / "objectives" / "game.yaml").write_text("[]")  # your own file of that name wins
+    assert resolve_config_args(["--x", "configs/objectives/game.yaml"])[1] == "configs/objectives/game.yaml"
+
+
 def test_configs_elsewhere_pass_the_guard(tmp_path):
     """Your own config (any folder), the debug overlays and the embedded CLI entry are not refused by the guard."""
     from saliency_lab.core.resources import check_config_command, config_folder

@@ -66,8 +66,9 @@ def check_config_command(path: str | os.PathLike, command: str) -> None:
 
 def resolve_config_args(argv: list[str], command: str | None = None) -> list[str]:
     """``argv`` with every ``--config PATH`` / ``--config=PATH`` / ``-c PATH`` resolved by :func:`resolve_resource`
-    (a packaged config when the working directory has no such file). With ``command`` (``fit``, ``evaluate``,
-    ...), a config of the other CLI's folder is refused first (:func:`check_config_command`)."""
+    (a packaged config when the working directory has no such file), and so is any other option's value that names
+    a packaged config file (``--model.init_args.objectives configs/objectives/game.yaml``). With ``command``
+    (``fit``, ``evaluate``, ...), a config of the other CLI's folder is refused first (:func:`check_config_command`)."""
     out, expect_path = [], False
     for arg in argv:
         name, eq, value = arg.partition("=")
@@ -78,9 +79,14 @@ def resolve_config_args(argv: list[str], command: str | None = None) -> list[str
             out.append(resolve_resource(path) if expect_path else f"--config={resolve_resource(path)}")
             expect_path = False
         else:
-            out.append(arg)
+            out.append(f"{name}={_packaged_config(value)}" if name.startswith("--") and eq else _packaged_config(arg))
             expect_path = arg in ("--config", "-c")
     return out
+
+
+def _packaged_config(text: str) -> str:
+    """A ``configs/...`` path the working directory lacks, resolved to the packaged file; anything else unchanged."""
+    return resolve_resource(text) if Path(text).parts[:1] == ("configs",) else text
 
 
 # Before the package existed, the layers were top-level packages (``core``, ``datamodules``, ...) and checkpoints
