@@ -86,11 +86,11 @@ def test_config_kind(tmp_path):
 
 # -- training configs -------------------------------------------------------------------------------------
 # Black-box passes of MaskPredictor._step, per image, read from the code: the clean pass (features and logits,
-# no grad) + one masked batch per loss term that needs one (preserved image for ce_weight, destroyed image for
-# bg_weight, the game's deletion and insertion images), all of which are back-propagated.
+# no grad) + one masked batch per loss term that needs one (preserved image for Preservation, destroyed image for
+# Destruction, the game's deletion and insertion images), all of which are back-propagated.
 PREDICTOR_PASSES = {
     "embedded_predictor_ct.yaml": (2, 1),     # clean + preserved (CE only)
-    "embedded_predictor_game.yaml": (3, 2),   # clean + deletion + insertion (ce_weight 0)
+    "embedded_predictor_game.yaml": (3, 2),   # clean + deletion + insertion (no Preservation term)
     "embedded_mgnet.yaml": (3, 2),            # clean + preserved + destroyed (ce 0.3, bg 1)
 }
 
