@@ -51,6 +51,7 @@ import math
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -78,6 +79,14 @@ def provenance(script: str, argv: list[str]) -> str:
     command = f"python -m {script} " + shlex.join(argv)
     return (f"Measured {datetime.date.today().isoformat()}, commit `{commit}`, machine: {cpu_model()} "
             f"({torch.get_num_threads()} torch threads). Command: `{command}`.")
+
+
+def finish_study_args(args: argparse.Namespace, argv: list[str] | None, *evaluate_args: str) -> argparse.Namespace:
+    """What every study driver's parse ends with: the evaluation arguments (the split, the driver's own, then the
+    user's ``--evaluate_args``) and the command line the provenance header prints."""
+    args.evaluate_args = [f"--split={args.split}", *evaluate_args, *args.evaluate_args]
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return args
 
 
 def add_study_arguments(parser: argparse.ArgumentParser, name: str) -> None:

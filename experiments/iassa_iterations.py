@@ -45,7 +45,6 @@ import io
 import json
 import math
 import shlex
-import sys
 from pathlib import Path
 
 import torch
@@ -315,10 +314,7 @@ def parse_args(argv: list[str] | None = None):
     if not isinstance(args.hparams, dict) or {"name", "alias", "iterations"} & set(args.hparams):
         parser.error("--hparams must be a JSON object of IASSA hyper-parameters other than iterations")
     args.overrides = {**args.hparams, **{k: getattr(args, k) for k in ("window", "stride") if getattr(args, k) is not None}}
-    args.evaluate_args = [f"--split={args.split}", *([] if args.road else ["--settings.road_fractions=[]"]),
-                          *args.evaluate_args]
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    return args
+    return frontier.finish_study_args(args, argv, *([] if args.road else ["--settings.road_fractions=[]"]))
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:

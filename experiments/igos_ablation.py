@@ -45,7 +45,6 @@ import dataclasses
 import io
 import math
 import shlex
-import sys
 
 import torch
 
@@ -278,9 +277,7 @@ def parse_args(argv: list[str] | None = None):
         parser.error(f"--grids {bad}: each must lie in [2, --image_size = {args.image_size}]")
     args.budget = {k: getattr(args, k) for k in ("iterations", "ig_steps") if getattr(args, k) is not None}
     args.presets = PRESETS  # what frontier.evaluate_argv reads, with config, num_images, evaluate_args
-    args.evaluate_args = [f"--split={args.split}", *args.evaluate_args]
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    return args
+    return frontier.finish_study_args(args, argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:
