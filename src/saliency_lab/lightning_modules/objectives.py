@@ -28,7 +28,7 @@ import inspect
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import yaml
@@ -186,13 +186,19 @@ def fill(name: str, images: Tensor, batch: TrainingBatch, rows: Tensor, salt: in
     return gaussian_blur(images, *scaled_blur(kernel, sigma, images.shape[-1]))
 
 
+def rows_by_draw(draws: Tensor, choices: Sequence, device: torch.device) -> Iterator[tuple[object, Tensor]]:
+    """Image b draws ``choices[floor(draws[b] * len(choices))]`` (draws (B,) in [0, 1)): (choice, the rows that
+    drew it) for each choice drawn, in sorted order."""
+    which = (draws * len(choices)).long().clamp_max(len(choices) - 1).tolist()
+    for choice in sorted(set(choices[w] for w in which)):
+        yield choice, torch.tensor([b for b, w in enumerate(which) if choices[w] == choice], device=device)
+
+
 def drawn_substrates(batch: TrainingBatch, choices: Sequence[str], draws: Tensor, salt: int = 7919) -> Tensor:
     """A (B, 3, H, W): image b's substrate is ``choices[floor(draws[b] * len(choices))]`` (draws (B,) in [0, 1))."""
     images = batch.images
-    which = (draws * len(choices)).long().clamp_max(len(choices) - 1).tolist()
     substrate = torch.empty_like(images)
-    for name in sorted(set(choices[w] for w in which)):
-        rows = torch.tensor([b for b, w in enumerate(which) if choices[w] == name], device=images.device)
+    for name, rows in rows_by_draw(draws, choices, images.device):
         substrate[rows] = fill(name, images[rows], batch, rows, salt).to(images.dtype)
     return substrate
 
@@ -363,11 +369,8 @@ class DeletionGame(Objective):
         if not self.grids:
             return top_fraction_mask(ranking_scores(mask, batch.controller, self.ranking), fractions, self.temperature)
         draws = batch.uniforms(STREAM_GAME_GRID, 2)[:, self.column]
-        which = (draws * len(self.grids)).long().clamp_max(len(self.grids) - 1)
         soft = torch.empty_like(mask, dtype=torch.float32)
-        for cells in sorted(set(self.grids[w] for w in which.tolist())):
-            rows = torch.tensor([b for b, w in enumerate(which.tolist()) if self.grids[w] == cells],
-                                device=mask.device)
+        for cells, rows in rows_by_draw(draws, self.grids, mask.device):
             if cells == 0:
                 soft[rows] = top_fraction_mask(ranking_scores(mask[rows], batch.controller, self.ranking),
                                                fractions[rows], self.temperature)
@@ -386,11 +389,8 @@ class DeletionGame(Objective):
         """Image b draws a preset of ``protocols`` (``picks[b]`` in [0, 1)); its top ``fractions[b]`` is soft-selected
         over that preset's units and replaced by that preset's substrate. Returns (T_f (B, 1, H, W), A (B, 3, H, W))."""
         images, mask = batch.images, batch.mask
-        names = list(self.protocols)
-        which = (picks * len(names)).long().clamp_max(len(names) - 1).tolist()
         soft, substrate = torch.empty_like(mask, dtype=torch.float32), torch.empty_like(images)
-        for name in sorted(set(names[w] for w in which)):
-            rows = torch.tensor([b for b, w in enumerate(which) if names[w] == name], device=images.device)
+        for name, rows in rows_by_draw(picks, self.protocols, images.device):
             protocol = getattr(CausalProtocol, name)(images.shape[-1])
             if protocol.units == "pixel":
                 soft[rows] = top_fraction_mask(ranking_scores(mask[rows], batch.controller, self.ranking),
