@@ -2,11 +2,13 @@
 
     python -m experiments.adversarial [--num_images 32] [--methods gradient,gradcam,rise,...]
         [--method_hparams '{"rise": {"n_masks": 1000}}'] [--predictor assets/embedded_predictor_game.ckpt]
-        [--eps 0.0314] [--steps 10] [--protocol igos|rise] [--out outputs/adversarial]
+        [--eps 0.0314] [--steps 10] [--targeted] [--protocol igos|rise] [--out outputs/adversarial]
 
-The first ``--num_images`` test scenes are attacked with untargeted MI-FGSM (``core.adversarial.mi_fgsm``, L_inf
-``--eps`` in [0, 1] pixels, ``--steps``) against the embedded black box; only the images whose predicted class
-the attack changed are kept. Every method explains the predicted class of the natural image and of its
+The first ``--num_images`` test scenes are attacked with MI-FGSM (``core.adversarial.mi_fgsm``, L_inf ``--eps`` in
+[0, 1] pixels, ``--steps``) against the embedded black box. Untargeted (the default), the attack moves away from the
+predicted class and the images whose predicted class it changed are kept; ``--targeted`` moves toward a target
+class drawn per image from the other classes (seeded by ``--seed``) and keeps the images whose prediction became
+that target. Every method explains the predicted class of the natural image and of its
 adversarial version, and both maps are scored by deletion and insertion under ``--protocol`` (default ``igos``,
 the paper's: both substrates a strong blur, which also removes most of the high-frequency attack; ``rise``
 inserts into a mild blur that keeps it). Per method:
@@ -35,15 +37,30 @@ from saliency_lab.metrics import causal_curves, make_protocol
 DEFAULT_METHODS = "gradient,integrated_gradients,gradcam,rise,iassa"
 
 
-def attack(blackbox: BlackBox, images: torch.Tensor, eps: float, steps: int, chunk: int = 16):
-    """(adversarial images, natural predictions, adversarial predictions), the attack run in chunks."""
+def attack_targets(natural: torch.Tensor, num_classes: int, seed: int) -> torch.Tensor:
+    """Target classes (B,) for a targeted attack: per image a class drawn uniformly from the ``num_classes - 1``
+    classes other than its natural prediction ``natural`` (B,)."""
+    generator = torch.Generator().manual_seed(seed)
+    offsets = torch.randint(1, num_classes, natural.shape, generator=generator)
+    return (natural + offsets) % num_classes
+
+
+def attack(blackbox: BlackBox, images: torch.Tensor, eps: float, steps: int, chunk: int = 16,
+           target_seed: int | None = None):
+    """(adversarial images, natural predictions, adversarial predictions, success (B,) bool), the attack run in
+    chunks: untargeted when ``target_seed`` is None (success: the prediction changed), else toward the classes
+    ``attack_targets`` draws with that seed (success: the prediction is the target)."""
     with torch.no_grad():
         natural = blackbox(images).argmax(1)
-    adversarial = torch.cat([mi_fgsm(blackbox, images[i:i + chunk], natural[i:i + chunk], eps=eps, steps=steps)
+    targets = None if target_seed is None else attack_targets(natural, blackbox.num_classes, target_seed)
+    classes = natural if targets is None else targets
+    adversarial = torch.cat([mi_fgsm(blackbox, images[i:i + chunk], classes[i:i + chunk], eps=eps, steps=steps,
+                                     targeted=targets is not None)
                              for i in range(0, len(images), chunk)])
     with torch.no_grad():
         fooled = blackbox(adversarial).argmax(1)
-    return adversarial, natural, fooled
+    success = fooled != natural if targets is None else fooled == targets
+    return adversarial, natural, fooled, success
 
 
 def scores(blackbox, explainer, images, targets, indices, protocol, chunk: int = 16) -> dict[str, torch.Tensor]:
@@ -67,9 +84,10 @@ def auroc(natural: torch.Tensor, adversarial: torch.Tensor, higher_is_natural: b
 
 def markdown(result: dict) -> str:
     causal = result["protocol"]
-    lines = [f"{result['attacked']} of {result['images']} test scenes fooled by MI-FGSM (eps {result['eps']:.4f}, "
-             f"{result['steps']} steps); the scores below are over those images, deletion and insertion with units "
-             f"{causal['units']} and blur sigma {causal['blur_sigma']:.2f}.", "",
+    kind = "targeted" if result.get("targeted") else "untargeted"
+    lines = [f"{result['attacked']} of {result['images']} test scenes fooled by {kind} MI-FGSM "
+             f"(eps {result['eps']:.4f}, {result['steps']} steps); the scores below are over those images, "
+             f"deletion and insertion with units {causal['units']} and blur sigma {causal['blur_sigma']:.2f}.", "",
              "| method | insertion natural | insertion adversarial | AUROC insertion | deletion natural | "
              "deletion adversarial | AUROC deletion |", "|---|---|---|---|---|---|---|"]
     for name, r in result["methods"].items():
@@ -87,14 +105,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--predictor", default=None, help="a trained predictor's checkpoint, added as a method")
     parser.add_argument("--eps", type=float, default=8 / 255)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--targeted", action="store_true",
+                        help="attack toward a class drawn per image from the other classes (seeded by --seed)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--protocol", choices=("igos", "rise"), default="igos", help="the causal metrics' preset")
     parser.add_argument("--out", type=Path, default=Path("outputs/adversarial"))
     args = parser.parse_args(argv)
     blackbox = BlackBox("embedded")
     data = embedded_batch(args.num_images)
-    adversarial, natural, fooled = attack(blackbox, data["image"], args.eps, args.steps)
-    kept = (fooled != natural).nonzero().flatten()
+    adversarial, natural, fooled, success = attack(blackbox, data["image"], args.eps, args.steps,
+                                                   target_seed=args.seed if args.targeted else None)
+    kept = success.nonzero().flatten()
     if len(kept) < 2:
         raise SystemExit(f"the attack fooled {len(kept)} of {args.num_images} images: too few to compare; raise --eps")
     images, adversarial, indices = data["image"][kept], adversarial[kept], data["index"][kept]
@@ -105,6 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
         name = explainers.recorded_name(args.predictor)
         methods[name] = explainers.build(name, blackbox, checkpoint=args.predictor)
     result = {"images": args.num_images, "attacked": len(kept), "eps": args.eps, "steps": args.steps,
+              "targeted": args.targeted,
               "protocol": protocol.to_dict(),
               "machine": describe("cpu"), "methods": {}}
     for name, explainer in methods.items():

@@ -56,3 +56,16 @@ def test_the_adversarial_experiment_writes_its_table(tmp_path):
     assert "| gradient |" in (tmp_path / "adversarial.md").read_text()
     assert adversarial.auroc(torch.tensor([0.9, 0.8]), torch.tensor([0.1, 0.2]), higher_is_natural=True) == 1.0
     assert adversarial.auroc(torch.tensor([0.1, 0.2]), torch.tensor([0.9, 0.8]), higher_is_natural=False) == 1.0
+
+
+def test_the_experiments_targeted_attack_reaches_drawn_targets_other_than_the_prediction(embedded):
+    from experiments.adversarial import attack, attack_targets
+
+    blackbox, images, predicted = embedded
+    targets = attack_targets(predicted, blackbox.num_classes, seed=0)
+    assert (targets != predicted).all() and targets.max() < blackbox.num_classes
+    assert torch.equal(targets, attack_targets(predicted, blackbox.num_classes, seed=0))
+    adversarial, natural, fooled, success = attack(blackbox, images, eps=16 / 255, steps=20, target_seed=0)
+    assert torch.equal(natural, predicted)
+    assert torch.equal(success, fooled == targets)
+    assert success.float().mean() >= 0.75, success
