@@ -52,12 +52,13 @@ import torch
 from experiments import frontier
 from experiments.frontier import LOWER_IS_BETTER, Setting, paired_against_default, setting_rows, summarise_setting
 from experiments.igos_ablation import NEGLIGIBLE
+from saliency_lab.metrics.suite import PER_MILLE_NAMES
 
 ITERATIONS = (1, 2, 3, 5, 10, 15, 25)
 DEFAULT_ITERATIONS = 5  # IASSA's default (the released code's): the reference of every paired interval
 CAUSAL_KEYS = ("deletion", "insertion")
 LOCALISATION_KEYS = ("pointing_game", "iou", "f1", "iou_pixel", "f1_pixel", "mi")
-PER_MILLE = {"iou_pixel", "f1_pixel"}  # IoU / |R| and F1 / |R| are ~1e-3 at 64 px: printed x 1000
+PER_MILLE = set(PER_MILLE_NAMES)  # IoU / |R| and F1 / |R| are ~1e-3 at 64 px: printed x 1000
 
 
 def label(k: int) -> str:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 
 import pytest
@@ -142,3 +143,16 @@ def test_report_against_a_comparable_folder_runs_and_a_folder_without_records_is
     bare.mkdir()
     with pytest.raises(ValueError, match=r"bare has no run.json or results.json"):
         report.main([str(mine), "--compare", "a", "a", "--against", str(bare)])
+
+
+def test_report_compares_the_metrics_named_by_keys_and_prints_pixel_level_ones_per_mille(tmp_path, capsys):
+    from saliency_lab.cli import report
+
+    rows = [_scored(i, m, iou_pixel=1e-3 * (i + (m == "a"))) for i in range(4) for m in ("a", "b")]
+    mine = _evaluation_folder(tmp_path / "mine", rows)
+    table = report.main([str(mine), "--compare", "a", "b", "--keys", "iou_pixel", "--resamples", "50"])
+    assert set(table) == {"iou_pixel"} and table["iou_pixel"]["mean"] == pytest.approx(1e-3)
+    assert re.search(r"iou_pixel x1e3 +\+1\.000 +\[ +\+1\.000", capsys.readouterr().out)
+    with pytest.raises(SystemExit):
+        report.main([str(mine), "--compare", "a", "b", "--keys", "iou_pixels"])
+    assert "--keys: unknown metric(s) ['iou_pixels']" in capsys.readouterr().err

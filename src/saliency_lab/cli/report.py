@@ -19,8 +19,9 @@ from pathlib import Path
 
 from saliency_lab.cli.checks import changed_leaves
 from saliency_lab.core.files import atomic_write, atomic_write_json
-from saliency_lab.metrics.report import paired_difference, scan_evaluation
+from saliency_lab.metrics.report import PAIRED_KEYS, paired_difference, scan_evaluation
 from saliency_lab.metrics.strata import strata_markdown, stratified_means
+from saliency_lab.metrics.suite import METRIC_NAMES, PER_MILLE_NAMES
 
 COMPARED = ("data", "protocol", "blackbox_sha256")
 _NOT_COMPARED = ("max_forward_batch",)  # a memory knob: no score depends on it
@@ -105,10 +106,17 @@ def main(argv: list[str] | None = None) -> dict:
                              "refused when the two folders differ in data, protocol or black box")
     parser.add_argument("--force", type=_boolean, default=False,
                         help="true: compare --against a folder whose data, protocol or black box differ")
+    parser.add_argument("--keys", default=",".join(PAIRED_KEYS),
+                        help="the metrics compared, comma-separated (e.g. iou_pixel,f1_pixel,iou_top,f1_top); "
+                             f"{', '.join(PER_MILLE_NAMES)} are printed x 1000")
     parser.add_argument("--resamples", type=int, default=2000)
     args = parser.parse_args(argv)
     if (args.compare is None) == (not args.strata):
         parser.error("give exactly one of --compare A B and --strata")
+    keys = [k for k in args.keys.split(",") if k]
+    unknown = sorted(set(keys) - set(METRIC_NAMES) - {"mf_normalized"})
+    if unknown or not keys:
+        parser.error(f"--keys: unknown metric(s) {unknown or keys}; known: {', '.join(METRIC_NAMES)}, mf_normalized")
     if args.strata:
         return write_strata(args.out)
     a, b = args.compare
@@ -122,9 +130,10 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         b_rows = list(mine.of(b))
     rows += b_rows
-    table = paired_difference(rows, a, b, resamples=args.resamples)
+    table = paired_difference(rows, a, b, keys=keys, resamples=args.resamples)
     print(f"{a}@{args.out.name} - {b} (mean over the images both have [95% bootstrap interval])")
     for key, stats in table.items():
-        print(f"  {key:14s} {stats['mean']:+8.3f}  [{stats['low']:+8.3f}, {stats['high']:+8.3f}]  "
-              f"({stats['images']} images)")
+        scale, label = (1e3, f"{key} x1e3") if key in PER_MILLE_NAMES else (1.0, key)
+        print(f"  {label:18s} {scale * stats['mean']:+8.3f}  [{scale * stats['low']:+8.3f}, "
+              f"{scale * stats['high']:+8.3f}]  ({stats['images']} images)")
     return table

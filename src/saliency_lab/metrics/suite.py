@@ -23,6 +23,8 @@ METRIC_NAMES = ("deletion", "insertion", "deletion_norm", "insertion_norm", "roa
 ROAD_NAMES = ("road_morf", "road_lerf", "road_gap")
 # The metrics measured against the ground truth: NaN for an image without any (docs/protocols.md; counted apart).
 LOCALISATION_NAMES = ("mi", "pointing_game", "iou", "f1", "iou_top", "f1_top", "iou_pixel", "f1_pixel")
+# IoU and F1 divided by the binarised region's size are ~1e-3 at 64 px: tables print them x 1000.
+PER_MILLE_NAMES = ("iou_pixel", "f1_pixel")
 
 
 @dataclasses.dataclass(frozen=True)
