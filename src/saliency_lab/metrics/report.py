@@ -369,7 +369,8 @@ def paired_difference(rows: list[dict], a: str, b: str, keys: Iterable[str] = PA
     """Per metric, the mean over images of (method ``a`` - method ``b``) on the images both were scored on,
     with a 95% percentile-bootstrap interval over images (seeded). Tells whether a gap between two methods
     of a small evaluation is larger than the image-to-image noise. ``pointing_game`` here is the per-image
-    hit (the summary's is a mean over classes)."""
+    hit (the summary's is a mean over classes). The resamples of all ``keys`` come from one seeded stream, in
+    order, so a key's interval can move in its last digit when other keys are asked before it."""
     rows = dedupe(rows)
     mine = {m: {int(r["index"]): r for r in rows if r["method"] == m} for m in (a, b)}
     common = sorted(set(mine[a]) & set(mine[b]))
