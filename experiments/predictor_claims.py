@@ -1,21 +1,28 @@
 """The learned predictors' claims over several training seeds: mean ± sd over seeds of every reported metric.
 
     python -m experiments.predictor_claims [--seeds 0,1,2] [--num_images 500] [--out outputs/claims/predictor_seeds]
-                                          [--dry_run]
+                                          [--kinds ct,bt,mgnet] [--dry_run]
 
-For each training seed s, the three demo predictors are trained with their configs as they are
-(configs/train/embedded_predictor_ct.yaml, embedded_predictor_bt.yaml, embedded_mgnet.yaml; after the
-demo's filter stage) with ``--seed_everything=s`` (initialisation, batch order, seeded workers) and
-``--model.init_args.draw_seed=s`` (the per-image substrate draws), into OUT/seed{s}/{ct,bt,mgnet}. Then
+For each training seed s, the predictors of ``--kinds`` (:data:`KINDS`) are trained with their configs as they
+are (by default the three demo predictors, configs/train/embedded_predictor_ct.yaml, embedded_predictor_bt.yaml,
+embedded_mgnet.yaml; after the demo's filter stage) with ``--seed_everything=s`` (initialisation, batch order,
+seeded workers) and ``--model.init_args.draw_seed=s`` (the per-image substrate draws), into OUT/seed{s}/KIND. Then
 ``evaluate.py --config configs/evaluate/embedded_claims_predictors.yaml`` scores that seed's checkpoints next
-to Grad-CAM on the same test images into OUT/seed{s}/evaluation (so M_F's per-image min-max is across the same
-methods as the single-seed claims run). Prints one table: method x metric, mean ± sd (n - 1) over the seeds.
-Finished trainings (fit_metrics.json) and evaluations (results.json) are reused; an interrupted training resumes
-from its last.ckpt. ``--dry_run`` prints the commands only.
+to Grad-CAM on the same test images into OUT/seed{s}/evaluation (so M_F's per-image min-max is across the
+methods evaluated together). Prints one table: method x metric, mean ± sd (n - 1) over the seeds, and, for the
+pairs of ``--compare``, the paired difference of the seed-averaged per-image scores with its 95% bootstrap
+interval. Finished trainings (fit_metrics.json) and evaluations (results.json of the same methods) are reused, and
+evaluate.py reuses the rows of a method it scored before; an interrupted training resumes from its last.ckpt. ``--dry_run`` prints the commands only.
+
+The controllers' evidence of the distribution-guided paper (docs/papers/distribution_guided.md) is one call:
+``--kinds ct,bt,mgnet,ct_h2.5,mgnet_area8,square,mgnet_ct_posthoc`` (the paper's CT h 2.5 and MGnet area weight 8
+beside the validation-chosen h 5 and area weight 1, the x^2 transformer, and CT applied post hoc to MGnet's masks,
+which trains nothing: it reads the ``mgnet`` run).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -25,29 +32,83 @@ ROOT = Path(__file__).resolve().parents[1]  # outputs/ and configs/ are read rel
 CLI = (sys.executable, "-m", "saliency_lab.cli")
 
 
-from experiments.predictor_ablation import fmt_seeds
-from saliency_lab.metrics.report import SUMMARY_KEYS
+from experiments.predictor_ablation import PAIRED_OTHER, fmt_seeds, seed_averaged
+from saliency_lab.metrics.report import SUMMARY_KEYS, paired_difference
 
-CONFIGS = {"ct": "embedded_predictor_ct.yaml", "bt": "embedded_predictor_bt.yaml", "mgnet": "embedded_mgnet.yaml"}
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """A trained predictor of the study: its training config (None: it trains nothing and reads the run of
+    ``run``), the run folder it reads, and the explainers (registry name, reported alias) of its checkpoint."""
+    config: str | None
+    run: str
+    explainers: tuple[tuple[str, str], ...]
+
+
+KINDS = {
+    "ct": Kind("configs/train/embedded_predictor_ct.yaml", "ct",
+               (("predictor_ct", "predictor_ct"), ("predictor_ct_posthoc", "predictor_ct_posthoc"))),
+    "bt": Kind("configs/train/embedded_predictor_bt.yaml", "bt", (("predictor_bt", "predictor_bt"),)),
+    "mgnet": Kind("configs/train/embedded_mgnet.yaml", "mgnet", (("mgnet", "mgnet"),)),
+    "ct_h2.5": Kind("configs/train/ablation/ct_h2.5.yaml", "ct_h2.5", (("predictor_ct", "predictor_ct_h2.5"),)),
+    "mgnet_area8": Kind("configs/train/ablation/mgnet_area8.yaml", "mgnet_area8", (("mgnet", "mgnet_area8"),)),
+    "square": Kind("configs/train/ablation/square.yaml", "square", (("predictor_square", "predictor_square"),)),
+    "mgnet_ct_posthoc": Kind(None, "mgnet", (("mgnet_ct_posthoc", "mgnet_ct_posthoc"),)),
+}
+# The demo's own runs of the default kinds: the same commands at seed 0 (``--reuse_demo`` links them).
+DEMO_RUNS = {"ct": "outputs/demo/predictor_ct", "bt": "outputs/demo/predictor_bt", "mgnet": "outputs/demo/mgnet"}
 CLAIMS = "configs/evaluate/embedded_claims_predictors.yaml"
+COMPARED = ("deletion", "insertion", "deletion_norm", "insertion_norm", "pointing_game", *PAIRED_OTHER)
 
 
 def train_command(kind: str, seed: int, out: Path, filter_ckpt: Path) -> list[str]:
-    run_dir = out / f"seed{seed}" / kind
+    run_dir = out / f"seed{seed}" / KINDS[kind].run
     resume = ["--ckpt_path=last"] if (ROOT / run_dir / "checkpoints" / "last.ckpt").is_file() else []
-    return [*CLI, "fit", "--config", f"configs/train/{CONFIGS[kind]}", f"--run_dir={run_dir}",
+    return [*CLI, "fit", "--config", KINDS[kind].config, f"--run_dir={run_dir}",
             f"--model.init_args.filter_checkpoint={filter_ckpt}", f"--seed_everything={seed}",
             f"--model.init_args.draw_seed={seed}", *resume]
 
 
-def evaluate_command(seed: int, out: Path, num_images: int) -> list[str]:
+def link_demo_run(kind: str, out: Path) -> bool:
+    """Seed 0 of a demo kind: link OUT/seed0/RUN to the demo's finished run (same config, seed 0) instead of
+    training it again; False when the demo has no finished run or OUT already has one."""
+    demo, mine = ROOT / DEMO_RUNS.get(kind, "-"), ROOT / out / "seed0" / KINDS[kind].run
+    if not (demo / "fit_metrics.json").is_file() or mine.exists() or mine.is_symlink():
+        return False
+    mine.parent.mkdir(parents=True, exist_ok=True)
+    mine.symlink_to(demo.resolve(), target_is_directory=True)
+    print(f"{mine.relative_to(ROOT)} -> {demo.relative_to(ROOT)} (the demo's seed-0 run)", flush=True)
+    return True
+
+
+def explainer_list(kinds: list[str], seed: int, out: Path) -> str:
+    """The evaluation's explainers: Grad-CAM, then every explainer of every kind on this seed's checkpoint."""
+    specs = ["gradcam"]
+    for kind in kinds:
+        ckpt = out / f"seed{seed}" / KINDS[kind].run / "checkpoints" / "last.ckpt"
+        for name, alias in KINDS[kind].explainers:
+            specs.append(f"{{name: {name}, checkpoint: {ckpt}}}" if alias == name
+                         else f"{{name: {name}, alias: {alias}, checkpoint: {ckpt}}}")
+    return "[" + ", ".join(specs) + "]"
+
+
+def evaluate_command(seed: int, out: Path, num_images: int, kinds: list[str] = ["ct", "bt", "mgnet"]) -> list[str]:
     """evaluate.py of the claims config with this seed's checkpoints (the config's explainer list, re-pointed)."""
-    ckpt = {kind: out / f"seed{seed}" / kind / "checkpoints" / "last.ckpt" for kind in CONFIGS}
-    explainers = (f"[gradcam, {{name: predictor_ct, checkpoint: {ckpt['ct']}}}, "
-                  f"{{name: predictor_ct_posthoc, checkpoint: {ckpt['ct']}}}, "
-                  f"{{name: predictor_bt, checkpoint: {ckpt['bt']}}}, {{name: mgnet, checkpoint: {ckpt['mgnet']}}}]")
-    return [*CLI, "evaluate", "--config", CLAIMS, f"--explainers={explainers}",
+    return [*CLI, "evaluate", "--config", CLAIMS, f"--explainers={explainer_list(kinds, seed, out)}",
             f"--num_images={num_images}", f"--out={out / f'seed{seed}' / 'evaluation'}", "--wandb=false"]
+
+
+def seed_rows(out: Path, seed: int) -> list[dict]:
+    folder = ROOT / out / f"seed{seed}" / "evaluation" / "rows"
+    return [json.loads(line) for path in sorted(folder.glob("*.jsonl")) for line in path.read_text().splitlines()
+            if line.strip()]
+
+
+def compared(rows_per_seed: list[list[dict]], a: str, b: str, resamples: int = 2000) -> dict:
+    """(method a - method b) of the seed-averaged per-image scores, with 95% bootstrap intervals."""
+    mine = seed_averaged([[r for r in rows if r["method"] == a] for rows in rows_per_seed], a)
+    theirs = seed_averaged([[r for r in rows if r["method"] == b] for rows in rows_per_seed], b)
+    return paired_difference(mine + theirs, a, b, keys=COMPARED, resamples=resamples)
 
 
 def seed_table(results: list[dict], keys=SUMMARY_KEYS) -> dict[str, dict[str, str]]:
@@ -68,23 +129,43 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, str]]:
     parser.add_argument("--num_images", type=int, default=500, help="test images evaluated (the claims config's)")
     parser.add_argument("--out", type=Path, default=Path("outputs/claims/predictor_seeds"))
     parser.add_argument("--filter", type=Path, default=Path("outputs/demo/filter/checkpoints/last.ckpt"))
+    parser.add_argument("--kinds", default="ct,bt,mgnet", help="predictors trained and evaluated, comma-separated, "
+                                                                  "from: " + ", ".join(KINDS))
+    parser.add_argument("--compare", default="", help="pairs A-B of evaluated methods, comma-separated (e.g. "
+                                                      "predictor_ct_h2.5-predictor_ct): paired, seed-averaged")
+    parser.add_argument("--reuse_demo", action="store_true",
+                        help="seed 0 of ct, bt and mgnet: link the demo's finished runs (outputs/demo) instead of "
+                             "training them again with the same command")
     parser.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",") if s]
+    kinds = [k for k in args.kinds.split(",") if k]
     if not seeds:
         parser.error("--seeds needs at least one seed")
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown or not kinds:
+        parser.error(f"--kinds: unknown kind(s) {unknown or kinds}; known: {', '.join(KINDS)}")
+    evaluated = {alias for k in kinds for _, alias in KINDS[k].explainers} | {"gradcam"}
+    pairs = [tuple(p.split("-", 1)) for p in args.compare.split(",") if p]
+    bad = [p for p in pairs if len(p) != 2 or not set(p) <= evaluated]
+    if bad:
+        parser.error(f"--compare: {bad} not pairs A-B of the evaluated methods {sorted(evaluated)}")
     if not args.dry_run and not (ROOT / args.filter).is_file():
         parser.error(f"--filter {args.filter} not found: run make demo (its filter stage) first")
-    results = []
+    results, rows_per_seed = [], []
     for seed in seeds:
-        for kind in CONFIGS:
-            if not (ROOT / args.out / f"seed{seed}" / kind / "fit_metrics.json").is_file():
+        for kind in kinds:
+            if seed == 0 and args.reuse_demo and not args.dry_run:
+                link_demo_run(kind, args.out)
+            if KINDS[kind].config and not (ROOT / args.out / f"seed{seed}" / KINDS[kind].run / "fit_metrics.json").is_file():
                 run(train_command(kind, seed, args.out, args.filter), args.dry_run)
         path = ROOT / args.out / f"seed{seed}" / "evaluation" / "results.json"
-        if not path.is_file():
-            run(evaluate_command(seed, args.out, args.num_images), args.dry_run)
+        if not path.is_file() or set(json.loads(path.read_text())["methods"]) != evaluated:
+            # evaluate.py reuses the rows it has and scores the methods it lacks
+            run(evaluate_command(seed, args.out, args.num_images, kinds), args.dry_run)
         if not args.dry_run:
             results.append(json.loads(path.read_text()))
+            rows_per_seed.append(seed_rows(args.out, seed))
     if args.dry_run:
         return {}
     table = seed_table(results)
@@ -94,6 +175,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, str]]:
     print("|---|" + "---|" * len(SUMMARY_KEYS))
     for method, cells in table.items():
         print(f"| {method} | " + " | ".join(cells[k] for k in SUMMARY_KEYS) + " |")
+    for a, b in pairs:
+        diff = compared(rows_per_seed, a, b)
+        print(f"{a} - {b}, seed-averaged per image [95% bootstrap]: "
+              + "; ".join(f"{k} {v['mean']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}]" for k, v in diff.items()))
     return table
 
 

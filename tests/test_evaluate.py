@@ -390,6 +390,55 @@ def test_predictor_claims_over_training_seeds_is_runnable(repo_root, monkeypatch
     assert table == {"a": {"deletion": "0.200 ± 0.141", "mf": "20.0"}}
 
 
+def test_predictor_claims_controller_kinds_train_the_papers_settings_and_pair_seed_averages(
+        repo_root, monkeypatch, capsys):
+    """The controllers' study of predictor_claims: each kind's training config carries its setting, the evaluation
+    names every kind's explainer under its alias, CT post hoc on MGnet reads the MGnet run, and --compare pairs the
+    seed-averaged per-image scores."""
+    from saliency_lab.cli import train
+    from experiments.predictor_claims import CLI, KINDS, compared, evaluate_command, train_command
+
+    monkeypatch.chdir(repo_root)
+    kinds = ["ct", "mgnet", "ct_h2.5", "mgnet_area8", "square", "mgnet_ct_posthoc"]
+    cfg = evaluate.build_parser().parse_args(evaluate_command(0, Path("outputs/x"), 8, kinds)[len(CLI) + 1:])
+    specs = {s if isinstance(s, str) else s.get("alias", s["name"]): s for s in evaluate.explainer_specs(cfg)}
+    assert list(specs) == ["gradcam", "predictor_ct", "predictor_ct_posthoc", "mgnet", "predictor_ct_h2.5",
+                           "mgnet_area8", "predictor_square", "mgnet_ct_posthoc"]
+    assert specs["predictor_ct_h2.5"]["name"] == "predictor_ct"
+    assert specs["mgnet_ct_posthoc"]["checkpoint"] == specs["mgnet"]["checkpoint"] == \
+        "outputs/x/seed0/mgnet/checkpoints/last.ckpt"
+    assert KINDS["mgnet_ct_posthoc"].config is None
+    monkeypatch.setattr(sys, "argv", ["saliency-lab"])
+    printed = {}
+    for kind in ("ct_h2.5", "mgnet_area8", "square"):
+        capsys.readouterr()
+        with pytest.raises(SystemExit):
+            train.main([*train_command(kind, 1, Path("outputs/x"), Path("filter.ckpt"))[len(CLI):], "--print_config"])
+        printed[kind] = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    assert printed["ct_h2.5"]["h"] == 2.5 and printed["ct_h2.5"]["mode"] == "ct"
+    assert printed["square"]["mode"] == "square"
+    area = [o for o in printed["mgnet_area8"]["objectives"] if o["class_path"].endswith(".Area")]
+    assert area[0]["init_args"]["weight"] == 8.0 and printed["mgnet_area8"]["mode"] == "mgnet"
+    rows = lambda a, b: [{"index": i, "method": m, "deletion": v + 0.01 * i}  # noqa: E731
+                         for i in range(6) for m, v in (("a", a), ("b", b))]
+    diff = compared([rows(0.3, 0.1), rows(0.5, 0.1)], "a", "b", resamples=50)
+    assert diff["deletion"]["mean"] == pytest.approx(0.3) and diff["deletion"]["images"] == 6
+
+
+def test_predictor_claims_links_the_demos_finished_seed0_runs_only(tmp_path, monkeypatch):
+    from experiments import predictor_claims
+
+    monkeypatch.setattr(predictor_claims, "ROOT", tmp_path)
+    demo = tmp_path / predictor_claims.DEMO_RUNS["ct"]
+    demo.mkdir(parents=True)
+    assert not predictor_claims.link_demo_run("ct", Path("out"))  # the demo's run has not finished
+    (demo / "fit_metrics.json").write_text("{}")
+    assert predictor_claims.link_demo_run("ct", Path("out"))
+    assert (tmp_path / "out" / "seed0" / "ct" / "fit_metrics.json").is_file()
+    assert not predictor_claims.link_demo_run("ct", Path("out"))  # linked already
+    assert not predictor_claims.link_demo_run("ct_h2.5", Path("out"))  # not a demo run
+
+
 def test_rerun_at_another_black_box_precision_recomputes_and_records_the_passes(tiny_blackbox, tmp_path, explained):
     """Rows of one pass precision are never reused, nor averaged, under another: the black box's precision
     setting, channels_last, the effective pass dtypes on this device and the Trainer's precision are part of
