@@ -12,7 +12,8 @@ to Grad-CAM on the same test images into OUT/seed{s}/evaluation (so M_F's per-im
 methods evaluated together). Prints one table: method x metric, mean ± sd (n - 1) over the seeds, and, for the
 pairs of ``--compare``, the paired difference of the seed-averaged per-image scores with its 95% bootstrap
 interval. Finished trainings (fit_metrics.json) and evaluations (results.json of the same methods) are reused, and
-evaluate.py reuses the rows of a method it scored before; an interrupted training resumes from its last.ckpt. ``--dry_run`` prints the commands only.
+evaluate.py reuses the rows of a method it scored before; an interrupted training resumes from its last.ckpt.
+``--dry_run`` prints the commands only.
 
 The controllers' evidence of the distribution-guided paper (docs/papers/distribution_guided.md) is one call:
 ``--kinds ct,bt,mgnet,ct_h2.5,mgnet_area8,square,mgnet_ct_posthoc`` (the paper's CT h 2.5 and MGnet area weight 8
@@ -27,12 +28,13 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Sequence
 
 ROOT = Path(__file__).resolve().parents[1]  # outputs/ and configs/ are read relative to the checkout
 CLI = (sys.executable, "-m", "saliency_lab.cli")
 
 
-from experiments.predictor_ablation import PAIRED_OTHER, fmt_seeds, seed_averaged
+from experiments.predictor_ablation import PAIRED_OTHER, fmt_seeds, rows_of, seed_averaged
 from saliency_lab.metrics.report import SUMMARY_KEYS, paired_difference
 
 
@@ -81,7 +83,7 @@ def link_demo_run(kind: str, out: Path) -> bool:
     return True
 
 
-def explainer_list(kinds: list[str], seed: int, out: Path) -> str:
+def explainer_list(kinds: Sequence[str], seed: int, out: Path) -> str:
     """The evaluation's explainers: Grad-CAM, then every explainer of every kind on this seed's checkpoint."""
     specs = ["gradcam"]
     for kind in kinds:
@@ -92,16 +94,10 @@ def explainer_list(kinds: list[str], seed: int, out: Path) -> str:
     return "[" + ", ".join(specs) + "]"
 
 
-def evaluate_command(seed: int, out: Path, num_images: int, kinds: list[str] = ["ct", "bt", "mgnet"]) -> list[str]:
+def evaluate_command(seed: int, out: Path, num_images: int, kinds: Sequence[str] = ("ct", "bt", "mgnet")) -> list[str]:
     """evaluate.py of the claims config with this seed's checkpoints (the config's explainer list, re-pointed)."""
     return [*CLI, "evaluate", "--config", CLAIMS, f"--explainers={explainer_list(kinds, seed, out)}",
             f"--num_images={num_images}", f"--out={out / f'seed{seed}' / 'evaluation'}", "--wandb=false"]
-
-
-def seed_rows(out: Path, seed: int) -> list[dict]:
-    folder = ROOT / out / f"seed{seed}" / "evaluation" / "rows"
-    return [json.loads(line) for path in sorted(folder.glob("*.jsonl")) for line in path.read_text().splitlines()
-            if line.strip()]
 
 
 def compared(rows_per_seed: list[list[dict]], a: str, b: str, resamples: int = 2000) -> dict:
@@ -157,7 +153,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, str]]:
         for kind in kinds:
             if seed == 0 and args.reuse_demo and not args.dry_run:
                 link_demo_run(kind, args.out)
-            if KINDS[kind].config and not (ROOT / args.out / f"seed{seed}" / KINDS[kind].run / "fit_metrics.json").is_file():
+            finished = (ROOT / args.out / f"seed{seed}" / KINDS[kind].run / "fit_metrics.json").is_file()
+            if KINDS[kind].config and not finished:
                 run(train_command(kind, seed, args.out, args.filter), args.dry_run)
         path = ROOT / args.out / f"seed{seed}" / "evaluation" / "results.json"
         if not path.is_file() or set(json.loads(path.read_text())["methods"]) != evaluated:
@@ -165,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, str]]:
             run(evaluate_command(seed, args.out, args.num_images, kinds), args.dry_run)
         if not args.dry_run:
             results.append(json.loads(path.read_text()))
-            rows_per_seed.append(seed_rows(args.out, seed))
+            rows_per_seed.append(rows_of(args.out / f"seed{seed}" / "evaluation"))
     if args.dry_run:
         return {}
     table = seed_table(results)
