@@ -698,3 +698,19 @@ def test_evaluate_with_wandb_disabled_writes_no_wandb_files(tiny_blackbox_path, 
     evaluate.main([*_evaluate_args(f"ckpt:{tiny_blackbox_path}", tmp_path), "--wandb=true"])
     assert (tmp_path / "results.json").is_file() and not (tmp_path / "wandb").exists()
     assert os.environ["WANDB_MODE"] == "disabled"
+
+
+def test_checkpoint_settings_an_older_class_version_recorded_are_left_out_by_name(repo_root):
+    """The committed predictor checkpoint predates the objectives: its loss weights are no longer MaskPredictor
+    arguments, so `test --ckpt_path` leaves them out (the config's objectives stand) instead of failing."""
+    from saliency_lab.cli.utils import split_init_args
+    from saliency_lab.core.checkpoints import safe_load
+    from saliency_lab.core.resources import current_class_path
+
+    hparams = safe_load(repo_root / "assets" / "embedded_predictor_game.ckpt")["hyper_parameters"]
+    path = current_class_path(hparams.pop("_class_path"))
+    kept, dropped = split_init_args(path, {k: v for k, v in hparams.items() if k != "_instantiator"})
+    assert {"blur_prob", "ce_weight", "deletion_weight", "game_protocols"} <= set(dropped)
+    assert {"mode", "eta", "h", "widths", "blackbox"} <= set(kept) and not set(kept) & set(dropped)
+    assert split_init_args("saliency_lab.core.blackbox.BlackBox", {"model": "embedded", "nonsense": 1}) == (
+        {"model": "embedded"}, ["nonsense"])

@@ -12,6 +12,8 @@ unless ``--allow_remote_ckpt true`` is given, and then it too loads with ``weigh
 from __future__ import annotations
 
 import contextlib
+import importlib
+import inspect
 import netrc
 import os
 import sys
@@ -145,6 +147,18 @@ def with_current_class_paths(value):
     return value
 
 
+def split_init_args(class_path: str, hparams: dict) -> tuple[dict, list[str]]:
+    """(the entries of ``hparams`` that ``class_path``'s ``__init__`` accepts, the sorted names of those it does
+    not). A checkpoint recorded by an older version of the class can hold arguments the class no longer has (e.g.
+    the mask predictor's loss weights, now its ``objectives``); a class that takes ``**kwargs`` accepts all."""
+    module, _, name = class_path.rpartition(".")
+    parameters = inspect.signature(getattr(importlib.import_module(module), name).__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return dict(hparams), []
+    return ({k: v for k, v in hparams.items() if k in parameters},
+            sorted(k for k in hparams if k not in parameters))
+
+
 def _refusal(path: str, err: Exception) -> str:
     return (f"--ckpt_path {path}: refusing to load it, it is not loadable with weights_only=True (it holds objects "
             f"other than tensors and plain containers; {str(err).splitlines()[0]})")
@@ -184,7 +198,8 @@ class SaliencyCLI(LightningCLI):
         """Lightning's merge of a ``--ckpt_path`` checkpoint's hyper-parameters into the config, with two checks:
         a checkpoint of another model class than the config builds is refused (naming both classes) instead of
         silently turning the model into the checkpoint's, and class paths recorded before the package existed
-        (``lightning_modules.X``, ``core.blackbox.BlackBox``) are read as the package's."""
+        (``lightning_modules.X``, ``core.blackbox.BlackBox``) are read as the package's. Settings the class no
+        longer takes (:func:`split_init_args`) are left out, named in a message, and the config's stand."""
         subcommand = self.config.get("subcommand")
         if not subcommand:
             return
@@ -203,6 +218,11 @@ class SaliencyCLI(LightningCLI):
             if configured is not None and current_class_path(configured) != recorded:
                 self.parser.error(f"--ckpt_path {path}: it is a checkpoint of {recorded}, but the config builds "
                                   f"{configured}; pass the config of that model (or a checkpoint of {configured})")
+            hparams, dropped = split_init_args(recorded, hparams)
+            if dropped:
+                rank_zero_info(f"--ckpt_path {path}: recorded by an older version of {recorded}; its settings "
+                               f"{', '.join(dropped)} are no longer arguments of it and are ignored (the "
+                               "config's settings stand)")
             hparams = {"class_path": recorded, "dict_kwargs": hparams}
         try:
             self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
