@@ -100,6 +100,12 @@ def evaluate_command(seed: int, out: Path, num_images: int, kinds: Sequence[str]
             f"--num_images={num_images}", f"--out={out / f'seed{seed}' / 'evaluation'}", "--wandb=false"]
 
 
+def same_evaluation(results: dict, methods: set[str], num_images: int) -> bool:
+    """Whether an evaluation's results.json holds exactly ``methods``, each scored on ``num_images`` images."""
+    return set(results["methods"]) == methods and all(m.get("images") == num_images
+                                                      for m in results["methods"].values())
+
+
 def compared(rows_per_seed: list[list[dict]], a: str, b: str, resamples: int = 2000) -> dict:
     """(method a - method b) of the seed-averaged per-image scores, with 95% bootstrap intervals."""
     mine = seed_averaged([[r for r in rows if r["method"] == a] for rows in rows_per_seed], a)
@@ -157,8 +163,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, str]]:
             if KINDS[kind].config and not finished:
                 run(train_command(kind, seed, args.out, args.filter), args.dry_run)
         path = ROOT / args.out / f"seed{seed}" / "evaluation" / "results.json"
-        if not path.is_file() or set(json.loads(path.read_text())["methods"]) != evaluated:
-            # evaluate.py reuses the rows it has and scores the methods it lacks
+        if not path.is_file() or not same_evaluation(json.loads(path.read_text()), evaluated, args.num_images):
+            # evaluate.py reuses the rows it has and scores the methods and images it lacks
             run(evaluate_command(seed, args.out, args.num_images, kinds), args.dry_run)
         if not args.dry_run:
             results.append(json.loads(path.read_text()))

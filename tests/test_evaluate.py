@@ -423,6 +423,10 @@ def test_predictor_claims_controller_kinds_train_the_papers_settings_and_pair_se
                          for i in range(6) for m, v in (("a", a), ("b", b))]
     diff = compared([rows(0.3, 0.1), rows(0.5, 0.1)], "a", "b", resamples=50)
     assert diff["deletion"]["mean"] == pytest.approx(0.3) and diff["deletion"]["images"] == 6
+    from experiments.predictor_claims import same_evaluation
+    results = {"methods": {"a": {"images": 200}, "b": {"images": 200}}}
+    assert same_evaluation(results, {"a", "b"}, 200)
+    assert not same_evaluation(results, {"a", "b"}, 500) and not same_evaluation(results, {"a"}, 200)
 
 
 def test_predictor_claims_links_the_demos_finished_seed0_runs_only(tmp_path, monkeypatch):
