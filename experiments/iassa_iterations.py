@@ -58,7 +58,6 @@ ITERATIONS = (1, 2, 3, 5, 10, 15, 25)
 DEFAULT_ITERATIONS = 5  # IASSA's default (the released code's): the reference of every paired interval
 CAUSAL_KEYS = ("deletion", "insertion")
 LOCALISATION_KEYS = ("pointing_game", "iou", "f1", "iou_pixel", "f1_pixel", "mi")
-PER_MILLE = set(PER_MILLE_NAMES)  # IoU / |R| and F1 / |R| are ~1e-3 at 64 px: printed x 1000
 
 
 def label(k: int) -> str:
@@ -251,7 +250,7 @@ def metrics_table(result: dict[str, dict], presets: tuple[str, ...], default: in
     for entry in sorted(result.values(), key=lambda e: e["k"]):
         s = entry["summary"]
         k = f"{entry['k']} (default)" if entry["k"] == default else str(entry["k"])
-        values = [_f(s[c], 1 if c == "mi" else 3, 1e3 if c in PER_MILLE else 1.0) for c, _ in cols]
+        values = [_f(s[c], 1 if c == "mi" else 3, 1e3 if c in PER_MILLE_NAMES else 1.0) for c, _ in cols]
         lines.append(f"| {k} | {s['images']} | {s['passes']:.0f} | {_f(s['seconds'], 2)} | " + " | ".join(values) + " |")
     return "\n".join(lines) + "\n"
 
@@ -262,7 +261,7 @@ def interval_table(result: dict[str, dict], presets: tuple[str, ...], default: i
     for entry in sorted(result.values(), key=lambda e: e["k"]):
         if entry["k"] == default or not entry["intervals"]:
             continue
-        cells = [_interval(entry["intervals"].get(c), 1 if c == "mi" else 3, 1e3 if c in PER_MILLE else 1.0)
+        cells = [_interval(entry["intervals"].get(c), 1 if c == "mi" else 3, 1e3 if c in PER_MILLE_NAMES else 1.0)
                  for c, _ in cols]
         lines.append(f"| {entry['k']} − {default} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -41,24 +41,26 @@ from saliency_lab.metrics.report import SUMMARY_KEYS, paired_difference
 @dataclasses.dataclass(frozen=True)
 class Kind:
     """A trained predictor of the study: its training config (None: it trains nothing and reads the run of
-    ``run``), the run folder it reads, and the explainers (registry name, reported alias) of its checkpoint."""
+    ``run``), the run folder it reads, the explainers (registry name, reported alias) of its checkpoint, and the
+    demo's own run of the same config at seed 0, if the demo trains it (``--reuse_demo`` links it)."""
     config: str | None
     run: str
     explainers: tuple[tuple[str, str], ...]
+    demo_run: str | None = None
 
 
 KINDS = {
     "ct": Kind("configs/train/embedded_predictor_ct.yaml", "ct",
-               (("predictor_ct", "predictor_ct"), ("predictor_ct_posthoc", "predictor_ct_posthoc"))),
-    "bt": Kind("configs/train/embedded_predictor_bt.yaml", "bt", (("predictor_bt", "predictor_bt"),)),
-    "mgnet": Kind("configs/train/embedded_mgnet.yaml", "mgnet", (("mgnet", "mgnet"),)),
+               (("predictor_ct", "predictor_ct"), ("predictor_ct_posthoc", "predictor_ct_posthoc")),
+               "outputs/demo/predictor_ct"),
+    "bt": Kind("configs/train/embedded_predictor_bt.yaml", "bt", (("predictor_bt", "predictor_bt"),),
+               "outputs/demo/predictor_bt"),
+    "mgnet": Kind("configs/train/embedded_mgnet.yaml", "mgnet", (("mgnet", "mgnet"),), "outputs/demo/mgnet"),
     "ct_h2.5": Kind("configs/train/ablation/ct_h2.5.yaml", "ct_h2.5", (("predictor_ct", "predictor_ct_h2.5"),)),
     "mgnet_area8": Kind("configs/train/ablation/mgnet_area8.yaml", "mgnet_area8", (("mgnet", "mgnet_area8"),)),
     "square": Kind("configs/train/ablation/square.yaml", "square", (("predictor_square", "predictor_square"),)),
     "mgnet_ct_posthoc": Kind(None, "mgnet", (("mgnet_ct_posthoc", "mgnet_ct_posthoc"),)),
 }
-# The demo's own runs of the default kinds: the same commands at seed 0 (``--reuse_demo`` links them).
-DEMO_RUNS = {"ct": "outputs/demo/predictor_ct", "bt": "outputs/demo/predictor_bt", "mgnet": "outputs/demo/mgnet"}
 CLAIMS = "configs/evaluate/embedded_claims_predictors.yaml"
 COMPARED = ("deletion", "insertion", "deletion_norm", "insertion_norm", "pointing_game", *PAIRED_OTHER)
 
@@ -74,7 +76,9 @@ def train_command(kind: str, seed: int, out: Path, filter_ckpt: Path) -> list[st
 def link_demo_run(kind: str, out: Path) -> bool:
     """Seed 0 of a demo kind: link OUT/seed0/RUN to the demo's finished run (same config, seed 0) instead of
     training it again; False when the demo has no finished run or OUT already has one."""
-    demo, mine = ROOT / DEMO_RUNS.get(kind, "-"), ROOT / out / "seed0" / KINDS[kind].run
+    if KINDS[kind].demo_run is None:
+        return False
+    demo, mine = ROOT / KINDS[kind].demo_run, ROOT / out / "seed0" / KINDS[kind].run
     if not (demo / "fit_metrics.json").is_file() or mine.exists() or mine.is_symlink():
         return False
     mine.parent.mkdir(parents=True, exist_ok=True)

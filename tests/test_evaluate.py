@@ -433,7 +433,7 @@ def test_predictor_claims_links_the_demos_finished_seed0_runs_only(tmp_path, mon
     from experiments import predictor_claims
 
     monkeypatch.setattr(predictor_claims, "ROOT", tmp_path)
-    demo = tmp_path / predictor_claims.DEMO_RUNS["ct"]
+    demo = tmp_path / predictor_claims.KINDS["ct"].demo_run
     demo.mkdir(parents=True)
     assert not predictor_claims.link_demo_run("ct", Path("out"))  # the demo's run has not finished
     (demo / "fit_metrics.json").write_text("{}")
