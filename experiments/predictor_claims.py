@@ -18,7 +18,8 @@ evaluate.py reuses the rows of a method it scored before; an interrupted trainin
 The controllers' evidence of the distribution-guided paper (docs/papers/distribution_guided.md) is one call:
 ``--kinds ct,bt,mgnet,ct_h2.5,mgnet_area8,square,mgnet_ct_posthoc`` (the paper's CT h 2.5 and MGnet area weight 8
 beside the validation-chosen h 5 and area weight 1, the x^2 transformer, and CT applied post hoc to MGnet's masks,
-which trains nothing: it reads the ``mgnet`` run).
+which trains nothing: it reads the ``mgnet`` run), or ``--kinds controllers`` (the same with CT at eta 3). The lambda
+grids on CT and MGnet are ``--kinds lambda_grid`` (:data:`LAMBDA_GRID`).
 """
 from __future__ import annotations
 
@@ -60,6 +61,20 @@ KINDS = {
     "mgnet_area8": Kind("configs/train/ablation/mgnet_area8.yaml", "mgnet_area8", (("mgnet", "mgnet_area8"),)),
     "square": Kind("configs/train/ablation/square.yaml", "square", (("predictor_square", "predictor_square"),)),
     "mgnet_ct_posthoc": Kind(None, "mgnet", (("mgnet_ct_posthoc", "mgnet_ct_posthoc"),)),
+}
+# The paper's lambda grids: CT's classification loss plus one constraint at a time (area, smoothness, background;
+# the grid's zero is `ct`), and MGnet's Eq. 2 with one weight moved from the embedded MGnet's (area 1 and, as
+# `mgnet_area8`, 8; smoothness 0.5; background 1). Each is configs/train/ablation/NAME.yaml.
+LAMBDA_GRID = ("ct_area0.1", "ct_area1", "ct_tv0.5", "ct_tv5", "ct_bg0.3", "ct_bg1",
+               "mgnet_area0.25", "mgnet_tv0.05", "mgnet_tv5", "mgnet_bg0", "mgnet_bg3")
+for _name in (*LAMBDA_GRID, "ct_eta3"):
+    _method = "mgnet" if _name.startswith("mgnet") else "predictor_ct"
+    KINDS[_name] = Kind(f"configs/train/ablation/{_name}.yaml", _name,
+                        ((_method, _name if _method == "mgnet" else f"predictor_{_name}"),))
+# --kinds GROUP: the kinds of one study at once
+GROUPS = {
+    "controllers": ("ct", "bt", "mgnet", "ct_h2.5", "ct_eta3", "mgnet_area8", "square", "mgnet_ct_posthoc"),
+    "lambda_grid": ("ct", "mgnet", "mgnet_area8", *LAMBDA_GRID),
 }
 CLAIMS = "configs/evaluate/embedded_claims_predictors.yaml"
 COMPARED = ("deletion", "insertion", "deletion_norm", "insertion_norm", "pointing_game", *PAIRED_OTHER)
@@ -136,7 +151,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, str]]:
     parser.add_argument("--out", type=Path, default=Path("outputs/claims/predictor_seeds"))
     parser.add_argument("--filter", type=Path, default=Path("outputs/demo/filter/checkpoints/last.ckpt"))
     parser.add_argument("--kinds", default="ct,bt,mgnet", help="predictors trained and evaluated, comma-separated, "
-                                                                  "from: " + ", ".join(KINDS))
+                                                                  "from: " + ", ".join(KINDS) + "; or a group: "
+                                                                  + ", ".join(GROUPS))
     parser.add_argument("--compare", default="", help="pairs A-B of evaluated methods, comma-separated (e.g. "
                                                       "predictor_ct_h2.5-predictor_ct): paired, seed-averaged")
     parser.add_argument("--reuse_demo", action="store_true",
@@ -145,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, str]]:
     parser.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",") if s]
-    kinds = [k for k in args.kinds.split(",") if k]
+    kinds = list(dict.fromkeys(k for item in args.kinds.split(",") if item for k in GROUPS.get(item, (item,))))
     if not seeds:
         parser.error("--seeds needs at least one seed")
     unknown = sorted(set(kinds) - set(KINDS))

@@ -62,3 +62,35 @@ def test_hard_scenes_parse_as_evaluate_reads_them(monkeypatch):
     init = cfg.data.init_args
     assert init.seed == 1
     assert init.clutter.distractors == 4 and list(init.clutter.distractor_opacity) == [0.45, 0.7]
+
+
+def test_road_is_computed_under_the_first_preset_only(tmp_path, monkeypatch):
+    """The driver's table reads ROAD from the first preset's evaluation, so every later preset's evaluate.py call
+    (the baseline scoring its saved maps, and each variant) skips ROAD's imputations, and the first one does not."""
+    calls = []
+
+    def fake_evaluate(out, preset, args, methods="[]", hparams="{}", ckpt=None, extra=(), num_images=None):
+        calls.append((str(out), preset, tuple(extra)))
+        return {}
+
+    def fake_train(name, out, filter_ckpt, blackbox, seed=0):
+        run_dir = out / name
+        (tmp_path / run_dir).mkdir(parents=True, exist_ok=True)
+        (tmp_path / run_dir / "fit_metrics.json").write_text("{}")
+        return run_dir
+
+    (tmp_path / "filter.ckpt").write_text("")
+    monkeypatch.setattr(predictor_ablation, "ROOT", tmp_path)
+    monkeypatch.setattr(predictor_ablation, "evaluate", fake_evaluate)
+    monkeypatch.setattr(predictor_ablation, "train", fake_train)
+    monkeypatch.setattr(predictor_ablation, "summarise", lambda folders, method, fit: {})
+    monkeypatch.setattr(predictor_ablation, "paired_lines", lambda *args: [])
+    monkeypatch.setattr("sys.argv", ["predictor_ablation", "--variants", "game", "--presets", "rise,igos,grid16",
+                                     "--filter", "filter.ckpt", "--out", "out"])
+    predictor_ablation.main()
+    skip = "--settings.road_fractions=[]"
+    by_preset = {}
+    for out, preset, extra in calls:
+        by_preset.setdefault(preset, []).append(skip in extra)
+    assert by_preset == {"rise": [False, False], "igos": [True, True], "grid16": [True, True]}  # baseline, variant
+    assert any("--save_maps=true" in extra for _, preset, extra in calls if preset == "rise")

@@ -429,6 +429,44 @@ def test_predictor_claims_controller_kinds_train_the_papers_settings_and_pair_se
     assert not same_evaluation(results, {"a", "b"}, 500) and not same_evaluation(results, {"a"}, 200)
 
 
+def test_predictor_claims_lambda_grid_moves_one_weight_per_kind(repo_root, monkeypatch, capsys):
+    """--kinds lambda_grid: every grid kind's training config is its base model's loss with exactly one constraint
+    weight changed (CT: the classification loss plus that one term; MGnet: Eq. 2 with that one weight moved), and
+    the group names expand to their kinds in the evaluation."""
+    from saliency_lab.cli import train
+    from experiments.predictor_claims import CLI, GROUPS, KINDS, LAMBDA_GRID, evaluate_command, train_command
+    from saliency_lab.lightning_modules.objectives import default_objectives
+
+    monkeypatch.chdir(repo_root)
+    monkeypatch.setattr(sys, "argv", ["saliency-lab"])
+    terms = {"area": "Area", "tv": "Smoothness", "bg": "Destruction"}
+    mgnet = {"Preservation": 0.3, "Area": 1.0, "Smoothness": 0.5, "Destruction": 1.0}  # the embedded MGnet's
+    for kind in (*LAMBDA_GRID, "ct_eta3"):
+        capsys.readouterr()
+        with pytest.raises(SystemExit):
+            train.main([*train_command(kind, 1, Path("outputs/x"), Path("filter.ckpt"))[len(CLI):], "--print_config"])
+        model = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+        objectives = model["objectives"] or [o.config() for o in default_objectives(model["mode"])]
+        weights = {o["class_path"].rsplit(".", 1)[-1]: o["init_args"]["weight"] for o in objectives}
+        if kind == "ct_eta3":
+            assert model["eta"] == 3.0 and model["mode"] == "ct" and weights == {"Preservation": 1.0}
+            continue
+        base, setting = kind.split("_", 1)
+        term = next(t for t in terms if setting.startswith(t))
+        value = float(setting[len(term):])
+        if base == "ct":
+            assert model["mode"] == "ct" and weights == {"Preservation": 1.0, terms[term]: value}
+        else:
+            expected = {**mgnet, terms[term]: value}
+            assert model["mode"] == "mgnet"
+            assert weights == {k: v for k, v in expected.items() if v > 0}, kind
+    cfg = evaluate.build_parser().parse_args(evaluate_command(0, Path("outputs/x"), 8, GROUPS["lambda_grid"])[len(CLI) + 1:])
+    aliases = [s if isinstance(s, str) else s.get("alias", s["name"]) for s in evaluate.explainer_specs(cfg)]
+    assert {"predictor_ct_area0.1", "mgnet_bg3", "mgnet_area8", "predictor_ct"} <= set(aliases)
+    assert len(aliases) == len(set(aliases)) == 1 + 2 + 1 + 1 + len(LAMBDA_GRID)  # gradcam, ct (+ post hoc), mgnet(s)
+    assert all(KINDS[k].config and (repo_root / KINDS[k].config).is_file() for k in (*LAMBDA_GRID, "ct_eta3"))
+
+
 def test_predictor_claims_links_the_demos_finished_seed0_runs_only(tmp_path, monkeypatch):
     from experiments import predictor_claims
 
