@@ -57,8 +57,6 @@ KINDS = {
     "bt": Kind("configs/train/embedded_predictor_bt.yaml", "bt", (("predictor_bt", "predictor_bt"),),
                "outputs/demo/predictor_bt"),
     "mgnet": Kind("configs/train/embedded_mgnet.yaml", "mgnet", (("mgnet", "mgnet"),), "outputs/demo/mgnet"),
-    "ct_h2.5": Kind("configs/train/ablation/ct_h2.5.yaml", "ct_h2.5", (("predictor_ct", "predictor_ct_h2.5"),)),
-    "mgnet_area8": Kind("configs/train/ablation/mgnet_area8.yaml", "mgnet_area8", (("mgnet", "mgnet_area8"),)),
     "square": Kind("configs/train/ablation/square.yaml", "square", (("predictor_square", "predictor_square"),)),
     "mgnet_ct_posthoc": Kind(None, "mgnet", (("mgnet_ct_posthoc", "mgnet_ct_posthoc"),)),
 }
@@ -67,10 +65,17 @@ KINDS = {
 # `mgnet_area8`, 8; smoothness 0.5; background 1). Each is configs/train/ablation/NAME.yaml.
 LAMBDA_GRID = ("ct_area0.1", "ct_area1", "ct_tv0.5", "ct_tv5", "ct_bg0.3", "ct_bg1",
                "mgnet_area0.25", "mgnet_tv0.05", "mgnet_tv5", "mgnet_bg0", "mgnet_bg3")
-for _name in (*LAMBDA_GRID, "ct_eta3"):
-    _method = "mgnet" if _name.startswith("mgnet") else "predictor_ct"
-    KINDS[_name] = Kind(f"configs/train/ablation/{_name}.yaml", _name,
-                        ((_method, _name if _method == "mgnet" else f"predictor_{_name}"),))
+
+
+def setting_kind(name: str) -> Kind:
+    """CT or MGnet at another setting, trained by configs/train/ablation/NAME.yaml and reported as NAME (MGnet) or
+    predictor_NAME (CT): ``ct_h2.5`` explains as ``predictor_ct`` under the alias ``predictor_ct_h2.5``."""
+    method = "mgnet" if name.startswith("mgnet") else "predictor_ct"
+    alias = name if method == "mgnet" else f"predictor_{name}"
+    return Kind(f"configs/train/ablation/{name}.yaml", name, ((method, alias),))
+
+
+KINDS.update({name: setting_kind(name) for name in ("ct_h2.5", "ct_eta3", "mgnet_area8", *LAMBDA_GRID)})
 # --kinds GROUP: the kinds of one study at once
 GROUPS = {
     "controllers": ("ct", "bt", "mgnet", "ct_h2.5", "ct_eta3", "mgnet_area8", "square", "mgnet_ct_posthoc"),
