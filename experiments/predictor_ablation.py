@@ -105,15 +105,17 @@ def train(name: str, out: Path, filter_ckpt: Path, blackbox: str, seed: int = 0)
 def evaluate(out: Path, preset: str, args, methods: str = "[]", hparams: str = "{}", ckpt: Path | None = None,
              extra: tuple[str, ...] = (), num_images: int | None = None) -> dict:
     """results.json of one evaluation on the first ``args.num_images`` images of ``args.split`` (or
-    ``num_images``), reused when it exists."""
-    if not (ROOT / out / "results.json").is_file():
+    ``num_images``), reused when it exists for that many images (for another count evaluate.py runs again: it
+    reuses the rows it has and scores the images it lacks)."""
+    path = ROOT / out / "results.json"
+    if not (path.is_file() and json.loads(path.read_text()).get("num_images") == (num_images or args.num_images)):
         run([*CLI, "evaluate", "--config", "configs/evaluate/embedded_evaluate.yaml",
              f"--blackbox.init_args.model={args.blackbox}", f"--split={args.split}", f"--explainers={methods}",
              f"--method_hparams={hparams}", f"--settings.protocol={preset}", f"--num_images={num_images or args.num_images}",
              "--batch_size=25", f"--blackbox.init_args.precision={args.precision}",
              f"--ckpt_path=[{ckpt}]" if ckpt else "--ckpt_path=[]", f"--out={out}", "--wandb=false", "--overlay_images=8",
              *([f"--data={args.data}"] if args.data else []), *extra])
-    return json.loads((ROOT / out / "results.json").read_text())
+    return json.loads(path.read_text())
 
 
 def rows_of(folder: Path) -> list[dict]:

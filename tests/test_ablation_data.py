@@ -20,7 +20,7 @@ def evaluate_commands(tmp_path, monkeypatch, datas) -> list[list[str]]:
     def fake_run(cmd):
         commands.append(cmd)
         out.mkdir(exist_ok=True)
-        (out / "results.json").write_text("{}")
+        (out / "results.json").write_text('{"num_images": 4}')
 
     monkeypatch.setattr(predictor_ablation, "run", fake_run)
     monkeypatch.setattr(predictor_ablation, "ROOT", tmp_path)
@@ -94,3 +94,13 @@ def test_road_is_computed_under_the_first_preset_only(tmp_path, monkeypatch):
         by_preset.setdefault(preset, []).append(skip in extra)
     assert by_preset == {"rise": [False, False], "igos": [True, True], "grid16": [True, True]}  # baseline, variant
     assert any("--save_maps=true" in extra for _, preset, extra in calls if preset == "rise")
+
+
+def test_a_finished_evaluation_is_reused_for_the_same_image_count_only(tmp_path, monkeypatch):
+    """An evaluation folder that holds results for 4 images stands for a 4-image request; a 6-image request runs
+    evaluate.py again (which reuses its rows), instead of reporting the 4-image results as 6."""
+    commands = evaluate_commands(tmp_path, monkeypatch, [None])
+    assert len(commands) == 1  # the second 4-image call reused it
+    args = argparse.Namespace(blackbox="ckpt:bb.pt", split="test", num_images=6, precision="auto", data=None)
+    predictor_ablation.evaluate(Path("out"), "igos", args)
+    assert len(commands) == 2 and "--num_images=6" in commands[-1]
