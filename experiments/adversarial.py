@@ -1,7 +1,7 @@
 """Do the causal curves flag adversarial images? iGOS++'s adversarial analysis (its Fig. 4) on the embedded data.
 
     python -m experiments.adversarial [--num_images 32] [--methods gradient,gradcam,rise,...]
-        [--method_hparams '{"rise": {"n_masks": 1000}}'] [--predictor assets/embedded_predictor_game.ckpt]
+        [--method_hparams '{"rise": {"n_masks": 1000}}'] [--predictor assets/embedded_predictor_game.ckpt ...]
         [--eps 0.0314] [--steps 10] [--targeted] [--protocol igos|rise] [--out outputs/adversarial]
 
 The first ``--num_images`` test scenes are attacked with MI-FGSM (``core.adversarial.mi_fgsm``, L_inf ``--eps`` in
@@ -14,6 +14,9 @@ the paper's: both substrates a strong blur, which also removes most of the high-
 inserts into a mild blur that keeps it). Per method:
 the mean scores on natural and adversarial images and the AUROC of each score for telling natural (positive)
 from adversarial images (0.5: no signal; for deletion, where lower is better, the AUROC of its negation).
+Each ``--predictor`` adds a trained method: ``PATH`` (the method its checkpoint records) or ``NAME=PATH`` (another
+registered trained method built from that checkpoint, e.g. ``predictor_ct_posthoc=`` a CT run's or
+``mgnet_ct_posthoc=`` an MGnet run's); the option repeats.
 Writes ``OUT/adversarial.json`` and ``OUT/adversarial.md`` and prints the table; every stochastic method is
 seeded by the image index, so a rerun gives the same numbers.
 """
@@ -63,6 +66,17 @@ def attack(blackbox: BlackBox, images: torch.Tensor, eps: float, steps: int, chu
     return adversarial, natural, fooled, success
 
 
+def trained_method(spec: str) -> tuple[str, str]:
+    """(registry name, checkpoint path) of a ``--predictor`` value: ``NAME=PATH``, or ``PATH`` alone for the method
+    the checkpoint records."""
+    name, sep, path = spec.partition("=")
+    if not sep:
+        return explainers.recorded_name(spec), spec
+    if not explainers.is_trained(name):
+        raise SystemExit(f"--predictor {spec}: {name!r} is not a trained method (it takes no checkpoint)")
+    return name, path
+
+
 def scores(blackbox, explainer, images, targets, indices, protocol, chunk: int = 16) -> dict[str, torch.Tensor]:
     """Deletion and insertion (B,) of ``explainer``'s maps of ``targets`` on ``images``."""
     out = {"deletion": [], "insertion": []}
@@ -102,7 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num_images", type=int, default=32)
     parser.add_argument("--methods", default=DEFAULT_METHODS, help="registered untrained explainers, comma-separated")
     parser.add_argument("--method_hparams", type=json.loads, default={}, help='JSON {method: {hparam: value}}')
-    parser.add_argument("--predictor", default=None, help="a trained predictor's checkpoint, added as a method")
+    parser.add_argument("--predictor", action="append", default=[],
+                        help="a trained method's checkpoint, PATH or NAME=PATH, added as a method; repeatable")
     parser.add_argument("--eps", type=float, default=8 / 255)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--targeted", action="store_true",
@@ -122,9 +137,11 @@ def main(argv: list[str] | None = None) -> dict:
     protocol = make_protocol(args.protocol, int(images.shape[-1]))
     methods = {name: explainers.build(name, blackbox, seed=args.seed, **args.method_hparams.get(name, {}))
                for name in args.methods.split(",") if name}
-    if args.predictor:
-        name = explainers.recorded_name(args.predictor)
-        methods[name] = explainers.build(name, blackbox, checkpoint=args.predictor)
+    for spec in args.predictor:
+        name, checkpoint = trained_method(spec)
+        if name in methods:
+            raise SystemExit(f"--predictor {spec}: the method {name!r} is already in the table")
+        methods[name] = explainers.build(name, blackbox, checkpoint=checkpoint)
     result = {"images": args.num_images, "attacked": len(kept), "eps": args.eps, "steps": args.steps,
               "targeted": args.targeted,
               "protocol": protocol.to_dict(),

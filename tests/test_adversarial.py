@@ -69,3 +69,15 @@ def test_the_experiments_targeted_attack_reaches_drawn_targets_other_than_the_pr
     assert torch.equal(natural, predicted)
     assert torch.equal(success, fooled == targets)
     assert success.float().mean() >= 0.75, success
+
+
+def test_predictor_specs_name_the_checkpoints_method_or_another_trained_one(tiny_predictor_path):
+    from experiments.adversarial import trained_method
+
+    path = str(tiny_predictor_path)
+    assert trained_method(path) == ("predictor_ct", path)
+    assert trained_method(f"predictor_ct_posthoc={path}") == ("predictor_ct_posthoc", path)
+    with pytest.raises(SystemExit, match="'rise' is not a trained method"):
+        trained_method(f"rise={path}")
+    with pytest.raises(ValueError, match="unknown explainer 'nope'"):
+        trained_method(f"nope={path}")
