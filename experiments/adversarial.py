@@ -67,11 +67,11 @@ def attack(blackbox: BlackBox, images: torch.Tensor, eps: float, steps: int, chu
 
 
 def trained_method(spec: str) -> tuple[str, str]:
-    """(registry name, checkpoint path) of a ``--predictor`` value: ``NAME=PATH``, or ``PATH`` alone for the method
-    the checkpoint records."""
-    name, sep, path = spec.partition("=")
-    if not sep:
+    """(registry name, checkpoint path) of a ``--predictor`` value: ``PATH`` alone (an existing file, whose name may
+    hold ``=`` as Lightning's do) for the method the checkpoint records, else ``NAME=PATH``."""
+    if Path(spec).is_file() or "=" not in spec:
         return explainers.recorded_name(spec), spec
+    name, _, path = spec.partition("=")
     if not explainers.is_trained(name):
         raise SystemExit(f"--predictor {spec}: {name!r} is not a trained method (it takes no checkpoint)")
     return name, path

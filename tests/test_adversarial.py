@@ -71,11 +71,15 @@ def test_the_experiments_targeted_attack_reaches_drawn_targets_other_than_the_pr
     assert success.float().mean() >= 0.75, success
 
 
-def test_predictor_specs_name_the_checkpoints_method_or_another_trained_one(tiny_predictor_path):
+def test_predictor_specs_name_the_checkpoints_method_or_another_trained_one(tiny_predictor_path, tmp_path):
+    import shutil
+
     from experiments.adversarial import trained_method
 
     path = str(tiny_predictor_path)
     assert trained_method(path) == ("predictor_ct", path)
+    lightning_name = str(shutil.copy(path, tmp_path / "epoch=0-step=300.ckpt"))
+    assert trained_method(lightning_name) == ("predictor_ct", lightning_name)
     assert trained_method(f"predictor_ct_posthoc={path}") == ("predictor_ct_posthoc", path)
     with pytest.raises(SystemExit, match="'rise' is not a trained method"):
         trained_method(f"rise={path}")
