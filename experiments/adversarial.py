@@ -30,6 +30,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from saliency_lab import explainers
+from saliency_lab.cli.checks import ckpt_spec
 from saliency_lab.core.adversarial import mi_fgsm
 from saliency_lab.core.blackbox import BlackBox
 from saliency_lab.core.files import atomic_write, atomic_write_json
@@ -67,11 +68,11 @@ def attack(blackbox: BlackBox, images: torch.Tensor, eps: float, steps: int, chu
 
 
 def trained_method(spec: str) -> tuple[str, str]:
-    """(registry name, checkpoint path) of a ``--predictor`` value: ``PATH`` alone (an existing file, whose name may
-    hold ``=`` as Lightning's do) for the method the checkpoint records, else ``NAME=PATH``."""
-    if Path(spec).is_file() or "=" not in spec:
-        return explainers.recorded_name(spec), spec
-    name, _, path = spec.partition("=")
+    """(registry name, checkpoint path) of a ``--predictor`` value, parsed as evaluate.py's ``--ckpt_path``
+    (:func:`saliency_lab.cli.checks.ckpt_spec`): ``NAME=PATH``, or a plain path (even one holding ``=``, as
+    Lightning's names do) for the method its checkpoint records."""
+    parsed = ckpt_spec(spec)
+    name, path = parsed["name"], parsed["checkpoint"]
     if not explainers.is_trained(name):
         raise SystemExit(f"--predictor {spec}: {name!r} is not a trained method (it takes no checkpoint)")
     return name, path
