@@ -15,6 +15,13 @@ interval. Finished trainings (fit_metrics.json) and evaluations (results.json of
 evaluate.py reuses the rows of a method it scored before; an interrupted training resumes from its last.ckpt.
 ``--dry_run`` prints the commands only.
 
+``--store DIR`` keeps each finished seed's evaluation beside the code, so that a study longer than one machine's
+life can be run a seed at a time: after a seed is evaluated, its results.json and its per-image rows (every score,
+not the curves) go to DIR/seed{s}/ (results.json, rows.jsonl.gz) with the trainings' fit_metrics (fits.json); a
+seed whose stored evaluation holds the same methods on the same number of images is read from there and is neither
+trained nor evaluated again. A stored seed of other methods or another image count is trained and evaluated anew
+(and replaces the stored one).
+
 The controllers' evidence of the distribution-guided paper (docs/papers/distribution_guided.md) is one call:
 ``--kinds ct,bt,mgnet,ct_h2.5,mgnet_area8,square,mgnet_ct_posthoc`` (the paper's CT h 2.5 and MGnet area weight 8
 beside the validation-chosen h 5 and area weight 1, the x^2 transformer, and CT applied post hoc to MGnet's masks,
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gzip
 import json
 import subprocess
 import sys
@@ -36,7 +44,7 @@ CLI = (sys.executable, "-m", "saliency_lab.cli")
 
 
 from experiments.predictor_ablation import PAIRED_OTHER, fmt_seeds, rows_of, seed_averaged
-from saliency_lab.metrics.report import SUMMARY_KEYS, paired_difference
+from saliency_lab.metrics.report import SUMMARY_KEYS, paired_difference, scan_evaluation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +138,38 @@ def same_evaluation(results: dict, methods: set[str], num_images: int) -> bool:
                                                       for m in results["methods"].values())
 
 
+def stored_seed(store: Path, seed: int, methods: set[str], num_images: int) -> tuple[dict, list[dict]] | None:
+    """(results.json, rows) of ``seed`` kept in ``store`` by :func:`store_seed`, or None: nothing stored, or an
+    evaluation of other methods or another number of images."""
+    folder = ROOT / store / f"seed{seed}"
+    if not (folder / "results.json").is_file():
+        return None
+    results = json.loads((folder / "results.json").read_text())
+    if not same_evaluation(results, methods, num_images):
+        return None
+    with gzip.open(folder / "rows.jsonl.gz", "rt") as f:
+        return results, [json.loads(line) for line in f if line.strip()]
+
+
+def store_seed(store: Path, seed: int, out: Path, kinds: Sequence[str]) -> Path:
+    """Copy ``seed``'s evaluation (results.json; its rows without the curves, gzipped) and the fit_metrics.json of
+    each trained kind from OUT/seed{s} to STORE/seed{s}; returns that folder."""
+    source, folder = ROOT / out / f"seed{seed}", ROOT / store / f"seed{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    text = (source / "evaluation" / "results.json").read_text()
+    results = json.loads(text)
+    num_images = max(m["images"] for m in results["methods"].values())
+    # the reported rows: this evaluation's keys and images, not rows of earlier settings left in the folder
+    rows = [row for row in scan_evaluation(source / "evaluation").rows(curves=False) if row["index"] < num_images]
+    (folder / "results.json").write_text(text)
+    with gzip.open(folder / "rows.jsonl.gz", "wt", compresslevel=9) as f:
+        f.writelines(json.dumps(row, sort_keys=True) + "\n" for row in rows)
+    fits = {kind: json.loads((source / KINDS[kind].run / "fit_metrics.json").read_text())
+            for kind in kinds if (source / KINDS[kind].run / "fit_metrics.json").is_file()}
+    (folder / "fits.json").write_text(json.dumps(fits, indent=1, sort_keys=True) + "\n")
+    return folder
+
+
 def compared(rows_per_seed: list[list[dict]], a: str, b: str, resamples: int = 2000) -> dict:
     """(method a - method b) of the seed-averaged per-image scores, with 95% bootstrap intervals."""
     mine = seed_averaged([[r for r in rows if r["method"] == a] for rows in rows_per_seed], a)
@@ -163,6 +203,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, str]]:
     parser.add_argument("--reuse_demo", action="store_true",
                         help="seed 0 of ct, bt and mgnet: link the demo's finished runs (outputs/demo) instead of "
                              "training them again with the same command")
+    parser.add_argument("--store", type=Path, default=None,
+                        help="folder of finished seeds' evaluations: a seed stored there with the same methods and "
+                             "image count is read, not trained or evaluated; each seed evaluated here is stored")
     parser.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",") if s]
@@ -177,10 +220,19 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, str]]:
     bad = [p for p in pairs if len(p) != 2 or not set(p) <= evaluated]
     if bad:
         parser.error(f"--compare: {bad} not pairs A-B of the evaluated methods {sorted(evaluated)}")
-    if not args.dry_run and not (ROOT / args.filter).is_file():
+    stored = {seed: stored_seed(args.store, seed, evaluated, args.num_images) if args.store else None
+              for seed in seeds}
+    if not args.dry_run and None in stored.values() and not (ROOT / args.filter).is_file():
         parser.error(f"--filter {args.filter} not found: run make demo (its filter stage) first")
     results, rows_per_seed = [], []
     for seed in seeds:
+        kept = stored[seed]
+        if kept is not None:
+            print(f"seed {seed}: read from {args.store / f'seed{seed}'} (stored evaluation of the same methods and "
+                  "images)", flush=True)
+            results.append(kept[0])
+            rows_per_seed.append(kept[1])
+            continue
         for kind in kinds:
             if seed == 0 and args.reuse_demo and not args.dry_run:
                 link_demo_run(kind, args.out)
@@ -194,6 +246,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, str]]:
         if not args.dry_run:
             results.append(json.loads(path.read_text()))
             rows_per_seed.append(rows_of(args.out / f"seed{seed}" / "evaluation"))
+            if args.store:
+                print(f"seed {seed}: stored in {store_seed(args.store, seed, args.out, kinds).relative_to(ROOT)}")
     if args.dry_run:
         return {}
     table = seed_table(results)

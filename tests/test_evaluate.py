@@ -548,3 +548,41 @@ def test_evaluate_and_explain_default_to_a_gpu_where_one_is_visible():
     assert explain.build_parser().get_defaults().accelerator == "auto"
     assert evaluate.evaluation_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert evaluate.evaluation_device("gpu").type == "cuda" and evaluate.evaluation_device("cpu").type == "cpu"
+
+
+def test_predictor_claims_store_keeps_a_finished_seed_and_reads_it_back_untrained(tmp_path, monkeypatch, capsys):
+    """--store: a seed evaluated here is stored (its results.json and the reported rows without curves), and a later
+    run with the same methods and image count reads it instead of training or evaluating; another image count is
+    not read from the store."""
+    from experiments import predictor_claims
+
+    monkeypatch.setattr(predictor_claims, "ROOT", tmp_path)
+    evaluation = tmp_path / "out" / "seed1" / "evaluation"
+    (evaluation / "rows").mkdir(parents=True)
+    (tmp_path / "out" / "seed1" / "ct").mkdir()
+    (tmp_path / "out" / "seed1" / "ct" / "fit_metrics.json").write_text('{"val/loss": 0.5}')
+    methods = ["gradcam", "predictor_ct", "predictor_ct_posthoc"]
+    rows = [{"index": i, "method": m, "key": "new", "deletion": 0.1 * i + j, "deletion_curve": [1.0, 0.5]}
+            for i in range(4) for j, m in enumerate(methods)]
+    stale = {"index": 0, "method": "gradcam", "key": "old", "deletion": 9.0, "deletion_curve": [1.0]}
+    (evaluation / "rows" / "rows-rank0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [stale, *rows]))
+    (evaluation / "run.json").write_text(json.dumps({"row_keys": {m: "new" for m in methods}}))
+    results = {"methods": {m: {"images": 3, "deletion": 0.1} for m in methods}, "row_keys": {}}
+    (evaluation / "results.json").write_text(json.dumps(results))
+    folder = predictor_claims.store_seed(Path("store"), 1, Path("out"), ["ct", "mgnet"])
+    assert folder == tmp_path / "store" / "seed1"
+    assert json.loads((folder / "fits.json").read_text()) == {"ct": {"val/loss": 0.5}}
+    kept = predictor_claims.stored_seed(Path("store"), 1, set(methods), 3)
+    assert kept is not None and kept[0] == results
+    assert sorted((r["index"], r["method"]) for r in kept[1]) == sorted((i, m) for i in range(3) for m in methods)
+    assert all("deletion_curve" not in r and r["key"] == "new" for r in kept[1])  # no curves, no stale row
+    assert predictor_claims.stored_seed(Path("store"), 1, set(methods), 500) is None
+    assert predictor_claims.stored_seed(Path("store"), 1, {"gradcam"}, 3) is None
+    assert predictor_claims.stored_seed(Path("store"), 2, set(methods), 3) is None
+    # a run of the stored seed trains nothing, evaluates nothing and needs no filter checkpoint
+    ran = []
+    monkeypatch.setattr(predictor_claims, "run", lambda cmd, dry_run: ran.append(cmd))
+    table = predictor_claims.main(["--seeds", "1", "--kinds", "ct", "--num_images", "3", "--store", "store",
+                                   "--filter", "missing.ckpt", "--compare", "predictor_ct-gradcam"])
+    assert ran == [] and table["predictor_ct"]["deletion"] == "0.100"
+    assert "predictor_ct - gradcam" in capsys.readouterr().out
