@@ -19,8 +19,9 @@ evaluate.py reuses the rows of a method it scored before; an interrupted trainin
 life can be run a seed at a time: after a seed is evaluated, its results.json and its per-image rows (every score,
 not the curves) go to DIR/seed{s}/ (results.json, rows.jsonl.gz) with the trainings' fit_metrics (fits.json); a
 seed whose stored evaluation holds the same methods on the same number of images is read from there and is neither
-trained nor evaluated again. A stored seed of other methods or another image count is trained and evaluated anew
-(and replaces the stored one).
+trained nor evaluated again. A stored seed of other methods, another image count or other black-box passes is
+trained and evaluated anew (and replaces the stored one). The evaluations run the black box in float32
+(:data:`PASSES`) on every machine, so seeds measured on different CPUs are averaged at one precision.
 
 The controllers' evidence of the distribution-guided paper (docs/papers/distribution_guided.md) is one call:
 ``--kinds ct,bt,mgnet,ct_h2.5,mgnet_area8,square,mgnet_ct_posthoc`` (the paper's CT h 2.5 and MGnet area weight 8
@@ -43,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]  # outputs/ and configs/ are read rel
 CLI = (sys.executable, "-m", "saliency_lab.cli")
 
 
-from experiments.predictor_ablation import PAIRED_OTHER, fmt_seeds, rows_of, seed_averaged
+from experiments.predictor_ablation import PAIRED_OTHER, fmt_seeds, seed_averaged
 from saliency_lab.metrics.report import SUMMARY_KEYS, paired_difference, scan_evaluation
 
 
@@ -90,6 +91,9 @@ GROUPS = {
     "lambda_grid": ("ct", "mgnet", "mgnet_area8", *LAMBDA_GRID),
 }
 CLAIMS = "configs/evaluate/embedded_claims_predictors.yaml"
+# The black box's passes in float32 on every machine: precision "auto" runs the causal metrics' passes in bf16 where
+# the CPU computes it natively and in float32 elsewhere, and seeds evaluated on different CPUs are averaged together.
+PASSES = "32"
 COMPARED = ("deletion", "insertion", "deletion_norm", "insertion_norm", "pointing_game", *PAIRED_OTHER)
 
 
@@ -129,13 +133,22 @@ def explainer_list(kinds: Sequence[str], seed: int, out: Path) -> str:
 def evaluate_command(seed: int, out: Path, num_images: int, kinds: Sequence[str] = ("ct", "bt", "mgnet")) -> list[str]:
     """evaluate.py of the claims config with this seed's checkpoints (the config's explainer list, re-pointed)."""
     return [*CLI, "evaluate", "--config", CLAIMS, f"--explainers={explainer_list(kinds, seed, out)}",
-            f"--num_images={num_images}", f"--out={out / f'seed{seed}' / 'evaluation'}", "--wandb=false"]
+            f"--num_images={num_images}", f"--out={out / f'seed{seed}' / 'evaluation'}", "--wandb=false",
+            f"--blackbox.init_args.precision={PASSES}"]
 
 
 def same_evaluation(results: dict, methods: set[str], num_images: int) -> bool:
-    """Whether an evaluation's results.json holds exactly ``methods``, each scored on ``num_images`` images."""
-    return set(results["methods"]) == methods and all(m.get("images") == num_images
-                                                      for m in results["methods"].values())
+    """Whether an evaluation's results.json holds exactly ``methods``, each scored on ``num_images`` images, with
+    the black box's passes at :data:`PASSES`."""
+    return (set(results["methods"]) == methods and all(m.get("images") == num_images
+                                                       for m in results["methods"].values())
+            and results.get("passes", {}).get("blackbox_precision") == PASSES)
+
+
+def reported_rows(evaluation: Path, num_images: int) -> list[dict]:
+    """The rows an evaluation folder's last run reported (its row keys, its first ``num_images`` images), without
+    the curves: not the rows of earlier settings left in the folder."""
+    return [row for row in scan_evaluation(ROOT / evaluation).rows(curves=False) if row["index"] < num_images]
 
 
 def stored_seed(store: Path, seed: int, methods: set[str], num_images: int) -> tuple[dict, list[dict]] | None:
@@ -151,19 +164,23 @@ def stored_seed(store: Path, seed: int, methods: set[str], num_images: int) -> t
         return results, [json.loads(line) for line in f if line.strip()]
 
 
+def _float32_digits(value):
+    """A float at 9 significant digits (enough to give back every float32 score exactly), anything else as is."""
+    return float(f"{value:.9g}") if isinstance(value, float) else value
+
+
 def store_seed(store: Path, seed: int, out: Path, kinds: Sequence[str]) -> Path:
-    """Copy ``seed``'s evaluation (results.json; its rows without the curves, gzipped) and the fit_metrics.json of
-    each trained kind from OUT/seed{s} to STORE/seed{s}; returns that folder."""
+    """Copy ``seed``'s evaluation (results.json; its rows without the curves, floats at 9 significant digits,
+    gzipped) and the fit_metrics.json of each trained kind from OUT/seed{s} to STORE/seed{s}; returns that folder."""
     source, folder = ROOT / out / f"seed{seed}", ROOT / store / f"seed{seed}"
     folder.mkdir(parents=True, exist_ok=True)
     text = (source / "evaluation" / "results.json").read_text()
     results = json.loads(text)
-    num_images = max(m["images"] for m in results["methods"].values())
-    # the reported rows: this evaluation's keys and images, not rows of earlier settings left in the folder
-    rows = [row for row in scan_evaluation(source / "evaluation").rows(curves=False) if row["index"] < num_images]
+    rows = reported_rows(out / f"seed{seed}" / "evaluation", max(m["images"] for m in results["methods"].values()))
     (folder / "results.json").write_text(text)
     with gzip.open(folder / "rows.jsonl.gz", "wt", compresslevel=9) as f:
-        f.writelines(json.dumps(row, sort_keys=True) + "\n" for row in rows)
+        f.writelines(json.dumps({k: _float32_digits(v) for k, v in row.items()}, sort_keys=True) + "\n"
+                     for row in rows)
     fits = {kind: json.loads((source / KINDS[kind].run / "fit_metrics.json").read_text())
             for kind in kinds if (source / KINDS[kind].run / "fit_metrics.json").is_file()}
     (folder / "fits.json").write_text(json.dumps(fits, indent=1, sort_keys=True) + "\n")
@@ -245,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, str]]:
             run(evaluate_command(seed, args.out, args.num_images, kinds), args.dry_run)
         if not args.dry_run:
             results.append(json.loads(path.read_text()))
-            rows_per_seed.append(rows_of(args.out / f"seed{seed}" / "evaluation"))
+            rows_per_seed.append(reported_rows(args.out / f"seed{seed}" / "evaluation", args.num_images))
             if args.store:
                 print(f"seed {seed}: stored in {store_seed(args.store, seed, args.out, kinds).relative_to(ROOT)}")
     if args.dry_run:

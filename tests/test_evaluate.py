@@ -374,6 +374,7 @@ def test_predictor_claims_over_training_seeds_is_runnable(repo_root, monkeypatch
     assert [s if isinstance(s, str) else s["name"] for s in specs] == [
         "gradcam", "predictor_ct", "predictor_ct_posthoc", "predictor_bt", "mgnet"]
     assert specs[3]["checkpoint"] == "outputs/x/seed1/bt/checkpoints/last.ckpt" and cfg.num_images == 20
+    assert cfg.blackbox.init_args.precision == "32"  # float32 passes on every CPU: seeds of other machines mix
     command = train_command("bt", 2, Path("outputs/x"), Path("filter.ckpt"))
     assert command[:len(CLI) + 1] == [*CLI, "fit"]
     monkeypatch.setattr(sys, "argv", ["saliency-lab"])  # as the command line of saliency-lab fit would be
@@ -424,9 +425,11 @@ def test_predictor_claims_controller_kinds_train_the_papers_settings_and_pair_se
     diff = compared([rows(0.3, 0.1), rows(0.5, 0.1)], "a", "b", resamples=50)
     assert diff["deletion"]["mean"] == pytest.approx(0.3) and diff["deletion"]["images"] == 6
     from experiments.predictor_claims import same_evaluation
-    results = {"methods": {"a": {"images": 200}, "b": {"images": 200}}}
+    results = {"methods": {"a": {"images": 200}, "b": {"images": 200}}, "passes": {"blackbox_precision": "32"}}
     assert same_evaluation(results, {"a", "b"}, 200)
     assert not same_evaluation(results, {"a", "b"}, 500) and not same_evaluation(results, {"a"}, 200)
+    # an evaluation whose passes ran at precision "auto" (bf16 on some CPUs) is not the claims' float32 one
+    assert not same_evaluation({**results, "passes": {"blackbox_precision": "auto"}}, {"a", "b"}, 200)
 
 
 def test_predictor_claims_lambda_grid_moves_one_weight_per_kind(repo_root, monkeypatch, capsys):
@@ -567,7 +570,7 @@ def test_predictor_claims_store_keeps_a_finished_seed_and_reads_it_back_untraine
     stale = {"index": 0, "method": "gradcam", "key": "old", "deletion": 9.0, "deletion_curve": [1.0]}
     (evaluation / "rows" / "rows-rank0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [stale, *rows]))
     (evaluation / "run.json").write_text(json.dumps({"row_keys": {m: "new" for m in methods}}))
-    results = {"methods": {m: {"images": 3, "deletion": 0.1} for m in methods}, "row_keys": {}}
+    results = {"methods": {m: {"images": 3, "deletion": 0.1} for m in methods}, "passes": {"blackbox_precision": "32"}}
     (evaluation / "results.json").write_text(json.dumps(results))
     folder = predictor_claims.store_seed(Path("store"), 1, Path("out"), ["ct", "mgnet"])
     assert folder == tmp_path / "store" / "seed1"
@@ -577,6 +580,7 @@ def test_predictor_claims_store_keeps_a_finished_seed_and_reads_it_back_untraine
     assert sorted((r["index"], r["method"]) for r in kept[1]) == sorted((i, m) for i in range(3) for m in methods)
     assert all("deletion_curve" not in r and r["key"] == "new" for r in kept[1])  # no curves, no stale row
     assert predictor_claims.stored_seed(Path("store"), 1, set(methods), 500) is None
+    assert predictor_claims.reported_rows(Path("out/seed1/evaluation"), 4)[0]["key"] == "new"  # not the stale row
     assert predictor_claims.stored_seed(Path("store"), 1, {"gradcam"}, 3) is None
     assert predictor_claims.stored_seed(Path("store"), 2, set(methods), 3) is None
     # a run of the stored seed trains nothing, evaluates nothing and needs no filter checkpoint
