@@ -153,7 +153,7 @@ def reported_rows(evaluation: Path, num_images: int) -> list[dict]:
 
 def stored_seed(store: Path, seed: int, methods: set[str], num_images: int) -> tuple[dict, list[dict]] | None:
     """(results.json, rows) of ``seed`` kept in ``store`` by :func:`store_seed`, or None: nothing stored, or an
-    evaluation of other methods or another number of images."""
+    evaluation of other methods, another number of images or other black-box passes (:func:`same_evaluation`)."""
     folder = ROOT / store / f"seed{seed}"
     if not (folder / "results.json").is_file():
         return None
@@ -221,8 +221,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, str]]:
                         help="seed 0 of ct, bt and mgnet: link the demo's finished runs (outputs/demo) instead of "
                              "training them again with the same command")
     parser.add_argument("--store", type=Path, default=None,
-                        help="folder of finished seeds' evaluations: a seed stored there with the same methods and "
-                             "image count is read, not trained or evaluated; each seed evaluated here is stored")
+                        help="folder of finished seeds' evaluations: a seed stored there with the same methods, "
+                             "image count and passes is read, not trained or evaluated; each seed evaluated here is "
+                             "stored")
     parser.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",") if s]
