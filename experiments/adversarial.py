@@ -12,13 +12,15 @@ that target. Every method explains the predicted class of the natural image and 
 adversarial version, and both maps are scored by deletion and insertion under ``--protocol`` (default ``igos``,
 the paper's: both substrates a strong blur, which also removes most of the high-frequency attack; ``rise``
 inserts into a mild blur that keeps it). Per method:
-the mean scores on natural and adversarial images and the AUROC of each score for telling natural (positive)
-from adversarial images (0.5: no signal; for deletion, where lower is better, the AUROC of its negation).
+the mean scores on natural and adversarial images, the paired difference adversarial - natural of each score,
+and the AUROC of each score for telling natural (positive) from adversarial images (0.5: no signal; for deletion,
+where lower is better, the AUROC of its negation), each with a 95% percentile-bootstrap interval over scenes (a
+scene's natural and adversarial image are resampled together; seeded by ``--seed``).
 Each ``--predictor`` adds a trained method: ``PATH`` (the method its checkpoint records) or ``NAME=PATH`` (another
 registered trained method built from that checkpoint, e.g. ``predictor_ct_posthoc=`` a CT run's or
 ``mgnet_ct_posthoc=`` an MGnet run's); the option repeats.
-Writes ``OUT/adversarial.json`` and ``OUT/adversarial.md`` and prints the table; every stochastic method is
-seeded by the image index, so a rerun gives the same numbers.
+Writes ``OUT/adversarial.json`` (with every scene's scores) and ``OUT/adversarial.md`` and prints the table; every
+stochastic method is seeded by the image index, so a rerun gives the same numbers.
 """
 from __future__ import annotations
 
@@ -97,18 +99,50 @@ def auroc(natural: torch.Tensor, adversarial: torch.Tensor, higher_is_natural: b
     return float(roc_auc_score(labels, values if higher_is_natural else -values))
 
 
+def scene_resamples(scenes: int, resamples: int, seed: int) -> torch.Tensor:
+    """(resamples, scenes) indices of a seeded bootstrap over scenes."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(scenes, (resamples, scenes), generator=generator)
+
+
+def percentile_interval(values: torch.Tensor) -> tuple[float, float]:
+    """The 2.5% and 97.5% percentiles of bootstrap ``values`` (R,)."""
+    low, high = torch.quantile(values.double(), torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return low, high
+
+
+def score_summary(natural: torch.Tensor, adversarial: torch.Tensor, higher_is_natural: bool,
+                  draws: torch.Tensor) -> dict[str, float]:
+    """One score's natural and adversarial means, the paired difference adversarial - natural and the AUROC, the
+    last two with percentile intervals over the scene ``draws`` (R, N) of :func:`scene_resamples` (N scenes;
+    ``natural[i]`` and ``adversarial[i]`` are the same scene)."""
+    difference = (adversarial - natural).double()
+    low, high = percentile_interval(difference[draws].mean(1))
+    aurocs = torch.tensor([auroc(natural[d], adversarial[d], higher_is_natural) for d in draws])
+    auroc_low, auroc_high = percentile_interval(aurocs)
+    return {"natural": natural.mean().item(), "adversarial": adversarial.mean().item(),
+            "difference": difference.mean().item(), "difference_low": low, "difference_high": high,
+            "auroc": auroc(natural, adversarial, higher_is_natural), "auroc_low": auroc_low, "auroc_high": auroc_high}
+
+
 def markdown(result: dict) -> str:
     causal = result["protocol"]
     kind = "targeted" if result.get("targeted") else "untargeted"
     lines = [f"{result['attacked']} of {result['images']} test scenes fooled by {kind} MI-FGSM "
              f"(eps {result['eps']:.4f}, {result['steps']} steps); the scores below are over those images, "
-             f"deletion and insertion with units {causal['units']} and blur sigma {causal['blur_sigma']:.2f}.", "",
-             "| method | insertion natural | insertion adversarial | AUROC insertion | deletion natural | "
-             "deletion adversarial | AUROC deletion |", "|---|---|---|---|---|---|---|"]
+             f"deletion and insertion with units {causal['units']} and blur sigma {causal['blur_sigma']:.2f}; "
+             f"95% intervals from {result['resamples']} bootstrap resamples of the scenes.", "",
+             "| method | insertion natural | insertion adversarial | adversarial - natural | AUROC insertion | "
+             "deletion natural | deletion adversarial | adversarial - natural | AUROC deletion |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, r in result["methods"].items():
-        lines.append(f"| {name} | {r['insertion_natural']:.3f} | {r['insertion_adversarial']:.3f} | "
-                     f"{r['auroc_insertion']:.3f} | {r['deletion_natural']:.3f} | {r['deletion_adversarial']:.3f} | "
-                     f"{r['auroc_deletion']:.3f} |")
+        cells = []
+        for score in ("insertion", "deletion"):
+            s = r[score]
+            cells += [f"{s['natural']:.3f}", f"{s['adversarial']:.3f}",
+                      f"{s['difference']:+.3f} [{s['difference_low']:+.3f}, {s['difference_high']:+.3f}]",
+                      f"{s['auroc']:.3f} [{s['auroc_low']:.3f}, {s['auroc_high']:.3f}]"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -125,6 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="attack toward a class drawn per image from the other classes (seeded by --seed)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--protocol", choices=("igos", "rise"), default="igos", help="the causal metrics' preset")
+    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of the scenes")
     parser.add_argument("--out", type=Path, default=Path("outputs/adversarial"))
     args = parser.parse_args(argv)
     blackbox = BlackBox("embedded")
@@ -144,20 +179,18 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"--predictor {spec}: the method {name!r} is already in the table")
         methods[name] = explainers.build(name, blackbox, checkpoint=checkpoint)
     result = {"images": args.num_images, "attacked": len(kept), "eps": args.eps, "steps": args.steps,
-              "targeted": args.targeted,
-              "protocol": protocol.to_dict(),
+              "targeted": args.targeted, "resamples": args.resamples,
+              "protocol": protocol.to_dict(), "scenes": indices.tolist(),
               "machine": describe("cpu"), "methods": {}}
+    draws = scene_resamples(len(kept), args.resamples, args.seed)
     for name, explainer in methods.items():
         clean = scores(blackbox, explainer, images, natural[kept], indices, protocol)
         attacked = scores(blackbox, explainer, adversarial, fooled[kept], indices, protocol)
         result["methods"][name] = {
-            "insertion_natural": clean["insertion"].mean().item(),
-            "insertion_adversarial": attacked["insertion"].mean().item(),
-            "auroc_insertion": auroc(clean["insertion"], attacked["insertion"], higher_is_natural=True),
-            "deletion_natural": clean["deletion"].mean().item(),
-            "deletion_adversarial": attacked["deletion"].mean().item(),
-            "auroc_deletion": auroc(clean["deletion"], attacked["deletion"], higher_is_natural=False)}
-        print(f"{name}: {result['methods'][name]}", flush=True)
+            score: {**score_summary(clean[score], attacked[score], score == "insertion", draws),
+                    "per_scene_natural": clean[score].tolist(), "per_scene_adversarial": attacked[score].tolist()}
+            for score in ("insertion", "deletion")}
+        print(markdown({**result, "methods": {name: result["methods"][name]}}).splitlines()[-1], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / "adversarial.json", result)
     atomic_write(args.out / "adversarial.md", markdown(result))

@@ -52,7 +52,13 @@ def test_the_adversarial_experiment_writes_its_table(tmp_path):
     result = adversarial.main(["--num_images", "6", "--methods", "gradient,rise", "--method_hparams",
                                '{"rise": {"n_masks": 16}}', "--out", str(tmp_path)])
     assert result["attacked"] >= 2 and set(result["methods"]) == {"gradient", "rise"}
-    assert all(0.0 <= r["auroc_insertion"] <= 1.0 for r in result["methods"].values())
+    for r in result["methods"].values():
+        for score in ("insertion", "deletion"):
+            s = r[score]
+            assert 0.0 <= s["auroc_low"] <= s["auroc"] <= s["auroc_high"] <= 1.0
+            assert s["difference_low"] <= s["difference"] <= s["difference_high"]
+            assert len(s["per_scene_natural"]) == len(s["per_scene_adversarial"]) == result["attacked"]
+            assert s["difference"] == pytest.approx(s["adversarial"] - s["natural"], abs=1e-6)
     assert "| gradient |" in (tmp_path / "adversarial.md").read_text()
     assert adversarial.auroc(torch.tensor([0.9, 0.8]), torch.tensor([0.1, 0.2]), higher_is_natural=True) == 1.0
     assert adversarial.auroc(torch.tensor([0.1, 0.2]), torch.tensor([0.9, 0.8]), higher_is_natural=False) == 1.0
@@ -85,3 +91,19 @@ def test_predictor_specs_name_the_checkpoints_method_or_another_trained_one(tiny
         trained_method(f"rise={path}")
     with pytest.raises(ValueError, match="unknown explainer 'nope'"):
         trained_method(f"nope={path}")
+
+
+def test_score_summary_gives_paired_intervals_over_scenes():
+    from experiments.adversarial import scene_resamples, score_summary
+
+    natural = torch.linspace(0.5, 0.9, 40)
+    shifted = score_summary(natural, natural + 0.1, higher_is_natural=True, draws=scene_resamples(40, 200, seed=0))
+    assert shifted["difference"] == pytest.approx(0.1) and shifted["difference_low"] == pytest.approx(0.1)
+    assert shifted["difference_high"] == pytest.approx(0.1)  # a constant shift has no spread
+    assert shifted["auroc_low"] <= shifted["auroc"] <= shifted["auroc_high"] < 0.5  # adversarial scores higher
+    separated = score_summary(natural, natural - 1.0, higher_is_natural=True, draws=scene_resamples(40, 200, seed=0))
+    assert separated["auroc"] == separated["auroc_low"] == separated["auroc_high"] == 1.0
+    noisy = torch.rand(40, generator=torch.Generator().manual_seed(1))
+    again = score_summary(natural, noisy, True, scene_resamples(40, 200, seed=3))
+    assert again == score_summary(natural, noisy, True, scene_resamples(40, 200, seed=3))  # seeded
+    assert again["auroc_low"] < again["auroc"] < again["auroc_high"]
