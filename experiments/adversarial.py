@@ -2,7 +2,8 @@
 
     python -m experiments.adversarial [--num_images 32] [--methods gradient,gradcam,rise,...]
         [--method_hparams '{"rise": {"n_masks": 1000}}'] [--predictor assets/embedded_predictor_game.ckpt ...]
-        [--eps 0.0314] [--steps 10] [--targeted] [--protocol igos|rise] [--out outputs/adversarial]
+        [--eps 0.0314] [--steps 10] [--targeted] [--protocol igos|rise] [--precision 32|bf16|auto]
+        [--resamples 1000] [--out outputs/adversarial]
 
 The first ``--num_images`` test scenes are attacked with MI-FGSM (``core.adversarial.mi_fgsm``, L_inf ``--eps`` in
 [0, 1] pixels, ``--steps``) against the embedded black box. Untargeted (the default), the attack moves away from the
@@ -160,9 +161,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--protocol", choices=("igos", "rise"), default="igos", help="the causal metrics' preset")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of the scenes")
+    parser.add_argument("--precision", choices=("32", "bf16", "auto"), default="32",
+                        help="the black box's pass precision (default 32: the same numbers on every CPU; auto is "
+                             "bf16 where the CPU computes it natively, see core.blackbox)")
     parser.add_argument("--out", type=Path, default=Path("outputs/adversarial"))
     args = parser.parse_args(argv)
-    blackbox = BlackBox("embedded")
+    blackbox = BlackBox("embedded", precision=args.precision)
     data = embedded_batch(args.num_images)
     adversarial, natural, fooled, success = attack(blackbox, data["image"], args.eps, args.steps,
                                                    target_seed=args.seed if args.targeted else None)
@@ -179,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"--predictor {spec}: the method {name!r} is already in the table")
         methods[name] = explainers.build(name, blackbox, checkpoint=checkpoint)
     result = {"images": args.num_images, "attacked": len(kept), "eps": args.eps, "steps": args.steps,
-              "targeted": args.targeted, "resamples": args.resamples,
+              "targeted": args.targeted, "resamples": args.resamples, "precision": args.precision,
               "protocol": protocol.to_dict(), "scenes": indices.tolist(),
               "machine": describe("cpu"), "methods": {}}
     draws = scene_resamples(len(kept), args.resamples, args.seed)

@@ -52,6 +52,7 @@ def test_the_adversarial_experiment_writes_its_table(tmp_path):
     result = adversarial.main(["--num_images", "6", "--methods", "gradient,rise", "--method_hparams",
                                '{"rise": {"n_masks": 16}}', "--out", str(tmp_path)])
     assert result["attacked"] >= 2 and set(result["methods"]) == {"gradient", "rise"}
+    assert result["precision"] == "32"  # the default: the same numbers on every CPU
     for r in result["methods"].values():
         for score in ("insertion", "deletion"):
             s = r[score]
