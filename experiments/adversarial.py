@@ -166,6 +166,8 @@ def main(argv: list[str] | None = None) -> dict:
                              "bf16 where the CPU computes it natively, see core.blackbox)")
     parser.add_argument("--out", type=Path, default=Path("outputs/adversarial"))
     args = parser.parse_args(argv)
+    if args.resamples < 1:
+        parser.error(f"--resamples must be >= 1, got {args.resamples}")
     blackbox = BlackBox("embedded", precision=args.precision)
     data = embedded_batch(args.num_images)
     adversarial, natural, fooled, success = attack(blackbox, data["image"], args.eps, args.steps,

@@ -108,3 +108,11 @@ def test_score_summary_gives_paired_intervals_over_scenes():
     again = score_summary(natural, noisy, True, scene_resamples(40, 200, seed=3))
     assert again == score_summary(natural, noisy, True, scene_resamples(40, 200, seed=3))  # seeded
     assert again["auroc_low"] < again["auroc"] < again["auroc_high"]
+
+
+def test_the_experiment_refuses_no_resamples(capsys):
+    from experiments import adversarial
+
+    with pytest.raises(SystemExit):
+        adversarial.main(["--resamples", "0"])
+    assert "--resamples must be >= 1, got 0" in capsys.readouterr().err
