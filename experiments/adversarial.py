@@ -40,6 +40,7 @@ from saliency_lab.core.files import atomic_write, atomic_write_json
 from saliency_lab.core.machine import describe
 from saliency_lab.datamodules import embedded_batch
 from saliency_lab.metrics import causal_curves, make_protocol
+from saliency_lab.metrics.report import percentile_interval
 
 DEFAULT_METHODS = "gradient,integrated_gradients,gradcam,rise,iassa"
 
@@ -104,12 +105,6 @@ def scene_resamples(scenes: int, resamples: int, seed: int) -> torch.Tensor:
     """(resamples, scenes) indices of a seeded bootstrap over scenes."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(scenes, (resamples, scenes), generator=generator)
-
-
-def percentile_interval(values: torch.Tensor) -> tuple[float, float]:
-    """The 2.5% and 97.5% percentiles of bootstrap ``values`` (R,)."""
-    low, high = torch.quantile(values.double(), torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return low, high
 
 
 def score_summary(natural: torch.Tensor, adversarial: torch.Tensor, higher_is_natural: bool,

@@ -7,9 +7,11 @@ import re
 import warnings
 
 import pytest
+import torch
 
 from saliency_lab.metrics import EvaluationSettings
-from saliency_lab.metrics.report import PAIRED_KEYS, markdown_cell, paired_difference, summarise, write_reports
+from saliency_lab.metrics.report import (PAIRED_KEYS, markdown_cell, paired_difference, percentile_interval, summarise,
+                                          write_reports)
 
 
 def _rows(method, values, nan_at=None):
@@ -72,6 +74,12 @@ def test_non_finite_rows_are_excluded_named_and_results_json_is_strict(tmp_path)
         summary, excluded = summarise(rows, ["a", "b"])
     assert summary["a"]["deletion"] == pytest.approx(0.3) and excluded["non_finite"] == {"a": 2, "b": 0}
     assert any("a: images [1, 2]" in str(w.message) for w in caught)
+
+
+def test_percentile_interval_is_the_central_95_percent_of_the_draws():
+    low, high = percentile_interval(torch.linspace(0, 1, 1001))
+    assert low == pytest.approx(0.025) and high == pytest.approx(0.975)
+    assert percentile_interval(torch.full((50,), 0.3)) == pytest.approx((0.3, 0.3))
 
 
 def test_markdown_cells_escape_pipes_and_html():

@@ -364,6 +364,12 @@ def _value(row: dict, key: str) -> float:
     return math.nan if value is None else float(value)
 
 
+def percentile_interval(values: torch.Tensor) -> tuple[float, float]:
+    """The 2.5% and 97.5% percentiles of bootstrap ``values`` (R,): a 95% percentile-bootstrap interval."""
+    low, high = torch.quantile(values.double(), torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return low, high
+
+
 def paired_difference(rows: list[dict], a: str, b: str, keys: Iterable[str] = PAIRED_KEYS,
                       resamples: int = 2000, seed: int = 0) -> dict[str, dict[str, float]]:
     """Per metric, the mean over images of (method ``a`` - method ``b``) on the images both were scored on,
@@ -386,6 +392,6 @@ def paired_difference(rows: list[dict], a: str, b: str, keys: Iterable[str] = PA
         if len(diff) == 0:
             continue
         means = diff[torch.randint(len(diff), (resamples, len(diff)), generator=generator)].mean(1)
-        low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+        low, high = percentile_interval(means)
         out[key] = {"mean": diff.mean().item(), "low": low, "high": high, "images": len(diff)}
     return out
